@@ -1,0 +1,8 @@
+"""codejepa: latent code prediction, from real repositories to honest retrieval.
+
+The stages install as sub-packages: ``codejepa.corpus`` → ``codejepa.embed`` →
+``codejepa.predict`` → ``codejepa.evaluate``. A stage imports only from the stages before it;
+helpers that several stages share live in :mod:`codejepa.core`, which imports no stage.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,185 @@
+"""Function records: the corpus stage's artefact, and the typed API later stages read it with.
+
+A corpus directory holds::
+
+    DIR/manifest.json              what was built, from what, with which settings
+    DIR/repos/<repo_key>.jsonl     one JSON object per extracted function (one file per repo)
+
+JSON Lines, one file per repository, because it streams (a reader holds one record at a
+time), each file is written to a temp name and renamed when the repo is complete (a kill
+never leaves a torn file that reads as valid), a repo is the unit of resume, and it is plain
+text a researcher can ``grep``/``jq``. Leak filtering across splits (a held-out body that also
+occurs in train, trivial held-out bodies, duplicates inside a split) depends on the whole
+corpus, so it is recorded in the manifest (``dropped``: record id → reason) rather than by
+rewriting repo files; :func:`load_records` applies it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from codejepa.core import CodejepaError
+
+CORPUS_FORMAT = "codejepa-corpus"
+CORPUS_FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A region of a file at a commit: ``file_bytes[start:end]`` is exactly the text.
+
+    ``start``/``end`` are byte offsets (end exclusive); lines are 1-based and inclusive.
+    """
+
+    start: int
+    end: int
+    start_line: int
+    end_line: int
+
+    def to_list(self) -> list[int]:
+        return [self.start, self.end, self.start_line, self.end_line]
+
+    @classmethod
+    def from_list(cls, v: list[int]) -> Span:
+        return cls(int(v[0]), int(v[1]), int(v[2]), int(v[3]))
+
+
+@dataclass(frozen=True, slots=True)
+class ContextPiece:
+    """One piece of a function's file context, with where it came from.
+
+    ``kind`` is ``"import"`` (an import statement of the file), ``"class"`` (the header of an
+    enclosing class, outermost first) or ``"sibling"`` (the signature of a function defined in
+    the same scope).
+    """
+
+    kind: str
+    text: str
+    span: Span
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionRecord:
+    """One function or method of a repository at a commit."""
+
+    id: str  # stable: hash of (repo, commit, path, signature start byte)
+    repo: str  # repository identity (name used for splitting)
+    url: str  # the source it was built from
+    commit: str  # git commit SHA, or sha256 of an sdist for pypi: sources
+    path: str  # POSIX path inside the repository
+    qualname: str  # as Python's __qualname__: Class.method, outer.<locals>.inner
+    split: str  # "train" | "val" | "test"
+    is_test: bool  # test path or test* name
+    is_async: bool
+    signature: str  # decorators + def header + docstring (when present)
+    body: str  # the statements after the docstring (a leading comment belongs here)
+    signature_span: Span
+    body_span: Span
+    context: tuple[ContextPiece, ...] = field(default_factory=tuple)
+    body_hash: str = ""  # hash of the whitespace- and comment-normalised body
+
+    def context_text(self, kinds: Iterable[str] = ("import", "class", "sibling")) -> str:
+        """The context pieces of the given kinds, in file order, one per line block."""
+        wanted = set(kinds)
+        return "\n".join(p.text for p in self.context if p.kind in wanted)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["signature_span"] = self.signature_span.to_list()
+        d["body_span"] = self.body_span.to_list()
+        d["context"] = [[p.kind, p.text, p.span.to_list()] for p in self.context]
+        return json.dumps(d, ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FunctionRecord:
+        return cls(
+            id=d["id"],
+            repo=d["repo"],
+            url=d["url"],
+            commit=d["commit"],
+            path=d["path"],
+            qualname=d["qualname"],
+            split=d["split"],
+            is_test=bool(d["is_test"]),
+            is_async=bool(d.get("is_async", False)),
+            signature=d["signature"],
+            body=d["body"],
+            signature_span=Span.from_list(d["signature_span"]),
+            body_span=Span.from_list(d["body_span"]),
+            context=tuple(ContextPiece(k, t, Span.from_list(s)) for k, t, s in d["context"]),
+            body_hash=d.get("body_hash", ""),
+        )
+
+    @classmethod
+    def from_json(cls, line: str) -> FunctionRecord:
+        return cls.from_dict(json.loads(line))
+
+
+def write_records(path: str | os.PathLike[str], records: Iterable[FunctionRecord]) -> int:
+    """Write records as JSON Lines atomically (temp file + rename); returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(rec.to_json())
+            f.write("\n")
+            n += 1
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return n
+
+
+def read_records(path: str | os.PathLike[str]) -> Iterator[FunctionRecord]:
+    """Stream the records of one JSON Lines file."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield FunctionRecord.from_json(line)
+
+
+def read_manifest(corpus_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The manifest of a corpus directory, or a :class:`CodejepaError` saying why not."""
+    p = Path(corpus_dir) / "manifest.json"
+    if not p.is_file():
+        raise CodejepaError(f"{corpus_dir}: not a corpus directory (no manifest.json); run `codejepa corpus build` first")
+    try:
+        manifest = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CodejepaError(f"{p}: unreadable corpus manifest ({e})") from None
+    if manifest.get("format") != CORPUS_FORMAT:
+        raise CodejepaError(f"{p}: not a codejepa corpus manifest")
+    return manifest
+
+
+def load_records(
+    corpus_dir: str | os.PathLike[str],
+    splits: Iterable[str] | None = None,
+    *,
+    include_dropped: bool = False,
+) -> Iterator[FunctionRecord]:
+    """Stream the corpus's records, repo by repo in manifest order, file order within a repo.
+
+    Records that the manifest marks as dropped (held-out duplicates of train bodies,
+    duplicates inside a split, trivial held-out bodies) are skipped unless
+    ``include_dropped``. ``splits`` restricts to the given split names.
+    """
+    manifest = read_manifest(corpus_dir)
+    wanted = set(splits) if splits is not None else None
+    dropped = {} if include_dropped else manifest.get("dropped", {})
+    for repo in manifest.get("repos", []):
+        if repo.get("status") != "ok" or not repo.get("records_file"):
+            continue
+        if wanted is not None and repo.get("split") not in wanted:
+            continue
+        for rec in read_records(Path(corpus_dir) / repo["records_file"]):
+            if rec.id not in dropped:
+                yield rec

@@ -1,0 +1,422 @@
+"""The HDF5 store of per-token teacher states: its layout, a writer and the reader API.
+
+Layout (one file)::
+
+    /                 attrs: format, format_version, meta (JSON of :class:`StoreMeta`)
+    /records          id [N] str, split [N] uint8, repo [N] str, truncated [N] bool
+                      attrs: committed (records fully written; readers trust only these)
+    /inputs           the pass over [leading specials] + file context + signature
+        states    [T, d]  float16 (float32 when a value would overflow float16)
+        token_ids [T]     int32
+        special   [T]     bool   (BOS / [CLS] / [SEP] sink tokens: stored, marked)
+        offsets   [N+1]   int64  record i's tokens are offsets[i]:offsets[i+1]
+        segments  [N,2,2] int32  [context a,b), [signature a,b) relative to the record start
+    /targets          the body tokens' states (in context, or from a body-only pass)
+        states, token_ids, special, offsets as above
+
+Ragged per-token states live in flat, chunked, resizable datasets with an offsets index,
+not one dataset per record. The writer appends a batch to every dataset, flushes, and only
+then raises ``committed``: a reader (and a resumed writer) ignores anything past it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from codejepa.core import CodejepaError, sha256_json
+
+STORE_FORMAT = "codejepa-store"
+STORE_FORMAT_VERSION = 1
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+SPLIT_NAMES = np.array(["train", "val", "test"])
+PASSES = ("inputs", "targets")
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+class StoreError(CodejepaError):
+    """A store that cannot be read or appended to, with one clear line saying why."""
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """What produced a store: enough to refuse a mismatched input with one clear line."""
+
+    teacher: str
+    teacher_kind: str  # "causal" | "bidirectional"
+    hidden_size: int
+    layer: int  # index into the model's hidden_states (0 = embeddings), non-negative
+    num_hidden_layers: int
+    hidden_states_convention: str = "hf-hidden_states-index; pre-final-norm unless layer == num_hidden_layers"
+    teacher_revision: str = ""
+    weights_hash: str = ""
+    state_dtype: str = "float16"
+    compute_dtype: str = "float32"
+    template_version: str = ""
+    tokenizer_hash: str = ""
+    corpus_dir: str = ""
+    corpus_manifest_hash: str = ""
+    code_version: str = ""
+    target_mode: str = "in_context"  # "in_context" | "body_only"
+    max_tokens: int = 0
+    shard: str = "0/1"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def compatibility_key(self) -> dict[str, Any]:
+        """The settings two stores (or a store and a checkpoint) must share to be mixed."""
+        return {
+            k: getattr(self, k)
+            for k in ("teacher", "weights_hash", "layer", "hidden_size", "template_version",
+                      "tokenizer_hash", "target_mode", "corpus_manifest_hash")
+        }
+
+    def fingerprint(self) -> str:
+        return sha256_json(self.compatibility_key())
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> StoreMeta:
+        d = json.loads(s)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class RecordStates:
+    """One record's stored data for one pass (float32 states)."""
+
+    states: np.ndarray  # [n, d]
+    token_ids: np.ndarray  # [n]
+    special: np.ndarray  # [n] bool
+    segments: dict[str, tuple[int, int]]  # inputs only: "context", "signature" → [a, b)
+
+
+@dataclass
+class PendingRecord:
+    """What the writer needs for one record (states as float32 or float16 numpy arrays)."""
+
+    id: str
+    split: str
+    repo: str
+    truncated: bool
+    input_states: np.ndarray  # [n_in, d]
+    input_token_ids: np.ndarray  # [n_in]
+    input_special: np.ndarray  # [n_in] bool
+    context_span: tuple[int, int]  # token range inside the inputs
+    signature_span: tuple[int, int]
+    body_states: np.ndarray  # [n_body, d]
+    body_token_ids: np.ndarray  # [n_body]
+    body_special: np.ndarray | None = None
+
+
+def _str_dtype() -> Any:
+    return h5py.string_dtype(encoding="utf-8")
+
+
+class StoreWriter:
+    """Appends records to a store in committed batches; resumes an existing compatible store.
+
+    ``StoreWriter(path, meta)`` creates the file, or reopens it when it exists with the same
+    :meth:`StoreMeta.compatibility_key` (anything past ``committed`` is truncated away);
+    a store built with another teacher, layer or template raises :class:`StoreError`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], meta: StoreMeta, *, chunk_tokens: int = 256) -> None:
+        self.path = Path(path)
+        self.meta = meta
+        if meta.state_dtype not in ("float16", "float32"):
+            raise StoreError(f"state dtype must be float16 or float32, not {meta.state_dtype}")
+        self._dtype = np.dtype(meta.state_dtype)
+        if self.path.exists():
+            existing = read_meta(self.path)
+            if existing.compatibility_key() != meta.compatibility_key():
+                diff = {
+                    k: (v, meta.compatibility_key()[k])
+                    for k, v in existing.compatibility_key().items()
+                    if v != meta.compatibility_key()[k]
+                }
+                raise StoreError(
+                    f"{self.path}: built with other settings, refusing to append "
+                    f"(stored vs requested: {diff}); use another --out"
+                )
+            self.f = h5py.File(self.path, "r+")
+            self._truncate_to_committed()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.f = h5py.File(self.path, "w", libver="latest")
+            self._create(chunk_tokens)
+        self._ids = set(self.f["records/id"].asstr()[: self.committed])
+
+    # -- layout ---------------------------------------------------------------------------
+    def _create(self, chunk_tokens: int) -> None:
+        f, d = self.f, self.meta.hidden_size
+        f.attrs["format"] = STORE_FORMAT
+        f.attrs["format_version"] = STORE_FORMAT_VERSION
+        f.attrs["meta"] = self.meta.to_json()
+        r = f.create_group("records")
+        r.attrs["committed"] = 0
+        r.create_dataset("id", (0,), maxshape=(None,), dtype=_str_dtype(), chunks=(1024,))
+        r.create_dataset("split", (0,), maxshape=(None,), dtype=np.uint8, chunks=(4096,))
+        r.create_dataset("repo", (0,), maxshape=(None,), dtype=_str_dtype(), chunks=(1024,))
+        r.create_dataset("truncated", (0,), maxshape=(None,), dtype=bool, chunks=(4096,))
+        for name in PASSES:
+            g = f.create_group(name)
+            g.create_dataset("states", (0, d), maxshape=(None, d), dtype=self._dtype, chunks=(chunk_tokens, d))
+            g.create_dataset("token_ids", (0,), maxshape=(None,), dtype=np.int32, chunks=(8192,))
+            g.create_dataset("special", (0,), maxshape=(None,), dtype=bool, chunks=(8192,))
+            g.create_dataset("offsets", (1,), maxshape=(None,), dtype=np.int64, chunks=(4096,), data=[0])
+        f["inputs"].create_dataset("segments", (0, 2, 2), maxshape=(None, 2, 2), dtype=np.int32, chunks=(4096, 2, 2))
+        f.flush()
+
+    @property
+    def committed(self) -> int:
+        return int(self.f["records"].attrs["committed"])
+
+    def _truncate_to_committed(self) -> None:
+        n = self.committed
+        r = self.f["records"]
+        for name in ("id", "split", "repo", "truncated"):
+            r[name].resize((n,))
+        for name in PASSES:
+            g = self.f[name]
+            t = int(g["offsets"][n])
+            g["offsets"].resize((n + 1,))
+            for ds in ("states", "token_ids", "special"):
+                g[ds].resize((t,) + g[ds].shape[1:])
+        self.f["inputs/segments"].resize((n, 2, 2))
+        self.f.flush()
+
+    # -- writing --------------------------------------------------------------------------
+    def has(self, record_id: str) -> bool:
+        return record_id in self._ids
+
+    def _check_range(self, a: np.ndarray, rid: str) -> None:
+        if not np.all(np.isfinite(a)):
+            raise StoreError(f"record {rid}: teacher states contain NaN/inf; refusing to store them")
+        if self._dtype == np.float16 and a.size and float(np.abs(a).max()) > FLOAT16_MAX:
+            raise StoreError(
+                f"record {rid}: a state value ({float(np.abs(a).max()):.3g}) exceeds float16's range; "
+                "re-run with --store-dtype float32 into a new store"
+            )
+
+    def append(self, batch: Sequence[PendingRecord]) -> int:
+        """Append and commit a batch; returns the number of records now committed."""
+        batch = [p for p in batch if p.id not in self._ids]
+        if not batch:
+            return self.committed
+        n0 = self.committed
+        n1 = n0 + len(batch)
+        r = self.f["records"]
+        for name in ("id", "split", "repo", "truncated"):
+            r[name].resize((n1,))
+        r["id"][n0:n1] = [p.id for p in batch]
+        r["split"][n0:n1] = [SPLIT_CODES[p.split] for p in batch]
+        r["repo"][n0:n1] = [p.repo for p in batch]
+        r["truncated"][n0:n1] = [bool(p.truncated) for p in batch]
+        per_pass = {
+            "inputs": [(p.input_states, p.input_token_ids, p.input_special) for p in batch],
+            "targets": [
+                (p.body_states, p.body_token_ids,
+                 p.body_special if p.body_special is not None else np.zeros(len(p.body_token_ids), bool))
+                for p in batch
+            ],
+        }
+        for name, items in per_pass.items():
+            g = self.f[name]
+            lengths = np.array([len(t) for _, t, _ in items], dtype=np.int64)
+            for (s, t, sp), p in zip(items, batch):
+                if s.shape[0] != len(t) or len(sp) != len(t) or (s.ndim != 2 or s.shape[1] != self.meta.hidden_size):
+                    raise StoreError(f"record {p.id}: {name} states/token ids/special mask disagree in shape")
+                self._check_range(s, p.id)
+            t0 = int(g["offsets"][n0])
+            t1 = t0 + int(lengths.sum())
+            for ds in ("states", "token_ids", "special"):
+                g[ds].resize((t1,) + g[ds].shape[1:])
+            if t1 > t0:
+                g["states"][t0:t1] = np.concatenate([s for s, _, _ in items]).astype(self._dtype)
+                g["token_ids"][t0:t1] = np.concatenate([t for _, t, _ in items]).astype(np.int32)
+                g["special"][t0:t1] = np.concatenate([sp for _, _, sp in items]).astype(bool)
+            g["offsets"].resize((n1 + 1,))
+            g["offsets"][n0 + 1 : n1 + 1] = t0 + np.cumsum(lengths)
+        seg = self.f["inputs/segments"]
+        seg.resize((n1, 2, 2))
+        seg[n0:n1] = np.array([[p.context_span, p.signature_span] for p in batch], dtype=np.int32)
+        # Data first, then the commit mark: a kill between the two loses only this batch.
+        self.f.flush()
+        r.attrs["committed"] = n1
+        self.f.flush()
+        self._ids.update(p.id for p in batch)
+        return n1
+
+    def set_extra(self, **kv: Any) -> None:
+        """Update free-form metadata (counters such as truncated records)."""
+        meta = StoreMeta.from_json(self.f.attrs["meta"])
+        extra = dict(meta.extra)
+        extra.update(kv)
+        self.meta = StoreMeta(**{**asdict(meta), "extra": extra})
+        self.f.attrs["meta"] = self.meta.to_json()
+        self.f.flush()
+
+    def close(self) -> None:
+        if getattr(self, "f", None) is not None and self.f.id.valid:
+            self.f.flush()
+            self.f.close()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_h5(path: str | os.PathLike[str], mode: str = "r") -> h5py.File:
+    p = Path(path)
+    if not p.is_file():
+        raise StoreError(f"{p}: no such store (run `codejepa embed run` first)")
+    try:
+        f = h5py.File(p, mode)
+    except OSError as e:
+        raise StoreError(f"{p}: not a readable HDF5 store (corrupt or foreign file: {e})") from None
+    if f.attrs.get("format") != STORE_FORMAT:
+        f.close()
+        raise StoreError(f"{p}: an HDF5 file, but not a codejepa store")
+    if int(f.attrs.get("format_version", -1)) != STORE_FORMAT_VERSION:
+        f.close()
+        raise StoreError(f"{p}: store format version {f.attrs.get('format_version')} is not supported")
+    return f
+
+
+def read_meta(path: str | os.PathLike[str]) -> StoreMeta:
+    with _open_h5(path) as f:
+        return StoreMeta.from_json(f.attrs["meta"])
+
+
+class Store:
+    """Read access to a store: metadata, per-record states and streamed pooled views.
+
+    Only committed records are visible. States come back as float32.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.f = _open_h5(self.path)
+        try:
+            self.meta = StoreMeta.from_json(self.f.attrs["meta"])
+            self.n = int(self.f["records"].attrs["committed"])
+            r = self.f["records"]
+            self.ids: np.ndarray = np.asarray(r["id"].asstr()[: self.n], dtype=object)
+            self.splits: np.ndarray = SPLIT_NAMES[r["split"][: self.n]]
+            self.repos: np.ndarray = np.asarray(r["repo"].asstr()[: self.n], dtype=object)
+            self.truncated: np.ndarray = r["truncated"][: self.n].astype(bool)
+            self._off = {name: self.f[name]["offsets"][: self.n + 1] for name in PASSES}
+            self._segments = self.f["inputs/segments"][: self.n]
+        except (KeyError, OSError, ValueError) as e:
+            self.f.close()
+            raise StoreError(f"{self.path}: damaged store ({e})") from None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def indices(self, split: str | None = None) -> np.ndarray:
+        """Record indices of a split (all committed records when ``split`` is None)."""
+        if split is None:
+            return np.arange(self.n)
+        if split not in SPLIT_CODES:
+            raise StoreError(f"unknown split {split!r}; expected one of {list(SPLIT_CODES)}")
+        return np.flatnonzero(self.splits == split)
+
+    def index_of(self) -> dict[str, int]:
+        return {rid: i for i, rid in enumerate(self.ids)}
+
+    def _read(self, name: str, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        a, b = int(self._off[name][i]), int(self._off[name][i + 1])
+        g = self.f[name]
+        return g["states"][a:b].astype(np.float32), g["token_ids"][a:b], g["special"][a:b]
+
+    def inputs(self, i: int) -> RecordStates:
+        s, t, sp = self._read("inputs", i)
+        seg = self._segments[i]
+        return RecordStates(s, t, sp, {"context": (int(seg[0, 0]), int(seg[0, 1])),
+                                       "signature": (int(seg[1, 0]), int(seg[1, 1]))})
+
+    def body(self, i: int) -> RecordStates:
+        s, t, sp = self._read("targets", i)
+        return RecordStates(s, t, sp, {"body": (0, len(t))})
+
+    def lengths(self, name: str) -> np.ndarray:
+        """Tokens per record in a pass (``inputs`` or ``targets``)."""
+        return np.diff(self._off[name])
+
+    def iter_blocks(
+        self, name: str, indices: np.ndarray | None = None, block_tokens: int = 1 << 18
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """Stream (record indices, float32 states, special mask, offsets within the block).
+
+        Contiguous runs of records are read with one slice each, so a sequential scan reads
+        the file once; memory is bounded by ``block_tokens`` (plus one long record).
+        """
+        idx = np.arange(self.n) if indices is None else np.asarray(indices)
+        off = self._off[name]
+        g = self.f[name]
+        start = 0
+        while start < len(idx):
+            stop = start + 1
+            while (stop < len(idx) and idx[stop] == idx[stop - 1] + 1
+                   and off[idx[stop] + 1] - off[idx[start]] <= block_tokens):
+                stop += 1
+            run = idx[start:stop]
+            a, b = int(off[run[0]]), int(off[run[-1] + 1])
+            states = g["states"][a:b].astype(np.float32)
+            special = g["special"][a:b]
+            yield run, states, special, off[run[0] : run[-1] + 2] - a
+            start = stop
+
+    def pooled(self, view: str, indices: np.ndarray | None = None, *, exclude_special: bool = True) -> np.ndarray:
+        """Mean-pooled states per record, streamed: ``view`` is ``body``, ``signature``,
+        ``context`` or ``inputs`` (context + signature). Sink tokens are excluded by default;
+        a record with no token in the view gets zeros."""
+        if view not in ("body", "signature", "context", "inputs"):
+            raise StoreError(f"unknown view {view!r}")
+        name = "targets" if view == "body" else "inputs"
+        idx = np.arange(self.n) if indices is None else np.asarray(indices)
+        out = np.zeros((len(idx), self.meta.hidden_size), dtype=np.float32)
+        pos = {int(i): k for k, i in enumerate(idx)}
+        for run, states, special, offs in self.iter_blocks(name, idx):
+            for j, rec in enumerate(run):
+                a, b = int(offs[j]), int(offs[j + 1])
+                keep = np.ones(b - a, dtype=bool)
+                if view in ("signature", "context"):
+                    s0, s1 = self._segments[rec][0 if view == "context" else 1]
+                    keep[:] = False
+                    keep[s0:s1] = True
+                if exclude_special:
+                    keep &= ~special[a:b]
+                if keep.any():
+                    out[pos[int(rec)]] = states[a:b][keep].mean(axis=0)
+        return out
+
+    def close(self) -> None:
+        if self.f.id.valid:
+            self.f.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_store(path: str | os.PathLike[str]) -> Store:
+    """Open a store for reading; a missing, corrupt or foreign file raises :class:`StoreError`."""
+    return Store(path)
