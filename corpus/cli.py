@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any, Optional
+
 import typer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -10,3 +13,161 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 @app.callback()
 def _callback() -> None:
     """corpus stage."""
+
+
+class _RichObserver:
+    """Renders build progress (repos, files, functions) on stderr."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console(stderr=True)
+        # No auto-refresh thread: parsing workers are forked, which must not happen while
+        # another thread runs. Events refresh the display instead.
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[extra]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            auto_refresh=False,
+            transient=False,
+        )
+        self.repos = self.progress.add_task("repos", total=None, extra="")
+        self.files = self.progress.add_task("files", total=0, extra="")
+        self.functions = 0
+
+    def __enter__(self) -> _RichObserver:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.refresh()
+        self.progress.stop()
+
+    def on_start(self, n_sources: int) -> None:
+        self.progress.update(self.repos, total=n_sources)
+        self.progress.refresh()
+
+    def on_message(self, line: str) -> None:
+        self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        self.progress.refresh()
+
+    def on_repo_files(self, name: str, n_files: int) -> None:
+        total = self.progress.tasks[self.files].total or 0
+        self.progress.update(self.files, total=total + n_files)
+        self.progress.refresh()
+
+    def on_files_done(self, n_files: int, n_functions: int) -> None:
+        self.functions += n_functions
+        self.progress.update(self.files, advance=n_files, extra=f"{self.functions:,} functions")
+        self.progress.refresh()
+
+    def on_repo_done(self, entry: dict[str, Any]) -> None:
+        if entry.get("resumed"):
+            total = self.progress.tasks[self.files].total or 0
+            self.progress.update(self.files, total=total + entry["files"], advance=entry["files"])
+            self.functions += entry["functions"]
+            self.progress.update(self.files, extra=f"{self.functions:,} functions")
+        self.progress.update(self.repos, advance=1, extra=entry["name"])
+        self.progress.refresh()
+
+
+def _summary(manifest: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="corpus", show_footer=True)
+    table.add_column("repo", footer="total")
+    table.add_column("split")
+    table.add_column("status")
+    t = manifest["totals"]
+    table.add_column("files", justify="right", footer=f"{t['files']:,}")
+    table.add_column("functions", justify="right", footer=f"{t['functions']:,}")
+    table.add_column("tests", justify="right", footer=f"{t['test_functions']:,}")
+    table.add_column("skipped files", justify="right", footer=f"{t['files_skipped']:,}")
+    for r in manifest["repos"]:
+        status = r["status"] + (" (resumed)" if r.get("resumed") else "")
+        table.add_row(
+            r["name"], r.get("split") or "-", status, f"{r['files']:,}", f"{r['functions']:,}",
+            f"{r.get('test_functions', 0):,}", str(len(r.get("skipped", []))),
+        )
+    console = Console()
+    console.print(table)
+    kept = t.get("kept_per_split", {})
+    dropped = ", ".join(f"{v:,} {k}" for k, v in sorted(t.get("dropped", {}).items())) or "none"
+    console.print(
+        f"kept per split: train {kept.get('train', 0):,}, val {kept.get('val', 0):,}, test {kept.get('test', 0):,}"
+        f" — dropped: {dropped}",
+        highlight=False,
+    )
+
+
+@app.command()
+def build(
+    sources: Optional[list[str]] = typer.Argument(  # noqa: UP007 - typer needs Optional here
+        None, help="git URLs (https, ssh, git, file), local git repos, pypi:NAME==VERSION; @REF pins a ref."
+    ),
+    out: Path = typer.Option(..., "--out", help="Corpus folder to write (its parent must exist)."),
+    repos_file: Optional[Path] = typer.Option(None, "--repos-file", help="One source a line, # comments."),  # noqa: UP007
+    workers: int = typer.Option(1, "--workers", min=1, help="Parsing processes."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the per-repo split."),
+    split: str = typer.Option("80/10/10", "--split", help="train/val/test proportions of repos."),
+    exclude_tests: bool = typer.Option(False, "--exclude-tests", help="Leave out test functions and test files."),
+    keep_trivial: bool = typer.Option(False, "--keep-trivial", help="Keep trivial bodies (pass, ..., raise NotImplementedError) in val/test."),
+    max_file_bytes: int = typer.Option(1_000_000, "--max-file-bytes", min=1, help="Skip larger files."),
+    max_siblings: int = typer.Option(16, "--max-siblings", min=0, help="Sibling signatures kept in a function's context."),
+    clone_jobs: int = typer.Option(4, "--clone-jobs", min=1, help="Concurrent clones/downloads."),
+    depth: Optional[int] = typer.Option(  # noqa: UP007
+        None, "--depth", min=0,
+        help="Clone depth (0 = full). Default: a --shared clone for local/file:// sources, 1 for network URLs without @REF.",
+    ),
+) -> None:
+    """Clone repositories, extract every function with exact spans, split by repository."""
+    from codejepa.core import CodejepaError
+    from codejepa.corpus.build import BuildSettings, build_corpus
+    from codejepa.corpus.split import parse_ratios
+
+    try:
+        settings = BuildSettings(
+            seed=seed,
+            ratios=parse_ratios(split),
+            exclude_tests=exclude_tests,
+            keep_trivial=keep_trivial,
+            max_file_bytes=max_file_bytes,
+            max_siblings=max_siblings,
+            workers=workers,
+            clone_jobs=clone_jobs,
+            clone_depth=depth,
+        )
+        if not sources and repos_file is None:
+            raise CodejepaError("nothing to build: give SOURCE arguments or --repos-file")
+        with _RichObserver() as obs:
+            result = build_corpus(sources or [], out, settings, repos_file=repos_file, observer=obs)
+    except CodejepaError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished repositories are kept; run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
+    _summary(result.manifest)
+    typer.echo(f"wrote {result.out_dir / 'manifest.json'}", err=True)
+    if not result.ok:
+        typer.echo("error: no repository could be built", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def info(corpus: Path = typer.Argument(..., help="A corpus folder.")) -> None:
+    """Summary of a built corpus (per-repo table and totals)."""
+    from codejepa.core import CodejepaError
+    from codejepa.corpus.records import read_manifest
+
+    try:
+        manifest = read_manifest(corpus)
+    except CodejepaError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    _summary(manifest)

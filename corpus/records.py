@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,18 +83,38 @@ class FunctionRecord:
     body_span: Span
     context: tuple[ContextPiece, ...] = field(default_factory=tuple)
     body_hash: str = ""  # hash of the whitespace- and comment-normalised body
+    def_line: int = 0  # 1-based line of the `def` (or `async`) keyword, as ast's FunctionDef.lineno
 
     def context_text(self, kinds: Iterable[str] = ("import", "class", "sibling")) -> str:
         """The context pieces of the given kinds, in file order, one per line block."""
         wanted = set(kinds)
         return "\n".join(p.text for p in self.context if p.kind in wanted)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able form written to the records files (spans as 4-int lists)."""
+        return {
+            "id": self.id,
+            "repo": self.repo,
+            "url": self.url,
+            "commit": self.commit,
+            "path": self.path,
+            "qualname": self.qualname,
+            "split": self.split,
+            "is_test": self.is_test,
+            "is_async": self.is_async,
+            "signature": self.signature,
+            "body": self.body,
+            "signature_span": self.signature_span.to_list(),
+            "body_span": self.body_span.to_list(),
+            "context": [[p.kind, p.text, p.span.to_list()] for p in self.context],
+            "body_hash": self.body_hash,
+            "def_line": self.def_line,
+        }
+
     def to_json(self) -> str:
-        d = asdict(self)
-        d["signature_span"] = self.signature_span.to_list()
-        d["body_span"] = self.body_span.to_list()
-        d["context"] = [[p.kind, p.text, p.span.to_list()] for p in self.context]
-        return json.dumps(d, ensure_ascii=False, separators=(",", ":"))
+        # Built by hand rather than with dataclasses.asdict, which deep-copies every
+        # field and dominated the time of writing a corpus.
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FunctionRecord:
@@ -114,6 +134,7 @@ class FunctionRecord:
             body_span=Span.from_list(d["body_span"]),
             context=tuple(ContextPiece(k, t, Span.from_list(s)) for k, t, s in d["context"]),
             body_hash=d.get("body_hash", ""),
+            def_line=int(d.get("def_line", 0)),
         )
 
     @classmethod

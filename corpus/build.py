@@ -1,0 +1,524 @@
+"""``corpus build``: sources → ``DIR/repos/<key>.jsonl`` + ``DIR/manifest.json``.
+
+The run is a small pipeline: a thread pool clones (git is a subprocess, so threads overlap
+it) and reads each repo's ``.py`` blobs at the commit; files go to a process pool in
+chunks for parsing and extraction (``workers``), which returns ready-to-write JSON lines;
+the main process writes each finished repo atomically and records it in
+``DIR/.build-state.json``. Only when every source is done does it compute the leak filter
+over the per-repo index files and atomically write ``manifest.json`` — so the manifest a
+reader sees is always a complete, consistent build, and a killed run resumes from the
+state file: repos already done at the same commit with the same settings are not redone.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import multiprocessing
+import os
+import signal
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from codejepa.core import CodejepaError, atomic_write_json, code_version, sha256_json
+from codejepa.corpus import sources as src
+from codejepa.corpus.extract import EXTRACTOR_VERSION, ExtractSettings, extract_file, is_trivial_hash
+from codejepa.corpus.records import CORPUS_FORMAT, CORPUS_FORMAT_VERSION, read_manifest
+from codejepa.corpus.split import RepoIndex, assign_split, compute_dropped, read_index
+
+STATE_FILE = ".build-state.json"
+CHUNK_BYTES = 512 * 1024  # files are sent to workers in chunks of about this many bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BuildSettings:
+    seed: int = 0
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    exclude_tests: bool = False
+    keep_trivial: bool = False
+    max_file_bytes: int = 1_000_000
+    max_siblings: int = 16
+    workers: int = 1  # parsing processes; 1 = parse in this process
+    clone_jobs: int = 4  # concurrent clones / downloads
+    # None: a --shared clone for local/file:// sources, --depth 1 for network URLs without a
+    # ref, else full; 0: always a full clone; N: --depth N.
+    clone_depth: int | None = None
+    work_dir: str | None = None  # where temporary clones go (default: the system temp folder)
+
+    def extract_settings(self) -> ExtractSettings:
+        return ExtractSettings(self.max_file_bytes, self.max_siblings, self.exclude_tests)
+
+    def repo_settings(self) -> dict[str, Any]:
+        """Everything that changes a repo's records file: resume only when these match."""
+        return {
+            "seed": self.seed,
+            "ratios": list(self.ratios),
+            "exclude_tests": self.exclude_tests,
+            "max_file_bytes": self.max_file_bytes,
+            "max_siblings": self.max_siblings,
+            "extractor_version": EXTRACTOR_VERSION,
+        }
+
+    def depth_for(self, source: src.Source) -> int | None:
+        """The ``depth`` argument of :func:`sources.clone` for this source."""
+        if self.clone_depth is not None:
+            return self.clone_depth if self.clone_depth > 0 else _FULL
+        if src.local_path(source) is not None or source.ref:
+            return None
+        return 1
+
+
+_FULL = 0  # sources.clone: a falsy non-None depth means a plain full clone
+
+
+class BuildObserver:
+    """Receives progress events; the CLI renders them with rich. Default: silent."""
+
+    def on_start(self, n_sources: int) -> None: ...
+
+    def on_message(self, line: str) -> None: ...
+
+    def on_repo_files(self, name: str, n_files: int) -> None: ...
+
+    def on_files_done(self, n_files: int, n_functions: int) -> None: ...
+
+    def on_repo_done(self, entry: dict[str, Any]) -> None: ...
+
+
+@dataclass(slots=True)
+class BuildResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def repos(self) -> list[dict[str, Any]]:
+        return self.manifest["repos"]
+
+    @property
+    def ok(self) -> bool:
+        """False when nothing could be built (the CLI's exit code)."""
+        return any(r["status"] == "ok" for r in self.repos)
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _extract_chunk(
+    files: list[tuple[str, bytes]], meta: tuple[str, str, str, str], settings: ExtractSettings
+) -> list[dict[str, Any]]:
+    """Extract a chunk of files (runs in a worker process); returns plain data only."""
+    repo, url, commit, split = meta
+    out = []
+    for path, data in files:
+        try:
+            res = extract_file(data, path, repo=repo, url=url, commit=commit, split=split, settings=settings)
+        except Exception as e:  # noqa: BLE001 - one bad file never loses the repo
+            out.append({"path": path, "skipped": f"extractor error: {type(e).__name__}: {e}"})
+            continue
+        out.append(
+            {
+                "path": path,
+                "skipped": res.skipped,
+                "syntax_error": res.has_syntax_error,
+                "errors": res.functions_with_errors,
+                "tests_excluded": res.tests_excluded,
+                "records": [
+                    (r.signature_span.start, r.to_json(), r.id, r.body_hash, r.is_test) for r in res.records
+                ],
+            }
+        )
+    return out
+
+
+def _chunks(files: list[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:
+    chunks: list[list[tuple[str, bytes]]] = []
+    cur: list[tuple[str, bytes]] = []
+    size = 0
+    for f in files:
+        cur.append(f)
+        size += len(f[1])
+        if size >= CHUNK_BYTES:
+            chunks.append(cur)
+            cur, size = [], 0
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+# --------------------------------------------------------------------------- the build
+
+
+@dataclass(slots=True, eq=False)
+class _RepoJob:
+    source: src.Source
+    entry: dict[str, Any]
+    started: float
+    pending: int = 0
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _atomic_lines(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(line)
+            f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _new_entry(spec: str, source: src.Source | None, settings: BuildSettings) -> dict[str, Any]:
+    name = source.name if source else spec
+    return {
+        "name": name,
+        "source": spec,
+        "url": source.url if source else spec,
+        "ref": source.ref if source else None,
+        "commit": None,
+        "split": assign_split(name, settings.seed, settings.ratios) if source else None,
+        "status": "pending",
+        "message": None,
+        "records_file": None,
+        "index_file": None,
+        "files": 0,
+        "functions": 0,
+        "test_functions": 0,
+        "trivial_functions": 0,
+        "tests_excluded": 0,
+        "files_with_syntax_errors": 0,
+        "functions_with_errors": 0,
+        "skipped": [],
+        "settings_hash": sha256_json(settings.repo_settings()),
+        "seconds": 0.0,
+    }
+
+
+def _previous_entries(out: Path) -> dict[str, dict[str, Any]]:
+    prev: dict[str, dict[str, Any]] = {}
+    if (out / "manifest.json").is_file():
+        try:
+            for r in read_manifest(out).get("repos", []):
+                prev[r["name"]] = r
+        except CodejepaError:
+            pass
+    state = out / STATE_FILE
+    if state.is_file():
+        try:
+            for r in json.loads(state.read_text(encoding="utf-8")).get("repos", {}).values():
+                prev[r["name"]] = r
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
+    return prev
+
+
+def _reusable(prev: dict[str, Any] | None, entry: dict[str, Any], out: Path) -> bool:
+    return bool(
+        prev
+        and prev.get("status") == "ok"
+        and prev.get("settings_hash") == entry["settings_hash"]
+        and prev.get("split") == entry["split"]
+        and prev.get("url") == entry["url"]
+        and prev.get("ref") == entry["ref"]
+        and prev.get("records_file")
+        and prev.get("index_file")
+        and (out / prev["records_file"]).is_file()
+        and (out / prev["index_file"]).is_file()
+    )
+
+
+def _peek_commit(source: src.Source) -> str | None:
+    if source.kind == "pypi":
+        name, version = source.url[len("pypi:"):].split("==", 1)
+        cached = src.find_cached_sdist(name, version)
+        return src.sha256_file(cached) if cached else None
+    return src.remote_commit(source)
+
+
+def _noop() -> None:
+    return None
+
+
+def _worker_init(parent: int) -> None:
+    # Ctrl-C reaches the whole process group; the parent handles it and shuts the pool down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A parent killed outright (SIGKILL, OOM) must not leave workers waiting forever.
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
+    except (OSError, AttributeError):  # not Linux: poll instead
+        import threading
+
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+
+def _start_pool(workers: int) -> cf.ProcessPoolExecutor:
+    """A process pool whose workers all exist before any clone thread starts.
+
+    Fork is cheap (workers inherit the imported parser) and works from scripts without a
+    ``__main__`` guard, but must not happen while other threads run; with the fork
+    context, 3.11's executor launches every worker at the first submit, so one no-op task
+    before the clone pool starts is enough. Elsewhere spawn is used.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),))
+    pool.submit(_noop).result()
+    return pool
+
+
+def build_corpus(
+    sources: Sequence[str],
+    out_dir: str | os.PathLike[str],
+    settings: BuildSettings = BuildSettings(),
+    *,
+    repos_file: str | os.PathLike[str] | None = None,
+    observer: BuildObserver | None = None,
+) -> BuildResult:
+    """Build (or resume) a corpus in ``out_dir``; see the module doc.
+
+    Bad sources, failed clones and bad files are recorded with one line each and the run
+    goes on; :class:`CodejepaError` is raised only when the output folder cannot be made.
+    """
+    obs = observer or BuildObserver()
+    out = Path(out_dir)
+    if not out.parent.is_dir():
+        raise CodejepaError(f"--out {out}: the parent folder {out.parent} does not exist")
+    if out.exists() and not out.is_dir():
+        raise CodejepaError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").exists() and not (out / STATE_FILE).exists():
+        if not (out / "repos").is_dir():
+            raise CodejepaError(f"--out {out}: folder exists, is not empty and is not a corpus; choose another")
+    (out / "repos").mkdir(parents=True, exist_ok=True)
+
+    messages: list[str] = []
+
+    def say(line: str) -> None:
+        messages.append(line)
+        obs.on_message(line)
+
+    specs = list(sources)
+    if repos_file is not None:
+        try:
+            specs += src.read_repos_file(repos_file)
+        except src.SourceError as e:
+            say(str(e))
+
+    entries: list[dict[str, Any]] = []
+    todo: list[tuple[src.Source, dict[str, Any]]] = []
+    seen: dict[str, str] = {}
+    for spec in specs:
+        try:
+            source = src.parse_source(spec)
+        except src.SourceError as e:
+            entry = _new_entry(spec, None, settings)
+            entry.update(status="invalid source", message=str(e))
+            entries.append(entry)
+            say(str(e))
+            continue
+        entry = _new_entry(spec, source, settings)
+        if source.name in seen:
+            entry.update(status="duplicate", message=f"{spec}: same repository name {source.name!r} as {seen[source.name]}; skipped")
+            entry["name"] = f"{source.name} (duplicate: {spec})"
+            entries.append(entry)
+            say(entry["message"])
+            continue
+        seen[source.name] = spec
+        entries.append(entry)
+        todo.append((source, entry))
+
+    obs.on_start(len(entries))
+    for entry in entries:
+        if entry["status"] != "pending":
+            obs.on_repo_done(entry)
+    state_path = out / STATE_FILE
+    previous = _previous_entries(out)
+    # Carried forward, so that a run interrupted twice still remembers what the first finished.
+    state: dict[str, dict[str, Any]] = {n: e for n, e in previous.items() if e.get("status") == "ok"}
+    ex = settings.extract_settings()
+    work_dir = settings.work_dir or tempfile.gettempdir()
+
+    def save_state() -> None:
+        atomic_write_json(state_path, {"format": "codejepa-corpus-state", "repos": state})
+
+    def prepare(source: src.Source, entry: dict[str, Any]) -> src.Snapshot | dict[str, Any]:
+        prev = previous.get(source.name)
+        if _reusable(prev, entry, out):
+            commit = _peek_commit(source)
+            if commit is not None and commit == prev["commit"]:
+                return prev
+        return src.snapshot(source, work_dir, max_file_bytes=settings.max_file_bytes, depth=settings.depth_for(source))
+
+    def fail(entry: dict[str, Any], status: str, message: str) -> None:
+        entry.update(status=status, message=message)
+        state[entry["name"]] = entry
+        save_state()
+        say(message)
+        obs.on_repo_done(entry)
+
+    def finish(job: _RepoJob) -> None:
+        entry = job.entry
+        key = job.source.key
+        rows: list[tuple[str, int, str, str, str, bool]] = []
+        skipped = list(entry["skipped"])
+        for f in sorted(job.results, key=lambda r: r["path"]):
+            if f.get("skipped"):
+                skipped.append({"path": f["path"], "reason": f["skipped"]})
+                continue
+            entry["files"] += 1
+            entry["files_with_syntax_errors"] += int(f["syntax_error"])
+            entry["functions_with_errors"] += f["errors"]
+            entry["tests_excluded"] += f["tests_excluded"]
+            for start, line, rid, h, is_test in f["records"]:
+                rows.append((f["path"], start, line, rid, h, is_test))
+        rows.sort(key=lambda r: (r[0], r[1]))
+        records_file = f"repos/{key}.jsonl"
+        index_file = f"repos/{key}.index.tsv"
+        _atomic_lines(out / records_file, [r[2] for r in rows])
+        _atomic_lines(out / index_file, [f"{r[3]}\t{r[4]}" for r in rows])
+        entry.update(
+            status="ok",
+            records_file=records_file,
+            index_file=index_file,
+            functions=len(rows),
+            test_functions=sum(1 for r in rows if r[5]),
+            trivial_functions=sum(1 for r in rows if is_trivial_hash(r[4])),
+            skipped=skipped,
+            seconds=round(time.perf_counter() - job.started, 3),
+        )
+        state[entry["name"]] = entry
+        save_state()
+        obs.on_repo_done(entry)
+
+    pool = _start_pool(settings.workers) if settings.workers > 1 else None
+    clones = cf.ThreadPoolExecutor(max(1, settings.clone_jobs), thread_name_prefix="clone")
+    max_open = max(2, settings.clone_jobs)  # repos whose files are in memory at once
+    queue = list(todo)
+    prep: dict[cf.Future[Any], tuple[src.Source, dict[str, Any], float]] = {}
+    parsing: dict[cf.Future[Any], _RepoJob] = {}
+    open_jobs: set[_RepoJob] = set()
+    try:
+        while queue or prep or parsing:
+            while queue and len(prep) + len(open_jobs) < max_open:
+                source, entry = queue.pop(0)
+                prep[clones.submit(prepare, source, entry)] = (source, entry, time.perf_counter())
+            done, _ = cf.wait([*prep, *parsing], return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                if fut in prep:
+                    source, entry, started = prep.pop(fut)
+                    try:
+                        got = fut.result()
+                    except src.EmptyRepository as e:
+                        fail(entry, "empty repository", str(e))
+                        continue
+                    except src.SourceError as e:
+                        fail(entry, "failed", str(e))
+                        continue
+                    except Exception as e:  # noqa: BLE001 - a bug in one repo must not stop the run
+                        fail(entry, "error", f"{source.spec}: {type(e).__name__}: {e}")
+                        continue
+                    if isinstance(got, dict):  # resumed: identical commit and settings
+                        entry.clear()
+                        entry.update(got, resumed=True)
+                        state[entry["name"]] = entry
+                        save_state()
+                        obs.on_repo_done(entry)
+                        continue
+                    entry["commit"] = got.commit
+                    entry["skipped"] = [{"path": p, "reason": r} for p, r in got.skipped]
+                    job = _RepoJob(source, entry, started)
+                    obs.on_repo_files(source.name, len(got.files))
+                    meta = (source.name, source.url, got.commit, entry["split"])
+                    chunks = _chunks(got.files)
+                    if pool is None:
+                        for ch in chunks:
+                            res = _extract_chunk(ch, meta, ex)
+                            job.results.extend(res)
+                            obs.on_files_done(len(res), sum(len(r.get("records", ())) for r in res))
+                        finish(job)
+                    else:
+                        open_jobs.add(job)
+                        job.pending = len(chunks)
+                        for ch in chunks:
+                            parsing[pool.submit(_extract_chunk, ch, meta, ex)] = job
+                        if not chunks:
+                            open_jobs.discard(job)
+                            finish(job)
+                else:
+                    job = parsing.pop(fut)
+                    job.pending -= 1
+                    try:
+                        res = fut.result()
+                        job.results.extend(res)
+                        obs.on_files_done(len(res), sum(len(r.get("records", ())) for r in res))
+                    except Exception as e:  # noqa: BLE001 - e.g. a worker killed by the OS
+                        job.entry["message"] = f"{job.source.spec}: a parsing worker failed: {type(e).__name__}: {e}"
+                        job.entry["status"] = "error"
+                    if job.pending == 0:
+                        open_jobs.discard(job)
+                        if job.entry["status"] == "error":
+                            fail(job.entry, "error", job.entry["message"])
+                        else:
+                            finish(job)
+    finally:
+        clones.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    manifest = _write_manifest(out, entries, settings)
+    state_path.unlink(missing_ok=True)
+    n_splits = Counter(r["split"] for r in entries if r["status"] == "ok")
+    empty = [s for s in ("train", "val", "test") if n_splits[s] == 0]
+    if entries and any(r["status"] == "ok" for r in entries) and empty:
+        say(f"note: no repository landed in {', '.join(empty)} (split is per repo, from --seed; try another seed or more repos)")
+    return BuildResult(out, manifest, messages)
+
+
+def _write_manifest(out: Path, entries: list[dict[str, Any]], settings: BuildSettings) -> dict[str, Any]:
+    ok = [r for r in entries if r["status"] == "ok"]
+    drop = compute_dropped(
+        (RepoIndex(r["name"], r["split"], (lambda p=str(out / r["index_file"]): read_index(p))) for r in ok),
+        keep_trivial=settings.keep_trivial,
+    )
+    totals = {
+        "repos": len(entries),
+        "repos_ok": len(ok),
+        "repos_failed": len(entries) - len(ok),
+        "files": sum(r["files"] for r in ok),
+        "files_skipped": sum(len(r["skipped"]) for r in ok),
+        "functions": sum(r["functions"] for r in ok),
+        "test_functions": sum(r["test_functions"] for r in ok),
+        "functions_with_errors": sum(r["functions_with_errors"] for r in ok),
+        "dropped": dict(drop.counts),
+        "repos_per_split": dict(Counter(r["split"] for r in ok)),
+        "functions_per_split": dict(drop.total),
+        "kept_per_split": dict(drop.kept),
+    }
+    manifest = {
+        "format": CORPUS_FORMAT,
+        "format_version": CORPUS_FORMAT_VERSION,
+        "code_version": code_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "settings": {**asdict(settings), "ratios": list(settings.ratios), "extractor_version": EXTRACTOR_VERSION},
+        "repos": entries,
+        "totals": totals,
+        "dropped": drop.dropped,
+    }
+    atomic_write_json(out / "manifest.json", manifest)
+    return manifest
+

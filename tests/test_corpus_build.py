@@ -1,0 +1,229 @@
+"""End to end: fixture git repos → corpus folder → load_records; resume; CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from _corpus_fixtures import EXPECTED_MAIN, GIT_ENV, fixture_files, make_repo
+from typer.testing import CliRunner
+
+from codejepa.core import CodejepaError
+from codejepa.corpus import load_records, read_manifest
+from codejepa.corpus.build import STATE_FILE, BuildObserver, BuildSettings, build_corpus
+from codejepa.corpus.split import DROP_TRAIN_DUPLICATE, DROP_TRIVIAL, assign_split
+
+
+def names_in(split: str, n: int, seed: int = 0) -> list[str]:
+    out = [f"proj{i}" for i in range(1000) if assign_split(f"proj{i}", seed) == split]
+    return out[:n]
+
+
+@pytest.fixture()
+def fixture_repo(tmp_path: Path) -> tuple[Path, str]:
+    repo = tmp_path / "src" / names_in("train", 1)[0]
+    commit = make_repo(repo, fixture_files())
+    return repo, commit
+
+
+def git_show(repo: Path, commit: str, path: str) -> bytes:
+    return subprocess.run(
+        ["git", "-C", str(repo), "show", f"{commit}:{path}"], env=GIT_ENV, check=True, capture_output=True
+    ).stdout
+
+
+def test_build_fixture_repo_end_to_end(fixture_repo: tuple[Path, str], tmp_path: Path) -> None:
+    repo, commit = fixture_repo
+    out = tmp_path / "corpus"
+    res = build_corpus([repo.as_uri()], out)
+    assert res.ok
+    m = read_manifest(out)
+    assert m["format"] == "codejepa-corpus" and m["format_version"] == 1
+    (entry,) = m["repos"]
+    assert entry["status"] == "ok" and entry["commit"] == commit and entry["url"] == repo.as_uri()
+    assert entry["split"] == "train" and entry["records_file"].startswith("repos/")
+    skipped = {s["path"]: s["reason"] for s in entry["skipped"]}
+    assert "binary" in skipped["pkg/binary.py"]
+    assert "does not decode" in skipped["pkg/latin1_undeclared.py"]
+    assert "leaves the repository" in skipped["pkg/link_outside.py"]
+    assert skipped["pkg/link_inside.py"].startswith("symlink")
+    assert "README.md" not in skipped
+    assert entry["files"] == 8  # .py files parsed (the 5 above are skipped)
+    assert entry["files_with_syntax_errors"] == 1 and entry["functions_with_errors"] == 1
+    assert m["settings"]["seed"] == 0 and m["totals"]["functions"] == entry["functions"]
+
+    recs = list(load_records(out, include_dropped=True))
+    assert len(recs) == entry["functions"] == len({r.id for r in recs})
+    main = {r.qualname: r for r in recs if r.path == "pkg/main.py"}
+    assert {q: (r.def_line, r.is_async) for q, r in main.items()} == EXPECTED_MAIN
+    assert {r.qualname for r in recs if r.path == "pkg/broken.py"} == {"good_before", "good_after"}
+    assert {r.qualname for r in recs if r.path == "pkg/latin1_declared.py"} == {"café", "after"}
+    # Every span round-trips byte-exactly against the file at the commit.
+    blobs: dict[str, bytes] = {}
+    for r in recs:
+        data = blobs.setdefault(r.path, git_show(repo, commit, r.path))
+        enc = "latin-1" if "latin1" in r.path else "utf-8"
+        assert r.commit == commit and r.split == "train" and r.repo == repo.name
+        assert data[r.signature_span.start : r.signature_span.end].decode(enc) == r.signature
+        assert data[r.body_span.start : r.body_span.end].decode(enc) == r.body
+        for p in r.context:
+            assert data[p.span.start : p.span.end].decode(enc) == p.text
+    tests = {r.qualname for r in recs if r.is_test}
+    assert tests == {"test_something", "helper", "TestThing.check"}
+    # Train keeps one copy of duplicate bodies only; load_records applies the manifest.
+    assert {r.id for r in load_records(out)} == {r.id for r in recs} - set(m["dropped"])
+
+
+def test_workers_give_identical_output(fixture_repo: tuple[Path, str], tmp_path: Path) -> None:
+    repo, _ = fixture_repo
+    other = tmp_path / "src" / "other"
+    make_repo(other, {f"m{i}.py": "".join(f"def f{j}():\n    return {i * 100 + j}\n" for j in range(50)) for i in range(30)})
+    one = build_corpus([str(repo), str(other)], tmp_path / "one", BuildSettings(workers=1))
+    two = build_corpus([str(repo), str(other)], tmp_path / "two", BuildSettings(workers=2))
+    for a, b in zip(one.repos, two.repos):
+        assert (tmp_path / "one" / a["records_file"]).read_bytes() == (tmp_path / "two" / b["records_file"]).read_bytes()
+    assert one.manifest["dropped"] == two.manifest["dropped"] and one.manifest["totals"] == two.manifest["totals"]
+
+
+def test_exclude_tests(fixture_repo: tuple[Path, str], tmp_path: Path) -> None:
+    repo, _ = fixture_repo
+    res = build_corpus([str(repo)], tmp_path / "c", BuildSettings(exclude_tests=True))
+    recs = list(load_records(tmp_path / "c", include_dropped=True))
+    assert recs and not any(r.is_test for r in recs)
+    assert res.repos[0]["tests_excluded"] == 3 and res.repos[0]["test_functions"] == 0
+
+
+def test_held_out_duplicates_of_train_and_trivial_bodies_are_dropped(tmp_path: Path) -> None:
+    (train_name,) = names_in("train", 1)
+    (test_name,) = names_in("test", 1)
+    shared = "def shared(x):\n    return x * 1234 + 1\n"
+    train = tmp_path / train_name
+    test = tmp_path / test_name
+    make_repo(train, {"a.py": shared})
+    make_repo(test, {"b.py": "def renamed(x):\n    # same body, other comment\n    return x*1234 + 1\n\n"
+                     "def stub():\n    pass\n\ndef unique():\n    return 'only here'\n"})
+    res = build_corpus([str(test), str(train)], tmp_path / "c")
+    by_split = {r["name"]: r["split"] for r in res.repos}
+    assert by_split == {train_name: "train", test_name: "test"}
+    dropped = res.manifest["dropped"]
+    recs = {r.qualname: r for r in load_records(tmp_path / "c", include_dropped=True)}
+    assert dropped[recs["renamed"].id] == DROP_TRAIN_DUPLICATE
+    assert dropped[recs["stub"].id] == DROP_TRIVIAL
+    assert [r.qualname for r in load_records(tmp_path / "c", ["test"])] == ["unique"]
+    assert res.manifest["totals"]["dropped"] == {DROP_TRAIN_DUPLICATE: 1, DROP_TRIVIAL: 1}
+    kept = build_corpus([str(test), str(train)], tmp_path / "k", BuildSettings(keep_trivial=True))
+    assert [r.qualname for r in load_records(tmp_path / "k", ["test"])] == ["stub", "unique"]
+    assert kept.manifest["totals"]["kept_per_split"]["test"] == 2
+
+
+def test_resume_skips_done_repos_and_redoes_changed_ones(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_repo(a, {"a.py": "def fa():\n    return 1\n"})
+    make_repo(b, {"b.py": "def fb():\n    return 2\n"})
+    out = tmp_path / "c"
+    first = build_corpus([str(a), b.as_uri()], out)
+    files = {r["name"]: out / r["records_file"] for r in first.repos}
+    stamps = {n: p.stat().st_mtime_ns for n, p in files.items()}
+    again = build_corpus([str(a), b.as_uri()], out)
+    assert [r.get("resumed") for r in again.repos] == [True, True]
+    assert {n: p.stat().st_mtime_ns for n, p in files.items()} == stamps
+    new_commit = make_repo(b, {"b.py": "def fb2():\n    return 3\n"})
+    third = build_corpus([str(a), b.as_uri()], out)
+    assert [r.get("resumed", False) for r in third.repos] == [True, False]
+    assert third.repos[1]["commit"] == new_commit
+    assert {r.qualname for r in load_records(out)} == {"fa", "fb2"}
+    # Different extraction settings: nothing is reused.
+    fourth = build_corpus([str(a), b.as_uri()], out, BuildSettings(max_siblings=3))
+    assert not any(r.get("resumed") for r in fourth.repos)
+
+
+class _Interrupt(BuildObserver):
+    def on_repo_done(self, entry: dict) -> None:
+        if entry["status"] == "ok" and not entry.get("resumed"):  # after one newly built repo
+            raise KeyboardInterrupt
+
+
+def test_interrupted_run_leaves_no_half_corpus_and_resumes(tmp_path: Path) -> None:
+    repos = []
+    for i in range(3):
+        r = tmp_path / f"r{i}"
+        make_repo(r, {"m.py": f"def f{i}():\n    return {i}\n"})
+        repos.append(str(r))
+    out = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt):
+        build_corpus(repos, out, BuildSettings(clone_jobs=1), observer=_Interrupt())
+    # No manifest yet: nothing reads as a valid (partial) corpus.
+    with pytest.raises(CodejepaError):
+        list(load_records(out))
+    assert (out / STATE_FILE).is_file()
+    assert not list((out / "repos").glob(".*.tmp"))
+    done = json.loads((out / STATE_FILE).read_text())["repos"]
+    assert len(done) == 1
+    # Interrupted again, in another order, before r0 comes round: r0 is still remembered.
+    with pytest.raises(KeyboardInterrupt):
+        build_corpus(repos[1:] + repos[:1], out, BuildSettings(clone_jobs=1), observer=_Interrupt())
+    assert len(json.loads((out / STATE_FILE).read_text())["repos"]) == 2
+    res = build_corpus(repos, out)
+    assert sum(bool(r.get("resumed")) for r in res.repos) == 2
+    assert {r.qualname for r in load_records(out, include_dropped=True)} == {"f0", "f1", "f2"}
+    assert not (out / STATE_FILE).exists()
+
+
+def test_ref_pin_and_bad_inputs_do_not_stop_the_run(tmp_path: Path) -> None:
+    repo = tmp_path / "pinned"
+    old = make_repo(repo, {"m.py": "def old():\n    return 1\n"})
+    make_repo(repo, {"m.py": "def new():\n    return 2\n"})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    subprocess.run(["git", "-C", str(empty), "init", "-q"], env=GIT_ENV, check=True)
+    res = build_corpus(
+        [f"{repo.as_uri()}@{old}", str(empty), "file:///no/such/repo", "https://x.invalid/repo@bad..ref"],
+        tmp_path / "c",
+    )
+    statuses = [r["status"] for r in res.repos]
+    assert statuses == ["ok", "empty repository", "failed", "invalid source"]
+    assert res.repos[0]["commit"] == old
+    assert [r.qualname for r in load_records(tmp_path / "c", include_dropped=True)] == ["old"]
+    assert all("\n" not in m for m in res.messages)
+
+
+def test_missing_out_parent_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(CodejepaError, match="parent folder"):
+        build_corpus(["x"], tmp_path / "no" / "such" / "out")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def run_cli(*args: str):  # noqa: ANN202
+    from codejepa.cli import app
+
+    return CliRunner().invoke(app, ["corpus", *args])
+
+
+def test_cli_build_and_exit_codes(fixture_repo: tuple[Path, str], tmp_path: Path) -> None:
+    repo, _ = fixture_repo
+    repos_file = tmp_path / "repos.txt"
+    repos_file.write_text(f"# my corpus\n{repo.as_uri()}\n")
+    out = tmp_path / "c"
+    r = run_cli("build", "--repos-file", str(repos_file), "--out", str(out), "--workers", "2", "--seed", "0")
+    assert r.exit_code == 0, r.output
+    assert "functions" in r.output and repo.name in r.output
+    assert read_manifest(out)["repos"][0]["status"] == "ok"
+    r = run_cli("info", str(out))
+    assert r.exit_code == 0 and repo.name in r.output
+
+    # Nothing could be built: non-zero, one line per bad source.
+    r = run_cli("build", "ext::sh -c id", "/no/such/repo", "--out", str(tmp_path / "bad"))
+    assert r.exit_code == 1
+    assert "transport helpers" in r.output and "no repository could be built" in r.output
+    # Missing --out parent and missing repos file.
+    r = run_cli("build", str(repo), "--out", str(tmp_path / "no" / "parent"))
+    assert r.exit_code == 1 and "parent folder" in r.output
+    r = run_cli("build", str(repo), "--repos-file", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "c2"))
+    assert r.exit_code == 0 and "does not exist" in r.output  # the other source was built
+    r = run_cli("build", "--out", str(tmp_path / "c3"))
+    assert r.exit_code == 1 and "nothing to build" in r.output
+    assert "Traceback" not in r.output

@@ -1,0 +1,76 @@
+"""The project's shape: stages install under codejepa.*, and data flows one way."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ["corpus", "embed", "predict", "evaluate"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stage_installs_under_codejepa(stage: str) -> None:
+    mod = importlib.import_module(f"codejepa.{stage}")
+    assert Path(mod.__file__).resolve().parent == ROOT / stage
+
+
+def test_no_top_level_stage_modules_shadow_other_packages() -> None:
+    # `import evaluate` (or corpus, embed, predict) from anywhere must not find our stage
+    # folders: they would shadow other distributions such as Hugging Face's `evaluate`.
+    code = (
+        "import importlib.util, sys\n"
+        f"for name in {STAGES!r}:\n"
+        "    spec = importlib.util.find_spec(name)\n"
+        f"    if spec is not None and (spec.origin or '').startswith({str(ROOT)!r}):\n"
+        "        sys.exit(name)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def _imported_stages(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        for n in names:
+            parts = n.split(".")
+            if parts[0] == "codejepa" and len(parts) > 1 and parts[1] in STAGES:
+                found.add(parts[1])
+    return found
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stages_import_only_earlier_stages(stage: str) -> None:
+    allowed = set(STAGES[: STAGES.index(stage) + 1])
+    for path in sorted((ROOT / stage).rglob("*.py")):
+        bad = _imported_stages(path) - allowed
+        assert not bad, f"{path.relative_to(ROOT)} imports later stage(s) {sorted(bad)}"
+
+
+def test_core_imports_no_stage() -> None:
+    for path in (ROOT / "codejepa").glob("*.py"):
+        if path.name == "cli.py":  # the CLI assembles the stages' sub-apps
+            continue
+        assert not _imported_stages(path), path
+
+
+def test_cli_lists_every_stage() -> None:
+    from typer.testing import CliRunner
+
+    from codejepa.cli import app
+
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for stage in STAGES:
+        assert stage in result.output
