@@ -1,1 +1,33 @@
-"""The embed stage."""
+"""The embed stage: a frozen teacher's per-token states of every record, in an HDF5 store.
+
+``codejepa.embed.open_store(PATH)`` is the reader API the later stages use (see
+:mod:`codejepa.embed.store`); :func:`codejepa.embed.run.embed_corpus` writes a store and
+:func:`codejepa.embed.merge.merge_stores` joins shards. Names are resolved lazily so that
+importing the package (the CLI does) loads neither h5py nor torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "open_store": "codejepa.embed.store",
+    "Store": "codejepa.embed.store",
+    "StoreMeta": "codejepa.embed.store",
+    "StoreError": "codejepa.embed.store",
+    "StoreWriter": "codejepa.embed.store",
+    "PendingRecord": "codejepa.embed.store",
+    "EmbedSettings": "codejepa.embed.run",
+    "embed_corpus": "codejepa.embed.run",
+    "merge_stores": "codejepa.embed.merge",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'codejepa.embed' has no attribute {name!r}")

@@ -3,7 +3,9 @@
 Layout (one file)::
 
     /                 attrs: format, format_version, meta (JSON of :class:`StoreMeta`)
-    /records          id [N] str, split [N] uint8, repo [N] str, truncated [N] bool
+    /records          split [N] uint8, truncated [N] bool,
+                      id_utf8 [B] uint8 + id_end [N] int64 (record i's id is
+                      id_utf8[id_end[i-1]:id_end[i]]), repo_utf8 + repo_end likewise
                       attrs: committed (records fully written; readers trust only these)
     /inputs           the pass over [leading specials] + file context + signature
         states    [T, d]  float16 (float32 when a value would overflow float16)
@@ -17,6 +19,11 @@ Layout (one file)::
 Ragged per-token states live in flat, chunked, resizable datasets with an offsets index,
 not one dataset per record. The writer appends a batch to every dataset, flushes, and only
 then raises ``committed``: a reader (and a resumed writer) ignores anything past it.
+
+Strings are stored as ragged UTF-8 bytes, not as HDF5 variable-length strings: those live
+in a global heap that a kill -9 mid-write can leave inconsistent with the datasets, after
+which the resumed writer fails with "bad heap index" (measured; see
+tests/test_embed_resume.py). Fixed-type, truncatable datasets have no such shared state.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import numpy as np
 from codejepa.core import CodejepaError, sha256_json
 
 STORE_FORMAT = "codejepa-store"
-STORE_FORMAT_VERSION = 1
+STORE_FORMAT_VERSION = 2
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 SPLIT_NAMES = np.array(["train", "val", "test"])
 PASSES = ("inputs", "targets")
@@ -77,6 +84,16 @@ class StoreMeta:
                       "tokenizer_hash", "target_mode", "corpus_manifest_hash")
         }
 
+    def append_key(self) -> dict[str, Any]:
+        """What a store and a run must share for the run to append to it: the compatibility
+        key plus the settings that change stored values without changing what they mean
+        to a reader (compute and storage dtype, window, shard)."""
+        key = self.compatibility_key()
+        for k in ("teacher_kind", "compute_dtype", "state_dtype", "max_tokens", "shard",
+                  "hidden_states_convention", "num_hidden_layers"):
+            key[k] = getattr(self, k)
+        return key
+
     def fingerprint(self) -> str:
         return sha256_json(self.compatibility_key())
 
@@ -118,8 +135,15 @@ class PendingRecord:
     body_special: np.ndarray | None = None
 
 
-def _str_dtype() -> Any:
-    return h5py.string_dtype(encoding="utf-8")
+STRING_FIELDS = ("id", "repo")
+
+
+def _read_strings(group: h5py.Group, name: str, n: int) -> np.ndarray:
+    """The first ``n`` strings of a ragged UTF-8 field, as an object array of str."""
+    ends = group[f"{name}_end"][:n]
+    raw = group[f"{name}_utf8"][: int(ends[-1]) if n else 0].tobytes()
+    starts = np.concatenate([[0], ends[:-1]]) if n else ends
+    return np.array([raw[a:b].decode("utf-8") for a, b in zip(starts.tolist(), ends.tolist())], dtype=object)
 
 
 class StoreWriter:
@@ -138,23 +162,30 @@ class StoreWriter:
         self._dtype = np.dtype(meta.state_dtype)
         if self.path.exists():
             existing = read_meta(self.path)
-            if existing.compatibility_key() != meta.compatibility_key():
-                diff = {
-                    k: (v, meta.compatibility_key()[k])
-                    for k, v in existing.compatibility_key().items()
-                    if v != meta.compatibility_key()[k]
-                }
+            old_key, new_key = existing.append_key(), meta.append_key()
+            if old_key != new_key:
+                diff = {k: (v, new_key.get(k)) for k, v in old_key.items() if v != new_key.get(k)}
                 raise StoreError(
                     f"{self.path}: built with other settings, refusing to append "
                     f"(stored vs requested: {diff}); use another --out"
                 )
-            self.f = h5py.File(self.path, "r+")
-            self._truncate_to_committed()
+            self.f = _open_h5(self.path, "r+")
+            self.meta = existing
+            try:
+                self._truncate_to_committed()
+                self._ids = set(_read_strings(self.f["records"], "id", self.committed).tolist())
+            except (KeyError, OSError, ValueError) as e:
+                self.f.close()
+                raise StoreError(f"{self.path}: damaged store, cannot resume it ({e})") from None
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.f = h5py.File(self.path, "w", libver="latest")
+            # libver="earliest" on purpose: the newer superblock (v3) marks the file "open for
+            # write" on disk, and after a kill -9 HDF5 refuses to open it at all (h5clear
+            # needed). With the old superblock, a killed store reopens and the ``committed``
+            # mark says what to trust (tests/test_embed_resume.py kills a real process).
+            self.f = h5py.File(self.path, "w", libver="earliest")
             self._create(chunk_tokens)
-        self._ids = set(self.f["records/id"].asstr()[: self.committed])
+            self._ids = set()
 
     # -- layout ---------------------------------------------------------------------------
     def _create(self, chunk_tokens: int) -> None:
@@ -164,9 +195,10 @@ class StoreWriter:
         f.attrs["meta"] = self.meta.to_json()
         r = f.create_group("records")
         r.attrs["committed"] = 0
-        r.create_dataset("id", (0,), maxshape=(None,), dtype=_str_dtype(), chunks=(1024,))
+        for name in STRING_FIELDS:
+            r.create_dataset(f"{name}_utf8", (0,), maxshape=(None,), dtype=np.uint8, chunks=(65536,))
+            r.create_dataset(f"{name}_end", (0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
         r.create_dataset("split", (0,), maxshape=(None,), dtype=np.uint8, chunks=(4096,))
-        r.create_dataset("repo", (0,), maxshape=(None,), dtype=_str_dtype(), chunks=(1024,))
         r.create_dataset("truncated", (0,), maxshape=(None,), dtype=bool, chunks=(4096,))
         for name in PASSES:
             g = f.create_group(name)
@@ -184,8 +216,12 @@ class StoreWriter:
     def _truncate_to_committed(self) -> None:
         n = self.committed
         r = self.f["records"]
-        for name in ("id", "split", "repo", "truncated"):
+        for name in ("split", "truncated"):
             r[name].resize((n,))
+        for name in STRING_FIELDS:
+            end = int(r[f"{name}_end"][n - 1]) if n else 0
+            r[f"{name}_end"].resize((n,))
+            r[f"{name}_utf8"].resize((end,))
         for name in PASSES:
             g = self.f[name]
             t = int(g["offsets"][n])
@@ -198,6 +234,9 @@ class StoreWriter:
     # -- writing --------------------------------------------------------------------------
     def has(self, record_id: str) -> bool:
         return record_id in self._ids
+
+    def committed_ids(self) -> frozenset[str]:
+        return frozenset(self._ids)
 
     def _check_range(self, a: np.ndarray, rid: str) -> None:
         if not np.all(np.isfinite(a)):
@@ -216,12 +255,22 @@ class StoreWriter:
         n0 = self.committed
         n1 = n0 + len(batch)
         r = self.f["records"]
-        for name in ("id", "split", "repo", "truncated"):
+        bad = [p.split for p in batch if p.split not in SPLIT_CODES]
+        if bad:
+            raise StoreError(f"unknown split {bad[0]!r}; expected one of {list(SPLIT_CODES)}")
+        for name in ("split", "truncated"):
             r[name].resize((n1,))
-        r["id"][n0:n1] = [p.id for p in batch]
         r["split"][n0:n1] = [SPLIT_CODES[p.split] for p in batch]
-        r["repo"][n0:n1] = [p.repo for p in batch]
         r["truncated"][n0:n1] = [bool(p.truncated) for p in batch]
+        for name in STRING_FIELDS:
+            encoded = [getattr(p, name).encode("utf-8") for p in batch]
+            b0 = int(r[f"{name}_end"][n0 - 1]) if n0 else 0
+            ends = b0 + np.cumsum([len(e) for e in encoded], dtype=np.int64)
+            r[f"{name}_end"].resize((n1,))
+            r[f"{name}_end"][n0:n1] = ends
+            r[f"{name}_utf8"].resize((int(ends[-1]),))
+            if ends[-1] > b0:
+                r[f"{name}_utf8"][b0 : int(ends[-1])] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
         per_pass = {
             "inputs": [(p.input_states, p.input_token_ids, p.input_special) for p in batch],
             "targets": [
@@ -285,6 +334,8 @@ def _open_h5(path: str | os.PathLike[str], mode: str = "r") -> h5py.File:
     try:
         f = h5py.File(p, mode)
     except OSError as e:
+        if "lock" in str(e).lower():
+            raise StoreError(f"{p}: the store is open for writing in another process (an `embed run` still going?)") from None
         raise StoreError(f"{p}: not a readable HDF5 store (corrupt or foreign file: {e})") from None
     if f.attrs.get("format") != STORE_FORMAT:
         f.close()
@@ -297,7 +348,10 @@ def _open_h5(path: str | os.PathLike[str], mode: str = "r") -> h5py.File:
 
 def read_meta(path: str | os.PathLike[str]) -> StoreMeta:
     with _open_h5(path) as f:
-        return StoreMeta.from_json(f.attrs["meta"])
+        try:
+            return StoreMeta.from_json(f.attrs["meta"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"{path}: damaged store metadata ({e})") from None
 
 
 class Store:
@@ -313,9 +367,9 @@ class Store:
             self.meta = StoreMeta.from_json(self.f.attrs["meta"])
             self.n = int(self.f["records"].attrs["committed"])
             r = self.f["records"]
-            self.ids: np.ndarray = np.asarray(r["id"].asstr()[: self.n], dtype=object)
+            self.ids: np.ndarray = _read_strings(r, "id", self.n)
             self.splits: np.ndarray = SPLIT_NAMES[r["split"][: self.n]]
-            self.repos: np.ndarray = np.asarray(r["repo"].asstr()[: self.n], dtype=object)
+            self.repos: np.ndarray = _read_strings(r, "repo", self.n)
             self.truncated: np.ndarray = r["truncated"][: self.n].astype(bool)
             self._off = {name: self.f[name]["offsets"][: self.n + 1] for name in PASSES}
             self._segments = self.f["inputs/segments"][: self.n]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -10,6 +11,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Caches written by the code under test (weights hashes, sdists) go to a throwaway folder,
+# never into the user's ~/.cache/codejepa.
+if "CODEJEPA_CACHE" not in os.environ:
+    os.environ["CODEJEPA_CACHE"] = tempfile.mkdtemp(prefix="codejepa-test-cache-")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -1,0 +1,73 @@
+"""The `codejepa embed` commands end to end, with the real default teacher (all-MiniLM-L6-v2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+from _embed_fixtures import sample_records, write_corpus
+from codejepa.cli import app
+from codejepa.embed.store import open_store
+
+runner = CliRunner()
+
+
+def _lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.strip()]
+
+
+def test_run_info_shards_and_merge_with_the_default_teacher(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "corpus", sample_records(12))
+    out = tmp_path / "store.h5"
+    r = runner.invoke(app, ["embed", "run", str(corpus), "--out", str(out), "--device", "cpu", "--split", "train,test"])
+    assert r.exit_code == 0, r.output
+    with open_store(out) as s:
+        assert s.meta.teacher == "sentence-transformers/all-MiniLM-L6-v2" and s.meta.layer == 3
+        assert s.meta.teacher_kind == "bidirectional" and s.meta.hidden_size == 384
+        assert set(s.splits) == {"train", "test"} and len(s) == 8
+        x = s.inputs(0)
+        assert x.special[0] and x.special[-1]  # [CLS] ... [SEP], stored and marked
+        assert not s.body(0).special.any()
+        pooled = s.pooled("body")
+        assert pooled.shape == (8, 384) and np.isfinite(pooled).all()
+    r = runner.invoke(app, ["embed", "info", str(out), "--json"])
+    assert r.exit_code == 0
+    info = json.loads(r.stdout)
+    assert info["records"] == 8 and info["meta"]["extra"]["complete"] is True
+    # rerun: nothing to do; then add the missing split to the same store
+    r = runner.invoke(app, ["embed", "run", str(corpus), "--out", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    with open_store(out) as s:
+        assert len(s) == 12
+    # two shards through the CLI, then merge
+    for i in range(2):
+        r = runner.invoke(app, ["embed", "run", str(corpus), "--out", str(tmp_path / "sh.h5"), "--device", "cpu",
+                                "--shard", f"{i}/2"])
+        assert r.exit_code == 0, r.output
+    shards = sorted(tmp_path.glob("sh.shard-*-of-2.h5"))
+    assert len(shards) == 2
+    r = runner.invoke(app, ["embed", "merge", *map(str, shards), "--out", str(tmp_path / "merged.h5")])
+    assert r.exit_code == 0, r.output
+    with open_store(tmp_path / "merged.h5") as m, open_store(out) as s:
+        assert sorted(m.ids) == sorted(s.ids)
+
+
+def test_errors_are_one_line(tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "corpus", sample_records(3))
+    r = runner.invoke(app, ["embed", "run", str(corpus), "--out", str(tmp_path / "s.h5"), "--layer", "7"])
+    assert r.exit_code == 1
+    assert len(_lines(r.stderr)) == 1 and "-7..6" in r.stderr
+    assert not (tmp_path / "s.h5").exists()
+    (tmp_path / "bad.h5").write_bytes(b"\x00" * 100)
+    for args in (["embed", "info", str(tmp_path / "bad.h5")],
+                 ["embed", "run", str(corpus), "--out", str(tmp_path / "bad.h5")],
+                 ["embed", "run", str(tmp_path), "--out", str(tmp_path / "x.h5")],
+                 ["embed", "run", str(corpus), "--out", str(tmp_path / "x.h5"), "--shard", "3/2"],
+                 ["embed", "run", str(corpus), "--out", str(tmp_path / "x.h5"), "--split", "dev"]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1, (args, r.output)
+        assert len(_lines(r.stderr)) == 1, r.stderr
+        assert "Traceback" not in r.output

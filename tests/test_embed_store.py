@@ -1,0 +1,130 @@
+"""The HDF5 store: layout round trip, reader API, refusals and crash-safe commits."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from codejepa.embed.store import PendingRecord, StoreError, StoreMeta, StoreWriter, open_store, read_meta
+
+D = 8
+
+
+def meta(**kw: object) -> StoreMeta:
+    base = StoreMeta(teacher="t", teacher_kind="causal", hidden_size=D, layer=2, num_hidden_layers=4,
+                     template_version="1", tokenizer_hash="tok", weights_hash="w", corpus_manifest_hash="c")
+    return replace(base, **kw)
+
+
+def rec(i: int, n_in: int = 5, n_body: int = 7, split: str = "train", scale: float = 1.0) -> PendingRecord:
+    rng = np.random.default_rng(i)
+    special = np.zeros(n_in, bool)
+    special[0] = True
+    return PendingRecord(
+        id=f"id{i}", split=split, repo=f"repo{i % 2}", truncated=i % 3 == 0,
+        input_states=(rng.standard_normal((n_in, D)) * scale).astype(np.float32),
+        input_token_ids=np.arange(n_in) + i, input_special=special,
+        context_span=(1, 2), signature_span=(2, n_in),
+        body_states=rng.standard_normal((n_body, D)).astype(np.float32), body_token_ids=np.arange(n_body),
+    )
+
+
+def test_round_trip_and_reader_api(tmp_path: Path) -> None:
+    p = tmp_path / "s.h5"
+    recs = [rec(i, 3 + i, 2 + 2 * i, split=["train", "val", "test"][i % 3]) for i in range(7)]
+    recs[0].input_states[0] = 5000.0  # a sink-sized value, within float16
+    with StoreWriter(p, meta(), chunk_tokens=4) as w:
+        w.append(recs[:3])
+        w.append(recs[3:] + recs[:1])  # a record already stored is not duplicated
+        assert w.committed == 7
+    with open_store(p) as s:
+        assert len(s) == 7 and list(s.ids) == [r.id for r in recs]
+        assert list(s.indices("val")) == [1, 4] and list(s.splits[:3]) == ["train", "val", "test"]
+        assert list(s.truncated) == [r.truncated for r in recs]
+        for i, r in enumerate(recs):
+            x = s.inputs(i)
+            np.testing.assert_allclose(x.states, r.input_states, rtol=1e-3, atol=1e-3)
+            assert x.states.dtype == np.float32
+            assert np.array_equal(x.token_ids, r.input_token_ids) and np.array_equal(x.special, r.input_special)
+            assert x.segments == {"context": (1, 2), "signature": (2, len(r.input_token_ids))}
+            np.testing.assert_allclose(s.body(i).states, r.body_states, rtol=1e-3, atol=1e-3)
+        assert list(s.lengths("targets")) == [len(r.body_token_ids) for r in recs]
+        # pooled views: streamed, sinks excluded, per segment
+        idx = np.array([0, 2, 3, 6])
+        body = s.pooled("body", idx)
+        sig = s.pooled("signature", idx)
+        inputs = s.pooled("inputs", idx)
+        for k, i in enumerate(idx):
+            r = recs[i]
+            np.testing.assert_allclose(body[k], r.body_states.mean(0), atol=2e-3)
+            np.testing.assert_allclose(sig[k], r.input_states[2:].mean(0), atol=2e-3)
+            np.testing.assert_allclose(inputs[k], r.input_states[1:].mean(0), atol=2e-3)
+        blocks = list(s.iter_blocks("targets", np.arange(7), block_tokens=10))
+        assert sum(len(b[0]) for b in blocks) == 7 and len(blocks) > 1
+
+
+def test_float16_overflow_and_nan_are_refused(tmp_path: Path) -> None:
+    with StoreWriter(tmp_path / "a.h5", meta()) as w:
+        with pytest.raises(StoreError, match="float16"):
+            w.append([rec(1, scale=1e6)])
+        bad = rec(2)
+        bad.body_states[0, 0] = np.nan
+        with pytest.raises(StoreError, match="NaN"):
+            w.append([bad])
+        assert w.committed == 0
+    with StoreWriter(tmp_path / "b.h5", meta(state_dtype="float32")) as w:
+        w.append([rec(1, scale=1e6)])
+    with open_store(tmp_path / "b.h5") as s:
+        assert np.abs(s.inputs(0).states).max() > 1e5
+
+
+def test_refuses_other_settings_and_foreign_files(tmp_path: Path) -> None:
+    p = tmp_path / "s.h5"
+    with StoreWriter(p, meta()) as w:
+        w.append([rec(0)])
+    for other in (meta(layer=3), meta(teacher="u"), meta(template_version="2"), meta(compute_dtype="bfloat16"),
+                  meta(shard="1/2"), meta(max_tokens=99)):
+        with pytest.raises(StoreError, match="refusing to append"):
+            StoreWriter(p, other)
+    with StoreWriter(p, meta(code_version="later")) as w:  # same settings: resumes
+        assert w.committed == 1
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all" * 10)
+    with h5py.File(tmp_path / "foreign.h5", "w") as f:
+        f["x"] = [1, 2]
+    for path, msg in ((tmp_path / "junk.h5", "corrupt or foreign"), (tmp_path / "foreign.h5", "not a codejepa store"),
+                      (tmp_path / "missing.h5", "no such store")):
+        with pytest.raises(StoreError, match=msg) as e:
+            open_store(path)
+        assert "\n" not in str(e.value)
+        with pytest.raises(StoreError):
+            StoreWriter(path, meta()) if path.exists() else read_meta(path)
+
+
+def test_uncommitted_tail_is_invisible_and_dropped_on_resume(tmp_path: Path) -> None:
+    p = tmp_path / "s.h5"
+    with StoreWriter(p, meta()) as w:
+        w.append([rec(0), rec(1)])
+    # what a kill between the data writes and the commit mark leaves behind
+    with h5py.File(p, "r+") as f:
+        for ds in ("split", "truncated", "id_end", "repo_end"):
+            f["records"][ds].resize((3,))
+        u = f["records/id_utf8"]
+        u.resize((u.shape[0] + 5,))
+        u[-5:] = np.frombuffer(b"ghost", np.uint8)
+        f["records/id_end"][2] = u.shape[0]
+        g = f["targets"]
+        g["states"].resize((g["states"].shape[0] + 50, D))
+        g["offsets"].resize((4,))
+        g["offsets"][3] = g["states"].shape[0]
+    with open_store(p) as s:
+        assert list(s.ids) == ["id0", "id1"] and s.lengths("targets").sum() == 14
+    with StoreWriter(p, meta()) as w:
+        assert not w.has("ghost")
+        w.append([rec(2)])
+    with open_store(p) as s:
+        assert list(s.ids) == ["id0", "id1", "id2"]
+        np.testing.assert_allclose(s.body(2).states, rec(2).body_states, atol=2e-3)
