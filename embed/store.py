@@ -340,9 +340,13 @@ def _open_h5(path: str | os.PathLike[str], mode: str = "r") -> h5py.File:
     if f.attrs.get("format") != STORE_FORMAT:
         f.close()
         raise StoreError(f"{p}: an HDF5 file, but not a codejepa store")
-    if int(f.attrs.get("format_version", -1)) != STORE_FORMAT_VERSION:
+    version = int(f.attrs.get("format_version", -1))
+    if version != STORE_FORMAT_VERSION:
         f.close()
-        raise StoreError(f"{p}: store format version {f.attrs.get('format_version')} is not supported")
+        raise StoreError(
+            f"{p}: store format version {version} is not supported (this codejepa reads "
+            f"version {STORE_FORMAT_VERSION}); re-run `codejepa embed run` into a new store"
+        )
     return f
 
 

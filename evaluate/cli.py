@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 import typer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -9,4 +12,113 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 @app.callback()
 def _callback() -> None:
-    """evaluate stage."""
+    """Instance-level retrieval against honest baselines."""
+
+
+def _fail(msg: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"error: {msg}", style="bold red", soft_wrap=True, markup=False, highlight=False)
+    raise typer.Exit(1)
+
+
+def _out_console():
+    """stdout console; the tables need ~150 columns, so a pipe or a file gets that width."""
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def _parse_compare(spec: Optional[str]) -> list[tuple[str, str]]:
+    from codejepa.evaluate.errors import EvaluateError
+
+    if not spec:
+        return []
+    pairs = []
+    for item in spec.split(";"):
+        parts = [p.strip() for p in item.split(",")]
+        if len(parts) != 2 or not all(parts):
+            raise EvaluateError(f"--compare takes A,B (METHOD@SPACE keys, e.g. ridge@whitened,bm25@-), not {item!r}")
+        pairs.append((parts[0], parts[1]))
+    return pairs
+
+
+@app.command("retrieval")
+def retrieval(
+    store: Path = typer.Argument(..., help="The HDF5 store (codejepa embed run)."),
+    run: list[Path] = typer.Option([], "--run", help="A predictor run directory (repeatable)."),
+    split: str = typer.Option("test", help="Query split: train, val or test."),
+    pool: str = typer.Option("split", help="split | all | repo | N (random pools of N, averaged over seeds)."),
+    space: str = typer.Option("all", help="raw | centered | whitened | all."),
+    baselines: str = typer.Option("all", help="all | none | comma list of random,prototype,signature,ridge,nn,"
+                                              "bm25,ridge+bm25,oracle,noisy_oracle."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (retrieval.json, table.txt, ranks.npz, PNGs)."),
+    corpus: Optional[Path] = typer.Option(None, help="Corpus folder, when it moved since the store was built."),
+    compare: Optional[str] = typer.Option(None, help="Paired bootstrap of A,B (METHOD@SPACE); ';' separates pairs."),
+    ridge_input: str = typer.Option("signature", help="Pooled input view for ridge: signature | inputs | context."),
+    shrinkage: float = typer.Option(0.1, help="Whitening covariance shrinkage toward the identity."),
+    n_boot: int = typer.Option(1000, help="Bootstrap resamples for the CIs."),
+    seeds: str = typer.Option("0,1,2", help="Seeds of the random pools (pool N)."),
+    noisy_of: Optional[str] = typer.Option(None, help="Method whose error level the noisy oracle copies "
+                                                      "(default: the first run, else ridge)."),
+    bm25_query: str = typer.Option("auto", help="BM25 query text: signature | signature+context | auto "
+                                                 "(chosen on val)."),
+    no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
+) -> None:
+    """Rank each query's true body among the pool's distinct bodies, for every method and space."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from codejepa.core import CodejepaError
+    from codejepa.evaluate.report import render
+    from codejepa.evaluate.retrieval import evaluate_retrieval
+
+    err = Console(stderr=True)
+    try:
+        pool_seeds = tuple(int(s) for s in seeds.split(",") if s.strip())
+    except ValueError:
+        _fail(f"--seeds takes comma-separated integers, not {seeds!r}")
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=err, transient=True) as bar:
+            job = bar.add_task("evaluating", total=None)
+            result = evaluate_retrieval(
+                store, run, split=split, pool=pool, spaces=space, baselines=baselines, out_dir=out,
+                corpus_dir=corpus, compare=_parse_compare(compare), ridge_input=ridge_input,
+                whitening_shrinkage=shrinkage, n_boot=n_boot, pool_seeds=pool_seeds, plots=not no_plots,
+                noisy_of=noisy_of, bm25_query=bm25_query,
+                log=lambda m: bar.update(job, description=escape(m[:70])),
+                progress=lambda done, total: bar.update(job, completed=done, total=total),
+            )
+    except CodejepaError as e:
+        _fail(str(e))
+        return
+    render(result.to_json(), _out_console())
+    if result.out_dir is not None:
+        err.print(f"wrote {', '.join(result.files.values())}", markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("compare")
+def compare_cmd(
+    out_dir: Path = typer.Argument(..., help="An evaluation's --out folder."),
+    a: str = typer.Argument(..., help="METHOD@SPACE, e.g. mlp@whitened."),
+    b: str = typer.Argument(..., help="METHOD@SPACE, e.g. ridge@whitened or bm25@-."),
+    n_boot: int = typer.Option(2000, help="Bootstrap resamples."),
+) -> None:
+    """Paired bootstrap (over the same queries, resampling repositories): does A beat B?"""
+    from rich.console import Console
+
+    from codejepa.core import CodejepaError
+    from codejepa.evaluate.report import compare_saved, comparison_lines
+
+    try:
+        c = compare_saved(out_dir, a, b, n_boot=n_boot)
+    except CodejepaError as e:
+        _fail(str(e))
+        return
+    for line in comparison_lines({"comparisons": [c]}):
+        _out_console().print(line, markup=False, highlight=False, soft_wrap=True)

@@ -128,3 +128,12 @@ def test_uncommitted_tail_is_invisible_and_dropped_on_resume(tmp_path: Path) -> 
     with open_store(p) as s:
         assert list(s.ids) == ["id0", "id1", "id2"]
         np.testing.assert_allclose(s.body(2).states, rec(2).body_states, atol=2e-3)
+
+
+def test_other_format_version_gets_one_clear_line(tmp_path: Path) -> None:
+    path = tmp_path / "old.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["format"] = "codejepa-store"
+        f.attrs["format_version"] = 1
+    with pytest.raises(StoreError, match="format version 1 is not supported"):
+        open_store(path)

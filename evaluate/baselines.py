@@ -1,0 +1,170 @@
+"""Honest baselines: what a learned predictor must beat to mean anything.
+
+Vector baselines produce query vectors in teacher space (prototype, signature-as-query,
+ridge, nearest neighbour, oracle, noisy oracle); BM25 and the ridge + BM25 fusion produce
+scores; the random baseline produces ranks directly. Every statistic is fitted on TRAIN;
+hyper-parameters (ridge's λ, the fusion weight) are chosen on VAL.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from codejepa.evaluate.errors import EvaluateError
+
+BASELINE_NAMES = ("random", "prototype", "signature", "ridge", "nn", "bm25", "ridge+bm25", "oracle", "noisy_oracle")
+RIDGE_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+# Weight of the (z-scored) dense score. BM25's z-scores are heavy-tailed (a body sharing a rare
+# identifier scores far out), so the useful weights crowd near 1: the grid is finer there.
+FUSION_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.97, 0.98, 0.99, 1.0)
+
+
+def parse_baselines(spec: str | None) -> tuple[str, ...]:
+    """``all``, ``none`` or a comma-separated list of :data:`BASELINE_NAMES`."""
+    if spec is None or spec.strip() == "all":
+        return BASELINE_NAMES
+    if spec.strip() in ("none", ""):
+        return ()
+    names = tuple(s.strip() for s in spec.split(",") if s.strip())
+    bad = [n for n in names if n not in BASELINE_NAMES]
+    if bad:
+        raise EvaluateError(f"unknown baseline(s) {bad}; expected all, none or some of {list(BASELINE_NAMES)}")
+    return names
+
+
+# -- ridge ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RidgeFit:
+    """Closed-form ridge from input vectors to body vectors, for a grid of λ at once.
+
+    With centred X and XᵀX = V diag(e) Vᵀ, B(λ) = V diag(1 / (e + λ)) Vᵀ XᵀY: one d × d
+    eigendecomposition serves every λ, and memory stays O(d²) however many train functions.
+    λ is given relative to the mean eigenvalue of XᵀX so that the grid means the same thing
+    at every scale.
+    """
+
+    x_mean: np.ndarray
+    y_mean: np.ndarray
+    v: np.ndarray  # [d_in, d_in]
+    e: np.ndarray  # [d_in] eigenvalues of XᵀX
+    vtxty: np.ndarray  # [d_in, d_out]
+    scale: float  # mean eigenvalue of XᵀX
+
+    @classmethod
+    def fit(cls, x: np.ndarray, y: np.ndarray, *, chunk: int = 8192) -> RidgeFit:
+        if len(x) != len(y) or len(x) < 2:
+            raise EvaluateError(f"ridge needs at least 2 train pairs, got {len(x)}")
+        xm = np.asarray(x, dtype=np.float64).mean(0)
+        ym = np.asarray(y, dtype=np.float64).mean(0)
+        xtx = np.zeros((len(xm), len(xm)))
+        xty = np.zeros((len(xm), len(ym)))
+        for a in range(0, len(x), chunk):  # float64 accumulation without a float64 copy of X
+            xc = np.asarray(x[a : a + chunk], dtype=np.float64) - xm
+            xtx += xc.T @ xc
+            xty += xc.T @ (np.asarray(y[a : a + chunk], dtype=np.float64) - ym)
+        e, v = np.linalg.eigh(xtx)
+        e = np.maximum(e, 0.0)
+        scale = float(e.sum()) / len(e)
+        return cls(xm, ym, v, e, v.T @ xty, max(scale, 1e-12))
+
+    def coef(self, alpha: float) -> np.ndarray:
+        lam = alpha * self.scale
+        return (self.v / (self.e + lam)) @ self.vtxty
+
+    def predict(self, x: np.ndarray, alpha: float) -> np.ndarray:
+        return ((np.asarray(x, dtype=np.float64) - self.x_mean) @ self.coef(alpha) + self.y_mean).astype(np.float32)
+
+
+# -- BM25 -------------------------------------------------------------------------------------
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
+_CAMEL = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
+
+
+def code_tokens(text: str) -> list[str]:
+    """Identifiers split at snake_case and CamelCase boundaries, lower-cased; a compound
+    identifier also keeps its whole lower-cased form (``parse_json_file`` → parse, json, file,
+    parse_json_file), so exact names still match exactly."""
+    out: list[str] = []
+    for word in _IDENT.findall(text):
+        parts: list[str] = []
+        for piece in word.split("_"):
+            if piece:
+                parts.extend(_CAMEL.findall(piece))
+        low = [p.lower() for p in parts]
+        out.extend(low)
+        if len(low) > 1:
+            out.append(word.lower().strip("_"))
+    return out
+
+
+class BM25Scorer:
+    """BM25 (the ``bm25s`` library) of query texts against candidate body texts.
+
+    Scores are computed a query block at a time (each query's row over every candidate is a
+    sparse product) and cached for the block, so the blocked search can slice it freely.
+    """
+
+    def __init__(self, query_texts: list[str], candidate_texts: list[str], *, k1: float = 1.2, b: float = 0.75) -> None:
+        import bm25s
+
+        self.n_queries = len(query_texts)
+        self.n_candidates = len(candidate_texts)
+        self.retriever = bm25s.BM25(k1=k1, b=b)
+        docs = [code_tokens(t) or [""] for t in candidate_texts]
+        self.retriever.index(docs, show_progress=False)
+        vocab = self.retriever.vocab_dict
+        self.query_ids = [[vocab[t] for t in code_tokens(q) if t in vocab] for q in query_texts]
+        self._key: bytes | None = None
+        self._rows: torch.Tensor | None = None
+
+    def rows(self, q: np.ndarray) -> torch.Tensor:
+        key = np.asarray(q, dtype=np.int64).tobytes()
+        if key != self._key:
+            out = np.zeros((len(q), self.n_candidates), dtype=np.float32)
+            for i, qi in enumerate(q):
+                ids = self.query_ids[int(qi)]
+                if ids:
+                    out[i] = self.retriever.get_scores_from_ids(ids)
+            self._key, self._rows = key, torch.from_numpy(out)
+        assert self._rows is not None
+        return self._rows
+
+    def block(self, q: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+        return self.rows(q)[:, torch.as_tensor(np.asarray(cols, dtype=np.int64))]
+
+
+# -- vector helpers ---------------------------------------------------------------------------
+def nearest_rows(queries: np.ndarray, keys: np.ndarray, *, q_block: int = 1024, k_block: int = 65536) -> np.ndarray:
+    """Index of each query's most cosine-similar key (blocked, exact)."""
+    q = torch.nn.functional.normalize(torch.as_tensor(np.asarray(queries, dtype=np.float32)), dim=1)
+    k = torch.nn.functional.normalize(torch.as_tensor(np.asarray(keys, dtype=np.float32)), dim=1)
+    if len(k) == 0:
+        raise EvaluateError("nearest-neighbour baseline: no train signatures to search")
+    best = np.empty(len(q), dtype=np.int64)
+    for a in range(0, len(q), q_block):
+        qb = q[a : a + q_block]
+        top_v = torch.full((len(qb),), float("-inf"))
+        top_i = torch.zeros(len(qb), dtype=torch.int64)
+        for c in range(0, len(k), k_block):
+            s = qb @ k[c : c + k_block].T
+            v, i = s.max(1)
+            better = v > top_v
+            top_v = torch.where(better, v, top_v)
+            top_i = torch.where(better, i + c, top_i)
+        best[a : a + len(qb)] = top_i.numpy()
+    return best
+
+
+def noisy_oracle(targets: np.ndarray, reference: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Each target plus isotropic noise whose norm is the reference prediction's own error
+    for that query: can an error of that size retrieve at all?"""
+    t = np.asarray(targets, dtype=np.float64)
+    err = np.linalg.norm(np.asarray(reference, dtype=np.float64) - t, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal(t.shape)
+    z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    return (t + err * z).astype(np.float32)

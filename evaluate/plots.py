@@ -1,0 +1,111 @@
+"""PNG plots of a retrieval result: where the true bodies rank, and whether predictions collapse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RANK_PLOT = "rank_distribution.png"
+PROJECTION_PLOT = "projection.png"
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_rank_distribution(data: dict[str, Any], rows: list[Any], out_dir: Path) -> Path:
+    """Recall@k curves (share of queries whose true body ranks ≤ k), one panel per space.
+
+    Space-independent methods (random, BM25) appear dashed in every panel; the chance line is
+    the diagonal k / pool size.
+    """
+    plt = _plt()
+    spaces = [s for s in dict.fromkeys(r.space for r in rows) if s != "-"] or ["-"]
+    shared = [r for r in rows if r.space == "-"]
+    n_lines = len({r.method for r in rows}) + 1
+    fig, axes = plt.subplots(1, len(spaces), figsize=(6.4 * len(spaces), 5.2 + 0.17 * n_lines),
+                             squeeze=False, sharey=True)
+    max_rank = max(int(r.ranks.max()) for r in rows)
+    ks = np.unique(np.logspace(0, np.log10(max(max_rank, 2)), 200).astype(int))
+    names = list(dict.fromkeys(r.method for r in rows))
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    colour = {n: cmap(i % cmap.N) for i, n in enumerate(names)}
+    pool_size = data["pool"]["mean_pool_size"]
+    for ax, space in zip(axes[0], spaces):
+        for r in [r for r in rows if r.space == space] + (shared if space != "-" else []):
+            curve = np.searchsorted(np.sort(r.ranks), ks, side="right") / len(r.ranks)
+            label = f"{r.method}  (R@1 {r.metrics['rank@1'].value:.1%}, MRR {r.metrics['mrr'].value:.2f})"
+            ax.plot(ks, curve, label=label, color=colour[r.method], lw=2.2 if r.kind == "run" else 1.5,
+                    ls="--" if r.space == "-" else "-")
+        ax.plot(ks, np.minimum(ks / pool_size, 1.0), color="grey", ls=":", lw=1.2, label="chance")
+        ax.set_xscale("log")
+        ax.set_xlim(1, max(max_rank, 2))
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("rank k of the true body (log scale)", fontsize=11)
+        ax.set_title(f"{space} space" if space != "-" else "space-independent", fontsize=12)
+        ax.grid(True, which="both", alpha=0.3)
+        # Below the panel: curves crowd the top-left corner, where a legend would hide them.
+        ax.legend(fontsize=8.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    axes[0][0].set_ylabel("share of queries with rank ≤ k (recall@k)", fontsize=11)
+    pool = data["pool"]
+    fig.suptitle(f"Where the true body ranks — {data['settings']['split']} split, pool {pool['label']}, "
+                 f"{pool['n_queries']} queries, {pool['mean_pool_size']:.0f} distinct bodies", fontsize=13)
+    fig.tight_layout()
+    path = out_dir / RANK_PLOT
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_projection(projections: dict[str, dict[str, np.ndarray]], out_dir: Path, *, max_points: int = 600,
+                    seed: int = 0) -> Path | None:
+    """Predictions (colour) over targets (grey) on the targets' first two principal axes,
+    one row per space, one column per method: a collapsed predictor is a tight blob."""
+    spaces = [s for s, d in projections.items() if len(d) > 1]
+    if not spaces:
+        return None
+    plt = _plt()
+    methods = list(dict.fromkeys(m for s in spaces for m in projections[s] if m != "__targets__"))
+    fig, axes = plt.subplots(len(spaces), len(methods), figsize=(3.6 * len(methods), 3.4 * len(spaces)),
+                             squeeze=False)
+    rng = np.random.default_rng(seed)
+    for i, s in enumerate(spaces):
+        t = projections[s]["__targets__"].astype(np.float64)
+        sel = rng.choice(len(t), size=min(max_points, len(t)), replace=False)
+        mu = t.mean(0)
+        _, _, vt = np.linalg.svd(t - mu, full_matrices=False)
+        axes_2d = vt[:2].T
+        tp = (t[sel] - mu) @ axes_2d
+        # Robust limits: a few outlying targets must not squeeze everything else into a dot.
+        lo, hi = np.percentile(tp, 1, axis=0), np.percentile(tp, 99, axis=0)
+        pad = 0.15 * (hi - lo)
+        lims = (lo - pad, hi + pad)
+        for j, m in enumerate(methods):
+            ax = axes[i][j]
+            ax.scatter(tp[:, 0], tp[:, 1], s=5, c="0.7", label="targets", rasterized=True)
+            if m in projections[s]:
+                p = (projections[s][m][sel].astype(np.float64) - mu) @ axes_2d
+                ax.scatter(p[:, 0], p[:, 1], s=5, c="tab:red", alpha=0.7, label="predictions", rasterized=True)
+                spread = np.std(p, axis=0).sum() / max(np.std(tp, axis=0).sum(), 1e-12)
+                ax.set_title(f"{m} — {s}\nspread / target spread = {spread:.2f}", fontsize=9)
+            else:
+                ax.set_title(f"{m} — {s} (not evaluated)", fontsize=9)
+            ax.set_xlim(lims[0][0], lims[1][0])
+            ax.set_ylim(lims[0][1], lims[1][1])
+            ax.tick_params(labelsize=7)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7, markerscale=2, loc="best")
+    fig.suptitle("Predictions vs targets on the targets' top-2 principal axes (collapse = a tight red blob; "
+                 "axes clipped to the targets' 1st–99th percentiles)", fontsize=11)
+    fig.tight_layout()
+    path = out_dir / PROJECTION_PLOT
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,150 @@
+"""Rendering a retrieval result: rich tables, ``retrieval.json``, ranks for later comparisons."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from codejepa.core import atomic_write_bytes, atomic_write_json
+from codejepa.evaluate.errors import EvaluateError
+from codejepa.evaluate.metrics import paired_bootstrap
+
+RANKS_FILE = "ranks.npz"
+JSON_FILE = "retrieval.json"
+TABLE_FILE = "table.txt"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _ci(m: dict[str, float], pct: bool = True, digits: int = 3) -> str:
+    f = _pct if pct else (lambda v: f"{v:.{digits}f}")
+    return f"{f(m['value'])} [{f(m['ci_low'])}, {f(m['ci_high'])}]"
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def retrieval_tables(data: dict[str, Any]) -> list[Table]:
+    """The retrieval table (metrics with CIs, chance row) and the collapse diagnostics table,
+    built from ``retrieval.json``'s content so that a saved result renders the same."""
+    pool = data["pool"]
+    title = (f"Retrieval on {data['settings']['split']}: {pool['n_queries']} queries from {pool['n_query_repos']} repos, "
+             f"pool {pool['label']} (mean {pool['mean_pool_size']:.0f} distinct bodies)")
+    t = Table(title=title, caption="rank@1 / recall in %, 95% CIs over repositories; ties pessimistic")
+    for col in ("method", "space", "rank@1", "R@5", "R@10", "R@100", "MRR", "med rank", "mean rank", "cos raw", "cos space"):
+        t.add_column(col, justify="left" if col in ("method", "space") else "right", no_wrap=True)
+    ch = pool["chance"]
+    t.add_row("chance", "", _pct(ch["rank@1"]), _pct(ch["recall@5"]), _pct(ch["recall@10"]), _pct(ch["recall@100"]),
+              f"{ch['mrr']:.3f}", f"{ch['median_rank']:.0f}", f"{ch['mean_rank']:.0f}", "", "", style="dim")
+    for r in data["rows"]:
+        m, d = r["metrics"], r["diagnostics"] or {}
+        style = "bold red" if r["warning"] else ("bold" if r["kind"] == "run" else None)
+        t.add_row(r["method"], r["space"], _ci(m["rank@1"]), _pct(m["recall@5"]["value"]),
+                  _pct(m["recall@10"]["value"]), _pct(m["recall@100"]["value"]), _ci(m["mrr"], pct=False),
+                  f"{m['median_rank']['value']:.0f}", f"{m['mean_rank']['value']:.1f}",
+                  _num(d.get("cosine_raw")), _num(d.get("cosine_space")), style=style)
+    dt = Table(title="Collapse diagnostics (predictions vs targets)",
+               caption="pairwise cos: mean cosine between different queries; std ratio: per-dimension std of "
+                       "predictions / targets; RankMe: effective rank; hub: share of top-1 wins of the top winner")
+    for col in ("method", "space", "pairwise cos pred/tgt", "std ratio", "RankMe pred/tgt", "cos→proto", "R²",
+                "centred cos", "hub top1", "hub top10"):
+        dt.add_column(col, justify="left" if col in ("method", "space") else "right", no_wrap=True)
+    for r in data["rows"]:
+        d, h = r["diagnostics"], r["hubness"] or {}
+        if d is None and not h:
+            continue
+        d = d or {}
+        top10 = next((v for k, v in h.items() if k.startswith("top") and k.endswith("winners_share")), None)
+        dt.add_row(r["method"], r["space"],
+                   f"{_num(d.get('pairwise_cosine_pred'))} / {_num(d.get('pairwise_cosine_target'))}",
+                   _num(d.get("std_ratio_mean")),
+                   f"{_num(d.get('rankme_pred'), 1)} / {_num(d.get('rankme_target'), 1)}",
+                   _num(d.get("cosine_to_prototype_raw")), _num(d.get("r2")), _num(d.get("centred_cosine")),
+                   _num(h.get("top1_winner_share")), _num(top10),
+                   style="bold red" if r["warning"] else None)
+    return [t, dt]
+
+
+def comparison_lines(data: dict[str, Any]) -> list[str]:
+    out = []
+    for c in data.get("comparisons", []):
+        for res in c["results"]:
+            verdict = ("A better" if res["diff"] > 0 else "B better") if res["p_value"] < 0.05 else "no significant difference"
+            if res["metric"] in ("median_rank", "mean_rank") and res["p_value"] < 0.05:
+                verdict = "A better" if res["diff"] < 0 else "B better"
+            out.append(f"{c['a']} vs {c['b']}: {res['metric']} {res['a']:.4f} vs {res['b']:.4f}, "
+                       f"diff {res['diff']:+.4f} [{res['ci_low']:+.4f}, {res['ci_high']:+.4f}], "
+                       f"p = {res['p_value']:.4f} ({verdict})")
+    return out
+
+
+def render(data: dict[str, Any], console: Console) -> None:
+    for t in retrieval_tables(data):
+        console.print(t)
+    plain = {"soft_wrap": True, "markup": False, "highlight": False}
+    for line in comparison_lines(data):
+        console.print(line, **plain)
+    for n in data.get("notes", []):
+        console.print(f"note: {n}", style="yellow", **plain)
+    for w in data.get("warnings", []):
+        console.print(w, style="bold red", **plain)
+
+
+def write_outputs(result: Any, out_dir: Path, *, plots: bool = True) -> dict[str, str]:
+    """Write retrieval.json, ranks.npz, table.txt and the plots into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = result.to_json()
+    files = {"json": str(out_dir / JSON_FILE), "ranks": str(out_dir / RANKS_FILE), "table": str(out_dir / TABLE_FILE)}
+    if plots:
+        from codejepa.evaluate.plots import plot_projection, plot_rank_distribution
+
+        files["rank_plot"] = str(plot_rank_distribution(data, result.rows, out_dir))
+        proj = plot_projection(result.projections, out_dir)
+        if proj is not None:
+            files["projection_plot"] = str(proj)
+    data["files"] = files
+    atomic_write_json(out_dir / JSON_FILE, data)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, __clusters__=np.asarray(result.rows[0].clusters if result.rows else [], dtype=str),
+                        **{r.key: r.ranks for r in result.rows})
+    atomic_write_bytes(out_dir / RANKS_FILE, buf.getvalue())
+    sio = io.StringIO()
+    render(data, Console(file=sio, width=200, color_system=None))
+    atomic_write_bytes(out_dir / TABLE_FILE, sio.getvalue().encode())
+    result.out_dir, result.files = out_dir, files
+    return files
+
+
+def load_result(out_dir: str | Path) -> dict[str, Any]:
+    p = Path(out_dir) / JSON_FILE
+    if not p.is_file():
+        raise EvaluateError(f"{p}: no retrieval result here (run `codejepa evaluate retrieval ... --out {out_dir}`)")
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EvaluateError(f"{p}: unreadable result ({e})") from None
+
+
+def compare_saved(out_dir: str | Path, a: str, b: str, *, n_boot: int = 2000, seed: int = 0,
+                  metrics: tuple[str, ...] = ("rank@1", "mrr")) -> dict[str, Any]:
+    """Paired bootstrap of two saved methods (``METHOD@SPACE`` keys) of one evaluation."""
+    p = Path(out_dir) / RANKS_FILE
+    if not p.is_file():
+        raise EvaluateError(f"{p}: no saved ranks here (run `codejepa evaluate retrieval ... --out {out_dir}`)")
+    with np.load(p, allow_pickle=False) as z:
+        keys = [k for k in z.files if k != "__clusters__"]
+        for k in (a, b):
+            if k not in keys:
+                raise EvaluateError(f"no saved result {k!r}; available: {', '.join(sorted(keys))}")
+        ra, rb, cl = z[a], z[b], z["__clusters__"]
+    comps = paired_bootstrap(ra, rb, cl, metrics=metrics, n_boot=n_boot, seed=seed)
+    return {"a": a, "b": b, "results": [c.to_json() for c in comps]}

@@ -1,0 +1,595 @@
+"""``evaluate_retrieval``: every method, in every space, in one pool, with CIs and diagnostics.
+
+A *method* is anything that produces query vectors (in teacher space) or scores for the
+query split's functions: trained predictors (``--run``) and the baselines alike. Each is
+searched exactly against the pool's distinct bodies, and reported beside the train-mean
+prototype and a random ranking, with a warning when it does not clear them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from codejepa.core import CodejepaError, code_version, sha256_file
+from codejepa.evaluate.baselines import (
+    FUSION_WEIGHTS,
+    RIDGE_ALPHAS,
+    BM25Scorer,
+    RidgeFit,
+    nearest_rows,
+    noisy_oracle,
+    parse_baselines,
+)
+from codejepa.evaluate.diagnostics import collapse_warning, hubness, target_statistics, vector_diagnostics
+from codejepa.evaluate.errors import EvaluateError
+from codejepa.evaluate.metrics import (
+    MetricCI,
+    PairedComparison,
+    bootstrap_cis,
+    chance_metrics,
+    compute_metrics,
+    paired_bootstrap,
+)
+from codejepa.evaluate.pools import PoolSpec, Task, build_task, parse_pool, search_task
+from codejepa.evaluate.search import DenseScorer, FusedScorer, ScoreSampleStats, SearchResult, unit_rows
+from codejepa.evaluate.spaces import SPACE_NAMES, Space, fit_space
+
+Log = Callable[[str], None]
+NO_SPACE = "-"  # methods that do not depend on the vector space (random, BM25)
+REFERENCE_BASELINES = ("prototype", "random")
+NOT_FLAGGED = ("prototype", "random", "oracle")
+
+
+# -- inputs -----------------------------------------------------------------------------------
+@dataclass
+class CorpusView:
+    """What evaluation needs from the corpus, per store index."""
+
+    labels: np.ndarray  # normalised body hash (duplicate bodies share one)
+    query_texts: list[str]  # signature + file context (BM25 queries)
+    signature_texts: list[str]  # the signature alone (decorators, def line, docstring)
+    body_texts: list[str]  # BM25 documents
+    corpus_dir: str
+    manifest_sha256: str
+    verified: bool = True  # False when the store recorded no manifest hash to check against
+
+
+def load_corpus_view(store: Any, corpus_dir: str | os.PathLike[str] | None = None) -> CorpusView:
+    """Join the corpus records to the store's record ids; refuse a corpus the store was not
+    built from (manifest hash mismatch)."""
+    from codejepa.corpus.records import load_records
+
+    d = Path(corpus_dir if corpus_dir else store.meta.corpus_dir or "")
+    manifest = d / "manifest.json"
+    if not str(d) or not manifest.is_file():
+        raise EvaluateError(
+            f"corpus of the store not found at {str(d) or '(unrecorded)'}: pass --corpus DIR "
+            "(body texts are needed for BM25 and to merge duplicate bodies)"
+        )
+    sha = sha256_file(manifest)
+    want = store.meta.corpus_manifest_hash
+    if want and sha != want:
+        raise EvaluateError(
+            f"{manifest}: sha256 {sha[:12]}… differs from the store's corpus_manifest_hash {want[:12]}…; "
+            "this corpus is not the one the store was embedded from"
+        )
+    pos = store.index_of()
+    n = len(store.ids)
+    labels = np.empty(n, dtype=object)
+    qt: list[str] = [""] * n
+    st: list[str] = [""] * n
+    bt: list[str] = [""] * n
+    found = np.zeros(n, dtype=bool)
+    try:
+        for rec in load_records(d, include_dropped=True):
+            i = pos.get(rec.id)
+            if i is None:
+                continue
+            labels[i] = rec.body_hash or f"id:{rec.id}"
+            ctx = rec.context_text()
+            qt[i] = rec.signature + ("\n" + ctx if ctx else "")
+            st[i] = rec.signature
+            bt[i] = rec.body
+            found[i] = True
+    except CodejepaError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise EvaluateError(f"{d}: unreadable corpus ({e})") from None
+    if not found.all():
+        missing = store.ids[~found]
+        raise EvaluateError(
+            f"{len(missing)} store record(s) are not in the corpus at {d} (first: {missing[0]}); "
+            "wrong corpus for this store"
+        )
+    return CorpusView(labels, qt, st, bt, str(d), sha, verified=bool(want))
+
+
+# -- results ----------------------------------------------------------------------------------
+@dataclass
+class MethodRow:
+    method: str
+    kind: str  # "run" | "baseline"
+    space: str
+    pool: str
+    metrics: dict[str, MetricCI]
+    chance: dict[str, float]
+    n_queries: int
+    ranks: np.ndarray
+    clusters: np.ndarray
+    diagnostics: dict[str, float | None] | None = None
+    hubness: dict[str, float] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    warning: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}@{self.space}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method, "kind": self.kind, "space": self.space, "pool": self.pool,
+            "n_queries": self.n_queries,
+            "metrics": {k: v.to_json() for k, v in self.metrics.items()},
+            "chance": self.chance, "diagnostics": self.diagnostics, "hubness": self.hubness,
+            "settings": self.settings, "warning": self.warning,
+        }
+
+
+@dataclass
+class RetrievalResult:
+    rows: list[MethodRow]
+    comparisons: list[dict[str, Any]]
+    warnings: list[str]
+    notes: list[str]
+    settings: dict[str, Any]
+    store: dict[str, Any]
+    runs: list[dict[str, Any]]
+    pool_stats: dict[str, Any]
+    out_dir: Path | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    # Query and target vectors of a few methods, for the 2-D projection plot.
+    projections: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    spaces: dict[str, Space] = field(default_factory=dict)  # as fitted on train
+
+    def row(self, method: str, space: str) -> MethodRow:
+        for r in self.rows:
+            if r.method == method and r.space == space:
+                return r
+        raise KeyError(f"{method}@{space}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": "codejepa-retrieval", "format_version": 1,
+            "settings": self.settings, "store": self.store, "runs": self.runs,
+            "pool": self.pool_stats, "rows": [r.to_json() for r in self.rows],
+            "comparisons": self.comparisons, "warnings": self.warnings, "notes": self.notes,
+        }
+
+
+# -- runs ---------------------------------------------------------------------------------------
+@dataclass
+class LoadedRun:
+    name: str
+    run_dir: str
+    predictor: Any
+    info: dict[str, Any]
+
+
+def _checkpoint_hashes(run_dir: Path) -> dict[str, str]:
+    out = {}
+    for p in sorted(run_dir.rglob("*")):
+        if p.is_file() and p.suffix in (".pt", ".safetensors", ".bin", ".ckpt"):
+            out[str(p.relative_to(run_dir))] = sha256_file(p)
+    return out
+
+
+def load_runs(run_dirs: Sequence[str | os.PathLike[str]], store: Any) -> list[LoadedRun]:
+    """Load predictors and refuse any trained against another store (fingerprint mismatch)."""
+    if not run_dirs:
+        return []
+    try:
+        from codejepa.predict import load_predictor
+    except ImportError as e:
+        raise EvaluateError(f"cannot evaluate --run: the predict stage is not available ({e})") from None
+    fp = store.meta.fingerprint()
+    runs, names = [], set()
+    for rd in run_dirs:
+        rd = Path(rd)
+        if not rd.is_dir():
+            raise EvaluateError(f"{rd}: no such run directory")
+        try:
+            p = load_predictor(rd, device="cpu")
+        except CodejepaError:
+            raise
+        except Exception as e:  # a foreign or damaged run: one line, not a traceback
+            raise EvaluateError(f"{rd}: cannot load a predictor ({type(e).__name__}: {e})") from None
+        if p.store_fingerprint != fp:
+            raise EvaluateError(
+                f"{rd}: trained against store fingerprint {str(p.store_fingerprint)[:12]}…, but {store.path} "
+                f"is {fp[:12]}… (other teacher, layer, template, target mode or corpus); "
+                "evaluate it on the store it was trained on"
+            )
+        name = str(p.name)
+        if name in names or name in parse_baselines("all"):
+            name = f"run:{name}"
+        k = 2
+        while name in names:
+            name, k = f"{p.name}#{k}", k + 1
+        names.add(name)
+        runs.append(LoadedRun(name, str(rd), p, {
+            "name": name, "run_dir": str(rd.resolve()), "store_fingerprint": p.store_fingerprint,
+            "checkpoint_sha256": _checkpoint_hashes(rd),
+        }))
+    return runs
+
+
+class _FnPredictor:
+    def __init__(self, fn: Callable[[Any, np.ndarray], np.ndarray]) -> None:
+        self.fn = fn
+
+    def predict_pooled(self, store: Any, idx: np.ndarray) -> np.ndarray:
+        return self.fn(store, idx)
+
+
+def _predict(run: LoadedRun, store: Any, idx: np.ndarray) -> np.ndarray:
+    try:
+        out = np.asarray(run.predictor.predict_pooled(store, idx), dtype=np.float32)
+    except CodejepaError:
+        raise
+    except Exception as e:
+        raise EvaluateError(f"{run.run_dir}: prediction failed ({type(e).__name__}: {e})") from None
+    if out.shape != (len(idx), store.meta.hidden_size):
+        raise EvaluateError(
+            f"{run.run_dir}: predictions have shape {out.shape}, expected {(len(idx), store.meta.hidden_size)}"
+        )
+    if not np.all(np.isfinite(out)):
+        raise EvaluateError(f"{run.run_dir}: predictions contain NaN/inf")
+    return out
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+def _selection_split(store: Any, train_idx: np.ndarray, val_idx: np.ndarray, notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Indices to fit baselines on, and to choose their hyper-parameters on.
+
+    Normally train and val. Without a usable val split, the last fifth of the train
+    repositories (in sorted order) is held out for selection instead, and a note says so.
+    """
+    if len(val_idx) >= 2:
+        return train_idx, val_idx
+    repos = np.unique(store.repos[train_idx].astype(str))
+    if len(repos) >= 2:
+        held = set(repos[-max(1, len(repos) // 5):])
+        sel = np.array([r in held for r in store.repos[train_idx].astype(str)])
+        notes.append(f"no val split: hyper-parameters chosen on {len(held)} held-out train repo(s)")
+        return train_idx[~sel], train_idx[sel]
+    notes.append("no val split and a single train repo: hyper-parameters chosen on train itself (optimistic)")
+    return train_idx, train_idx
+
+
+def _mrr(scorer: Any, task: Task) -> float:
+    return compute_metrics(search_task(scorer, task).ranks)["mrr"]
+
+
+def _pool_sizes(task: Task) -> np.ndarray:
+    k = task.pool.kind
+    if k in ("split", "all"):
+        return np.full(task.n_queries, task.groups.n_groups)
+    if k == "random":
+        return np.tile(np.full(task.n_queries, min(task.pool.size, task.groups.n_groups)), len(task.pool.seeds))
+    sizes = np.empty(task.n_queries, dtype=np.int64)
+    for qsel, g, _ in task.repo_groups.values():
+        sizes[qsel] = g.n_groups
+    return sizes
+
+
+def evaluate_retrieval(
+    store_path: str | os.PathLike[str],
+    runs: Sequence[str | os.PathLike[str]] = (),
+    *,
+    split: str = "test",
+    pool: str | int = "split",
+    spaces: Sequence[str] | str = "all",
+    baselines: Sequence[str] | str | None = "all",
+    out_dir: str | os.PathLike[str] | None = None,
+    corpus_dir: str | os.PathLike[str] | None = None,
+    compare: Sequence[tuple[str, str]] = (),
+    ridge_input: str = "signature",
+    whitening_shrinkage: float = 0.1,
+    n_boot: int = 1000,
+    seed: int = 0,
+    pool_seeds: tuple[int, ...] = (0, 1, 2),
+    plots: bool = True,
+    methods: Mapping[str, Callable[[Any, np.ndarray], np.ndarray]] | None = None,
+    noisy_of: str | None = None,
+    bm25_query: str = "auto",
+    log: Log | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> RetrievalResult:
+    """Evaluate runs and baselines by exact retrieval; write ``retrieval.json`` (and plots)
+    to ``out_dir`` when given. Raises :class:`EvaluateError` with one line on bad input.
+
+    ``log`` receives a line per step and ``progress`` (rows done, rows expected) after each
+    method × space row, for a progress bar. ``noisy_of`` names the vector method whose per-query error norm the noisy oracle copies
+    (default: the first run, else ridge). ``methods`` adds query-vector methods beside the runs: ``name → f(store, indices)``
+    returning raw teacher-space predictions ``[len(indices), hidden_size]`` of the bodies.
+    """
+    from codejepa.embed.store import open_store
+
+    say = log or (lambda _m: None)
+    space_names = list(SPACE_NAMES) if spaces in ("all", None) else (
+        [spaces] if isinstance(spaces, str) else list(spaces))
+    for s in space_names:
+        if s not in SPACE_NAMES:
+            raise EvaluateError(f"unknown space {s!r}; expected raw, centered, whitened or all")
+    names = parse_baselines(baselines) if isinstance(baselines, str) or baselines is None else tuple(baselines)
+    parse_baselines(",".join(names) or "none")  # validate
+    if ridge_input not in ("signature", "inputs", "context"):
+        raise EvaluateError(f"ridge input view must be signature, inputs or context, not {ridge_input!r}")
+    if bm25_query not in ("auto", "signature", "signature+context"):
+        raise EvaluateError(f"BM25 query must be auto, signature or signature+context, not {bm25_query!r}")
+    pspec: PoolSpec = parse_pool(pool, pool_seeds)
+    notes: list[str] = []
+
+    store = open_store(store_path)
+    try:
+        meta = store.meta
+        loaded = load_runs(runs, store)
+        say(f"reading corpus texts and pooling {len(store)} stored records")
+        cv = load_corpus_view(store, corpus_dir)
+        if not cv.verified:
+            notes.append(f"the store records no corpus manifest hash: {cv.corpus_dir} could not be verified as its corpus")
+        all_idx = np.arange(len(store))
+        bodies = store.pooled("body", all_idx)
+        need_sig = any(n in names for n in ("signature", "ridge", "nn", "ridge+bm25", "noisy_oracle"))
+        sigs = store.pooled("signature", all_idx) if need_sig else None
+        ridge_x = (sigs if ridge_input == "signature" else store.pooled(ridge_input, all_idx)) if need_sig else None
+        train_idx, val_idx, q_idx = store.indices("train"), store.indices("val"), store.indices(split)
+        if len(q_idx) == 0:
+            raise EvaluateError(f"the {split} split has no records in {store.path}")
+        if len(train_idx) < 2 and (set(space_names) - {"raw"} or {"prototype", "ridge", "nn"} & set(names)):
+            raise EvaluateError(f"{store.path}: fewer than 2 train records; train-split statistics cannot be fitted")
+        need_ridge = need_sig and bool({"ridge", "ridge+bm25"} & set(names) or (
+            "noisy_oracle" in names and (noisy_of == "ridge" or (noisy_of is None and not loaded and not methods))))
+        need_bm25 = bool({"bm25", "ridge+bm25"} & set(names))
+        need_sel = need_ridge or (need_bm25 and bm25_query == "auto")
+        fit_idx, sel_idx = _selection_split(store, train_idx, val_idx, notes) if need_sel else (train_idx, val_idx)
+        if split == "val" and need_sel:
+            notes.append("evaluating on val, where ridge's λ, the BM25 query and the fusion weight are chosen: "
+                         "optimistic for them")
+
+        task = build_task(split, pspec, q_idx, store.repos, cv.labels, all_idx)
+        sel_task = build_task("selection", PoolSpec("split"), sel_idx, store.repos, cv.labels) if need_sel else None
+        say(f"{task.n_queries} queries against {task.groups.n_groups} distinct bodies "
+            f"({len(task.cand_idx)} candidates, pool {pspec.label})")
+        spaces_fit: dict[str, Space] = {s: fit_space(s, bodies[train_idx], shrinkage=whitening_shrinkage)
+                                        for s in space_names}
+        # float64 mean as the spaces compute it, so that centring maps the prototype to exact 0.
+        prototype = (bodies[train_idx].astype(np.float64).mean(0).astype(np.float32) if len(train_idx)
+                     else np.zeros(meta.hidden_size, np.float32))
+        targets_raw = bodies[q_idx]
+        whole = len(task.cand_idx) == len(bodies) and np.array_equal(task.cand_idx, all_idx)
+        cand_raw = bodies if whole else bodies[task.cand_idx]  # no copy of a whole-corpus pool
+
+        run_preds = {r.name: _predict(r, store, q_idx) for r in loaded}
+        for mname, fn in (methods or {}).items():
+            if mname in run_preds or mname in parse_baselines("all"):
+                raise EvaluateError(f"method name {mname!r} is already taken")
+            run_preds[mname] = _predict(LoadedRun(mname, f"method {mname}", _FnPredictor(fn), {}), store, q_idx)
+        ridge = RidgeFit.fit(ridge_x[fit_idx], bodies[fit_idx]) if need_ridge else None
+        bm25_test = bm25_sel = None
+        bm25_settings: dict[str, Any] = {}
+        if need_bm25:
+            say("indexing body texts for BM25")
+            query_sets = {"signature": cv.signature_texts, "signature+context": cv.query_texts}
+            sel_docs = [cv.body_texts[i] for i in sel_task.cand_idx] if sel_task is not None else []
+            mode = bm25_query
+            if bm25_query == "auto":
+                # The query text is a hyper-parameter like any other: chosen on val. (On real
+                # code the whole file context mostly adds noise to a signature's words.)
+                sel_mrr = {m: _mrr(BM25Scorer([t[i] for i in sel_idx], sel_docs), sel_task) for m, t in query_sets.items()}
+                mode = max(sel_mrr, key=lambda m: sel_mrr[m])
+                bm25_settings["selection_mrr"] = sel_mrr
+            bm25_settings.update(query=mode, k1=1.2, b=0.75, tokens="identifiers split at snake_case/CamelCase")
+            texts = query_sets[mode]
+            bm25_test = BM25Scorer([texts[i] for i in q_idx], [cv.body_texts[i] for i in task.cand_idx])
+            if "ridge+bm25" in names and sel_task is not None:
+                bm25_sel = BM25Scorer([texts[i] for i in sel_idx], sel_docs)
+
+        rows: list[MethodRow] = []
+        vector_baselines = [n for n in names if n in ("prototype", "signature", "ridge", "nn", "oracle", "noisy_oracle")]
+        expected = (("random" in names) + ("bm25" in names)
+                    + len(space_names) * (len(run_preds) + len(vector_baselines) + ("ridge+bm25" in names)))
+        sizes = _pool_sizes(task)
+        clusters_q = np.tile(task.query_repos.astype(str), len(sizes) // task.n_queries)
+        chance = chance_metrics(sizes)
+
+        def add_row(method: str, kind: str, space: str, res: SearchResult, settings: dict | None = None,
+                    diag: dict | None = None) -> MethodRow:
+            cis = bootstrap_cis(res.ranks, clusters_q, n_boot=n_boot, seed=seed)
+            row = MethodRow(method, kind, space, pspec.label, cis, chance, task.n_queries, res.ranks,
+                            clusters_q, diag, hubness(res.top1_group, task.groups.n_groups), settings or {})
+            rows.append(row)
+            if progress is not None:
+                progress(len(rows), max(expected, len(rows)))
+            m = cis
+            say(f"{method:>14} {space:>9}: rank@1 {m['rank@1'].value:.1%}  MRR {m['mrr'].value:.3f}")
+            return row
+
+        projections: dict[str, dict[str, np.ndarray]] = {}
+        if "random" in names:
+            rng = np.random.default_rng(seed)
+            add_row("random", "baseline", NO_SPACE, SearchResult(rng.integers(1, sizes + 1), sizes, None))
+        if bm25_test is not None and "bm25" in names:
+            say("BM25 search")
+            add_row("bm25", "baseline", NO_SPACE, search_task(bm25_test, task), bm25_settings)
+
+        for sname in space_names:
+            sp = spaces_fit[sname]
+            # One unit-norm candidate matrix shared by every method; a centred/whitened one is a
+            # fresh array that can be normalised in place (raw space returns the bodies themselves).
+            cand_unit = unit_rows(sp.apply(cand_raw), inplace=sname != "raw")
+            targ_s = sp.apply(targets_raw)
+            targ_stats = target_statistics(targets_raw, targ_s, prototype)
+            vec: dict[str, tuple[str, np.ndarray, np.ndarray, dict]] = {}  # name → (kind, raw, space, settings)
+
+            def put(name: str, kind: str, raw: np.ndarray, settings: dict | None = None,
+                    in_space: np.ndarray | None = None) -> None:
+                vec[name] = (kind, raw, sp.apply(raw) if in_space is None else in_space, settings or {})
+
+            for rname, pr in run_preds.items():
+                put(rname, "run", pr)
+            if "prototype" in names:
+                put("prototype", "baseline", np.repeat(prototype[None, :], len(q_idx), 0))
+            if "signature" in names:
+                put("signature", "baseline", sigs[q_idx])
+            ridge_alpha = None
+            if ridge is not None and sel_task is not None:
+                # λ per space: multi-output ridge commutes with the space's linear map, so one
+                # fit serves all spaces; only the retrieval-optimal λ differs.
+                sel_c = sp.apply(bodies[sel_task.cand_idx])
+                scores = {}
+                for a in RIDGE_ALPHAS:
+                    q = sp.apply(ridge.predict(ridge_x[sel_idx], a))
+                    scores[a] = _mrr(DenseScorer(q, sel_c), sel_task)
+                ridge_alpha = max(scores, key=lambda a: (scores[a], a))
+                if "ridge" in names or "ridge+bm25" in names or "noisy_oracle" in names:
+                    put("ridge", "baseline", ridge.predict(ridge_x[q_idx], ridge_alpha),
+                        {"alpha": ridge_alpha, "lambda": ridge_alpha * ridge.scale, "input": ridge_input,
+                         "selection_mrr": {str(k): v for k, v in scores.items()}, "n_fit": len(fit_idx)})
+            if "nn" in names:
+                sig_space = fit_space(sname, sigs[train_idx], shrinkage=whitening_shrinkage)
+                nn = nearest_rows(sig_space.apply(sigs[q_idx]), sig_space.apply(sigs[train_idx]))
+                put("nn", "baseline", bodies[train_idx][nn], {"searched": "train signatures"})
+            if "oracle" in names:
+                put("oracle", "baseline", targets_raw)
+            if "noisy_oracle" in names:
+                ref = noisy_of or next(iter(run_preds), None) or ("ridge" if "ridge" in vec else None)
+                if ref is not None and ref not in vec:
+                    raise EvaluateError(f"noisy oracle: no method {ref!r} to take the error level from "
+                                        f"(available: {', '.join(sorted(vec))})")
+                if ref is not None:
+                    kind_r, raw_r, sp_r, _ = vec[ref]
+                    noisy = noisy_oracle(targ_s, sp_r, seed)
+                    vec["noisy_oracle"] = ("baseline", noisy if sname == "raw" else raw_r, noisy, {"error_of": ref, "noise": "isotropic, in this space"})
+                else:
+                    notes.append("noisy_oracle skipped: no run and no ridge to take the error level from")
+
+            for name, (kind, raw, qs, settings) in vec.items():
+                if name == "ridge" and "ridge" not in names:
+                    continue
+                say(f"searching {name} in {sname} space")
+                res = search_task(DenseScorer(qs, cand_unit, normalized=True), task)
+                diag = vector_diagnostics(raw, targets_raw, qs, targ_s, prototype, sp.mean, targ_stats).to_json()
+                if name == "noisy_oracle" and sname != "raw":
+                    for k in ("cosine_raw", "cosine_to_prototype_raw"):
+                        diag[k] = None  # the noise lives in this space; it has no raw vector
+                add_row(name, kind, sname, res, settings, diag)
+                if kind == "run" or name in ("prototype", "ridge", "oracle"):
+                    projections.setdefault(sname, {})[name] = qs
+            projections.setdefault(sname, {})["__targets__"] = targ_s
+
+            if ("ridge+bm25" in names and ridge is not None and sel_task is not None and bm25_test is not None
+                    and bm25_sel is not None):
+                sel_c = sp.apply(bodies[sel_task.cand_idx])
+                dense_sel = DenseScorer(sp.apply(ridge.predict(ridge_x[sel_idx], ridge_alpha)), sel_c)
+                cols_sel = np.arange(len(sel_task.cand_idx))
+                st = (ScoreSampleStats(dense_sel, cols_sel), ScoreSampleStats(bm25_sel, cols_sel))
+                wsc = {w: _mrr(FusedScorer(dense_sel, bm25_sel, w, cols_sel, stats=st), sel_task)
+                       for w in FUSION_WEIGHTS}
+                w = max(wsc, key=lambda k: (wsc[k], -abs(k - 0.5)))
+                dense_t = DenseScorer(vec["ridge"][2], cand_unit, normalized=True)
+                fused = FusedScorer(dense_t, bm25_test, w, np.arange(len(task.cand_idx)))
+                say(f"searching ridge+bm25 in {sname} space (weight {w})")
+                add_row("ridge+bm25", "baseline", sname, search_task(fused, task),
+                        {"ridge_weight": w, "alpha": ridge_alpha, "selection_mrr": {str(k): v for k, v in wsc.items()},
+                         "normalisation": "per-query z-score over a fixed sample of 2048 pool candidates"})
+
+        warnings = _flag(rows)
+        comparisons = _auto_comparisons(rows, n_boot, seed) + [
+            _compare_rows(rows, a, b, n_boot, seed) for a, b in compare
+        ]
+        settings = {
+            "split": split, "pool": pspec.to_json(), "spaces": space_names, "baselines": list(names),
+            "ridge_input": ridge_input, "ridge_alphas": list(RIDGE_ALPHAS), "fusion_weights": list(FUSION_WEIGHTS),
+            "whitening_shrinkage": whitening_shrinkage, "n_boot": n_boot, "seed": seed, "noisy_of": noisy_of, "bm25_query": bm25_query,
+            "ci": "95% percentile bootstrap over repositories", "ties": "pessimistic",
+            "distinct_bodies": "candidates with equal normalised body hash count once (best member scores)",
+            "selection": {"fit_records": int(len(fit_idx)), "selection_records": int(len(sel_idx))},
+            "code_version": code_version(),
+        }
+        store_info = {
+            "path": str(Path(store.path).resolve()), "fingerprint": meta.fingerprint(),
+            "file_sha256": sha256_file(store.path), "meta": meta.__dict__ | {"extra": dict(meta.extra)},
+            "corpus_dir": cv.corpus_dir, "corpus_manifest_sha256": cv.manifest_sha256,
+        }
+        pool_stats = {
+            "label": pspec.label, "n_queries": int(task.n_queries), "n_query_repos": int(len(np.unique(task.query_repos.astype(str)))),
+            "n_candidates": int(len(task.cand_idx)), "n_distinct_bodies": int(task.groups.n_groups),
+            "mean_pool_size": float(np.mean(sizes)), "chance": chance,
+        }
+        result = RetrievalResult(rows, comparisons, warnings, notes, settings, store_info,
+                                 [r.info for r in loaded], pool_stats, projections=projections,
+                                 spaces=spaces_fit)
+    finally:
+        store.close()
+    if out_dir is not None:
+        from codejepa.evaluate.report import write_outputs
+
+        write_outputs(result, Path(out_dir), plots=plots)
+    return result
+
+
+def _flag(rows: list[MethodRow]) -> list[str]:
+    """Warn for every method whose rank@1 does not clear the prototype and random ranking."""
+    out = []
+    by = {(r.method, r.space): r for r in rows}
+    for r in rows:
+        if r.method in NOT_FLAGGED:
+            continue
+        refs: dict[str, MetricCI] = {}
+        proto = by.get(("prototype", r.space)) or by.get(("prototype", "raw"))
+        if proto is not None:
+            refs[f"prototype ({proto.space})"] = proto.metrics["rank@1"]
+        rnd = by.get(("random", NO_SPACE))
+        if rnd is not None:
+            refs["random"] = rnd.metrics["rank@1"]
+        if not refs:
+            continue
+        w = collapse_warning(r.method, r.space, r.pool, r.metrics["rank@1"], refs)
+        if w:
+            r.warning = w
+            out.append(w)
+    return out
+
+
+def _compare_rows(rows: list[MethodRow], a: str, b: str, n_boot: int, seed: int) -> dict[str, Any]:
+    keys = {r.key: r for r in rows}
+    for k in (a, b):
+        if k not in keys:
+            raise EvaluateError(f"no result {k!r} to compare; available: {', '.join(sorted(keys))}")
+    ra, rb = keys[a], keys[b]
+    comps: list[PairedComparison] = paired_bootstrap(ra.ranks, rb.ranks, ra.clusters, n_boot=max(n_boot, 1000), seed=seed)
+    return {"a": a, "b": b, "results": [c.to_json() for c in comps]}
+
+
+def _auto_comparisons(rows: list[MethodRow], n_boot: int, seed: int) -> list[dict[str, Any]]:
+    """Each run against the best non-oracle baseline of its space (by MRR)."""
+    out = []
+    for r in rows:
+        if r.kind != "run":
+            continue
+        cands = [b for b in rows if b.kind == "baseline" and b.method not in ("oracle", "noisy_oracle")
+                 and b.space in (r.space, NO_SPACE)]
+        if not cands:
+            continue
+        best = max(cands, key=lambda b: b.metrics["mrr"].value)
+        c = _compare_rows(rows, r.key, best.key, n_boot, seed)
+        c["why"] = "run vs the best baseline of its space"
+        out.append(c)
+    return out

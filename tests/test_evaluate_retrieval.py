@@ -1,0 +1,192 @@
+"""evaluate_retrieval end to end on synthetic stores: the seed's failure must be flagged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _evaluate_fixtures import make_dataset  # noqa: E402
+
+from codejepa.core import CodejepaError  # noqa: E402
+from codejepa.evaluate.errors import EvaluateError  # noqa: E402
+from codejepa.evaluate.report import compare_saved  # noqa: E402
+from codejepa.evaluate.retrieval import evaluate_retrieval  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory: pytest.TempPathFactory):
+    return make_dataset(tmp_path_factory.mktemp("ev"), duplicate_test_bodies=1)
+
+
+def _class_prototype(ds):
+    """The seed's failure: predict the train mean body of the query's category."""
+    train = ds.splits == "train"
+    protos = np.stack([ds.bodies[train & (ds.classes == c)].mean(0) for c in range(ds.classes.max() + 1)])
+    return lambda store, idx: protos[ds.classes[idx]]
+
+
+def _instance(ds, noise: float = 0.15):
+    def predict(store, idx):  # deterministic: the same predictions at every call
+        rng = np.random.default_rng(7)
+        return ds.bodies[idx] + noise * rng.standard_normal((len(idx), ds.bodies.shape[1])).astype(np.float32)
+    return predict
+
+
+def test_seed_failure_is_flagged_and_instance_predictor_is_not(ds) -> None:
+    res = evaluate_retrieval(ds.store_path, baselines="prototype,random,noisy_oracle", n_boot=300,
+                             methods={"classproto": _class_prototype(ds), "instance": _instance(ds)},
+                             noisy_of="classproto")
+    n_test = int((ds.splits == "test").sum())
+    assert res.pool_stats["n_queries"] == n_test
+    assert res.pool_stats["n_distinct_bodies"] == n_test - 1  # one duplicated body counts once
+    cp = res.row("classproto", "raw")
+    assert cp.diagnostics["cosine_raw"] > 0.9  # the seed's high cosine ...
+    chance = res.pool_stats["chance"]["rank@1"]
+    assert cp.metrics["rank@1"].value < 6 * chance  # ... at (near) chance rank@1
+    for space in ("raw", "centered", "whitened"):
+        assert res.row("classproto", space).warning is not None
+        assert "classproto" in res.row("classproto", space).warning
+        assert res.row("instance", space).warning is None
+        assert res.row("instance", space).metrics["rank@1"].value > 0.9
+    assert any("WARNING classproto (raw" in w for w in res.warnings)
+    assert not any(w.startswith("WARNING instance") for w in res.warnings)
+    # Collapse diagnostics tell the two apart.
+    inst = res.row("instance", "raw").diagnostics
+    assert cp.diagnostics["rankme_pred"] < 0.5 * cp.diagnostics["rankme_target"]
+    assert inst["rankme_pred"] > 0.8 * inst["rankme_target"]
+    assert cp.diagnostics["pairwise_cosine_pred"] > cp.diagnostics["pairwise_cosine_target"]
+    assert res.row("classproto", "centered").diagnostics["std_ratio_mean"] < 0.7
+    assert res.row("classproto", "raw").hubness["top1_winner_share"] > 5 * res.row("instance", "raw").hubness["top1_winner_share"]
+    # The prototype: high cosine, chance rank; in a centred space it is the zero vector, so
+    # every body ties and pessimistic ranking puts the true one last.
+    proto = res.row("prototype", "raw")
+    assert proto.diagnostics["cosine_raw"] > 0.9 and proto.hubness["top1_winner_share"] == 1.0
+    assert (res.row("prototype", "centered").ranks == res.pool_stats["n_distinct_bodies"]).all()
+    # Noise as large as the class prototype's own error still retrieves instances: the
+    # prototype's error is not large, it points the wrong way (all queries alike).
+    noisy = res.row("noisy_oracle", "whitened")
+    assert noisy.settings["error_of"] == "classproto"
+    assert noisy.metrics["rank@1"].value > 3 * res.row("classproto", "whitened").metrics["rank@1"].value
+    with pytest.raises(EvaluateError, match="noisy oracle: no method"):
+        evaluate_retrieval(ds.store_path, baselines="noisy_oracle", noisy_of="nope", plots=False)
+
+
+def test_all_baselines_outputs_and_comparison(ds, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = evaluate_retrieval(ds.store_path, out_dir=out, n_boot=200,
+                             methods={"classproto": _class_prototype(ds)}, compare=[("ridge@whitened", "classproto@whitened")])
+    methods = {r.method for r in res.rows}
+    assert methods == {"classproto", "random", "prototype", "signature", "ridge", "nn", "bm25", "ridge+bm25",
+                       "oracle", "noisy_oracle"}
+    for space in ("raw", "centered", "whitened"):
+        assert res.row("oracle", space).metrics["rank@1"].value == 1.0  # plumbing, duplicates merged
+        assert res.row("ridge", space).metrics["mrr"].value > 3 * res.row("prototype", space).metrics["mrr"].value
+        assert res.row("ridge", space).settings["alpha"] in (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+        assert 0.0 <= res.row("ridge+bm25", space).settings["ridge_weight"] <= 1.0
+    assert res.row("bm25", "-").metrics["mrr"].value > 2 * res.pool_stats["chance"]["mrr"]
+    bm = res.row("bm25", "-").settings  # the query text was chosen on val
+    assert bm["query"] in ("signature", "signature+context") and set(bm["selection_mrr"]) == {"signature", "signature+context"}
+    # Files: every figure and setting, hashes of the store, ranks for later comparisons, plots.
+    data = json.loads((out / "retrieval.json").read_text())
+    assert data["store"]["fingerprint"] == ds.meta.fingerprint()
+    assert len(data["store"]["file_sha256"]) == 64 and data["store"]["corpus_manifest_sha256"] == ds.meta.corpus_manifest_hash
+    assert data["settings"]["pool"]["label"] == "split" and data["settings"]["ties"] == "pessimistic"
+    row = next(r for r in data["rows"] if r["method"] == "ridge" and r["space"] == "whitened")
+    assert set(row["metrics"]) == {"rank@1", "recall@5", "recall@10", "recall@100", "mrr", "median_rank", "mean_rank"}
+    assert row["metrics"]["mrr"]["ci_low"] <= row["metrics"]["mrr"]["value"] <= row["metrics"]["mrr"]["ci_high"]
+    assert row["diagnostics"]["rankme_pred"] > 0 and row["chance"]["rank@1"] > 0
+    expl = [c for c in data["comparisons"] if c["a"] == "ridge@whitened" and c["b"] == "classproto@whitened"]
+    assert expl and expl[0]["results"][0]["p_value"] < 0.05 and expl[0]["results"][0]["diff"] > 0
+    for f in ("rank_distribution.png", "projection.png", "table.txt", "ranks.npz"):
+        assert (out / f).stat().st_size > 1000
+    assert "ridge" in (out / "table.txt").read_text()
+    c = compare_saved(out, "ridge@whitened", "classproto@whitened", n_boot=300)
+    assert c["results"][1]["metric"] == "mrr" and c["results"][1]["diff"] > 0
+    with pytest.raises(EvaluateError, match="no saved result"):
+        compare_saved(out, "ridge@whitened", "nope@raw")
+
+
+def test_pools(ds) -> None:
+    kw = dict(baselines="oracle,prototype,random", spaces="whitened", n_boot=100, methods={"inst": _instance(ds, 0.8)})
+    a = evaluate_retrieval(ds.store_path, pool=20, pool_seeds=(0, 1), **kw)
+    b = evaluate_retrieval(ds.store_path, pool=20, pool_seeds=(0, 1), **kw)
+    n_test = int((ds.splits == "test").sum())
+    ra, rb = a.row("inst", "whitened"), b.row("inst", "whitened")
+    np.testing.assert_array_equal(ra.ranks, rb.ranks)  # reproducible
+    assert len(ra.ranks) == 2 * n_test and ra.ranks.max() <= 20
+    assert a.pool_stats["chance"]["rank@1"] == pytest.approx(1 / 20)
+    c = evaluate_retrieval(ds.store_path, pool=20, pool_seeds=(5, 6), **kw)
+    assert not np.array_equal(c.row("inst", "whitened").ranks, ra.ranks)
+    whole = evaluate_retrieval(ds.store_path, pool="all", **kw)
+    assert whole.pool_stats["n_candidates"] == len(ds.ids)
+    split = evaluate_retrieval(ds.store_path, pool="split", **kw)
+    # More distractors can only push the true body down.
+    assert (whole.row("inst", "whitened").ranks >= split.row("inst", "whitened").ranks).all()
+    repo = evaluate_retrieval(ds.store_path, pool="repo", **kw)
+    assert repo.pool_stats["mean_pool_size"] < split.pool_stats["mean_pool_size"]
+    assert (repo.row("inst", "whitened").ranks <= split.row("inst", "whitened").ranks).all()
+
+
+def test_spaces_are_fitted_on_train_only(tmp_path: Path) -> None:
+    # Same train data, very different val/test vectors: the fitted spaces must not move.
+    from codejepa.embed.store import PendingRecord, StoreWriter, open_store
+
+    b = make_dataset(tmp_path, name="b")
+
+    shifted = tmp_path / "shifted.h5"
+    with open_store(b.store_path) as s:
+        pend = []
+        for i in range(len(s)):
+            inp, body = s.inputs(i), s.body(i)
+            bs = body.states + (25.0 if s.splits[i] != "train" else 0.0)
+            pend.append(PendingRecord(s.ids[i], str(s.splits[i]), s.repos[i], False, inp.states, inp.token_ids,
+                                      inp.special, inp.segments["context"], inp.segments["signature"], bs, body.token_ids))
+        meta = s.meta
+    with StoreWriter(shifted, meta) as w:
+        w.append(pend)
+    kw = dict(baselines="prototype", n_boot=50, plots=False)
+    ra = evaluate_retrieval(b.store_path, **kw)
+    rb = evaluate_retrieval(shifted, **kw)
+    for name in ("centered", "whitened"):
+        np.testing.assert_array_equal(ra.spaces[name].mean, rb.spaces[name].mean)
+    np.testing.assert_array_equal(ra.spaces["whitened"].transform, rb.spaces["whitened"].transform)
+    # ... while the test targets did change.
+    assert ra.row("prototype", "raw").diagnostics["cosine_raw"] != rb.row("prototype", "raw").diagnostics["cosine_raw"]
+
+
+def test_clear_errors(ds, tmp_path: Path) -> None:
+    with pytest.raises(CodejepaError, match="no such store"):
+        evaluate_retrieval(tmp_path / "missing.h5")
+    # A corpus other than the one the store was built from.
+    other = tmp_path / "other_corpus"
+    shutil.copytree(ds.corpus_dir, other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["dropped"] = {ds.ids[0]: "held-out duplicate"}
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EvaluateError, match="not the one the store was embedded from"):
+        evaluate_retrieval(ds.store_path, corpus_dir=other, baselines="none")
+    with pytest.raises(EvaluateError, match="corpus of the store not found"):
+        evaluate_retrieval(ds.store_path, corpus_dir=tmp_path / "nowhere", baselines="none")
+    with pytest.raises(EvaluateError, match="unknown baseline"):
+        evaluate_retrieval(ds.store_path, baselines="ridge,magic")
+    with pytest.raises(EvaluateError, match="BM25 query must be"):
+        evaluate_retrieval(ds.store_path, bm25_query="body")
+    with pytest.raises(EvaluateError, match="unknown space"):
+        evaluate_retrieval(ds.store_path, spaces="curved")
+    with pytest.raises(EvaluateError, match="unknown pool"):
+        evaluate_retrieval(ds.store_path, pool="everything")
+    with pytest.raises(EvaluateError, match="shape"):
+        evaluate_retrieval(ds.store_path, baselines="none", methods={"bad": lambda s, i: np.zeros((len(i), 3))})
+    with pytest.raises(EvaluateError, match="no run to compare|no result"):
+        evaluate_retrieval(ds.store_path, baselines="random", compare=[("ridge@raw", "random@-")], plots=False)
+    with pytest.raises(EvaluateError, match="no such run directory"):
+        evaluate_retrieval(ds.store_path, runs=[tmp_path / "no-run"])
