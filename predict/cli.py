@@ -1,12 +1,133 @@
-"""CLI of the predict stage (thin: parses arguments, calls library functions)."""
+"""CLI of the predict stage (thin: parses arguments, calls library functions).
+
+    codejepa predict train STORE.h5 --model mlp|transformer [--preset NAME] [--config FILE.toml]
+        [--set key=value ...] --out RUN_DIR [--resume] [--device auto]
+
+Under ``torchrun --nproc_per_node N $(which codejepa) predict train ...`` the same command
+trains with DDP (``train.batch_size`` is the global batch).
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
 import typer
+
+from codejepa.predict.config import PRESETS  # stdlib only: keeps `--help` fast
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.callback()
 def _callback() -> None:
-    """predict stage."""
+    """predict stage: train predictors of a teacher's body states against a store."""
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command("train")
+def train_cmd(
+    store: Path = typer.Argument(..., help="The HDF5 store written by `codejepa embed run`."),
+    model: Optional[str] = typer.Option(None, "--model", help="mlp | transformer (optional with --resume)."),
+    out: Path = typer.Option(..., "--out", help="Run directory (config, stats, checkpoints, log, curves)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A TOML file of settings (tables model, loss, optim, train, ...)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help=f"{' | '.join(PRESETS)} (default: seed-mlp or transformer)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set optim.lr=3e-4 (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+) -> None:
+    """Train a predictor; model selection on validation retrieval (MRR)."""
+    from codejepa.core import CodejepaError
+    from codejepa.predict.config import ConfigError, parse_set, resolve_config
+
+    try:
+        overrides = parse_set(set_)
+        if model is not None and model not in ("mlp", "transformer"):
+            raise ConfigError(f"--model must be mlp or transformer, not {model!r}")
+        has_run = (out / "config.json").exists()
+        if resume and has_run and model is None and config is None and preset is None:
+            # Continue with the run's own config; only settings that may change on resume are applied.
+            from codejepa.predict.config import from_dict, apply_overrides
+            import json
+
+            cfg = apply_overrides(from_dict(json.loads((out / "config.json").read_text())), overrides).validate()
+        else:
+            if model is None:
+                raise ConfigError("--model is required (mlp or transformer)")
+            cfg = resolve_config(model, preset=preset, file=config, overrides=overrides)
+        _run(store, cfg, out, resume, device)
+    except CodejepaError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        _fail(f"interrupted; continue with: codejepa predict train {store} --out {out} --resume", 130)
+
+
+@app.command("config")
+def config_cmd(
+    model: str = typer.Option("mlp", "--model", help="mlp | transformer"),
+    config: Optional[Path] = typer.Option(None, "--config", help="A TOML file of settings."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="A preset name."),
+    set_: list[str] = typer.Option([], "--set", help="Override a setting (repeatable)."),
+) -> None:
+    """Print the resolved config (every key --set and TOML files accept), as JSON."""
+    import json
+
+    from codejepa.core import CodejepaError
+    from codejepa.predict.config import parse_set, resolve_config
+
+    try:
+        cfg = resolve_config(model, preset=preset, file=config, overrides=parse_set(set_))
+    except CodejepaError as e:
+        _fail(str(e))
+    typer.echo(json.dumps(cfg.to_dict(), indent=2))
+
+
+def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from codejepa.predict.train import train
+
+    console = Console(stderr=True)
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=console, disable=quiet, transient=False)
+    tasks: dict[str, Any] = {}
+
+    def bar(key: str, desc: str, done: int, total: int, info: str = "") -> None:
+        if key not in tasks:
+            tasks[key] = progress.add_task(desc, total=total, info=info)
+        progress.update(tasks[key], completed=done, total=total, info=info, description=desc)
+
+    def on_event(e: dict[str, Any]) -> None:
+        ev = e["event"]
+        if ev == "stats":
+            bar("stats", "train-split statistics", e["done"], e["total"])
+        elif ev == "cache":
+            bar("cache", "feature cache (train)", e["done"], e["total"])
+        elif ev == "step":
+            bar("epoch", f"epoch {e['epoch']}/{e['epochs']}", e["step"], e["steps"], f"loss {e['loss']:.4f}")
+        elif ev == "epoch":
+            progress.console.print(
+                f"epoch {e['epoch']:>3}  train {e['train_loss']:.4f}  val {e['val_loss']:.4f}  "
+                f"MRR {e['val_mrr']:.3f} (chance {e['val_chance_mrr']:.3f})  rank@1 {e['val_rank1']:.3f}  "
+                f"cos {e['val_cos']:.3f} raw {e['val_cos_raw']:.3f}  eff.rank {e['pred_eff_rank']:.1f}/"
+                f"{e['target_eff_rank']:.1f}  best@{e['best_epoch']}", soft_wrap=True
+            )
+        elif ev == "done":
+            progress.console.print(f"best epoch {e['best_epoch']}: val MRR {e['best_val_mrr']:.3f} → {out}/best.pt",
+                                   soft_wrap=True)
+
+    with progress:
+        train(store, cfg, out, resume=resume, device=device, on_event=on_event)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app(sys.argv[1:])

@@ -1,0 +1,328 @@
+"""Typed training configuration: presets, TOML files and ``--set section.key=value`` overrides.
+
+Resolution order (later wins): preset → TOML file → ``--set`` overrides. Every key is
+checked against the dataclasses, so a misspelt key is one clear error instead of a
+silently ignored setting. The resolved config is written to the run directory as JSON.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from codejepa.core import CodejepaError
+
+
+class ConfigError(CodejepaError):
+    """A config that cannot be resolved: unknown key, wrong type, bad value."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "mlp"  # "mlp" | "transformer"
+    # mlp: pooled signature → hidden sizes → d, Linear → LayerNorm → activation between layers
+    mlp_hidden: tuple[int, ...] = (1024, 512, 1024)
+    activation: str = "gelu"  # "gelu" | "relu" | "silu"
+    dropout: float = 0.0
+    # transformer (I-JEPA-style predictor)
+    width: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    body_slots: int = 8  # fixed number of mask tokens; body targets are pooled to this many
+    max_input_tokens: int = 256  # context + signature tokens kept (far context dropped first)
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    # "full": every body slot masked (the evaluation task). "multiblock": additionally, an
+    # auxiliary pass reveals the body slots outside `num_blocks` random spans and regresses
+    # the masked ones (I-JEPA multi-block masking). Evaluation always masks everything.
+    strategy: str = "full"  # "full" | "multiblock"
+    num_blocks: int = 2
+    block_frac: float = 0.25  # share of the slots one masked span covers
+    aux_weight: float = 0.5
+
+
+@dataclass(frozen=True)
+class NormConfig:
+    input_token_ln: bool = False  # per-token layer norm of input states (I-JEPA style) instead of per-dim standardisation
+    outlier_factor: float = 10.0  # a token whose norm exceeds factor × train median norm is an outlier (0: off)
+    stats_sample_records: int = 2000  # train records used to estimate the median token norm
+    eps: float = 1e-5
+    # The space of pooled losses and of validation retrieval: per-dim standardised, or
+    # ZCA-whitened with the train covariance of pooled bodies (shrunk towards isotropy).
+    pooled_space: str = "standardized"  # "standardized" | "whitened" | "raw" (the seed: no normalisation)
+    standardize_input: bool = True  # the MLP's pooled-signature input (False: raw, as the seed)
+    whiten_shrink: float = 0.1
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    regression: str = "smoothl1"  # "smoothl1" | "mse" | "none" (on normalised states)
+    regression_weight: float = 1.0
+    smoothl1_beta: float = 1.0
+    cosine_weight: float = 0.0
+    infonce_weight: float = 0.0
+    temperature: float = 0.07
+    variance_weight: float = 0.0  # VICReg-style hinge on the per-dimension std of predictions
+    variance_gamma: float = 1.0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adam"  # "adam" (L2 weight decay, as the seed) | "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine decay ends at lr × this
+    grad_clip: float = 0.0  # 0: off
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 256  # global batch (split over DDP ranks)
+    seed: int = 0
+    checkpoint_every_steps: int = 0  # 0: checkpoint at epoch ends only
+    amp: bool = False  # bfloat16 autocast on CUDA
+    threads: int = 0  # torch CPU threads (0: torch's default); 1 avoids oversubscription on a busy machine
+    plot_every_s: float = 60.0  # curves.png is redrawn at most this often, and at the end (<0: never)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    cache_gb: float = 8.0  # RAM cache of precomputed features when it fits; else stream from HDF5
+    prefetch: int = 4  # batches prepared ahead (background thread, or worker processes)
+    workers: int = 2  # when streaming: processes reading the store in parallel (0: one thread)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    name: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> PredictConfig:
+        m, o, t, lo = self.model, self.optim, self.train, self.loss
+        checks = [
+            (m.kind in ("mlp", "transformer"), f"model.kind must be mlp or transformer, not {m.kind!r}"),
+            (m.activation in ("gelu", "relu", "silu"), f"model.activation {m.activation!r} unknown"),
+            (m.width % m.heads == 0, f"model.width ({m.width}) must be divisible by model.heads ({m.heads})"),
+            (m.body_slots >= 1 and m.max_input_tokens >= 1 and m.depth >= 1, "model sizes must be positive"),
+            (self.mask.strategy in ("full", "multiblock"), f"mask.strategy {self.mask.strategy!r} unknown"),
+            (self.norm.pooled_space in ("standardized", "whitened", "raw"), f"norm.pooled_space {self.norm.pooled_space!r} unknown"),
+            (0.0 <= self.norm.whiten_shrink <= 1.0, "norm.whiten_shrink must be in [0, 1]"),
+            (lo.regression in ("smoothl1", "mse", "none"), f"loss.regression {lo.regression!r} unknown"),
+            (o.name in ("adam", "adamw"), f"optim.name {o.name!r} unknown"),
+            (o.lr > 0, "optim.lr must be positive"),
+            (t.epochs >= 1 and t.batch_size >= 1, "train sizes must be positive"),
+            (lo.temperature > 0, "loss.temperature must be positive"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        if (lo.regression == "none" or lo.regression_weight == 0) and not (
+            lo.cosine_weight or lo.infonce_weight
+        ):
+            raise ConfigError("the loss is empty: enable a regression, cosine or InfoNCE term")
+        return self
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The seed experiment's baseline, exactly: mean-pooled signature → 1024 → 512 → 1024 → d,
+    # SmoothL1 on the raw (unnormalised) states, Adam (L2 weight decay 1e-4), lr 1e-3 with
+    # cosine decay, batch 256, 100 epochs. Only model selection differs: val MRR, not loss.
+    "seed-mlp": {"model.kind": "mlp", "norm.pooled_space": "raw", "norm.standardize_input": False},
+    # The same network with the retrieval objective: in-batch InfoNCE beside the regression.
+    "mlp-infonce": {"model.kind": "mlp", "loss.infonce_weight": 1.0, "loss.temperature": 0.05},
+    "transformer": {
+        "model.kind": "transformer", "model.width": 256, "model.depth": 4, "model.heads": 4,
+        "model.body_slots": 8, "model.max_input_tokens": 256,
+        "loss.infonce_weight": 1.0, "loss.temperature": 0.05,
+        "optim.name": "adamw", "optim.lr": 3e-4, "optim.weight_decay": 0.05,
+        "optim.warmup_steps": 100, "optim.grad_clip": 1.0,
+        "train.epochs": 30, "train.batch_size": 128,
+    },
+    # The same predictor sized for a CPU (the demo): ~16x fewer FLOPs per sample.
+    "transformer-small": {
+        "model.kind": "transformer", "model.width": 128, "model.depth": 2, "model.heads": 4,
+        "model.body_slots": 8, "model.max_input_tokens": 128,
+        "loss.infonce_weight": 1.0, "loss.temperature": 0.05,
+        "optim.name": "adamw", "optim.lr": 1e-3, "optim.weight_decay": 0.05,
+        "optim.warmup_steps": 50, "optim.grad_clip": 1.0,
+        "train.epochs": 20, "train.batch_size": 64,
+    },
+}
+DEFAULT_PRESET = {"mlp": "seed-mlp", "transformer": "transformer"}
+
+
+def _all_keys(cls: type = PredictConfig, prefix: str = "") -> dict[str, Any]:
+    """Dotted key → field type, for every leaf field."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for f in fields(cls):
+        tp = hints[f.name]
+        if is_dataclass(tp):
+            out.update(_all_keys(tp, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = tp
+    return out
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Coerce a TOML value or a command-line string to a field's type, or raise ConfigError."""
+    def bad(why: str = "") -> ConfigError:
+        return ConfigError(f"{key}: cannot use {value!r} as {getattr(tp, '__name__', tp)}{why}")
+
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str):
+            parts = [p for p in value.strip().strip("()[]").split(",") if p.strip()]
+        elif isinstance(value, (list, tuple)):
+            parts = list(value)
+        else:
+            raise bad()
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(key, args[0], p) for p in parts)
+        if len(parts) != len(args):
+            raise bad(f" (expected {len(args)} values)")
+        return tuple(_coerce(key, a, p) for a, p in zip(args, parts))
+    if origin in (typing.Union, types.UnionType):
+        raise bad()
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.strip().lower() in ("true", "1", "yes", "on")
+        raise bad()
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""))
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    raise bad()
+
+
+def _unknown(key: str, keys: dict[str, Any]) -> ConfigError:
+    near = difflib.get_close_matches(key, list(keys), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(near)}?" if near else f"; known keys: {', '.join(sorted(keys))}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def apply_overrides(cfg: PredictConfig, overrides: dict[str, Any]) -> PredictConfig:
+    """Return ``cfg`` with dotted-key overrides applied (values coerced to the field types)."""
+    keys = _all_keys()
+    sections: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key not in keys:
+            raise _unknown(key, keys)
+        v = _coerce(key, keys[key], value)
+        if "." in key:
+            sec, name = key.split(".", 1)
+            sections.setdefault(sec, {})[name] = v
+        else:
+            top[key] = v
+    new = {sec: replace(getattr(cfg, sec), **kv) for sec, kv in sections.items()}
+    return replace(cfg, **top, **new)
+
+
+def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """``["a.b=1", ...]`` → ``{"a.b": "1"}``; a missing ``=`` is a ConfigError."""
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value (e.g. optim.lr=3e-4)")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML config file as flat dotted keys (``[optim]\\nlr = 3e-4`` → ``optim.lr``)."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            return _flatten(tomllib.load(f))
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML ({e})") from None
+
+
+def from_dict(d: dict[str, Any]) -> PredictConfig:
+    """Rebuild a config from :meth:`PredictConfig.to_dict` output (e.g. a run's config.json)."""
+    return apply_overrides(PredictConfig(), _flatten(d)).validate()
+
+
+def resolve_config(
+    model: str | None = None,
+    *,
+    preset: str | None = None,
+    file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> PredictConfig:
+    """Preset (default: the model's) → TOML file → overrides → ``model.kind = model``."""
+    if preset is None:
+        preset = DEFAULT_PRESET.get(model or "mlp")
+        if preset is None:
+            raise ConfigError(f"--model must be mlp or transformer, not {model!r}")
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    cfg = apply_overrides(PredictConfig(name=preset), PRESETS[preset])
+    if file is not None:
+        cfg = apply_overrides(cfg, load_toml(file))
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    if model is not None:
+        cfg = apply_overrides(cfg, {"model.kind": model})
+    return cfg.validate()

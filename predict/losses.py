@@ -1,0 +1,71 @@
+"""Training losses, selectable and combinable with weights (``[loss]`` in the config).
+
+All terms work on normalised states: the regression on the body slots (transformer) or the
+pooled body (MLP); cosine, InfoNCE and the variance hinge on the pooled prediction.
+
+- regression: SmoothL1 or MSE — what the seed used; alone it regresses towards the mean;
+- cosine: 1 − cos(pred, target);
+- InfoNCE: each prediction must pick its own body among the batch's bodies — the objective
+  instance-level retrieval needs (under DDP the negatives are the rank's local batch);
+- variance hinge (VICReg / V-JEPA): mean over dimensions of relu(γ − std of predictions over
+  the batch), against collapse to a prototype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from codejepa.predict.config import LossConfig
+
+
+def regression(pred: torch.Tensor, target: torch.Tensor, cfg: LossConfig, mask: torch.Tensor | None = None) -> torch.Tensor:
+    if cfg.regression == "smoothl1":
+        e = F.smooth_l1_loss(pred, target, beta=cfg.smoothl1_beta, reduction="none")
+    else:
+        e = (pred - target) ** 2
+    e = e.mean(-1)
+    if mask is not None:
+        m = mask.to(e.dtype)
+        return (e * m).sum() / m.sum().clamp(min=1.0)
+    return e.mean()
+
+
+def infonce(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = F.normalize(pred, dim=-1) @ F.normalize(target, dim=-1).T / temperature
+    return F.cross_entropy(logits, torch.arange(len(pred), device=pred.device))
+
+
+def variance_hinge(pred: torch.Tensor, gamma: float) -> torch.Tensor:
+    if len(pred) < 2:
+        return pred.sum() * 0.0
+    std = torch.sqrt(pred.var(dim=0) + 1e-4)
+    return F.relu(gamma - std).mean()
+
+
+def compute_loss(out: dict[str, torch.Tensor], pooled_target: torch.Tensor,
+                 slot_target: torch.Tensor | None, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of the enabled terms, and each term (detached) for the log."""
+    pred = out["pooled"].float()
+    parts: dict[str, torch.Tensor] = {}
+    total = pred.new_zeros(())
+    if cfg.regression != "none" and cfg.regression_weight:
+        if "slots" in out and slot_target is not None:
+            r = regression(out["slots"].float(), slot_target, cfg)
+        else:
+            r = regression(pred, pooled_target, cfg)
+        parts["regression"] = r
+        total = total + cfg.regression_weight * r
+    if cfg.cosine_weight:
+        c = (1 - F.cosine_similarity(pred, pooled_target, dim=-1)).mean()
+        parts["cosine"] = c
+        total = total + cfg.cosine_weight * c
+    if cfg.infonce_weight:
+        n = infonce(pred, pooled_target, cfg.temperature)
+        parts["infonce"] = n
+        total = total + cfg.infonce_weight * n
+    if cfg.variance_weight:
+        v = variance_hinge(pred, cfg.variance_gamma)
+        parts["variance"] = v
+        total = total + cfg.variance_weight * v
+    return total, {k: v.detach() for k, v in parts.items()}

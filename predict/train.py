@@ -1,0 +1,557 @@
+"""Training: ``train(store, config, out_dir)`` — one process, or DDP under ``torchrun``.
+
+A run directory holds::
+
+    config.json    the resolved config            run.json   store path + fingerprint + meta,
+    stats.pt/json  train-split normalisation                  code version, parameter count
+    last.pt        model + optimizer + position   best.pt    the best epoch by val MRR
+    log.jsonl      one JSON object per epoch      curves.png losses, retrieval, collapse
+
+Model selection is on validation retrieval (MRR among the val split's bodies, in the
+normalised pooled space, ``norm.pooled_space``), never on loss or cosine. ``last.pt`` is rewritten at every epoch
+end (and every ``train.checkpoint_every_steps``), atomically; ``--resume`` continues from it
+and, because the data order and masks are functions of (seed, epoch, record), gives the same
+weights as an uninterrupted run. Checkpoints hold tensors and plain values only and load
+with ``torch.load(weights_only=True)``.
+
+DDP: when ``WORLD_SIZE`` > 1 (torchrun), every rank takes an equal shard of each global
+batch (``train.batch_size`` is global); gradients are averaged, so a mean-reduced loss gives
+the same step as one process with the whole batch. Rank 0 validates and writes the run.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from codejepa.core import CodejepaError, atomic_write_bytes, atomic_write_json
+from codejepa.core import code_version as _code_version
+from codejepa.embed.store import Store, StoreError, open_store
+from codejepa.predict import losses
+from codejepa.predict.config import PredictConfig, from_dict
+from codejepa.predict.data import (FeatureSpec, FeatureTable, RevealSpec, StreamingTable, batch_loader,
+                                   estimate_cache_bytes, valid_records)
+from codejepa.predict.metrics import validation_metrics
+from codejepa.predict.models import build_model, count_parameters
+from codejepa.predict.normalize import NormStats, compute_stats
+
+code_version = functools.lru_cache(maxsize=1)(_code_version)  # a git call, once per process
+
+CKPT_FORMAT = "codejepa-predictor"
+CKPT_VERSION = 1
+# Settings that may change when a run is resumed (the rest must match the stored config).
+RESUMABLE_CHANGES = ("train.epochs", "train.threads", "train.checkpoint_every_steps", "train.plot_every_s",
+                     "data.cache_gb", "data.prefetch", "data.workers")
+
+Event = Callable[[dict[str, Any]], None]
+
+
+class TrainingError(CodejepaError):
+    """Training cannot start or continue; the message says why and what was kept."""
+
+
+class DivergedError(TrainingError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+# -- small helpers ------------------------------------------------------------------------
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    if device == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"--device {device}: CUDA is not available on this machine")
+    if device == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(device)
+
+
+def _dist_env() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint as plain data (``weights_only=True``); anything else is refused."""
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise TrainingError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # unpickling refused (code in it), truncated or foreign file
+        raise TrainingError(f"{path}: not a loadable codejepa checkpoint (weights_only load refused: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
+        raise TrainingError(f"{path}: not a codejepa predictor checkpoint")
+    if int(ck.get("format_version", -1)) != CKPT_VERSION:
+        raise TrainingError(f"{path}: checkpoint format version {ck.get('format_version')} is not supported")
+    return ck
+
+
+def feature_spec(cfg: PredictConfig, stats: NormStats) -> FeatureSpec:
+    return FeatureSpec(cfg.model.kind, cfg.model.max_input_tokens, cfg.model.body_slots,
+                       stats.in_outlier_norm, stats.body_outlier_norm)
+
+
+def make_table(store: Store, idx: np.ndarray, spec: FeatureSpec, cache_gb: float, *, with_body: bool = True,
+               progress: Callable[[int, int], None] | None = None) -> FeatureTable | StreamingTable:
+    """RAM cache when the estimated size fits ``cache_gb``; else stream from the store."""
+    if estimate_cache_bytes(store, idx, spec, with_body) <= cache_gb * 1e9:
+        return FeatureTable(store, idx, spec, with_body=with_body, progress=progress)
+    return StreamingTable(store, idx, spec, with_body=with_body)
+
+
+def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True)
+            for k, v in batch.items() if k != "index"}
+
+
+def lr_at(step: int, total: int, cfg: PredictConfig) -> float:
+    o = cfg.optim
+    if o.warmup_steps and step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    out: dict[str, tuple[Any, Any]] = {}
+    for k in a.keys() | b.keys():
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.update(_config_diff(va, vb, f"{prefix}{k}."))
+        elif (list(va) if isinstance(va, (list, tuple)) else va) != (list(vb) if isinstance(vb, (list, tuple)) else vb):
+            out[f"{prefix}{k}"] = (va, vb)
+    return out
+
+
+# -- the forward pass + loss of one batch -----------------------------------------------------
+def batch_loss(model: torch.nn.Module, norm: Any, bt: dict[str, torch.Tensor], cfg: PredictConfig,
+               reveal: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Loss of a batch. With ``reveal`` (multi-block training) the batch is run twice in ONE
+    forward — the evaluation view (all slots masked) and the revealed view — so that DDP sees
+    one forward per backward; the revealed view adds a regression on its masked slots."""
+    pooled_t = norm.body_to_norm(bt["body"])
+    slot_t = norm.slots_to_norm(bt["slots"]) if "slots" in bt else None
+    if reveal is None:
+        out = model(bt)
+        loss, parts = losses.compute_loss(out, pooled_t, slot_t, cfg.loss)
+        return loss, parts, out
+    B = len(reveal)
+    both = {k: torch.cat([v, v]) for k, v in bt.items()}
+    out2 = model(both, reveal=torch.cat([torch.zeros_like(reveal), reveal]))
+    out = {k: v[:B] for k, v in out2.items()}
+    loss, parts = losses.compute_loss(out, pooled_t, slot_t, cfg.loss)
+    aux_cfg = cfg.loss if cfg.loss.regression != "none" else cfg.loss.__class__(regression="smoothl1")
+    aux = losses.regression(out2["slots"][B:].float(), slot_t, aux_cfg, mask=~reveal)
+    parts["masked_aux"] = aux.detach()
+    return loss + cfg.mask.aux_weight * aux, parts, out
+
+
+@torch.no_grad()
+def evaluate_table(model: torch.nn.Module, table: Any, cfg: PredictConfig, device: torch.device) -> dict[str, float]:
+    """Val loss (train-batch-sized batches), retrieval and collapse diagnostics on a table."""
+    was_training = model.training
+    model.eval()
+    norm = model.norm
+    preds_n, preds_r, tg_n, tg_r = [], [], [], []
+    loss_sum, n_sum = 0.0, 0
+    bs = cfg.train.batch_size  # the InfoNCE term depends on the batch size: keep val loss comparable
+    for a in range(0, len(table), bs):
+        rows = np.arange(a, min(a + bs, len(table)))
+        bt = to_device(table.batch(rows), device)
+        loss, _, out = batch_loss(model, norm, bt, cfg)
+        loss_sum += float(loss) * len(rows)
+        n_sum += len(rows)
+        preds_n.append(out["pooled"].float().cpu())
+        preds_r.append(model.raw(out).float().cpu())
+        tg_n.append(norm.body_to_norm(bt["body"]).float().cpu())
+        tg_r.append(bt["body"].float().cpu())
+    model.train(was_training)
+    m = validation_metrics(torch.cat(preds_n), torch.cat(tg_n), torch.cat(preds_r), torch.cat(tg_r))
+    m["val_loss"] = loss_sum / max(1, n_sum)
+    return m
+
+
+# -- curves --------------------------------------------------------------------------------
+def write_curves(history: list[dict[str, Any]], path: Path, title: str = "", space: str = "standardized") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7.5))
+    ax[0, 0].plot(ep, [h["train_loss"] for h in history], label="train")
+    ax[0, 0].plot(ep, [h["val_loss"] for h in history], label="val")
+    ax[0, 0].set_title("loss")
+    ax[0, 1].plot(ep, [h["val_mrr"] for h in history], label="val MRR (selection)")
+    ax[0, 1].plot(ep, [h["val_rank1"] for h in history], label="val rank@1")
+    ax[0, 1].plot(ep, [h["val_chance_mrr"] for h in history], "--", color="grey", label="chance MRR")
+    ax[0, 1].set_ylim(0, 1)
+    ax[0, 1].set_title(f"validation retrieval ({space} pooled space)")
+    ax[1, 0].plot(ep, [h["val_cos"] for h in history], label=f"val cos ({space})")
+    ax[1, 0].plot(ep, [h["val_cos_raw"] for h in history], label="val cos (raw)")
+    ax[1, 0].plot(ep, [h["pred_cos_to_mean"] for h in history], label="predictions: cos to own mean")
+    ax[1, 0].plot(ep, [h["target_cos_to_mean"] for h in history], "--", label="targets: cos to own mean")
+    ax[1, 0].set_title("cosines (never alone: see retrieval)")
+    ax[1, 1].plot(ep, [h["pred_eff_rank"] for h in history], label="predictions")
+    ax[1, 1].plot(ep, [h["target_eff_rank"] for h in history], "--", label="targets")
+    ax[1, 1].set_title("effective rank (RankMe): collapse when predictions ≪ targets")
+    for a in ax.flat:
+        a.set_xlabel("epoch")
+        a.legend(fontsize=8)
+        a.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# -- the run directory ----------------------------------------------------------------------
+def _store_check(run: dict[str, Any], store: Store, store_path: Path) -> None:
+    fp = store.meta.fingerprint()
+    if run.get("store_fingerprint") != fp:
+        old = run.get("store_meta", {})
+        what = {k: (old.get(k), getattr(store.meta, k)) for k in ("teacher", "layer", "hidden_size", "target_mode")
+                if old.get(k) != getattr(store.meta, k)}
+        raise TrainingError(
+            f"{store_path}: built with other settings than this run's store "
+            f"(fingerprint {fp[:12]} vs {str(run.get('store_fingerprint'))[:12]}"
+            f"{'; run vs store: ' + str(what) if what else ''}); use the run's store or a new --out"
+        )
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line after a kill
+            continue
+    return out
+
+
+def _append_log(path: Path, entry: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+
+
+# -- train ---------------------------------------------------------------------------------
+def train(
+    store_path: str | os.PathLike[str],
+    config: PredictConfig | None,
+    out_dir: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    on_event: Event | None = None,
+) -> dict[str, Any]:
+    """Train a predictor; returns a summary (best epoch and its metrics, paths).
+
+    ``config=None`` with ``resume=True`` continues with the run's stored config.
+    ``on_event`` receives progress events (``stats``, ``cache``, ``step``, ``epoch``, ``done``).
+    Raises :class:`TrainingError` (or a store/config error) with one clear line on bad input.
+    """
+    emit = on_event or (lambda e: None)
+    rank, world, local_rank = _dist_env()
+    dev = resolve_device(device, local_rank)
+    own_group = False
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        own_group = True
+    try:
+        return _train(Path(store_path), config, Path(out_dir), resume, dev, rank, world, emit)
+    finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bool, dev: torch.device,
+           rank: int, world: int, emit: Event) -> dict[str, Any]:
+    main = rank == 0
+    paths = {k: out / v for k, v in dict(config="config.json", run="run.json", stats="stats.pt",
+                                          stats_json="stats.json", last="last.pt", best="best.pt",
+                                          log="log.jsonl", curves="curves.png").items()}
+    store = open_store(store_path)
+    try:
+        # ---- checks before anything is written (every rank reaches the same verdict) ----
+        existing = paths["run"].exists() or paths["last"].exists()
+        if existing and not resume:
+            raise TrainingError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
+        ckpt = None
+        if resume and existing:
+            run = json.loads(paths["run"].read_text()) if paths["run"].exists() else {}
+            _store_check(run, store, store_path)
+            stored_cfg = from_dict(json.loads(paths["config"].read_text()))
+            if config is None:
+                config = stored_cfg
+            else:
+                diff = {k: v for k, v in _config_diff(stored_cfg.to_dict(), config.to_dict()).items()
+                        if k not in RESUMABLE_CHANGES}
+                if diff:
+                    raise TrainingError(f"--resume with a config that differs from the run's in {sorted(diff)}; "
+                                        "resume without --config/--set, or start a new --out")
+            if paths["last"].exists():
+                ckpt = load_checkpoint(paths["last"])
+                if ckpt.get("store_fingerprint") != store.meta.fingerprint():
+                    _store_check({"store_fingerprint": ckpt.get("store_fingerprint")}, store, store_path)
+        if config is None:
+            raise TrainingError("no config given and no run to resume")
+        cfg = config.validate()
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        train_idx, val_idx = store.indices("train"), store.indices("val")
+        for split, idx in (("train", train_idx), ("val", val_idx)):
+            if len(idx) == 0:
+                raise TrainingError(f"{store_path}: the {split} split is empty "
+                                    f"({len(store)} records); training needs train and val records")
+        train_ok, val_ok = valid_records(store, train_idx), valid_records(store, val_idx)
+        train_idx, val_idx = train_idx[train_ok], val_idx[val_ok]
+        dropped = {"train_empty_body": int((~train_ok).sum()), "val_empty_body": int((~val_ok).sum())}
+        if len(train_idx) == 0 or len(val_idx) == 0:
+            raise TrainingError(f"{store_path}: no train or val record has a body token to predict")
+        B = cfg.train.batch_size
+        if len(train_idx) < B:
+            B = len(train_idx) - len(train_idx) % world
+        if B <= 0 or B % world:
+            raise TrainingError(f"train.batch_size ({B}) must be a positive multiple of the {world} DDP ranks")
+        steps_per_epoch = len(train_idx) // B
+        total_steps = steps_per_epoch * cfg.train.epochs
+        d = store.meta.hidden_size
+        stats_key = {"store_fingerprint": store.meta.fingerprint(), "train_records": int(len(train_idx)),
+                     "outlier_factor": cfg.norm.outlier_factor, "eps": cfg.norm.eps,
+                     "whiten_shrink": cfg.norm.whiten_shrink}
+        need_stats = True  # statistics left by an earlier start are reused only if they were fitted the same way
+        if paths["stats"].exists():
+            try:
+                old = torch.load(paths["stats"], weights_only=True)
+                need_stats = {k: old.get(k) for k in stats_key} != stats_key
+            except Exception:  # a torn or foreign file: fit again
+                need_stats = True
+        if ckpt is not None and need_stats:
+            raise TrainingError(f"{paths['stats']}: missing or fitted on other data; the run cannot be resumed")
+        _barrier(world)
+
+        # ---- run directory and train-split statistics ----
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(paths["config"], cfg.to_dict())
+        if need_stats:
+            if main:
+                emit({"event": "stats", "done": 0, "total": 2 * len(train_idx)})
+                stats = compute_stats(store, train_idx, outlier_factor=cfg.norm.outlier_factor,
+                                      sample_records=cfg.norm.stats_sample_records, eps=cfg.norm.eps,
+                                      whiten_shrink=cfg.norm.whiten_shrink,
+                                      progress=lambda a, b: emit({"event": "stats", "done": a, "total": b}))
+                save_checkpoint(paths["stats"], {"format": "codejepa-norm-stats", **stats_key, **stats.to_plain()})
+                atomic_write_json(paths["stats_json"], {**stats.summary(), "dropped": dropped})
+            _barrier(world)
+        stats = NormStats.from_plain(torch.load(paths["stats"], weights_only=True))
+
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg, d)
+        model.norm.load(stats)
+        model.to(dev)
+        n_params = count_parameters(model)
+        if main and not paths["run"].exists():
+            atomic_write_json(paths["run"], {
+                "format": "codejepa-predict-run", "name": cfg.name or cfg.model.kind,
+                "model_kind": cfg.model.kind, "parameters": n_params, "hidden_size": d,
+                "store": str(store_path.resolve()), "store_fingerprint": store.meta.fingerprint(),
+                "store_meta": asdict(store.meta), "code_version": code_version(),
+                "torch": torch.__version__, "world_size": world, "device": str(dev),
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "train_records": int(len(train_idx)), "val_records": int(len(val_idx)), "dropped": dropped,
+            })
+        o = cfg.optim
+        opt_cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+        opt = opt_cls(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+
+        start_epoch = start_step = global_step = 0
+        loss_sum, loss_steps = 0.0, 0
+        best_mrr, best_epoch = -1.0, -1
+        history: list[dict[str, Any]] = []
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            torch.set_rng_state(ckpt["torch_rng"].cpu())
+            start_epoch, start_step, global_step = int(ckpt["epoch"]), int(ckpt["step_in_epoch"]), int(ckpt["global_step"])
+            loss_sum, loss_steps = float(ckpt["epoch_loss_sum"]), int(ckpt["epoch_loss_steps"])
+            best_mrr, best_epoch = float(ckpt["best_mrr"]), int(ckpt["best_epoch"])
+            history = list(ckpt["history"])
+            if main:  # drop log lines written after the checkpoint (a kill between the two)
+                kept = [e for e in _read_log(paths["log"]) if not (e.get("event") == "epoch" and e["epoch"] > start_epoch)]
+                logged = {e["epoch"] for e in kept if e.get("event") == "epoch"}
+                kept += [h for h in history if h["epoch"] not in logged]
+                atomic_write_bytes(paths["log"], "".join(json.dumps(e) + "\n" for e in kept).encode())
+                _append_log(paths["log"], {"event": "resume", "epoch": start_epoch, "step_in_epoch": start_step,
+                                           "time": time.time()})
+
+        # ---- data ----
+        spec = feature_spec(cfg, stats)
+        emit({"event": "cache", "split": "train", "done": 0, "total": len(train_idx)})
+        train_tab = make_table(store, train_idx, spec, cfg.data.cache_gb,
+                               progress=lambda a, b: emit({"event": "cache", "split": "train", "done": a, "total": b}))
+        val_tab = make_table(store, val_idx, spec, cfg.data.cache_gb) if main else None
+
+        net: torch.nn.Module = model
+        if world > 1:
+            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        multiblock = cfg.mask.strategy == "multiblock" and cfg.model.kind == "transformer"
+        per_rank = B // world
+        amp = cfg.train.amp and dev.type == "cuda"
+
+        reveal_spec = (RevealSpec(cfg.train.seed, cfg.model.body_slots, cfg.mask.num_blocks, cfg.mask.block_frac)
+                       if multiblock else None)
+
+        if main and start_epoch == 0 and start_step == 0:
+            _append_log(paths["log"], {"event": "start", "parameters": n_params, "steps_per_epoch": steps_per_epoch,
+                                       "batch_size": B, "world_size": world, "train_records": int(len(train_idx)),
+                                       "val_records": int(len(val_idx)), "stats": stats.summary(),
+                                       "cache": type(train_tab).__name__, "time": time.time()})
+        model.train()
+        wait_s = step_s = 0.0
+        last_plot = time.monotonic()
+        ckpt_at = (f"epoch {start_epoch} + {start_step} steps" if start_step else f"after epoch {start_epoch}") if ckpt else ""
+        for epoch in range(start_epoch, cfg.train.epochs):
+            perm = np.random.default_rng([cfg.train.seed, epoch]).permutation(len(train_idx))
+            shards = [perm[s * B + rank * per_rank: s * B + (rank + 1) * per_rank]
+                      for s in range(start_step, steps_per_epoch)]
+            loader = batch_loader(train_tab, shards, reveal=reveal_spec, epoch=epoch, prefetch=cfg.data.prefetch,
+                                  workers=cfg.data.workers)
+            t_epoch = time.perf_counter()
+            for step, b in enumerate(loader, start=start_step):
+                lr = lr_at(global_step, total_steps, cfg)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                reveal = torch.from_numpy(b.pop("reveal")).to(dev) if "reveal" in b else None
+                bt = to_device(b, dev)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    loss, parts, _ = batch_loss(net, model.norm, bt, cfg, reveal)
+                bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=dev)
+                if world > 1:
+                    dist.all_reduce(bad)
+                if float(bad) > 0:
+                    kept = (f"the last good checkpoint is kept: {paths['last']} ({ckpt_at})" if ckpt_at
+                            else "no checkpoint had been written yet")
+                    if main:
+                        _append_log(paths["log"], {"event": "diverged", "epoch": epoch + 1, "step": step,
+                                                   "global_step": global_step, "lr": lr, "time": time.time()})
+                        if cfg.train.plot_every_s >= 0:
+                            write_curves(history, paths["curves"], cfg.name or cfg.model.kind, cfg.norm.pooled_space)
+                    raise DivergedError(f"loss became non-finite at epoch {epoch + 1}, step {step + 1} (lr {lr:.3g}); "
+                                        f"{kept}; lower optim.lr or set optim.grad_clip")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if o.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+                opt.step()
+                global_step += 1
+                loss_v = float(loss.detach())
+                loss_sum += loss_v
+                loss_steps += 1
+                emit({"event": "step", "epoch": epoch + 1, "epochs": cfg.train.epochs, "step": step + 1,
+                      "steps": steps_per_epoch, "global_step": global_step, "loss": loss_v, "lr": lr,
+                      **{k: float(v) for k, v in parts.items()}})
+                every = cfg.train.checkpoint_every_steps
+                if every and global_step % every == 0 and step + 1 < steps_per_epoch and main:
+                    save_checkpoint(paths["last"], _ckpt(model, opt, cfg, store, epoch, step + 1, global_step,
+                                                         loss_sum, loss_steps, best_mrr, best_epoch, history))
+                    ckpt_at = f"epoch {epoch} + {step + 1} steps"
+            epoch_s = time.perf_counter() - t_epoch
+            wait_s += loader.wait_s
+            step_s += epoch_s
+            start_step = 0
+            # ---- epoch end: mean train loss over ranks, validation and checkpoints on rank 0 ----
+            tl = torch.tensor([loss_sum, float(loss_steps)], dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(tl)
+            train_loss = float(tl[0] / max(1.0, float(tl[1])))
+            loss_sum, loss_steps = 0.0, 0
+            if main:
+                m = evaluate_table(model, val_tab, cfg, dev)
+                entry = {"event": "epoch", "epoch": epoch + 1, "global_step": global_step, "lr": lr_at(global_step, total_steps, cfg),
+                         "train_loss": train_loss, **m, "data_wait_share": loader.wait_s / max(1e-9, epoch_s),
+                         "time": time.time()}
+                improved = m["val_mrr"] > best_mrr
+                if improved:
+                    best_mrr, best_epoch = m["val_mrr"], epoch + 1
+                entry["best_epoch"] = best_epoch
+                history.append(entry)
+                ck = _ckpt(model, opt, cfg, store, epoch + 1, 0, global_step, 0.0, 0, best_mrr, best_epoch, history)
+                if improved:  # best first: a kill between the two leaves last.pt behind best.pt, never ahead
+                    save_checkpoint(paths["best"], {k: v for k, v in ck.items() if k != "optimizer"})
+                save_checkpoint(paths["last"], ck)
+                ckpt_at = f"after epoch {epoch + 1}"
+                _append_log(paths["log"], entry)
+                pe = cfg.train.plot_every_s
+                if pe >= 0 and (epoch + 1 == cfg.train.epochs or time.monotonic() - last_plot >= pe):
+                    write_curves(history, paths["curves"], f"{cfg.name or cfg.model.kind} — {store_path.name}",
+                                 cfg.norm.pooled_space)
+                    last_plot = time.monotonic()
+                emit(entry)
+            start_epoch = epoch + 1
+            _barrier(world)
+        summary = {"run_dir": str(out), "best_epoch": best_epoch, "best_val_mrr": best_mrr,
+                   "epochs": cfg.train.epochs, "parameters": n_params,
+                   "best": next((h for h in history if h["epoch"] == best_epoch), None),
+                   "data_wait_share": wait_s / max(1e-9, step_s)}
+        if main:
+            _append_log(paths["log"], {"event": "done", "best_epoch": best_epoch, "best_val_mrr": best_mrr, "time": time.time()})
+            emit({"event": "done", **summary})
+        _barrier(world)  # every rank leaves together: none tears the group down under another
+        return summary
+    finally:
+        store.close()
+
+
+def _ckpt(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: PredictConfig, store: Store, epoch: int, step: int,
+          global_step: int, loss_sum: float, loss_steps: int, best_mrr: float, best_epoch: int,
+          history: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "format": CKPT_FORMAT, "format_version": CKPT_VERSION, "kind": cfg.model.kind,
+        "hidden_size": store.meta.hidden_size, "config": cfg.to_dict(),
+        "store_fingerprint": store.meta.fingerprint(), "code_version": code_version(),
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
+        "epoch": epoch, "step_in_epoch": step, "global_step": global_step,
+        "epoch_loss_sum": loss_sum, "epoch_loss_steps": loss_steps,
+        "best_mrr": best_mrr, "best_epoch": best_epoch, "history": [dict(h) for h in history],
+    }
+
+
+__all__ = ["train", "TrainingError", "DivergedError", "StoreError", "load_checkpoint", "evaluate_table",
+           "resolve_device", "make_table", "feature_spec"]

@@ -1,0 +1,85 @@
+"""Synthetic stores with learnable structure, for the predict stage's tests and benchmark.
+
+Each record has a latent z. Its signature tokens are z plus token noise; its context tokens
+carry the repository's vector (uninformative about the body); its body tokens are a fixed
+random function of z (linear part + a tanh nonlinearity) plus token noise. Every token also
+carries a strong common direction (the anisotropy that made the seed's cosine look good),
+inputs start with a huge sink token (marked special), and a few context tokens have an
+outlier norm (not marked) — the predictor must filter both.
+
+Inputs come from one random stream and bodies from another (``body_seed``), so two stores
+with the same ``seed`` and different ``body_seed`` have identical inputs and different bodies
+(states and lengths) — for the test that the body never reaches the predictor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from codejepa.embed.store import PendingRecord, StoreMeta, StoreWriter
+
+
+def synthetic_meta(d: int = 32, teacher: str = "synthetic/teacher") -> StoreMeta:
+    return StoreMeta(teacher=teacher, teacher_kind="causal", hidden_size=d, layer=2, num_hidden_layers=4,
+                     template_version="synthetic-1", state_dtype="float16")
+
+
+def make_store(path: str | Path, *, d: int = 32, n_repos: int = 10, per_repo: int = 40, seed: int = 0,
+               body_seed: int = 0, n_val_repos: int = 1, n_test_repos: int = 1, teacher: str = "synthetic/teacher",
+               anisotropy: float = 8.0, noise: float = 0.3, body_len: tuple[int, int] = (2, 20)) -> Path:
+    path = Path(path)
+    rin = np.random.default_rng([seed, 0])
+    rbody = np.random.default_rng([seed, 1, body_seed])
+    maps = np.random.default_rng([seed, 2])  # the fixed "teacher" function sig → body
+    M = maps.normal(size=(d, d)) / np.sqrt(d)
+    A = maps.normal(size=(d, 2 * d)) / np.sqrt(d)
+    Bm = maps.normal(size=(2 * d, d)) / np.sqrt(2 * d)
+    common = maps.normal(size=d)
+    common *= anisotropy / np.linalg.norm(common) * np.sqrt(d) / 4
+    sink = maps.normal(size=d) * 40.0
+    n_train_repos = n_repos - n_val_repos - n_test_repos
+    records = []
+    for r in range(n_repos):
+        split = "train" if r < n_train_repos else ("val" if r < n_train_repos + n_val_repos else "test")
+        repo_vec = rin.normal(size=d)
+        for j in range(per_repo):
+            z = rin.normal(size=d)
+            n_sig, n_ctx = int(rin.integers(3, 9)), int(rin.integers(0, 13))
+            sig = z + noise * rin.normal(size=(n_sig, d)) + common
+            ctx = repo_vec + rin.normal(size=(n_ctx, d)) + common
+            if n_ctx and rin.random() < 0.2:  # an outlier-norm token, not marked special
+                ctx[int(rin.integers(0, n_ctx))] *= 60.0
+            inp = np.concatenate([sink[None], ctx, sig]).astype(np.float32)
+            special = np.zeros(len(inp), bool)
+            special[0] = True
+            g = z @ M + 0.7 * np.tanh(z @ A) @ Bm
+            n_body = int(rbody.integers(body_len[0], body_len[1] + 1))
+            body = (g + noise * rbody.normal(size=(n_body, d)) + common).astype(np.float32)
+            records.append(PendingRecord(
+                id=f"repo{r}::f{j}", split=split, repo=f"repo{r}", truncated=False,
+                input_states=inp, input_token_ids=np.arange(len(inp), dtype=np.int32), input_special=special,
+                context_span=(1, 1 + n_ctx), signature_span=(1 + n_ctx, 1 + n_ctx + n_sig),
+                body_states=body, body_token_ids=np.arange(n_body, dtype=np.int32),
+            ))
+    with StoreWriter(path, synthetic_meta(d, teacher)) as w:
+        for a in range(0, len(records), 64):
+            w.append(records[a : a + 64])
+    return path
+
+
+def ddp_worker(rank: int, world: int, jobs: list) -> None:
+    """Entry point of one DDP rank (torch.multiprocessing.spawn): env as torchrun sets it.
+    Each job gets its own port: a fresh rendezvous, never a stale store of the previous one."""
+    import os
+
+    import torch
+
+    from codejepa.predict.train import train
+
+    torch.set_num_threads(1)
+    for store, cfg, out, port in jobs:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+        train(store, cfg, out, device="cpu")

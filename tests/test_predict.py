@@ -1,0 +1,326 @@
+"""The predict stage: configs, models, data, training behaviour, the public API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _predict_fixtures import make_store  # noqa: E402
+
+from codejepa.core import CodejepaError  # noqa: E402
+from codejepa.embed.store import open_store  # noqa: E402
+from codejepa.predict import PredictorError, load_predictor  # noqa: E402
+from codejepa.predict.config import ConfigError, apply_overrides, load_toml, parse_set, resolve_config  # noqa: E402
+from codejepa.predict.data import FeatureSpec, input_features, pool_slots  # noqa: E402
+from codejepa.predict.models import build_model, count_parameters  # noqa: E402
+from codejepa.predict.train import DivergedError, TrainingError, load_checkpoint, train  # noqa: E402
+
+torch.set_num_threads(1)
+
+TINY_MLP = {"model.mlp_hidden": "64,32,64", "train.batch_size": 64, "train.epochs": 15, "optim.lr": 3e-3,
+            "train.plot_every_s": -1}
+TINY_TF = {"model.width": 32, "model.depth": 1, "model.heads": 2, "model.body_slots": 4, "model.max_input_tokens": 16,
+           "train.batch_size": 64, "train.epochs": 10, "optim.warmup_steps": 5, "optim.lr": 3e-3,
+           "train.plot_every_s": -1}
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_store(tmp_path_factory.mktemp("store") / "s.h5")
+
+
+def chance_mrr(n: int) -> float:
+    return sum(1.0 / k for k in range(1, n + 1)) / n
+
+
+def mrr(pred: np.ndarray, cand: np.ndarray) -> float:
+    """Independent of the package: cosine retrieval, ties pessimistic."""
+    p = pred / np.linalg.norm(pred, axis=1, keepdims=True)
+    c = cand / np.linalg.norm(cand, axis=1, keepdims=True)
+    s = p @ c.T
+    ranks = (s >= np.diag(s)[:, None]).sum(1)
+    return float((1.0 / ranks).mean())
+
+
+def weights(run: Path, name: str = "last.pt") -> dict[str, torch.Tensor]:
+    return torch.load(run / name, weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol, rtol=0), k
+
+
+# -- config and models --------------------------------------------------------------------
+def test_seed_mlp_is_the_seeds_network_with_5252608_parameters() -> None:
+    cfg = resolve_config("mlp", preset="seed-mlp")
+    assert count_parameters(build_model(cfg, 2048)) == 5_252_608
+    assert (cfg.loss.regression, cfg.loss.infonce_weight, cfg.optim.name) == ("smoothl1", 0.0, "adam")
+    assert (cfg.norm.pooled_space, cfg.norm.standardize_input) == ("raw", False)  # the seed trained on raw states
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.min_lr_ratio) == (1e-3, 1e-4, 0.0)
+    assert (cfg.train.batch_size, cfg.train.epochs, cfg.model.mlp_hidden) == (256, 100, (1024, 512, 1024))
+
+
+def test_config_overrides_toml_and_errors(tmp_path: Path) -> None:
+    cfg = resolve_config("transformer", overrides=parse_set(
+        ["optim.lr=3e-4", "model.depth=2", "train.amp=true", "model.mlp_hidden=8,4", "optim.betas=(0.8, 0.9)"]))
+    assert (cfg.optim.lr, cfg.model.depth, cfg.train.amp) == (3e-4, 2, True)
+    assert cfg.model.mlp_hidden == (8, 4) and cfg.optim.betas == (0.8, 0.9) and cfg.model.kind == "transformer"
+    toml = tmp_path / "c.toml"
+    toml.write_text('name = "mine"\n[optim]\nlr = 0.01\n[model]\nmlp_hidden = [16, 8]\n[loss]\ninfonce_weight = 1\n')
+    assert load_toml(toml)["optim.lr"] == 0.01
+    cfg = resolve_config("mlp", file=toml, overrides={"optim.lr": "0.02"})
+    assert (cfg.name, cfg.optim.lr, cfg.model.mlp_hidden, cfg.loss.infonce_weight) == ("mine", 0.02, (16, 8), 1.0)
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'.*optim.lr"):
+        resolve_config("mlp", overrides={"optim.lrr": "1"})
+    with pytest.raises(ConfigError, match="model.depth"):
+        resolve_config("mlp", overrides={"model.depth": "two"})
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_set(["optim.lr"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        resolve_config("mlp", preset="nope")
+    with pytest.raises(ConfigError, match="model.heads"):
+        resolve_config("transformer", overrides={"model.width": 30, "model.heads": 4})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim\nlr=1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        resolve_config("mlp", file=bad)
+    with pytest.raises(ConfigError, match="loss is empty"):
+        apply_overrides(resolve_config("mlp"), {"loss.regression": "none"}).validate()
+
+
+def test_slots_and_input_truncation() -> None:
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    s = pool_slots(x, 3)
+    assert np.allclose(s, [[1, 2], [5, 6], [9, 10]])
+    assert np.allclose(pool_slots(x, 3).mean(0), x.mean(0))
+    short = pool_slots(x[:2], 4)  # fewer tokens than slots: chunks repeat tokens, never empty
+    assert short.shape == (4, 2) and np.isfinite(short).all() and np.allclose(short[0], x[0]) and np.allclose(short[-1], x[1])
+    d = 4
+    states = np.arange(12 * d, dtype=np.float32).reshape(12, d)
+    special = np.zeros(12, bool)
+    special[0] = True
+    seg = np.array([[1, 8], [8, 12]])  # 7 context tokens, 4 signature tokens
+    spec = FeatureSpec("transformer", max_input_tokens=6, body_slots=2, in_outlier_norm=float("inf"), body_outlier_norm=float("inf"))
+    sig, tok, segids = input_features(states, special, seg, spec)
+    assert np.allclose(sig, states[8:12].mean(0))
+    assert np.allclose(tok, states[6:12])  # the far context (tokens 1..5) dropped first
+    assert segids.tolist() == [1, 1, 2, 2, 2, 2]
+    spec3 = FeatureSpec("transformer", 3, 2, float("inf"), float("inf"))
+    _, tok, segids = input_features(states, special, seg, spec3)
+    assert np.allclose(tok, states[8:11]) and segids.tolist() == [2, 2, 2]
+
+
+def test_train_split_statistics_match_a_direct_computation(store_path: Path) -> None:
+    from codejepa.predict.normalize import compute_stats
+
+    with open_store(store_path) as st:
+        tr = st.indices("train")
+        stats = compute_stats(st, tr, outlier_factor=10.0)
+        toks, sigs, bodies, n_out = [], [], [], 0
+        for i in tr:
+            inp, body = st.inputs(int(i)), st.body(int(i))
+            keep = ~inp.special & (np.linalg.norm(inp.states, axis=1) <= stats.in_outlier_norm)
+            n_out += int((~inp.special & ~keep).sum())
+            toks.append(inp.states[keep])
+            a, b = inp.segments["signature"]
+            sigs.append(inp.states[a:b][keep[a:b]].mean(0))
+            bodies.append(body.states.mean(0))
+    toks, sigs, bodies = np.concatenate(toks), np.stack(sigs), np.stack(bodies)
+    assert n_out == stats.counts["input_outliers"] > 0 and stats.counts["input_special"] == len(tr)
+    for mine, ref in ((stats.in_mu, toks.mean(0)), (stats.in_sd, toks.std(0)), (stats.sig_mu, sigs.mean(0)),
+                      (stats.sig_sd, sigs.std(0)), (stats.pool_mu, bodies.mean(0)), (stats.pool_sd, bodies.std(0))):
+        assert np.allclose(mine, ref, rtol=1e-4, atol=1e-4)
+
+
+# -- training -------------------------------------------------------------------------------
+def test_mlp_with_infonce_learns_instances_and_api_predicts_raw(store_path: Path, tmp_path: Path) -> None:
+    run = tmp_path / "mlp"
+    cfg = resolve_config("mlp", preset="mlp-infonce", overrides={**TINY_MLP, "train.plot_every_s": 3600})
+    summary = train(store_path, cfg, run, device="cpu")
+    best = summary["best"]
+    assert best["val_mrr"] > 4 * best["val_chance_mrr"] and best["val_rank1"] > 0.3
+    # the seed's recipe (SmoothL1 on raw, anisotropic states), same budget: high raw cosine,
+    # predictions collapsed onto their mean, retrieval far below the InfoNCE model
+    seed = train(store_path, resolve_config("mlp", preset="seed-mlp", overrides=TINY_MLP), tmp_path / "seed",
+                 device="cpu")["best"]
+    assert seed["val_cos_raw"] > 0.8 and seed["pred_cos_to_mean_raw"] > 0.95
+    assert seed["val_mrr"] < best["val_mrr"] - 0.3
+    # run directory: self-describing, log per epoch, curves
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    epochs = [e for e in log if e["event"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == list(range(1, cfg.train.epochs + 1))
+    for key in ("train_loss", "val_loss", "val_cos", "val_rank1", "val_mrr", "pred_cos_to_mean", "pred_eff_rank", "target_eff_rank"):
+        assert np.isfinite(epochs[-1][key])
+    info = json.loads((run / "run.json").read_text())
+    with open_store(store_path) as st:
+        assert info["store_fingerprint"] == st.meta.fingerprint() and info["code_version"]
+        assert (run / "curves.png").stat().st_size > 10_000
+        stats = json.loads((run / "stats.json").read_text())["counts"]
+        n_train = len(st.indices("train"))
+        assert stats["input_special"] == n_train and stats["input_outliers"] > 0
+        # the public API: raw-space predictions on the test split retrieve their own bodies
+        p = load_predictor(run)
+        assert p.store_fingerprint == st.meta.fingerprint() and p.name
+        test = st.indices("test")
+        pred = p.predict_pooled(st, test)
+        assert pred.shape == (len(test), 32) and pred.dtype == np.float32
+        again = p.predict_pooled(st, test[::-1])
+        assert np.allclose(again, pred[::-1], atol=1e-5)
+        bodies = st.pooled("body", test)
+        train_mean = st.pooled("body", st.indices("train")).mean(0)
+        learned = mrr(pred - train_mean, bodies - train_mean)
+        prototype = mrr(np.repeat(train_mean[None] + 1e-3, len(test), 0) - train_mean, bodies - train_mean)
+        assert learned > 3 * chance_mrr(len(test)) and prototype <= 1.5 * chance_mrr(len(test))
+        # high raw cosine of the prototype is what fooled the seed
+        cos = (train_mean @ bodies.T) / np.linalg.norm(train_mean) / np.linalg.norm(bodies, axis=1)
+        assert cos.mean() > 0.8
+
+
+def test_transformer_learns_and_never_sees_the_body(store_path: Path, tmp_path: Path) -> None:
+    other = make_store(tmp_path / "other_bodies.h5", body_seed=7, body_len=(1, 40))
+    run = tmp_path / "tf"
+    cfg = resolve_config("transformer", overrides={**TINY_TF, "mask.strategy": "multiblock"})
+    summary = train(store_path, cfg, run, device="cpu")
+    assert summary["best"]["val_mrr"] > 3 * summary["best"]["val_chance_mrr"]
+    p = load_predictor(run)
+    with open_store(store_path) as a, open_store(other) as b:
+        assert a.meta.fingerprint() == b.meta.fingerprint()
+        idx = a.indices()
+        assert not np.array_equal(a.lengths("targets"), b.lengths("targets"))
+        assert not np.allclose(a.pooled("body", idx[:5]), b.pooled("body", idx[:5]))
+        pa, pb = p.predict_pooled(a, idx), p.predict_pooled(b, idx)
+        assert np.array_equal(pa, pb)
+        assert np.std(pa, axis=0).mean() > 1e-3  # not a constant
+
+
+def test_resume_after_kill_equals_uninterrupted_and_is_deterministic(store_path: Path, tmp_path: Path) -> None:
+    over = {**TINY_TF, "train.epochs": 3, "train.checkpoint_every_steps": 3, "mask.strategy": "multiblock",
+            "model.dropout": 0.1}
+    cfg = resolve_config("transformer", overrides=over)
+    train(store_path, cfg, tmp_path / "a", device="cpu")
+    train(store_path, cfg, tmp_path / "b", device="cpu")
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))  # same seed → same weights
+
+    class Kill(Exception):
+        pass
+
+    def kill_at(e: dict) -> None:
+        if e["event"] == "step" and e["global_step"] == 8:  # mid-epoch 2, after the step-6 checkpoint
+            raise Kill
+
+    with pytest.raises(Kill):
+        train(store_path, cfg, tmp_path / "c", device="cpu", on_event=kill_at)
+    assert load_checkpoint(tmp_path / "c" / "last.pt")["global_step"] == 6
+    train(store_path, None, tmp_path / "c", resume=True, device="cpu")
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "c"))
+    assert_same_weights(weights(tmp_path / "a", "best.pt"), weights(tmp_path / "c", "best.pt"))
+    log = [json.loads(line) for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log if e["event"] == "epoch"] == [1, 2, 3]
+    assert any(e["event"] == "resume" for e in log)
+
+
+def test_streaming_from_the_store_equals_the_ram_cache(store_path: Path, tmp_path: Path) -> None:
+    over = {**TINY_TF, "train.epochs": 2}
+    train(store_path, resolve_config("transformer", overrides=over), tmp_path / "cache", device="cpu")
+    for name, extra in {"stream": {"data.prefetch": 0, "data.workers": 0},
+                        "workers": {"data.workers": 2, "mask.strategy": "multiblock"}}.items():
+        if name == "workers":  # multi-block masks drawn in worker processes must match the in-process ones
+            over = {**over, "mask.strategy": "multiblock"}
+            train(store_path, resolve_config("transformer", overrides=over), tmp_path / "cache-mb", device="cpu")
+        train(store_path, resolve_config("transformer", overrides={**over, "data.cache_gb": 0, **extra}),
+              tmp_path / name, device="cpu")
+        assert json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[0])["cache"] == "StreamingTable"
+        ref = tmp_path / ("cache" if name == "stream" else "cache-mb")
+        assert_same_weights(weights(ref), weights(tmp_path / name), atol=1e-6)
+
+
+def test_nan_loss_stops_with_one_message_and_keeps_the_last_good_checkpoint(
+        store_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from codejepa.predict import losses
+
+    real = losses.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(out, *a, **k):
+        loss, parts = real(out, *a, **k)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] > 7 else loss), parts  # 5 steps/epoch + 1 val batch
+
+    monkeypatch.setattr(losses, "compute_loss", poisoned)
+    run = tmp_path / "nan"
+    with pytest.raises(DivergedError, match=r"non-finite at epoch 2.*last good checkpoint is kept.*after epoch 1"):
+        train(store_path, resolve_config("mlp", overrides=TINY_MLP), run, device="cpu")
+    ck = load_checkpoint(run / "last.pt")
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert any(json.loads(x)["event"] == "diverged" for x in (run / "log.jsonl").read_text().splitlines())
+    load_predictor(run)  # the best checkpoint still serves
+
+
+def test_bad_inputs_give_one_clear_error(store_path: Path, tmp_path: Path) -> None:
+    cfg = resolve_config("mlp", overrides={**TINY_MLP, "train.epochs": 1})
+    run = tmp_path / "r"
+    train(store_path, cfg, run, device="cpu")
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(store_path, cfg, run, device="cpu")
+    foreign = make_store(tmp_path / "foreign.h5", teacher="another/teacher")
+    with pytest.raises(TrainingError, match="other settings"):
+        train(foreign, cfg, run, resume=True, device="cpu")
+    with pytest.raises(TrainingError, match="differs from the run's"):
+        train(store_path, apply_overrides(cfg, {"optim.lr": 0.5}), run, resume=True, device="cpu")
+    with open_store(foreign) as st, pytest.raises(PredictorError, match="other settings"):
+        load_predictor(run).predict_pooled(st, [0, 1])
+    no_val = make_store(tmp_path / "noval.h5", n_val_repos=0)
+    with pytest.raises(TrainingError, match="val split is empty"):
+        train(no_val, cfg, tmp_path / "r2", device="cpu")
+    with pytest.raises(CodejepaError, match="no such store"):
+        train(tmp_path / "missing.h5", cfg, tmp_path / "r3", device="cpu")
+    with pytest.raises(PredictorError, match="not a predict run"):
+        load_predictor(tmp_path)
+
+
+def test_checkpoints_are_data_and_code_is_refused(store_path: Path, tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    train(store_path, resolve_config("mlp", overrides={**TINY_MLP, "train.epochs": 1}), run, device="cpu")
+    for name in ("best.pt", "last.pt", "stats.pt"):
+        assert isinstance(torch.load(run / name, weights_only=True), dict)
+    ck = torch.load(run / "best.pt", weights_only=True)
+    ck["payload"] = Path("/etc/passwd")  # any non-plain object: a weights_only load must refuse it
+    torch.save(ck, run / "best.pt")
+    with pytest.raises(PredictorError, match="weights_only"):
+        load_predictor(run)
+
+
+def test_every_loss_term_and_norm_option_trains(store_path: Path, tmp_path: Path) -> None:
+    over = {**TINY_TF, "train.epochs": 2, "loss.regression": "mse", "loss.cosine_weight": 0.5,
+            "loss.infonce_weight": 1.0, "loss.variance_weight": 1.0, "norm.input_token_ln": True,
+            "norm.outlier_factor": 0.0, "mask.strategy": "multiblock", "optim.name": "adam", "optim.grad_clip": 0.5}
+    parts: dict[str, float] = {}
+    train(store_path, resolve_config("transformer", overrides=over), tmp_path / "all", device="cpu",
+          on_event=lambda e: parts.update(e) if e["event"] == "step" else None)
+    for key in ("regression", "cosine", "infonce", "variance", "masked_aux"):
+        assert np.isfinite(parts[key]), key
+    stats = json.loads((tmp_path / "all" / "stats.json").read_text())
+    assert stats["counts"]["input_outliers"] == 0 and stats["in_outlier_norm"] is None
+
+
+def test_whitened_pooled_space_round_trips_and_learns(store_path: Path, tmp_path: Path) -> None:
+    run = tmp_path / "w"
+    cfg = resolve_config("mlp", preset="mlp-infonce", overrides={**TINY_MLP, "norm.pooled_space": "whitened"})
+    best = train(store_path, cfg, run, device="cpu")["best"]
+    assert best["val_mrr"] > 4 * best["val_chance_mrr"]
+    norm = load_predictor(run).model.norm
+    with open_store(store_path) as st:
+        x = torch.from_numpy(st.pooled("body", st.indices("train")))
+    z = norm.body_to_norm(x)
+    assert torch.allclose(norm.pooled_to_raw(z), x, atol=1e-3 * float(x.abs().max()))
+    cov = torch.cov(z.T)  # whitened train bodies: near-identity covariance (shrinkage 0.1 keeps it below 1)
+    assert float((cov - torch.diag(torch.diag(cov))).abs().max()) < 0.2
+    assert 0.5 < float(torch.diag(cov).mean()) < 1.5

@@ -1,0 +1,54 @@
+"""DDP: two CPU processes (gloo) give the same weights as one process with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _predict_fixtures import ddp_worker, make_store  # noqa: E402
+
+from codejepa.predict.config import resolve_config  # noqa: E402
+from codejepa.predict.train import train  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(240)
+def test_two_gloo_ranks_match_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    torch.set_num_threads(1)
+    store = make_store(tmp_path / "s.h5", n_repos=6, per_repo=32, n_val_repos=1, n_test_repos=1)  # 128 train
+    common = {"train.batch_size": 32, "train.epochs": 2, "train.plot_every_s": -1, "optim.lr": 3e-3}
+    cfgs = {
+        "mlp": resolve_config("mlp", overrides={**common, "model.mlp_hidden": "64,32,64"}),
+        "transformer": resolve_config("transformer", overrides={
+            **common, "model.width": 32, "model.depth": 1, "model.heads": 2, "model.body_slots": 4,
+            "model.max_input_tokens": 16, "optim.warmup_steps": 2, "loss.infonce_weight": 0.0}),
+    }
+    ports: list[int] = []
+    while len(ports) < len(cfgs):
+        if (p := _free_port()) not in ports:
+            ports.append(p)
+    jobs = [(str(store), cfg, str(tmp_path / f"ddp-{name}"), port) for (name, cfg), port in zip(cfgs.items(), ports)]
+    mp.spawn(ddp_worker, args=(2, jobs), nprocs=2, join=True)
+    for name, cfg in cfgs.items():
+        train(store, cfg, tmp_path / f"one-{name}", device="cpu")
+        one = torch.load(tmp_path / f"one-{name}" / "last.pt", weights_only=True)
+        two = torch.load(tmp_path / f"ddp-{name}" / "last.pt", weights_only=True)
+        assert one["global_step"] == two["global_step"] == 8
+        for k, v in one["model"].items():
+            assert torch.allclose(v, two["model"][k], atol=1e-5, rtol=1e-4), (name, k)
+        assert abs(one["history"][-1]["val_mrr"] - two["history"][-1]["val_mrr"]) < 1e-3
+    assert "WORLD_SIZE" not in os.environ
