@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +78,18 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 def default_cache_dir() -> Path:
     """Where long jobs write by default: outside the repository, survives a session."""
     return Path(os.environ.get("CODEJEPA_CACHE", Path.home() / ".cache" / "codejepa"))
+
+
+def lazy_exports(module: str, exports: dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that imports ``exports[name]`` on first use.
+
+    Stage packages re-export their API this way so that ``import codejepa.<stage>`` (and
+    ``codejepa --help``) does not pull in torch, h5py or transformers.
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name in exports:
+            return getattr(importlib.import_module(exports[name]), name)
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return __getattr__

@@ -8,7 +8,7 @@ importing the package (the CLI does) loads neither h5py nor torch.
 
 from __future__ import annotations
 
-from typing import Any
+from codejepa.core import lazy_exports
 
 _EXPORTS = {
     "open_store": "codejepa.embed.store",
@@ -24,10 +24,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'codejepa.embed' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

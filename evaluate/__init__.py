@@ -19,7 +19,7 @@ comparison), :mod:`.search` (exact blocked search over distinct bodies), :mod:`.
 
 from __future__ import annotations
 
-from typing import Any
+from codejepa.core import lazy_exports
 
 _LAZY = {
     "evaluate_retrieval": "codejepa.evaluate.retrieval",
@@ -30,10 +30,4 @@ _LAZY = {
 }
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'codejepa.evaluate' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -19,7 +19,7 @@ Public API (imported lazily, so that ``codejepa --help`` does not import torch):
 
 from __future__ import annotations
 
-from typing import Any
+from codejepa.core import lazy_exports
 
 _LAZY = {
     "load_predictor": "codejepa.predict.api",
@@ -33,10 +33,4 @@ _LAZY = {
 }
 __all__ = list(_LAZY)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'codejepa.predict' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

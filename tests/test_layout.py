@@ -74,3 +74,15 @@ def test_cli_lists_every_stage() -> None:
     assert result.exit_code == 0
     for stage in STAGES:
         assert stage in result.output
+
+
+def test_cli_import_stays_light() -> None:
+    # `codejepa --help` must not pay for torch, transformers or h5py: stage packages
+    # re-export their API lazily and commands import heavy libraries when they run.
+    code = (
+        "import sys, codejepa.cli, codejepa.embed, codejepa.predict, codejepa.evaluate\n"
+        "heavy = [m for m in ('torch', 'transformers', 'h5py') if m in sys.modules]\n"
+        "sys.exit(f'imported: {heavy}' if heavy else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,111 @@
+"""The python-40 benchmark: the whole pipeline on 40 real projects, stage by stage, timed.
+
+    python bench/pipeline.py [--out ~/.cache/codejepa/bench40] [--layer N] [--targets in-context]
+                             [--stages corpus,embed,train,evaluate] [--models seed-mlp,transformer]
+
+Runs exactly the commands a user would (``codejepa corpus build``, ``embed run``, ``predict
+train``, ``evaluate retrieval``) so that the figures it prints are what the README's commands
+give. Every stage resumes: embedding the 40 projects takes hours on a CPU, so run this in the
+background (``nohup python bench/pipeline.py &``) and again in a later session; a killed run
+continues where it stopped. Held-out splits are embedded first, so a partial store can already
+be evaluated against the baselines. Writes OUT/timings.json (wall seconds per stage, machine)
+and the evaluation's table under OUT/eval-*/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "bench-repos"
+
+
+def run(cmd: list[str], timings: dict[str, float], key: str) -> None:
+    print(f"\n$ {' '.join(cmd)}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    result = subprocess.run(cmd)
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+    if result.returncode != 0:
+        sys.exit(f"pipeline: `{' '.join(cmd[:3])}` failed with exit code {result.returncode}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path.home() / ".cache" / "codejepa" / "bench40")
+    ap.add_argument("--list", type=Path, default=SHARED / "python-40.txt")
+    ap.add_argument("--layer", type=int, default=None, help="teacher layer (default: the middle block)")
+    ap.add_argument("--targets", default="in-context", choices=["in-context", "body-only"])
+    ap.add_argument("--stages", default="corpus,embed,train,evaluate")
+    ap.add_argument("--models", default="seed-mlp,transformer",
+                    help="comma list of predict presets to train (model kind inferred from the name)")
+    ap.add_argument("--set", action="append", default=[], help="extra --set for every predict train")
+    args = ap.parse_args()
+
+    exe = shutil.which("codejepa") or str(Path(sys.executable).with_name("codejepa"))
+    out: Path = args.out.expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    stages = set(args.stages.split(","))
+    tag = f"L{args.layer if args.layer is not None else 'mid'}-{args.targets}"
+    store = out / f"store-{tag}.h5"
+    timings: dict[str, float] = {}
+
+    if "corpus" in stages:
+        repos = out / "repos"
+        run([str(SHARED / "make-repos"), str(args.list), str(repos)], timings, "make_repos_s")
+        run([exe, "corpus", "build", "--repos-file", str(repos / "repos.txt"), "--out", str(out / "corpus"),
+             "--workers", str(os.cpu_count() or 1)], timings, "corpus_build_s")
+
+    if "embed" in stages:
+        base = [exe, "embed", "run", str(out / "corpus"), "--out", str(store), "--targets", args.targets]
+        if args.layer is not None:
+            base += ["--layer", str(args.layer)]
+        # Held-out first: a store interrupted later can already be evaluated.
+        run(base + ["--split", "test,val"], timings, "embed_s")
+        run(base + ["--split", "train,val,test"], timings, "embed_s")
+
+    runs = []
+    for preset in [m for m in args.models.split(",") if m]:
+        kind = "transformer" if preset.startswith("transformer") else "mlp"
+        run_dir = out / "runs" / f"{tag}-{preset}"
+        runs.append(run_dir)
+        if "train" in stages:
+            sets = [a for s in args.set for a in ("--set", s)]
+            if (run_dir / "last.pt").is_file():
+                cmd = [exe, "predict", "train", str(store), "--out", str(run_dir), "--resume", *sets]
+            else:
+                cmd = [exe, "predict", "train", str(store), "--model", kind, "--preset", preset,
+                       "--out", str(run_dir), *sets]
+            run(cmd, timings, f"train_{preset}_s")
+
+    if "evaluate" in stages:
+        for pool in ("split", "all"):
+            cmd = [exe, "evaluate", "retrieval", str(store), "--pool", pool, "--out", str(out / f"eval-{tag}-{pool}")]
+            for r in runs:
+                if (r / "best.pt").is_file():
+                    cmd += ["--run", str(r)]
+            run(cmd, timings, f"evaluate_{pool}_s")
+
+    record = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
+        "store": str(store),
+        "stages": sorted(stages),
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
+    path = out / f"timings-{tag}.json"
+    history = json.loads(path.read_text()) if path.is_file() else []
+    history.append(record)
+    path.write_text(json.dumps(history, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
