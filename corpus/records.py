@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from codejepa.core import CodejepaError
+from codejepa.core import CodejepaError, sha256_json
 
 CORPUS_FORMAT = "codejepa-corpus"
 CORPUS_FORMAT_VERSION = 1
@@ -179,6 +179,32 @@ def read_manifest(corpus_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if manifest.get("format") != CORPUS_FORMAT:
         raise CodejepaError(f"{p}: not a codejepa corpus manifest")
     return manifest
+
+
+# Build settings that change what records a corpus holds; the others (workers, clone jobs,
+# clone depth, work dir) change only how fast it is built.
+_CONTENT_SETTINGS = ("seed", "ratios", "exclude_tests", "keep_trivial", "max_file_bytes",
+                     "max_siblings", "extractor_version")
+
+
+def corpus_fingerprint(manifest: dict[str, Any]) -> str:
+    """A hash of what a corpus holds, for later stages to refuse a mismatched corpus.
+
+    It covers each repo's identity, commit, split, status and record count, the content
+    settings and the leak filter's ``dropped`` map — not timestamps, timings, resume flags or
+    source paths, so re-running ``corpus build`` on a finished corpus (or moving it) keeps it.
+    """
+    settings = manifest.get("settings", {})
+    return sha256_json({
+        "format_version": manifest.get("format_version"),
+        "settings": {k: settings.get(k) for k in _CONTENT_SETTINGS},
+        "repos": [
+            [r.get("name"), r.get("commit"), r.get("split"), r.get("status"), r.get("records_file"),
+             r.get("functions")]
+            for r in manifest.get("repos", [])
+        ],
+        "dropped": manifest.get("dropped", {}),
+    })
 
 
 def load_records(

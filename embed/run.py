@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from codejepa.core import CodejepaError, code_version, sha256_file
-from codejepa.corpus.records import SPLITS, FunctionRecord, load_records, read_manifest
+from codejepa.corpus.records import SPLITS, FunctionRecord, corpus_fingerprint, load_records, read_manifest
 from codejepa.embed.store import FLOAT16_MAX, PendingRecord, StoreError, StoreMeta, StoreWriter, read_meta
 from codejepa.embed.template import TEMPLATE_VERSION, SegmentTokenizer, Skipped, Tokenized
 
@@ -377,7 +377,7 @@ def make_meta(teacher: Any, seg: SegmentTokenizer, corpus_dir: Path, settings: E
         template_version=TEMPLATE_VERSION,
         tokenizer_hash=seg.fingerprint(),
         corpus_dir=str(corpus_dir.resolve()),
-        corpus_manifest_hash=sha256_file(corpus_dir / "manifest.json"),
+        corpus_manifest_hash=corpus_fingerprint(read_manifest(corpus_dir)),
         code_version=code_version(),
         target_mode=settings.target_mode,
         max_tokens=seg.max_tokens,

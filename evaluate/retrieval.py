@@ -56,14 +56,14 @@ class CorpusView:
     signature_texts: list[str]  # the signature alone (decorators, def line, docstring)
     body_texts: list[str]  # BM25 documents
     corpus_dir: str
-    manifest_sha256: str
+    corpus_fingerprint: str
     verified: bool = True  # False when the store recorded no manifest hash to check against
 
 
 def load_corpus_view(store: Any, corpus_dir: str | os.PathLike[str] | None = None) -> CorpusView:
     """Join the corpus records to the store's record ids; refuse a corpus the store was not
     built from (manifest hash mismatch)."""
-    from codejepa.corpus.records import load_records
+    from codejepa.corpus.records import corpus_fingerprint, load_records, read_manifest
 
     d = Path(corpus_dir if corpus_dir else store.meta.corpus_dir or "")
     manifest = d / "manifest.json"
@@ -72,11 +72,14 @@ def load_corpus_view(store: Any, corpus_dir: str | os.PathLike[str] | None = Non
             f"corpus of the store not found at {str(d) or '(unrecorded)'}: pass --corpus DIR "
             "(body texts are needed for BM25 and to merge duplicate bodies)"
         )
-    sha = sha256_file(manifest)
+    try:
+        sha = corpus_fingerprint(read_manifest(d))
+    except CodejepaError as e:
+        raise EvaluateError(str(e)) from None
     want = store.meta.corpus_manifest_hash
     if want and sha != want:
         raise EvaluateError(
-            f"{manifest}: sha256 {sha[:12]}… differs from the store's corpus_manifest_hash {want[:12]}…; "
+            f"{manifest}: corpus fingerprint {sha[:12]}… differs from the store's {want[:12]}…; "
             "this corpus is not the one the store was embedded from"
         )
     pos = store.index_of()
@@ -526,7 +529,7 @@ def evaluate_retrieval(
         store_info = {
             "path": str(Path(store.path).resolve()), "fingerprint": meta.fingerprint(),
             "file_sha256": sha256_file(store.path), "meta": meta.__dict__ | {"extra": dict(meta.extra)},
-            "corpus_dir": cv.corpus_dir, "corpus_manifest_sha256": cv.manifest_sha256,
+            "corpus_dir": cv.corpus_dir, "corpus_fingerprint": cv.corpus_fingerprint,
         }
         pool_stats = {
             "label": pspec.label, "n_queries": int(task.n_queries), "n_query_repos": int(len(np.unique(task.query_repos.astype(str)))),

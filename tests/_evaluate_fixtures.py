@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from codejepa.core import sha256_file
-from codejepa.corpus.records import FunctionRecord, Span, ContextPiece, write_records
+
+from codejepa.corpus.records import ContextPiece, FunctionRecord, Span, corpus_fingerprint, write_records
 from codejepa.embed.store import PendingRecord, StoreMeta, StoreWriter
 
 WORDS = ("parse", "render", "fetch", "merge", "split", "token", "cache", "retry", "encode", "decode",
@@ -60,7 +60,7 @@ def write_corpus(corpus_dir: Path, records: list[FunctionRecord]) -> str:
         repos.append({"name": name, "split": recs[0].split, "status": "ok", "records_file": rel})
     manifest = {"format": "codejepa-corpus", "format_version": 1, "repos": repos, "dropped": {}}
     (corpus_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return sha256_file(corpus_dir / "manifest.json")
+    return corpus_fingerprint(manifest)
 
 
 def make_dataset(

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from codejepa.core import CodejepaError
 from codejepa.corpus import load_records, read_manifest
+from codejepa.corpus.records import corpus_fingerprint
 from codejepa.corpus.build import STATE_FILE, BuildObserver, BuildSettings, build_corpus
 from codejepa.corpus.split import DROP_TRAIN_DUPLICATE, DROP_TRIVIAL, assign_split
 
@@ -126,14 +127,18 @@ def test_resume_skips_done_repos_and_redoes_changed_ones(tmp_path: Path) -> None
     first = build_corpus([str(a), b.as_uri()], out)
     files = {r["name"]: out / r["records_file"] for r in first.repos}
     stamps = {n: p.stat().st_mtime_ns for n, p in files.items()}
-    again = build_corpus([str(a), b.as_uri()], out)
+    again = build_corpus([str(a), b.as_uri()], out, BuildSettings(workers=2))
     assert [r.get("resumed") for r in again.repos] == [True, True]
     assert {n: p.stat().st_mtime_ns for n, p in files.items()} == stamps
+    # Later stages key on the fingerprint: a resumed build (other speed settings, other
+    # timings and resume flags in the manifest) is the same corpus; new content is not.
+    assert corpus_fingerprint(again.manifest) == corpus_fingerprint(first.manifest)
     new_commit = make_repo(b, {"b.py": "def fb2():\n    return 3\n"})
     third = build_corpus([str(a), b.as_uri()], out)
     assert [r.get("resumed", False) for r in third.repos] == [True, False]
     assert third.repos[1]["commit"] == new_commit
     assert {r.qualname for r in load_records(out)} == {"fa", "fb2"}
+    assert corpus_fingerprint(third.manifest) != corpus_fingerprint(first.manifest)
     # Different extraction settings: nothing is reused.
     fourth = build_corpus([str(a), b.as_uri()], out, BuildSettings(max_siblings=3))
     assert not any(r.get("resumed") for r in fourth.repos)

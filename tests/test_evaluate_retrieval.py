@@ -98,7 +98,7 @@ def test_all_baselines_outputs_and_comparison(ds, tmp_path: Path) -> None:
     # Files: every figure and setting, hashes of the store, ranks for later comparisons, plots.
     data = json.loads((out / "retrieval.json").read_text())
     assert data["store"]["fingerprint"] == ds.meta.fingerprint()
-    assert len(data["store"]["file_sha256"]) == 64 and data["store"]["corpus_manifest_sha256"] == ds.meta.corpus_manifest_hash
+    assert len(data["store"]["file_sha256"]) == 64 and data["store"]["corpus_fingerprint"] == ds.meta.corpus_manifest_hash
     assert data["settings"]["pool"]["label"] == "split" and data["settings"]["ties"] == "pessimistic"
     row = next(r for r in data["rows"] if r["method"] == "ridge" and r["space"] == "whitened")
     assert set(row["metrics"]) == {"rank@1", "recall@5", "recall@10", "recall@100", "mrr", "median_rank", "mean_rank"}

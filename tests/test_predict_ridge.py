@@ -1,0 +1,174 @@
+"""The ridge-residual predictor: closed-form ridge on train as the starting point, a learned residual."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _predict_fixtures import make_store  # noqa: E402
+
+from codejepa.embed.store import open_store  # noqa: E402
+from codejepa.predict import load_predictor  # noqa: E402
+from codejepa.predict.config import ConfigError, resolve_config  # noqa: E402
+from codejepa.predict.data import FeatureTable  # noqa: E402
+from codejepa.predict.models import build_model  # noqa: E402
+from codejepa.predict.normalize import compute_stats  # noqa: E402
+from codejepa.predict.ridge import fit_ridge, init_linear_path  # noqa: E402
+from codejepa.predict.train import feature_spec, train  # noqa: E402
+
+torch.set_num_threads(1)
+
+TINY = {"model.mlp_hidden": "64", "train.batch_size": 64, "train.epochs": 12, "train.plot_every_s": -1}
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_store(tmp_path_factory.mktemp("store") / "s.h5")
+
+
+def chance_mrr(n: int) -> float:
+    return sum(1.0 / k for k in range(1, n + 1)) / n
+
+
+def mrr(pred: np.ndarray, cand: np.ndarray) -> float:
+    p = pred / np.linalg.norm(pred, axis=1, keepdims=True)
+    c = cand / np.linalg.norm(cand, axis=1, keepdims=True)
+    s = p @ c.T
+    return float((1.0 / (s >= np.diag(s)[:, None]).sum(1)).mean())
+
+
+def numpy_ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Independent closed form: (XcᵀXc + λI)⁻¹ XcᵀYc with λ relative to the mean eigenvalue."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    xm, ym = x.mean(0), y.mean(0)
+    xc, yc = x - xm, y - ym
+    g = xc.T @ xc
+    lam = alpha * np.trace(g) / len(g)
+    w = np.linalg.solve(g + lam * np.eye(len(g)), xc.T @ yc)
+    return w, ym - xm @ w
+
+
+def test_fit_ridge_is_the_closed_form_and_picks_lambda_on_val() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 12))
+    w_true = rng.normal(size=(12, 8))
+    y = x @ w_true + 0.5 * rng.normal(size=(300, 8))
+    xt, yt, xv, yv = (torch.from_numpy(a) for a in (x[:200], y[:200], x[200:], y[200:]))
+    sol, scores = fit_ridge(xt, yt, xv, yv, alpha=0.1)
+    w, b = numpy_ridge(x[:200], y[:200], 0.1)
+    assert np.allclose(sol.weight.numpy(), w, atol=1e-4) and np.allclose(sol.bias.numpy(), b, atol=1e-4)
+    assert list(scores) == ["0.1"]
+    best, grid = fit_ridge(xt, yt, xv, yv)  # λ from the grid: the best val MRR wins
+    assert len(grid) > 3 and grid[f"{best.alpha:g}"] == max(grid.values())
+
+
+def test_linear_path_starts_at_train_ridge_in_the_whitened_space(store_path: Path) -> None:
+    cfg = resolve_config("mlp", preset="ridge-residual", overrides={**TINY, "model.ridge_alpha": 0.1})
+    with open_store(store_path) as st:
+        tr, va, te = st.indices("train"), st.indices("val"), st.indices("test")
+        stats = compute_stats(st, tr, whiten_shrink=cfg.norm.whiten_shrink)
+        model = build_model(cfg, st.meta.hidden_size)
+        model.norm.load(stats)
+        spec = feature_spec(cfg, stats)
+        info = init_linear_path(model, FeatureTable(st, tr, spec), FeatureTable(st, va, spec), alpha=0.1)
+        assert info["alpha"] == 0.1 and info["train_records"] == len(tr)
+        test_tab = FeatureTable(st, te, spec)
+        model.eval()
+        with torch.no_grad():
+            pred = model({"sig": torch.from_numpy(test_tab.sig)})["pooled"].numpy()
+        # the same ridge computed independently from the train split's pooled arrays
+        tab = FeatureTable(st, tr, spec)
+        x = (tab.sig - stats.sig_mu) / stats.sig_sd
+        z = (tab.body - stats.pool_mu) @ stats.pool_W
+        w, b = numpy_ridge(x, z, 0.1)
+        ref = ((test_tab.sig - stats.sig_mu) / stats.sig_sd) @ w + b
+        assert np.allclose(pred, ref, atol=1e-3)  # the residual MLP starts at exactly zero
+        target = (test_tab.body - stats.pool_mu) @ stats.pool_W
+        assert mrr(pred, target) > 4 * chance_mrr(len(te))
+
+
+def test_ridge_residual_preset_learns_and_keeps_ridge_in_the_checkpoint(store_path: Path, tmp_path: Path) -> None:
+    run = tmp_path / "rr"
+    events: list[dict] = []
+    summary = train(store_path, resolve_config("mlp", preset="ridge-residual", overrides=TINY), run, device="cpu",
+                    on_event=lambda e: events.append(e) if e["event"] in ("ridge_init", "epoch") else None)
+    init = next(e for e in events if e["event"] == "ridge_init")
+    best = summary["best"]
+    assert best["val_mrr"] > 4 * best["val_chance_mrr"] and best["val_rank1"] > 0.3
+    # training moved away from the ridge start only where val retrieval agreed
+    assert best["val_mrr"] >= init["val_mrr"] - 0.02
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in log].count("ridge_init") == 1
+    p = load_predictor(run)  # the ridge weights travel in the checkpoint: nothing else is needed
+    assert p.model.skip is not None and float(p.model.skip.weight.detach().abs().sum()) > 0
+    with open_store(store_path) as st:
+        te = st.indices("test")
+        pred = p.predict_pooled(st, te)
+        bodies = st.pooled("body", te)
+        mu = st.pooled("body", st.indices("train")).mean(0)
+        assert mrr(pred - mu, bodies - mu) > 3 * chance_mrr(len(te))
+    # resuming continues the trained weights: ridge is not fitted again
+    train(store_path, resolve_config("mlp", preset="ridge-residual", overrides={**TINY, "train.epochs": 13}), run,
+          device="cpu", resume=True)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in log].count("ridge_init") == 1
+
+
+def test_frozen_linear_path_and_linear_only_predictor(store_path: Path, tmp_path: Path) -> None:
+    over = {**TINY, "train.epochs": 3, "model.linear_trainable": False, "model.ridge_alpha": 0.1}
+    train(store_path, resolve_config("mlp", preset="ridge-residual", overrides=over), tmp_path / "frozen", device="cpu")
+    ck = torch.load(tmp_path / "frozen" / "best.pt", weights_only=True)["model"]
+    with open_store(store_path) as st:
+        cfg = resolve_config("mlp", preset="ridge-residual", overrides=over)
+        stats = compute_stats(st, st.indices("train"), whiten_shrink=cfg.norm.whiten_shrink)
+        m = build_model(cfg, st.meta.hidden_size)
+        m.norm.load(stats)
+        spec = feature_spec(cfg, stats)
+        init_linear_path(m, FeatureTable(st, st.indices("train"), spec), FeatureTable(st, st.indices("val"), spec), 0.1)
+    assert torch.allclose(ck["skip.weight"], m.skip.weight, atol=1e-4)  # frozen: still the ridge solution
+    last = max((k for k in ck if k.startswith("net.") and k.endswith(".weight")), key=lambda k: int(k.split(".")[1]))
+    assert float(ck[last].abs().sum()) > 0  # the residual (zero at the start) trained
+    lin = build_model(resolve_config("mlp", preset="ridge-residual", overrides={"model.mlp_hidden": ""}), 16)
+    assert lin.net is None and sum(p.numel() for p in lin.parameters()) == 16 * 16 + 16
+    with pytest.raises(ConfigError, match="linear_skip"):
+        resolve_config("transformer", overrides={"model.linear_skip": "ridge"})
+    with pytest.raises(ConfigError, match="linear_skip"):
+        resolve_config("mlp", overrides={"model.linear_skip": "lasso"})
+
+
+def test_input_views_are_the_signature_mean_and_last_token_and_train(store_path: Path, tmp_path: Path) -> None:
+    over = {**TINY, "train.epochs": 4, "model.input_views": "mean,last,context"}
+    cfg = resolve_config("mlp", preset="ridge-residual", overrides=over)
+    with open_store(store_path) as st:
+        tr = st.indices("train")
+        stats = compute_stats(st, tr)
+        tab = FeatureTable(st, tr[:20], feature_spec(cfg, stats))
+        d = st.meta.hidden_size
+        assert tab.sig.shape == (20, 3 * d)
+        seg = np.asarray(st.f["inputs/segments"][: len(st)])
+        for k, rec in enumerate(tr[:20]):
+            inp = st.inputs(int(rec))
+            (c0, c1), (s0, s1) = seg[rec]
+            ok = ~inp.special & (np.linalg.norm(inp.states, axis=1) <= stats.in_outlier_norm)
+            sig = inp.states[s0:s1][ok[s0:s1]]
+            ctx = inp.states[c0:c1][ok[c0:c1]]
+            assert np.allclose(tab.sig[k, :d], sig.mean(0), atol=1e-5)
+            assert np.allclose(tab.sig[k, d : 2 * d], sig[-1], atol=1e-5)
+            assert np.allclose(tab.sig[k, 2 * d :], ctx.mean(0) if len(ctx) else 0.0, atol=1e-5)
+    run = tmp_path / "views"
+    best = train(store_path, cfg, run, device="cpu")["best"]
+    assert best["val_mrr"] > 4 * best["val_chance_mrr"]
+    p = load_predictor(run)
+    assert float(p.model.view_sd.min()) > 0 and p.model.skip.in_features == 3 * p.hidden_size
+    with open_store(store_path) as st:
+        assert p.predict_pooled(st, st.indices("test")).shape == (len(st.indices("test")), st.meta.hidden_size)
+    with pytest.raises(ConfigError, match="input_views"):
+        resolve_config("mlp", overrides={"model.input_views": "mean,body"})
+    with pytest.raises(ConfigError, match="input_views"):
+        resolve_config("transformer", overrides={"model.input_views": "mean,last"})
