@@ -40,6 +40,7 @@ class FeatureSpec:
     body_slots: int
     in_outlier_norm: float
     body_outlier_norm: float
+    views: tuple[str, ...] = ("mean",)  # pooled input views, concatenated into ``sig``
 
 
 def _keep(states: np.ndarray, special: np.ndarray, thr: float) -> np.ndarray:
@@ -51,14 +52,21 @@ def _keep(states: np.ndarray, special: np.ndarray, thr: float) -> np.ndarray:
 
 def input_features(states: np.ndarray, special: np.ndarray, seg: np.ndarray, spec: FeatureSpec
                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """(pooled signature [d], input tokens [L, d] | None, segment ids [L] | None) of one record."""
+    """(pooled input views [len(views) · d], input tokens [L, d] | None, segment ids [L] | None) of one
+    record; with the default view that is the pooled signature [d]."""
     keep = _keep(states, special, spec.in_outlier_norm)
     (c0, c1), (s0, s1) = (int(seg[0][0]), int(seg[0][1])), (int(seg[1][0]), int(seg[1][1]))
     sig = states[s0:s1][keep[s0:s1]]
-    pooled = sig.mean(0) if len(sig) else np.zeros(states.shape[1], np.float32)
+    ctx = states[c0:c1][keep[c0:c1]]
+    zero = np.zeros(states.shape[1], np.float32)
+    pooled = sig.mean(0) if len(sig) else zero
+    if tuple(spec.views) != ("mean",):
+        view = {"mean": lambda: pooled, "last": lambda: sig[-1] if len(sig) else zero,
+                "first": lambda: sig[0] if len(sig) else zero,
+                "context": lambda: ctx.mean(0) if len(ctx) else zero}
+        pooled = np.concatenate([np.asarray(view[v](), np.float32) for v in spec.views])
     if spec.kind != "transformer":
         return pooled.astype(np.float32), None, None
-    ctx = states[c0:c1][keep[c0:c1]]
     cap = spec.max_input_tokens
     if len(sig) >= cap:
         sig, ctx = sig[:cap], ctx[:0]
@@ -105,7 +113,7 @@ def valid_records(store: Store, idx: np.ndarray) -> np.ndarray:
 
 def estimate_cache_bytes(store: Store, idx: np.ndarray, spec: FeatureSpec, with_body: bool = True) -> int:
     d, n = store.meta.hidden_size, len(idx)
-    b = n * d * 4 * (2 if with_body else 1)
+    b = n * d * 4 * (len(spec.views) + (1 if with_body else 0))
     if spec.kind == "transformer":
         lens = np.minimum(store.lengths("inputs")[np.asarray(idx, dtype=np.int64)], spec.max_input_tokens)
         b += int(lens.sum()) * (d * 2 + 1)
@@ -125,7 +133,7 @@ class FeatureTable:
         row = {int(r): k for k, r in enumerate(self.index)}
         order = np.unique(self.index)
         seg = segments_of(store)
-        self.sig = np.zeros((n, d), np.float32)
+        self.sig = np.zeros((n, d * len(spec.views)), np.float32)
         toks: list[Any] = [None] * n
         segs: list[Any] = [None] * n
         total, done = len(order) * (2 if with_body else 1), 0

@@ -31,9 +31,13 @@ def regression(pred: torch.Tensor, target: torch.Tensor, cfg: LossConfig, mask: 
     return e.mean()
 
 
-def infonce(pred: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+def infonce(pred: torch.Tensor, target: torch.Tensor, temperature: float, symmetric: bool = False) -> torch.Tensor:
     logits = F.normalize(pred, dim=-1) @ F.normalize(target, dim=-1).T / temperature
-    return F.cross_entropy(logits, torch.arange(len(pred), device=pred.device))
+    labels = torch.arange(len(pred), device=pred.device)
+    loss = F.cross_entropy(logits, labels)
+    if symmetric:  # each body must also pick its own prediction among the batch's predictions
+        loss = 0.5 * (loss + F.cross_entropy(logits.T, labels))
+    return loss
 
 
 def variance_hinge(pred: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -61,7 +65,7 @@ def compute_loss(out: dict[str, torch.Tensor], pooled_target: torch.Tensor,
         parts["cosine"] = c
         total = total + cfg.cosine_weight * c
     if cfg.infonce_weight:
-        n = infonce(pred, pooled_target, cfg.temperature)
+        n = infonce(pred, pooled_target, cfg.temperature, cfg.symmetric)
         parts["infonce"] = n
         total = total + cfg.infonce_weight * n
     if cfg.variance_weight:

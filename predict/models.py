@@ -73,27 +73,62 @@ class MLPPredictor(nn.Module):
     """Mean-pooled signature → Linear → [LayerNorm → act → Linear]… → d (the seed's MLP).
 
     With hidden (1024, 512, 1024) and d = 2048: 5,252,608 parameters.
+
+    With ``linear_skip`` a linear path runs beside the MLP (``pooled = skip(x) + net(x)``) and
+    the MLP's last layer starts at zero: the predictor starts as a linear map (the train-split
+    ridge solution with ``"ridge"``, see :mod:`codejepa.predict.ridge`) and learns a residual.
+    With an empty ``mlp_hidden`` and a skip, the predictor is the linear map alone.
     """
 
     def __init__(self, d: int, cfg: ModelConfig, pooled_space: str = "standardized", standardize_input: bool = True) -> None:
         super().__init__()
         self.norm = Normaliser(d, pooled_space)
         self.standardize_input = standardize_input
-        layers: list[nn.Module] = []
-        prev = d
-        for h in cfg.mlp_hidden:
-            layers += [nn.Linear(prev, h), nn.LayerNorm(h), _ACT[cfg.activation]()]
-            if cfg.dropout > 0:
-                layers.append(nn.Dropout(cfg.dropout))
-            prev = h
-        layers.append(nn.Linear(prev, d))
-        self.net = nn.Sequential(*layers)
+        self.views = tuple(cfg.input_views)
+        d_in = d * len(self.views)
+        if self.views != ("mean",):  # per-view train statistics (see ridge.init_input_stats)
+            self.register_buffer("view_mu", torch.zeros(d_in))
+            self.register_buffer("view_sd", torch.ones(d_in))
+        else:
+            self.view_mu = self.view_sd = None
+        self.skip: nn.Linear | None = None
+        if cfg.linear_skip != "none":
+            self.skip = nn.Linear(d_in, d)
+            nn.init.zeros_(self.skip.weight)
+            nn.init.zeros_(self.skip.bias)
+            self.skip.requires_grad_(cfg.linear_trainable)
+        self.net: nn.Sequential | None = None
+        if self.skip is None or cfg.mlp_hidden:
+            layers: list[nn.Module] = [nn.Dropout(cfg.input_dropout)] if cfg.input_dropout > 0 else []
+            prev = d_in
+            for h in cfg.mlp_hidden:
+                layers += [nn.Linear(prev, h), nn.LayerNorm(h), _ACT[cfg.activation]()]
+                if cfg.dropout > 0:
+                    layers.append(nn.Dropout(cfg.dropout))
+                prev = h
+            layers.append(nn.Linear(prev, d))
+            self.net = nn.Sequential(*layers)
+            if self.skip is not None:  # the residual starts at zero: the model starts as its linear path
+                nn.init.zeros_(self.net[-1].weight)
+                nn.init.zeros_(self.net[-1].bias)
 
-    def forward(self, batch: dict[str, torch.Tensor], reveal: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The input the network sees: the pooled input views (the pooled signature by default),
+        standardised with train statistics unless ``standardize_input`` is off (the seed)."""
         x = batch["sig"]
         if self.standardize_input:
+            if self.view_mu is not None:
+                return (x - self.view_mu) / self.view_sd
             x = (x - self.norm.sig_mu) / self.norm.sig_sd
-        return {"pooled": self.net(x)}
+        return x
+
+    def forward(self, batch: dict[str, torch.Tensor], reveal: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        x = self.features(batch)
+        y = self.skip(x) if self.skip is not None else None
+        if self.net is not None:
+            y = self.net(x) if y is None else y + self.net(x)
+        assert y is not None
+        return {"pooled": y}
 
     def raw(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.norm.pooled_to_raw(out["pooled"])

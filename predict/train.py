@@ -47,6 +47,7 @@ from codejepa.predict.data import (FeatureSpec, FeatureTable, RevealSpec, Stream
 from codejepa.predict.metrics import validation_metrics
 from codejepa.predict.models import build_model, count_parameters
 from codejepa.predict.normalize import NormStats, compute_stats
+from codejepa.predict.ridge import init_input_stats, init_linear_path
 
 code_version = functools.lru_cache(maxsize=1)(_code_version)  # a git call, once per process
 
@@ -107,7 +108,8 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str,
 
 def feature_spec(cfg: PredictConfig, stats: NormStats) -> FeatureSpec:
     return FeatureSpec(cfg.model.kind, cfg.model.max_input_tokens, cfg.model.body_slots,
-                       stats.in_outlier_norm, stats.body_outlier_norm)
+                       stats.in_outlier_norm, stats.body_outlier_norm,
+                       tuple(cfg.model.input_views) if cfg.model.kind == "mlp" else ("mean",))
 
 
 def make_table(store: Store, idx: np.ndarray, spec: FeatureSpec, cache_gb: float, *, with_body: bool = True,
@@ -426,6 +428,13 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
         train_tab = make_table(store, train_idx, spec, cfg.data.cache_gb,
                                progress=lambda a, b: emit({"event": "cache", "split": "train", "done": a, "total": b}))
         val_tab = make_table(store, val_idx, spec, cfg.data.cache_gb) if main else None
+        if ckpt is None and getattr(model, "view_mu", None) is not None and main:
+            init_input_stats(model, train_tab)  # rank 0 only, as the ridge below (DDP broadcasts buffers)
+        if ckpt is None and cfg.model.linear_skip == "ridge" and main:
+            # Fitted on rank 0 only: DDP broadcasts rank 0's parameters when it wraps the model.
+            ridge_info = init_linear_path(model, train_tab, val_tab, cfg.model.ridge_alpha)
+            _append_log(paths["log"], {"event": "ridge_init", **ridge_info, "time": time.time()})
+            emit({"event": "ridge_init", **ridge_info})
 
         net: torch.nn.Module = model
         if world > 1:

@@ -69,7 +69,8 @@ def test_fit_ridge_is_the_closed_form_and_picks_lambda_on_val() -> None:
 
 
 def test_linear_path_starts_at_train_ridge_in_the_whitened_space(store_path: Path) -> None:
-    cfg = resolve_config("mlp", preset="ridge-residual", overrides={**TINY, "model.ridge_alpha": 0.1})
+    cfg = resolve_config("mlp", preset="ridge-residual", overrides={**TINY, "model.ridge_alpha": 0.1,
+                                                                       "model.input_views": "mean"})
     with open_store(store_path) as st:
         tr, va, te = st.indices("train"), st.indices("val"), st.indices("test")
         stats = compute_stats(st, tr, whiten_shrink=cfg.norm.whiten_shrink)
@@ -121,7 +122,8 @@ def test_ridge_residual_preset_learns_and_keeps_ridge_in_the_checkpoint(store_pa
 
 
 def test_frozen_linear_path_and_linear_only_predictor(store_path: Path, tmp_path: Path) -> None:
-    over = {**TINY, "train.epochs": 3, "model.linear_trainable": False, "model.ridge_alpha": 0.1}
+    over = {**TINY, "train.epochs": 3, "model.linear_trainable": False, "model.ridge_alpha": 0.1,
+            "model.input_views": "mean"}
     train(store_path, resolve_config("mlp", preset="ridge-residual", overrides=over), tmp_path / "frozen", device="cpu")
     ck = torch.load(tmp_path / "frozen" / "best.pt", weights_only=True)["model"]
     with open_store(store_path) as st:
@@ -135,7 +137,7 @@ def test_frozen_linear_path_and_linear_only_predictor(store_path: Path, tmp_path
     last = max((k for k in ck if k.startswith("net.") and k.endswith(".weight")), key=lambda k: int(k.split(".")[1]))
     assert float(ck[last].abs().sum()) > 0  # the residual (zero at the start) trained
     lin = build_model(resolve_config("mlp", preset="ridge-residual", overrides={"model.mlp_hidden": ""}), 16)
-    assert lin.net is None and sum(p.numel() for p in lin.parameters()) == 16 * 16 + 16
+    assert lin.net is None and sum(p.numel() for p in lin.parameters()) == 2 * 16 * 16 + 16  # (mean, last) → d
     with pytest.raises(ConfigError, match="linear_skip"):
         resolve_config("transformer", overrides={"model.linear_skip": "ridge"})
     with pytest.raises(ConfigError, match="linear_skip"):
