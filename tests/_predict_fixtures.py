@@ -83,3 +83,16 @@ def ddp_worker(rank: int, world: int, jobs: list) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                           WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
         train(store, cfg, out, device="cpu")
+
+
+def chance_mrr(n: int) -> float:
+    """MRR of a random ranking among n candidates."""
+    return sum(1.0 / k for k in range(1, n + 1)) / n
+
+
+def mrr(pred: np.ndarray, cand: np.ndarray) -> float:
+    """Independent of the package: cosine retrieval of row i's candidate i, ties pessimistic."""
+    p = pred / np.linalg.norm(pred, axis=1, keepdims=True)
+    c = cand / np.linalg.norm(cand, axis=1, keepdims=True)
+    s = p @ c.T
+    return float((1.0 / (s >= np.diag(s)[:, None]).sum(1)).mean())

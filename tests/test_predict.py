@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _predict_fixtures import make_store  # noqa: E402
+from _predict_fixtures import chance_mrr, make_store, mrr  # noqa: E402
 
 from codejepa.core import CodejepaError  # noqa: E402
 from codejepa.embed.store import open_store  # noqa: E402
@@ -35,17 +35,6 @@ def store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_store(tmp_path_factory.mktemp("store") / "s.h5")
 
 
-def chance_mrr(n: int) -> float:
-    return sum(1.0 / k for k in range(1, n + 1)) / n
-
-
-def mrr(pred: np.ndarray, cand: np.ndarray) -> float:
-    """Independent of the package: cosine retrieval, ties pessimistic."""
-    p = pred / np.linalg.norm(pred, axis=1, keepdims=True)
-    c = cand / np.linalg.norm(cand, axis=1, keepdims=True)
-    s = p @ c.T
-    ranks = (s >= np.diag(s)[:, None]).sum(1)
-    return float((1.0 / ranks).mean())
 
 
 def weights(run: Path, name: str = "last.pt") -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _predict_fixtures import make_store  # noqa: E402
+from _predict_fixtures import chance_mrr, make_store, mrr  # noqa: E402
 
 from codejepa.embed.store import open_store  # noqa: E402
 from codejepa.predict import load_predictor  # noqa: E402
@@ -32,15 +32,6 @@ def store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_store(tmp_path_factory.mktemp("store") / "s.h5")
 
 
-def chance_mrr(n: int) -> float:
-    return sum(1.0 / k for k in range(1, n + 1)) / n
-
-
-def mrr(pred: np.ndarray, cand: np.ndarray) -> float:
-    p = pred / np.linalg.norm(pred, axis=1, keepdims=True)
-    c = cand / np.linalg.norm(cand, axis=1, keepdims=True)
-    s = p @ c.T
-    return float((1.0 / (s >= np.diag(s)[:, None]).sum(1)).mean())
 
 
 def numpy_ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
