@@ -35,8 +35,6 @@ def store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_store(tmp_path_factory.mktemp("store") / "s.h5")
 
 
-
-
 def weights(run: Path, name: str = "last.pt") -> dict[str, torch.Tensor]:
     return torch.load(run / name, weights_only=True)["model"]
 

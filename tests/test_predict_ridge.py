@@ -32,8 +32,6 @@ def store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_store(tmp_path_factory.mktemp("store") / "s.h5")
 
 
-
-
 def numpy_ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """Independent closed form: (XcᵀXc + λI)⁻¹ XcᵀYc with λ relative to the mean eigenvalue."""
     x, y = x.astype(np.float64), y.astype(np.float64)
