@@ -5,7 +5,7 @@
 set -euo pipefail
 DEMO_DIR=${DEMO_DIR:-$HOME/.cache/codejepa/demo}
 EPOCHS_MLP=${EPOCHS_MLP:-20}
-EPOCHS_TF=${EPOCHS_TF:-3}
+EPOCHS_TF=${EPOCHS_TF:-6}
 mkdir -p "$DEMO_DIR"
 step() { printf '\n\033[1m== %s\033[0m\n' "$*" >&2; }
 start=$(date +%s)
@@ -34,15 +34,15 @@ train() {  # NAME ARGS...: train into $DEMO_DIR/runs/NAME, or continue an unfini
     codejepa predict train "$DEMO_DIR/store.h5" --out "$out" "$@"
   fi
 }
-step "3/4 predict train: the seed's MLP, then the masked per-token transformer (brief)"
+step "3/4 predict train: the seed's MLP, then the per-token transformer on the ridge path (brief)"
 # One torch thread each: on a 2-core machine two threads measured up to 20x slower under load.
 train seed-mlp --model mlp --preset seed-mlp --set train.epochs="$EPOCHS_MLP" --set train.threads=1
-train transformer --model transformer --preset transformer-small --set train.epochs="$EPOCHS_TF" \
-  --set model.max_input_tokens=64 --set train.threads=1
+train transformer-residual --model transformer --preset transformer-residual --set train.epochs="$EPOCHS_TF" \
+  --set train.threads=1
 
 step "4/4 evaluate retrieval: test-split pool, every baseline, every space"
 codejepa evaluate retrieval "$DEMO_DIR/store.h5" \
-  --run "$DEMO_DIR/runs/seed-mlp" --run "$DEMO_DIR/runs/transformer" --out "$DEMO_DIR/eval"
+  --run "$DEMO_DIR/runs/seed-mlp" --run "$DEMO_DIR/runs/transformer-residual" --out "$DEMO_DIR/eval"
 
 echo >&2
 echo "demo finished in $(( $(date +%s) - start )) s; table: $DEMO_DIR/eval/table.txt, plots: $DEMO_DIR/eval/*.png" >&2

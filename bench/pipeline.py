@@ -1,7 +1,8 @@
 """The python-40 benchmark: the whole pipeline on 40 real projects, stage by stage, timed.
 
     python bench/pipeline.py [--out ~/.cache/codejepa/bench40] [--layer N] [--targets in-context]
-                             [--stages corpus,embed,train,evaluate] [--models seed-mlp,transformer]
+                             [--stages corpus,embed,train,evaluate]
+                             [--models seed-mlp,ridge-residual,transformer-residual]
 
 Runs exactly the commands a user would (``codejepa corpus build``, ``embed run``, ``predict
 train``, ``evaluate retrieval``) so that the figures it prints are what the README's commands
@@ -44,7 +45,7 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=None, help="teacher layer (default: the middle block)")
     ap.add_argument("--targets", default="in-context", choices=["in-context", "body-only"])
     ap.add_argument("--stages", default="corpus,embed,train,evaluate")
-    ap.add_argument("--models", default="seed-mlp,transformer",
+    ap.add_argument("--models", default="seed-mlp,ridge-residual,transformer-residual",
                     help="comma list of predict presets to train (model kind inferred from the name)")
     ap.add_argument("--set", action="append", default=[], help="extra --set for every predict train")
     args = ap.parse_args()

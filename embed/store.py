@@ -440,28 +440,42 @@ class Store:
             yield run, states, special, off[run[0] : run[-1] + 2] - a
             start = stop
 
+    POOLED_VIEWS = ("body", "signature", "context", "inputs", "signature_last")
+
     def pooled(self, view: str, indices: np.ndarray | None = None, *, exclude_special: bool = True) -> np.ndarray:
         """Mean-pooled states per record, streamed: ``view`` is ``body``, ``signature``,
-        ``context`` or ``inputs`` (context + signature). Sink tokens are excluded by default;
-        a record with no token in the view gets zeros."""
-        if view not in ("body", "signature", "context", "inputs"):
-            raise StoreError(f"unknown view {view!r}")
-        name = "targets" if view == "body" else "inputs"
+        ``context`` or ``inputs`` (context + signature), or ``signature_last`` (the state of
+        the signature's last token, not pooled). Sink tokens are excluded by default; a record
+        with no token in the view gets zeros."""
+        return self.pooled_views((view,), indices, exclude_special=exclude_special)[view]
+
+    def pooled_views(self, views: tuple[str, ...] | list[str], indices: np.ndarray | None = None, *,
+                     exclude_special: bool = True) -> dict[str, np.ndarray]:
+        """Several views of :meth:`pooled` with one read of each pass."""
+        bad = [v for v in views if v not in self.POOLED_VIEWS]
+        if bad:
+            raise StoreError(f"unknown view {bad[0]!r}")
         idx = np.arange(self.n) if indices is None else np.asarray(indices)
-        out = np.zeros((len(idx), self.meta.hidden_size), dtype=np.float32)
+        out = {v: np.zeros((len(idx), self.meta.hidden_size), dtype=np.float32) for v in views}
         pos = {int(i): k for k, i in enumerate(idx)}
-        for run, states, special, offs in self.iter_blocks(name, idx):
-            for j, rec in enumerate(run):
-                a, b = int(offs[j]), int(offs[j + 1])
-                keep = np.ones(b - a, dtype=bool)
-                if view in ("signature", "context"):
-                    s0, s1 = self._segments[rec][0 if view == "context" else 1]
-                    keep[:] = False
-                    keep[s0:s1] = True
-                if exclude_special:
-                    keep &= ~special[a:b]
-                if keep.any():
-                    out[pos[int(rec)]] = states[a:b][keep].mean(axis=0)
+        for name in ("targets", "inputs"):
+            mine = [v for v in views if (v == "body") == (name == "targets")]
+            if not mine:
+                continue
+            for run, states, special, offs in self.iter_blocks(name, idx):
+                for j, rec in enumerate(run):
+                    a, b = int(offs[j]), int(offs[j + 1])
+                    for view in mine:
+                        keep = np.ones(b - a, dtype=bool)
+                        if view not in ("body", "inputs"):
+                            s0, s1 = self._segments[rec][0 if view == "context" else 1]
+                            keep[:] = False
+                            keep[s0:s1] = True
+                        if exclude_special:
+                            keep &= ~special[a:b]
+                        if keep.any():
+                            rows = states[a:b][keep]
+                            out[view][pos[int(rec)]] = rows[-1] if view == "signature_last" else rows.mean(axis=0)
         return out
 
     def close(self) -> None:

@@ -16,7 +16,10 @@ import torch
 
 from codejepa.evaluate.errors import EvaluateError
 
-BASELINE_NAMES = ("random", "prototype", "signature", "ridge", "nn", "bm25", "ridge+bm25", "oracle", "noisy_oracle")
+# ridge+last: ridge on [signature mean, the signature's last-token state], the pooled views the
+# ridge-residual and transformer-residual predictors read — what their learned part must beat.
+BASELINE_NAMES = ("random", "prototype", "signature", "ridge", "ridge+last", "nn", "bm25", "ridge+bm25", "oracle",
+                  "noisy_oracle")
 RIDGE_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 # Weight of the (z-scored) dense score. BM25's z-scores are heavy-tailed (a body sharing a rare
 # identifier scores far out), so the useful weights crowd near 1: the grid is finer there.

@@ -350,9 +350,13 @@ def evaluate_retrieval(
             notes.append(f"the store records no corpus manifest hash: {cv.corpus_dir} could not be verified as its corpus")
         all_idx = np.arange(len(store))
         bodies = store.pooled("body", all_idx)
-        need_sig = any(n in names for n in ("signature", "ridge", "nn", "ridge+bm25", "noisy_oracle"))
-        sigs = store.pooled("signature", all_idx) if need_sig else None
-        ridge_x = (sigs if ridge_input == "signature" else store.pooled(ridge_input, all_idx)) if need_sig else None
+        need_sig = any(n in names for n in ("signature", "ridge", "ridge+last", "nn", "ridge+bm25", "noisy_oracle"))
+        want = (["signature"] if need_sig else []) + (["signature_last"] if "ridge+last" in names else []) + (
+            [ridge_input] if need_sig and ridge_input != "signature" else [])
+        views = store.pooled_views(want, all_idx) if want else {}
+        sigs = views.get("signature")
+        ridge_x = views.get(ridge_input) if need_sig else None
+        last_x = np.concatenate([sigs, views["signature_last"]], axis=1) if "ridge+last" in names else None
         train_idx, val_idx, q_idx = store.indices("train"), store.indices("val"), store.indices(split)
         if len(q_idx) == 0:
             raise EvaluateError(f"the {split} split has no records in {store.path}")
@@ -361,7 +365,7 @@ def evaluate_retrieval(
         need_ridge = need_sig and bool({"ridge", "ridge+bm25"} & set(names) or (
             "noisy_oracle" in names and (noisy_of == "ridge" or (noisy_of is None and not loaded and not methods))))
         need_bm25 = bool({"bm25", "ridge+bm25"} & set(names))
-        need_sel = need_ridge or (need_bm25 and bm25_query == "auto")
+        need_sel = need_ridge or "ridge+last" in names or (need_bm25 and bm25_query == "auto")
         fit_idx, sel_idx = _selection_split(store, train_idx, val_idx, notes) if need_sel else (train_idx, val_idx)
         if split == "val" and need_sel:
             notes.append("evaluating on val, where ridge's λ, the BM25 query and the fusion weight are chosen: "
@@ -386,6 +390,7 @@ def evaluate_retrieval(
                 raise EvaluateError(f"method name {mname!r} is already taken")
             run_preds[mname] = _predict(LoadedRun(mname, f"method {mname}", _FnPredictor(fn), {}), store, q_idx)
         ridge = RidgeFit.fit(ridge_x[fit_idx], bodies[fit_idx]) if need_ridge else None
+        ridge_last = RidgeFit.fit(last_x[fit_idx], bodies[fit_idx]) if last_x is not None else None
         bm25_test = bm25_sel = None
         bm25_settings: dict[str, Any] = {}
         if need_bm25:
@@ -406,7 +411,8 @@ def evaluate_retrieval(
                 bm25_sel = BM25Scorer([texts[i] for i in sel_idx], sel_docs)
 
         rows: list[MethodRow] = []
-        vector_baselines = [n for n in names if n in ("prototype", "signature", "ridge", "nn", "oracle", "noisy_oracle")]
+        vector_baselines = [n for n in names if n in ("prototype", "signature", "ridge", "ridge+last", "nn", "oracle",
+                                                      "noisy_oracle")]
         expected = (("random" in names) + ("bm25" in names)
                     + len(space_names) * (len(run_preds) + len(vector_baselines) + ("ridge+bm25" in names)))
         sizes = _pool_sizes(task)
@@ -453,19 +459,25 @@ def evaluate_retrieval(
             if "signature" in names:
                 put("signature", "baseline", sigs[q_idx])
             ridge_alpha = None
-            if ridge is not None and sel_task is not None:
+            sel_c = sp.apply(bodies[sel_task.cand_idx]) if sel_task is not None else None
+
+            def select_alpha(fit: RidgeFit, x: np.ndarray) -> tuple[float, dict[float, float]]:
                 # λ per space: multi-output ridge commutes with the space's linear map, so one
                 # fit serves all spaces; only the retrieval-optimal λ differs.
-                sel_c = sp.apply(bodies[sel_task.cand_idx])
-                scores = {}
-                for a in RIDGE_ALPHAS:
-                    q = sp.apply(ridge.predict(ridge_x[sel_idx], a))
-                    scores[a] = _mrr(DenseScorer(q, sel_c), sel_task)
-                ridge_alpha = max(scores, key=lambda a: (scores[a], a))
+                sc = {a: _mrr(DenseScorer(sp.apply(fit.predict(x[sel_idx], a)), sel_c), sel_task) for a in RIDGE_ALPHAS}
+                return max(sc, key=lambda a: (sc[a], a)), sc
+
+            if ridge is not None and sel_task is not None:
+                ridge_alpha, scores = select_alpha(ridge, ridge_x)
                 if "ridge" in names or "ridge+bm25" in names or "noisy_oracle" in names:
                     put("ridge", "baseline", ridge.predict(ridge_x[q_idx], ridge_alpha),
                         {"alpha": ridge_alpha, "lambda": ridge_alpha * ridge.scale, "input": ridge_input,
                          "selection_mrr": {str(k): v for k, v in scores.items()}, "n_fit": len(fit_idx)})
+            if ridge_last is not None and sel_task is not None and last_x is not None:
+                a_last, sc_last = select_alpha(ridge_last, last_x)
+                put("ridge+last", "baseline", ridge_last.predict(last_x[q_idx], a_last),
+                    {"alpha": a_last, "input": "signature mean + signature's last token",
+                     "selection_mrr": {str(k): v for k, v in sc_last.items()}, "n_fit": len(fit_idx)})
             if "nn" in names:
                 sig_space = fit_space(sname, sigs[train_idx], shrinkage=whitening_shrinkage)
                 nn = nearest_rows(sig_space.apply(sigs[q_idx]), sig_space.apply(sigs[train_idx]))
@@ -500,7 +512,6 @@ def evaluate_retrieval(
 
             if ("ridge+bm25" in names and ridge is not None and sel_task is not None and bm25_test is not None
                     and bm25_sel is not None):
-                sel_c = sp.apply(bodies[sel_task.cand_idx])
                 dense_sel = DenseScorer(sp.apply(ridge.predict(ridge_x[sel_idx], ridge_alpha)), sel_c)
                 cols_sel = np.arange(len(sel_task.cand_idx))
                 st = (ScoreSampleStats(dense_sel, cols_sel), ScoreSampleStats(bm25_sel, cols_sel))

@@ -82,6 +82,9 @@ class NormConfig:
 class LossConfig:
     regression: str = "smoothl1"  # "smoothl1" | "mse" | "none" (on normalised states)
     regression_weight: float = 1.0
+    # What the regression reads: "auto" the transformer's body slots (the per-token I-JEPA
+    # target) or the MLP's pooled body; "pooled" the pooled body for both.
+    regression_on: str = "auto"  # "auto" | "pooled"
     smoothl1_beta: float = 1.0
     cosine_weight: float = 0.0
     infonce_weight: float = 0.0
@@ -140,12 +143,13 @@ class PredictConfig:
             (m.kind in ("mlp", "transformer"), f"model.kind must be mlp or transformer, not {m.kind!r}"),
             (m.activation in ("gelu", "relu", "silu"), f"model.activation {m.activation!r} unknown"),
             (m.linear_skip in ("none", "zero", "ridge"), f"model.linear_skip {m.linear_skip!r} unknown"),
-            (m.linear_skip == "none" or m.kind == "mlp", "model.linear_skip needs model.kind = mlp"),
+            (lo.regression_on in ("auto", "pooled"), f"loss.regression_on must be auto or pooled, not {lo.regression_on!r}"),
             (m.ridge_alpha >= 0, "model.ridge_alpha must be >= 0"),
             (len(m.input_views) >= 1 and all(v in INPUT_VIEWS for v in m.input_views)
              and len(set(m.input_views)) == len(m.input_views),
              f"model.input_views {m.input_views!r}: distinct names from {', '.join(INPUT_VIEWS)}"),
-            (tuple(m.input_views) == ("mean",) or m.kind == "mlp", "model.input_views needs model.kind = mlp"),
+            (tuple(m.input_views) == ("mean",) or m.kind == "mlp" or m.linear_skip != "none",
+             "model.input_views needs model.kind = mlp or a model.linear_skip (the transformer reads views only there)"),
             (0.0 <= m.dropout < 1.0 and 0.0 <= m.input_dropout < 1.0, "dropouts must be in [0, 1)"),
             (m.width % m.heads == 0, f"model.width ({m.width}) must be divisible by model.heads ({m.heads})"),
             (m.body_slots >= 1 and m.max_input_tokens >= 1 and m.depth >= 1, "model sizes must be positive"),
@@ -195,6 +199,22 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optim.name": "adamw", "optim.lr": 3e-4, "optim.weight_decay": 0.05,
         "optim.warmup_steps": 100, "optim.grad_clip": 1.0,
         "train.epochs": 30, "train.batch_size": 128,
+    },
+    # The transformer as a residual on the ridge path (issue 7): the pooled prediction is the
+    # train-split ridge on the pooled views, plus a zero-started MLP on those views, plus a
+    # zero-started head on the transformer's slot outputs, whose mask tokens attend over the
+    # last context and signature tokens and are conditioned on the pooled views. Trained like
+    # ridge-residual (MSE on the pooled body + InfoNCE, whitened), so it starts at ridge and
+    # attention only has to add what the pooled views miss. Sized for a CPU.
+    "transformer-residual": {
+        "model.kind": "transformer", "model.width": 192, "model.depth": 2, "model.heads": 4,
+        "model.body_slots": 4, "model.max_input_tokens": 96,
+        "model.linear_skip": "ridge", "model.linear_trainable": False, "model.input_views": ("mean", "last", "first"),
+        "model.mlp_hidden": (1024,), "model.dropout": 0.0, "model.input_dropout": 0.3,
+        "norm.pooled_space": "whitened",
+        "loss.regression": "mse", "loss.regression_on": "pooled", "loss.infonce_weight": 1.0, "loss.temperature": 0.05,
+        "optim.name": "adamw", "optim.lr": 1e-3, "optim.weight_decay": 1e-2,
+        "train.epochs": 6, "train.batch_size": 256,
     },
     # The same predictor sized for a CPU (the demo): ~16x fewer FLOPs per sample.
     "transformer-small": {

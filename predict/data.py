@@ -224,7 +224,7 @@ def collate(recs: list[dict[str, Any]], index: np.ndarray, spec: FeatureSpec) ->
         out["body"] = np.stack([r["body"] for r in recs])
     if spec.kind == "transformer":
         lens = [len(r["tok"]) for r in recs]
-        L, d = max(1, max(lens)), out["sig"].shape[1]
+        L, d = max(1, max(lens)), recs[0]["tok"].shape[1]
         tok = np.zeros((len(recs), L, d), np.float16)  # float16 on the wire; the model computes in float32
         seg = np.zeros((len(recs), L), np.int64)
         pos = np.zeros((len(recs), L), np.int64)

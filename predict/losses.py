@@ -54,7 +54,7 @@ def compute_loss(out: dict[str, torch.Tensor], pooled_target: torch.Tensor,
     parts: dict[str, torch.Tensor] = {}
     total = pred.new_zeros(())
     if cfg.regression != "none" and cfg.regression_weight:
-        if "slots" in out and slot_target is not None:
+        if "slots" in out and slot_target is not None and cfg.regression_on == "auto":
             r = regression(out["slots"].float(), slot_target, cfg)
         else:
             r = regression(pred, pooled_target, cfg)

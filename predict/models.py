@@ -69,6 +69,51 @@ class Normaliser(nn.Module):
         return (slots.float() - self.tok_mu) / self.tok_sd
 
 
+def _pooled_views(m: nn.Module, d: int, cfg: ModelConfig) -> int:
+    """Give ``m`` the pooled-view input (per-view train statistics as buffers) and, with
+    ``cfg.linear_skip``, the linear path on it, zero until :mod:`codejepa.predict.ridge` fits it.
+    Returns the width of the pooled views."""
+    m.views = tuple(cfg.input_views)
+    d_in = d * len(m.views)
+    if m.views != ("mean",):  # per-view train statistics (see ridge.init_input_stats)
+        m.register_buffer("view_mu", torch.zeros(d_in))
+        m.register_buffer("view_sd", torch.ones(d_in))
+    else:
+        m.view_mu = m.view_sd = None
+    m.skip = None
+    if cfg.linear_skip != "none":
+        m.skip = nn.Linear(d_in, d)
+        nn.init.zeros_(m.skip.weight)
+        nn.init.zeros_(m.skip.bias)
+        m.skip.requires_grad_(cfg.linear_trainable)
+    return d_in
+
+
+def _view_features(m: nn.Module, x: torch.Tensor, standardize: bool = True) -> torch.Tensor:
+    if not standardize:
+        return x
+    if m.view_mu is not None:
+        return (x - m.view_mu) / m.view_sd
+    return (x - m.norm.sig_mu) / m.norm.sig_sd
+
+
+def _residual_mlp(d_in: int, d_out: int, cfg: ModelConfig, zero_last: bool) -> nn.Sequential:
+    """[Dropout →] (Linear → LayerNorm → act [→ Dropout])* → Linear; with ``zero_last`` the last
+    layer starts at zero, so that a model with a linear path starts as that path."""
+    layers: list[nn.Module] = [nn.Dropout(cfg.input_dropout)] if cfg.input_dropout > 0 else []
+    prev = d_in
+    for h in cfg.mlp_hidden:
+        layers += [nn.Linear(prev, h), nn.LayerNorm(h), _ACT[cfg.activation]()]
+        if cfg.dropout > 0:
+            layers.append(nn.Dropout(cfg.dropout))
+        prev = h
+    layers.append(nn.Linear(prev, d_out))
+    if zero_last:
+        nn.init.zeros_(layers[-1].weight)
+        nn.init.zeros_(layers[-1].bias)
+    return nn.Sequential(*layers)
+
+
 class MLPPredictor(nn.Module):
     """Mean-pooled signature → Linear → [LayerNorm → act → Linear]… → d (the seed's MLP).
 
@@ -84,43 +129,15 @@ class MLPPredictor(nn.Module):
         super().__init__()
         self.norm = Normaliser(d, pooled_space)
         self.standardize_input = standardize_input
-        self.views = tuple(cfg.input_views)
-        d_in = d * len(self.views)
-        if self.views != ("mean",):  # per-view train statistics (see ridge.init_input_stats)
-            self.register_buffer("view_mu", torch.zeros(d_in))
-            self.register_buffer("view_sd", torch.ones(d_in))
-        else:
-            self.view_mu = self.view_sd = None
-        self.skip: nn.Linear | None = None
-        if cfg.linear_skip != "none":
-            self.skip = nn.Linear(d_in, d)
-            nn.init.zeros_(self.skip.weight)
-            nn.init.zeros_(self.skip.bias)
-            self.skip.requires_grad_(cfg.linear_trainable)
+        d_in = _pooled_views(self, d, cfg)
         self.net: nn.Sequential | None = None
         if self.skip is None or cfg.mlp_hidden:
-            layers: list[nn.Module] = [nn.Dropout(cfg.input_dropout)] if cfg.input_dropout > 0 else []
-            prev = d_in
-            for h in cfg.mlp_hidden:
-                layers += [nn.Linear(prev, h), nn.LayerNorm(h), _ACT[cfg.activation]()]
-                if cfg.dropout > 0:
-                    layers.append(nn.Dropout(cfg.dropout))
-                prev = h
-            layers.append(nn.Linear(prev, d))
-            self.net = nn.Sequential(*layers)
-            if self.skip is not None:  # the residual starts at zero: the model starts as its linear path
-                nn.init.zeros_(self.net[-1].weight)
-                nn.init.zeros_(self.net[-1].bias)
+            self.net = _residual_mlp(d_in, d, cfg, zero_last=self.skip is not None)
 
     def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The input the network sees: the pooled input views (the pooled signature by default),
         standardised with train statistics unless ``standardize_input`` is off (the seed)."""
-        x = batch["sig"]
-        if self.standardize_input:
-            if self.view_mu is not None:
-                return (x - self.view_mu) / self.view_sd
-            x = (x - self.norm.sig_mu) / self.norm.sig_sd
-        return x
+        return _view_features(self, batch["sig"], self.standardize_input)
 
     def forward(self, batch: dict[str, torch.Tensor], reveal: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         x = self.features(batch)
@@ -164,6 +181,12 @@ class TransformerPredictor(nn.Module):
     K is fixed by the config, so the body's length never reaches the model. In multi-block
     training some slots are revealed (their true pooled body states, projected) and the
     others are predicted; at evaluation every slot is a mask token.
+
+    With ``linear_skip`` the pooled prediction is a residual on a linear path, as in the MLP:
+    ``pooled = skip(views) [+ mlp(views)] + head(mean of the slot outputs)``, the last layers
+    starting at zero, and the mask tokens are conditioned on the pooled views. Started from
+    the train ridge solution, the transformer starts at the ridge baseline and its attention
+    over the input tokens only has to find what the pooled views miss.
     """
 
     def __init__(self, d: int, cfg: ModelConfig, input_token_ln: bool = False, reveal_slots: bool = False,
@@ -182,11 +205,23 @@ class TransformerPredictor(nn.Module):
         self.blocks = nn.ModuleList(Block(W, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
         self.ln_f = nn.LayerNorm(W)
         self.out = nn.Linear(W, d)
+        d_in = _pooled_views(self, d, cfg)
+        self.view_proj = self.head = self.net = None
+        if self.skip is not None:
+            self.view_proj = nn.Linear(d_in, W)
+            self.head = nn.Linear(W, d)
+            if cfg.mlp_hidden:
+                self.net = _residual_mlp(d_in, d, cfg, zero_last=True)
         self.apply(self._init)
         nn.init.normal_(self.slot_emb, std=0.02)
         nn.init.normal_(self.mask_token, std=0.02)
         for blk in self.blocks:  # residual projections scaled by depth (GPT-2)
             nn.init.normal_(blk.proj.weight, std=0.02 / math.sqrt(2 * cfg.depth))
+        if self.head is not None:
+            nn.init.zeros_(self.skip.weight)  # `apply` above drew it at random
+            nn.init.zeros_(self.head.weight)
+            if self.net is not None:
+                nn.init.zeros_(self.net[-1].weight)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -202,6 +237,10 @@ class TransformerPredictor(nn.Module):
         h = self.in_proj(x) + self.seg_emb(seg) + self.pos_emb(pos.clamp(max=self.max_pos - 1))
         B, K = tok.shape[0], self.slot_emb.shape[0]
         slots = (self.mask_token + self.slot_emb + self.seg_emb.weight[SEG_BODY_MASKED]).expand(B, K, -1)
+        x_views = None
+        if self.skip is not None:
+            x_views = self.features(batch)
+            slots = slots + self.view_proj(x_views)[:, None]
         if reveal is not None:
             if self.body_proj is None:
                 raise ValueError("this predictor was built without multi-block masking (mask.strategy = full)")
@@ -211,9 +250,19 @@ class TransformerPredictor(nn.Module):
         keep = torch.cat([seg != 0, torch.ones(B, K, dtype=torch.bool, device=seg.device)], dim=1)
         for blk in self.blocks:
             z = blk(z, keep)
-        pred = self.out(self.ln_f(z[:, -K:]))
+        zs = self.ln_f(z[:, -K:])
+        pred = self.out(zs)
+        if x_views is not None:
+            pooled = self.skip(x_views) + self.head(zs.mean(1))
+            if self.net is not None:
+                pooled = pooled + self.net(x_views)
+            return {"slots": pred, "pooled": pooled}
         pooled_raw = pred.mean(1) * n.tok_sd + n.tok_mu
         return {"slots": pred, "pooled": n.body_to_norm(pooled_raw)}
+
+    def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The pooled input views, standardised with train statistics (the linear path's input)."""
+        return _view_features(self, batch["sig"])
 
     def raw(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.norm.pooled_to_raw(out["pooled"])

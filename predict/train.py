@@ -109,7 +109,8 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str,
 def feature_spec(cfg: PredictConfig, stats: NormStats) -> FeatureSpec:
     return FeatureSpec(cfg.model.kind, cfg.model.max_input_tokens, cfg.model.body_slots,
                        stats.in_outlier_norm, stats.body_outlier_norm,
-                       tuple(cfg.model.input_views) if cfg.model.kind == "mlp" else ("mean",))
+                       tuple(cfg.model.input_views) if cfg.model.kind == "mlp" or cfg.model.linear_skip != "none"
+                       else ("mean",))
 
 
 def make_table(store: Store, idx: np.ndarray, spec: FeatureSpec, cache_gb: float, *, with_body: bool = True,
@@ -436,10 +437,16 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
             _append_log(paths["log"], {"event": "ridge_init", **ridge_info, "time": time.time()})
             emit({"event": "ridge_init", **ridge_info})
 
+        multiblock = cfg.mask.strategy == "multiblock" and cfg.model.kind == "transformer"
         net: torch.nn.Module = model
         if world > 1:
-            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-        multiblock = cfg.mask.strategy == "multiblock" and cfg.model.kind == "transformer"
+            lo = cfg.loss
+            slot_loss = multiblock or (lo.regression != "none" and lo.regression_weight != 0 and lo.regression_on == "auto")
+            # A transformer whose loss reads only the pooled prediction leaves its slot head without
+            # gradients; DDP must be told, or it waits for them forever.
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                find_unused_parameters=cfg.model.kind == "transformer" and not slot_loss)
         per_rank = B // world
         amp = cfg.train.amp and dev.type == "cuda"
 

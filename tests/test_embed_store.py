@@ -58,11 +58,17 @@ def test_round_trip_and_reader_api(tmp_path: Path) -> None:
         body = s.pooled("body", idx)
         sig = s.pooled("signature", idx)
         inputs = s.pooled("inputs", idx)
+        both = s.pooled_views(["body", "signature_last", "signature"], idx)  # one read per pass, same values
         for k, i in enumerate(idx):
             r = recs[i]
             np.testing.assert_allclose(body[k], r.body_states.mean(0), atol=2e-3)
             np.testing.assert_allclose(sig[k], r.input_states[2:].mean(0), atol=2e-3)
             np.testing.assert_allclose(inputs[k], r.input_states[1:].mean(0), atol=2e-3)
+            np.testing.assert_allclose(both["signature_last"][k], r.input_states[-1], atol=2e-3)
+        np.testing.assert_array_equal(both["body"], body)
+        np.testing.assert_array_equal(both["signature"], sig)
+        with pytest.raises(StoreError, match="unknown view"):
+            s.pooled("signature_first", idx)
         blocks = list(s.iter_blocks("targets", np.arange(7), block_tokens=10))
         assert sum(len(b[0]) for b in blocks) == 7 and len(blocks) > 1
 

@@ -85,12 +85,14 @@ def test_all_baselines_outputs_and_comparison(ds, tmp_path: Path) -> None:
     res = evaluate_retrieval(ds.store_path, out_dir=out, n_boot=200,
                              methods={"classproto": _class_prototype(ds)}, compare=[("ridge@whitened", "classproto@whitened")])
     methods = {r.method for r in res.rows}
-    assert methods == {"classproto", "random", "prototype", "signature", "ridge", "nn", "bm25", "ridge+bm25",
-                       "oracle", "noisy_oracle"}
+    assert methods == {"classproto", "random", "prototype", "signature", "ridge", "ridge+last", "nn", "bm25",
+                       "ridge+bm25", "oracle", "noisy_oracle"}
     for space in ("raw", "centered", "whitened"):
         assert res.row("oracle", space).metrics["rank@1"].value == 1.0  # plumbing, duplicates merged
         assert res.row("ridge", space).metrics["mrr"].value > 3 * res.row("prototype", space).metrics["mrr"].value
         assert res.row("ridge", space).settings["alpha"] in (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+        assert res.row("ridge+last", space).metrics["mrr"].value > 3 * res.row("prototype", space).metrics["mrr"].value
+        assert res.row("ridge+last", space).settings["input"] == "signature mean + signature's last token"
         assert 0.0 <= res.row("ridge+bm25", space).settings["ridge_weight"] <= 1.0
     assert res.row("bm25", "-").metrics["mrr"].value > 2 * res.pool_stats["chance"]["mrr"]
     bm = res.row("bm25", "-").settings  # the query text was chosen on val

@@ -41,6 +41,11 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path, monkeypatch: pytest.Mo
         "ridge-residual": resolve_config("mlp", preset="ridge-residual", overrides={
             **common, "model.mlp_hidden": "64", "model.dropout": 0.0, "model.input_dropout": 0.0,
             "loss.infonce_weight": 0.0}),
+        # the transformer on the ridge path: its slot head gets no gradient (pooled loss only)
+        "transformer-residual": resolve_config("transformer", preset="transformer-residual", overrides={
+            **common, "model.mlp_hidden": "64", "model.dropout": 0.0, "model.input_dropout": 0.0,
+            "model.width": 32, "model.depth": 1, "model.heads": 2, "model.body_slots": 4,
+            "model.max_input_tokens": 16, "loss.infonce_weight": 0.0}),
     }
     ports: list[int] = []
     while len(ports) < len(cfgs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from codejepa.predict.config import ConfigError, resolve_config  # noqa: E402
 from codejepa.predict.data import FeatureTable  # noqa: E402
 from codejepa.predict.models import build_model  # noqa: E402
 from codejepa.predict.normalize import compute_stats  # noqa: E402
-from codejepa.predict.ridge import fit_ridge, init_linear_path  # noqa: E402
+from codejepa.predict.ridge import fit_ridge, init_input_stats, init_linear_path  # noqa: E402
 from codejepa.predict.train import feature_spec, train  # noqa: E402
 
 torch.set_num_threads(1)
@@ -57,16 +58,26 @@ def test_fit_ridge_is_the_closed_form_and_picks_lambda_on_val() -> None:
     assert len(grid) > 3 and grid[f"{best.alpha:g}"] == max(grid.values())
 
 
+def ridge_started(st, cfg) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]]:
+    """A model of ``cfg`` with train statistics and its linear path at train ridge (λ 0.1)."""
+    tr, va = st.indices("train"), st.indices("val")
+    stats = compute_stats(st, tr, whiten_shrink=cfg.norm.whiten_shrink)
+    model = build_model(cfg, st.meta.hidden_size)
+    model.norm.load(stats)
+    spec = feature_spec(cfg, stats)
+    train_tab = FeatureTable(st, tr, spec)
+    if getattr(model, "view_mu", None) is not None:
+        init_input_stats(model, train_tab)
+    info = init_linear_path(model, train_tab, FeatureTable(st, va, spec), alpha=0.1)
+    return model, stats, spec, info
+
+
 def test_linear_path_starts_at_train_ridge_in_the_whitened_space(store_path: Path) -> None:
     cfg = resolve_config("mlp", preset="ridge-residual", overrides={**TINY, "model.ridge_alpha": 0.1,
                                                                        "model.input_views": "mean"})
     with open_store(store_path) as st:
-        tr, va, te = st.indices("train"), st.indices("val"), st.indices("test")
-        stats = compute_stats(st, tr, whiten_shrink=cfg.norm.whiten_shrink)
-        model = build_model(cfg, st.meta.hidden_size)
-        model.norm.load(stats)
-        spec = feature_spec(cfg, stats)
-        info = init_linear_path(model, FeatureTable(st, tr, spec), FeatureTable(st, va, spec), alpha=0.1)
+        tr, te = st.indices("train"), st.indices("test")
+        model, stats, spec, info = ridge_started(st, cfg)
         assert info["alpha"] == 0.1 and info["train_records"] == len(tr)
         test_tab = FeatureTable(st, te, spec)
         model.eval()
@@ -128,8 +139,6 @@ def test_frozen_linear_path_and_linear_only_predictor(store_path: Path, tmp_path
     lin = build_model(resolve_config("mlp", preset="ridge-residual", overrides={"model.mlp_hidden": ""}), 16)
     assert lin.net is None and sum(p.numel() for p in lin.parameters()) == 2 * 16 * 16 + 16  # (mean, last) → d
     with pytest.raises(ConfigError, match="linear_skip"):
-        resolve_config("transformer", overrides={"model.linear_skip": "ridge"})
-    with pytest.raises(ConfigError, match="linear_skip"):
         resolve_config("mlp", overrides={"model.linear_skip": "lasso"})
 
 
@@ -161,5 +170,37 @@ def test_input_views_are_the_signature_mean_and_last_token_and_train(store_path:
         assert p.predict_pooled(st, st.indices("test")).shape == (len(st.indices("test")), st.meta.hidden_size)
     with pytest.raises(ConfigError, match="input_views"):
         resolve_config("mlp", overrides={"model.input_views": "mean,body"})
-    with pytest.raises(ConfigError, match="input_views"):
+    with pytest.raises(ConfigError, match="input_views"):  # without a linear path it reads tokens only
         resolve_config("transformer", overrides={"model.input_views": "mean,last"})
+
+
+TINY_TFR = {**TINY, "model.width": 32, "model.depth": 1, "model.heads": 2, "model.body_slots": 4,
+            "model.max_input_tokens": 32, "train.batch_size": 32, "train.epochs": 4}
+
+
+def test_transformer_residual_starts_at_ridge_learns_and_never_sees_the_body(store_path: Path, tmp_path: Path) -> None:
+    cfg = resolve_config("transformer", preset="transformer-residual", overrides={**TINY_TFR, "model.ridge_alpha": 0.1})
+    with open_store(store_path) as st:
+        tr, te = st.indices("train"), st.indices("test")
+        model, stats, spec, _ = ridge_started(st, cfg)
+        train_tab, test_tab = FeatureTable(st, tr, spec), FeatureTable(st, te, spec)
+        model.eval()
+        with torch.no_grad():
+            b = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in test_tab.batch(np.arange(len(te))).items()
+                 if k != "index"}
+            pred = model(b)["pooled"].numpy()
+        # at the start the transformer and its MLP add exactly nothing to the train ridge
+        x = (train_tab.sig - model.view_mu.numpy()) / model.view_sd.numpy()
+        w, bias = numpy_ridge(x, (train_tab.body - stats.pool_mu) @ stats.pool_W, 0.1)
+        ref = ((test_tab.sig - model.view_mu.numpy()) / model.view_sd.numpy()) @ w + bias
+        assert np.allclose(pred, ref, atol=1e-3)
+    run = tmp_path / "tfr"
+    summary = train(store_path, cfg, run, device="cpu")
+    assert summary["best"]["val_mrr"] > 4 * summary["best"]["val_chance_mrr"]
+    p = load_predictor(run)
+    assert float(p.model.head.weight.detach().abs().sum()) > 0  # the attention path trained away from zero
+    other = make_store(tmp_path / "other_bodies.h5", body_seed=7, body_len=(1, 40))
+    with open_store(store_path) as a, open_store(other) as b2:
+        idx = a.indices()
+        assert not np.allclose(a.pooled("body", idx[:5]), b2.pooled("body", idx[:5]))
+        assert np.array_equal(p.predict_pooled(a, idx), p.predict_pooled(b2, idx))  # bodies never reach it
