@@ -30,7 +30,8 @@ def plot_rank_distribution(data: dict[str, Any], rows: list[Any], out_dir: Path)
     spaces = [s for s in dict.fromkeys(r.space for r in rows) if s != "-"] or ["-"]
     shared = [r for r in rows if r.space == "-"]
     n_lines = len({r.method for r in rows}) + 1
-    fig, axes = plt.subplots(1, len(spaces), figsize=(6.4 * len(spaces), 5.2 + 0.17 * n_lines),
+    # One legend entry per line, in one column: two columns of long run names overlap the next panel.
+    fig, axes = plt.subplots(1, len(spaces), figsize=(6.4 * len(spaces), 5.2 + 0.2 * n_lines),
                              squeeze=False, sharey=True)
     max_rank = max(int(r.ranks.max()) for r in rows)
     ks = np.unique(np.logspace(0, np.log10(max(max_rank, 2)), 200).astype(int))
@@ -39,7 +40,8 @@ def plot_rank_distribution(data: dict[str, Any], rows: list[Any], out_dir: Path)
     colour = {n: cmap(i % cmap.N) for i, n in enumerate(names)}
     pool_size = data["pool"]["mean_pool_size"]
     for ax, space in zip(axes[0], spaces):
-        for r in [r for r in rows if r.space == space] + (shared if space != "-" else []):
+        panel = [r for r in rows if r.space == space] + (shared if space != "-" else [])
+        for r in sorted(panel, key=lambda r: -r.metrics["mrr"].value):  # legend best first
             curve = np.searchsorted(np.sort(r.ranks), ks, side="right") / len(r.ranks)
             label = f"{r.method}  (R@1 {r.metrics['rank@1'].value:.1%}, MRR {r.metrics['mrr'].value:.2f})"
             ax.plot(ks, curve, label=label, color=colour[r.method], lw=2.2 if r.kind == "run" else 1.5,
@@ -52,7 +54,7 @@ def plot_rank_distribution(data: dict[str, Any], rows: list[Any], out_dir: Path)
         ax.set_title(f"{space} space" if space != "-" else "space-independent", fontsize=12)
         ax.grid(True, which="both", alpha=0.3)
         # Below the panel: curves crowd the top-left corner, where a legend would hide them.
-        ax.legend(fontsize=8.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+        ax.legend(fontsize=8.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
     axes[0][0].set_ylabel("share of queries with rank ≤ k (recall@k)", fontsize=11)
     pool = data["pool"]
     fig.suptitle(f"Where the true body ranks — {data['settings']['split']} split, pool {pool['label']}, "
