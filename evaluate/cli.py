@@ -65,6 +65,8 @@ def retrieval(
                                                       "(default: the first run, else ridge)."),
     bm25_query: str = typer.Option("auto", help="BM25 query text: signature | signature+context | auto "
                                                  "(chosen on val)."),
+    fuse_bm25: bool = typer.Option(True, "--fuse-bm25/--no-fuse-bm25",
+                                   help="Also fuse each run with BM25 (a RUN+bm25 row, weight chosen on val)."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
 ) -> None:
     """Rank each query's true body among the pool's distinct bodies, for every method and space."""
@@ -90,7 +92,7 @@ def retrieval(
                 store, run, split=split, pool=pool, spaces=space, baselines=baselines, out_dir=out,
                 corpus_dir=corpus, compare=_parse_compare(compare), ridge_input=ridge_input,
                 whitening_shrinkage=shrinkage, n_boot=n_boot, pool_seeds=pool_seeds, plots=not no_plots,
-                noisy_of=noisy_of, bm25_query=bm25_query,
+                noisy_of=noisy_of, bm25_query=bm25_query, fuse_bm25=fuse_bm25,
                 log=lambda m: bar.update(job, description=escape(m[:70])),
                 progress=lambda done, total: bar.update(job, completed=done, total=total),
             )

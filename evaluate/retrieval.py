@@ -312,6 +312,7 @@ def evaluate_retrieval(
     methods: Mapping[str, Callable[[Any, np.ndarray], np.ndarray]] | None = None,
     noisy_of: str | None = None,
     bm25_query: str = "auto",
+    fuse_bm25: bool = True,
     log: Log | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> RetrievalResult:
@@ -322,6 +323,8 @@ def evaluate_retrieval(
     method × space row, for a progress bar. ``noisy_of`` names the vector method whose per-query error norm the noisy oracle copies
     (default: the first run, else ridge). ``methods`` adds query-vector methods beside the runs: ``name → f(store, indices)``
     returning raw teacher-space predictions ``[len(indices), hidden_size]`` of the bodies.
+    With ``fuse_bm25`` (and BM25 among the baselines) every run and method also gets a
+    ``NAME+bm25`` row: its scores fused with BM25's as ridge+bm25 is, the weight chosen on val.
     """
     from codejepa.embed.store import open_store
 
@@ -365,7 +368,8 @@ def evaluate_retrieval(
         need_ridge = need_sig and bool({"ridge", "ridge+bm25"} & set(names) or (
             "noisy_oracle" in names and (noisy_of == "ridge" or (noisy_of is None and not loaded and not methods))))
         need_bm25 = bool({"bm25", "ridge+bm25"} & set(names))
-        need_sel = need_ridge or "ridge+last" in names or (need_bm25 and bm25_query == "auto")
+        fuse_runs = fuse_bm25 and need_bm25 and bool(loaded or methods)
+        need_sel = need_ridge or "ridge+last" in names or fuse_runs or (need_bm25 and bm25_query == "auto")
         fit_idx, sel_idx = _selection_split(store, train_idx, val_idx, notes) if need_sel else (train_idx, val_idx)
         if split == "val" and need_sel:
             notes.append("evaluating on val, where ridge's λ, the BM25 query and the fusion weight are chosen: "
@@ -389,6 +393,11 @@ def evaluate_retrieval(
             if mname in run_preds or mname in parse_baselines("all"):
                 raise EvaluateError(f"method name {mname!r} is already taken")
             run_preds[mname] = _predict(LoadedRun(mname, f"method {mname}", _FnPredictor(fn), {}), store, q_idx)
+        sel_preds: dict[str, np.ndarray] = {}
+        if fuse_runs:  # the fusion weight of each run is chosen on its predictions for the selection split
+            sel_preds = {r.name: _predict(r, store, sel_idx) for r in loaded}
+            for mname, fn in (methods or {}).items():
+                sel_preds[mname] = _predict(LoadedRun(mname, f"method {mname}", _FnPredictor(fn), {}), store, sel_idx)
         ridge = RidgeFit.fit(ridge_x[fit_idx], bodies[fit_idx]) if need_ridge else None
         ridge_last = RidgeFit.fit(last_x[fit_idx], bodies[fit_idx]) if last_x is not None else None
         bm25_test = bm25_sel = None
@@ -407,14 +416,15 @@ def evaluate_retrieval(
             bm25_settings.update(query=mode, k1=1.2, b=0.75, tokens="identifiers split at snake_case/CamelCase")
             texts = query_sets[mode]
             bm25_test = BM25Scorer([texts[i] for i in q_idx], [cv.body_texts[i] for i in task.cand_idx])
-            if "ridge+bm25" in names and sel_task is not None:
+            if ("ridge+bm25" in names or fuse_runs) and sel_task is not None:
                 bm25_sel = BM25Scorer([texts[i] for i in sel_idx], sel_docs)
 
         rows: list[MethodRow] = []
         vector_baselines = [n for n in names if n in ("prototype", "signature", "ridge", "ridge+last", "nn", "oracle",
                                                       "noisy_oracle")]
         expected = (("random" in names) + ("bm25" in names)
-                    + len(space_names) * (len(run_preds) + len(vector_baselines) + ("ridge+bm25" in names)))
+                    + len(space_names) * (len(run_preds) * (1 + fuse_runs) + len(vector_baselines)
+                                          + ("ridge+bm25" in names)))
         sizes = _pool_sizes(task)
         clusters_q = np.tile(task.query_repos.astype(str), len(sizes) // task.n_queries)
         chance = chance_metrics(sizes)
@@ -510,20 +520,27 @@ def evaluate_retrieval(
                     projections.setdefault(sname, {})[name] = qs
             projections.setdefault(sname, {})["__targets__"] = targ_s
 
-            if ("ridge+bm25" in names and ridge is not None and sel_task is not None and bm25_test is not None
-                    and bm25_sel is not None):
-                dense_sel = DenseScorer(sp.apply(ridge.predict(ridge_x[sel_idx], ridge_alpha)), sel_c)
+            def fuse(name: str, kind: str, sel_raw: np.ndarray, test_space: np.ndarray, settings: dict) -> None:
+                """``name``: the dense method's scores fused with BM25's, the weight chosen on selection MRR."""
+                dense_sel = DenseScorer(sp.apply(sel_raw), sel_c)
                 cols_sel = np.arange(len(sel_task.cand_idx))
                 st = (ScoreSampleStats(dense_sel, cols_sel), ScoreSampleStats(bm25_sel, cols_sel))
                 wsc = {w: _mrr(FusedScorer(dense_sel, bm25_sel, w, cols_sel, stats=st), sel_task)
                        for w in FUSION_WEIGHTS}
                 w = max(wsc, key=lambda k: (wsc[k], -abs(k - 0.5)))
-                dense_t = DenseScorer(vec["ridge"][2], cand_unit, normalized=True)
-                fused = FusedScorer(dense_t, bm25_test, w, np.arange(len(task.cand_idx)))
-                say(f"searching ridge+bm25 in {sname} space (weight {w})")
-                add_row("ridge+bm25", "baseline", sname, search_task(fused, task),
-                        {"ridge_weight": w, "alpha": ridge_alpha, "selection_mrr": {str(k): v for k, v in wsc.items()},
+                fused = FusedScorer(DenseScorer(test_space, cand_unit, normalized=True), bm25_test, w,
+                                    np.arange(len(task.cand_idx)))
+                say(f"searching {name} in {sname} space (weight {w})")
+                add_row(name, kind, sname, search_task(fused, task),
+                        {"dense_weight": w, **settings, "selection_mrr": {str(k): v for k, v in wsc.items()},
                          "normalisation": "per-query z-score over a fixed sample of 2048 pool candidates"})
+
+            if sel_task is not None and bm25_test is not None and bm25_sel is not None:
+                if "ridge+bm25" in names and ridge is not None:
+                    fuse("ridge+bm25", "baseline", ridge.predict(ridge_x[sel_idx], ridge_alpha), vec["ridge"][2],
+                         {"alpha": ridge_alpha})
+                for rname, pr_sel in sel_preds.items():
+                    fuse(f"{rname}+bm25", "run", pr_sel, vec[rname][2], {"run": rname})
 
         warnings = _flag(rows)
         comparisons = _auto_comparisons(rows, n_boot, seed) + [
@@ -533,6 +550,7 @@ def evaluate_retrieval(
             "split": split, "pool": pspec.to_json(), "spaces": space_names, "baselines": list(names),
             "ridge_input": ridge_input, "ridge_alphas": list(RIDGE_ALPHAS), "fusion_weights": list(FUSION_WEIGHTS),
             "whitening_shrinkage": whitening_shrinkage, "n_boot": n_boot, "seed": seed, "noisy_of": noisy_of, "bm25_query": bm25_query,
+            "fuse_bm25": fuse_runs,
             "ci": "95% percentile bootstrap over repositories", "ties": "pessimistic",
             "distinct_bodies": "candidates with equal normalised body hash count once (best member scores)",
             "selection": {"fit_records": int(len(fit_idx)), "selection_records": int(len(sel_idx))},

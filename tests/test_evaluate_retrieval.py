@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _evaluate_fixtures import make_dataset  # noqa: E402
 
 from codejepa.core import CodejepaError  # noqa: E402
+from codejepa.evaluate.baselines import FUSION_WEIGHTS  # noqa: E402
 from codejepa.evaluate.errors import EvaluateError  # noqa: E402
 from codejepa.evaluate.report import compare_saved  # noqa: E402
 from codejepa.evaluate.retrieval import evaluate_retrieval  # noqa: E402
@@ -85,15 +86,22 @@ def test_all_baselines_outputs_and_comparison(ds, tmp_path: Path) -> None:
     res = evaluate_retrieval(ds.store_path, out_dir=out, n_boot=200,
                              methods={"classproto": _class_prototype(ds)}, compare=[("ridge@whitened", "classproto@whitened")])
     methods = {r.method for r in res.rows}
-    assert methods == {"classproto", "random", "prototype", "signature", "ridge", "ridge+last", "nn", "bm25",
-                       "ridge+bm25", "oracle", "noisy_oracle"}
+    assert methods == {"classproto", "classproto+bm25", "random", "prototype", "signature", "ridge", "ridge+last", "nn",
+                       "bm25", "ridge+bm25", "oracle", "noisy_oracle"}
     for space in ("raw", "centered", "whitened"):
         assert res.row("oracle", space).metrics["rank@1"].value == 1.0  # plumbing, duplicates merged
         assert res.row("ridge", space).metrics["mrr"].value > 3 * res.row("prototype", space).metrics["mrr"].value
         assert res.row("ridge", space).settings["alpha"] in (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
         assert res.row("ridge+last", space).metrics["mrr"].value > 3 * res.row("prototype", space).metrics["mrr"].value
         assert res.row("ridge+last", space).settings["input"] == "signature mean + signature's last token"
-        assert 0.0 <= res.row("ridge+bm25", space).settings["ridge_weight"] <= 1.0
+        assert 0.0 <= res.row("ridge+bm25", space).settings["dense_weight"] <= 1.0
+        fused = res.row("classproto+bm25", space)  # every run / method is also fused with BM25, weight on val
+        assert fused.kind == "run" and fused.settings["run"] == "classproto"
+        assert set(fused.settings["selection_mrr"]) == {str(w) for w in FUSION_WEIGHTS}
+        assert fused.settings["selection_mrr"][str(fused.settings["dense_weight"])] == max(fused.settings["selection_mrr"].values())
+    plain = evaluate_retrieval(ds.store_path, baselines="bm25", spaces="whitened", n_boot=50, plots=False,
+                               methods={"classproto": _class_prototype(ds)}, fuse_bm25=False)
+    assert {r.method for r in plain.rows} == {"classproto", "bm25"}
     assert res.row("bm25", "-").metrics["mrr"].value > 2 * res.pool_stats["chance"]["mrr"]
     bm = res.row("bm25", "-").settings  # the query text was chosen on val
     assert bm["query"] in ("signature", "signature+context") and set(bm["selection_mrr"]) == {"signature", "signature+context"}
