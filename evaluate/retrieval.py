@@ -193,6 +193,9 @@ def _checkpoint_hashes(run_dir: Path) -> dict[str, str]:
     return out
 
 
+FUSED_SUFFIX = "+bm25"  # a run's scores fused with BM25's: NAME+bm25
+
+
 def load_runs(run_dirs: Sequence[str | os.PathLike[str]], store: Any) -> list[LoadedRun]:
     """Load predictors and refuse any trained against another store (fingerprint mismatch)."""
     if not run_dirs:
@@ -220,8 +223,8 @@ def load_runs(run_dirs: Sequence[str | os.PathLike[str]], store: Any) -> list[Lo
                 "evaluate it on the store it was trained on"
             )
         name = str(p.name)
-        if name in names or name in parse_baselines("all"):
-            name = f"run:{name}"
+        if name in names or name in parse_baselines("all") or name.endswith(FUSED_SUFFIX):
+            name = f"run:{name}"  # "+bm25" names are the fusion rows'; a run must not take one
         k = 2
         while name in names:
             name, k = f"{p.name}#{k}", k + 1
@@ -390,8 +393,9 @@ def evaluate_retrieval(
 
         run_preds = {r.name: _predict(r, store, q_idx) for r in loaded}
         for mname, fn in (methods or {}).items():
-            if mname in run_preds or mname in parse_baselines("all"):
-                raise EvaluateError(f"method name {mname!r} is already taken")
+            if mname in run_preds or mname in parse_baselines("all") or mname.endswith(FUSED_SUFFIX):
+                raise EvaluateError(f"method name {mname!r} is already taken (or ends in {FUSED_SUFFIX!r}, "
+                                    "which names the BM25 fusion rows)")
             run_preds[mname] = _predict(LoadedRun(mname, f"method {mname}", _FnPredictor(fn), {}), store, q_idx)
         sel_preds: dict[str, np.ndarray] = {}
         if fuse_runs:  # the fusion weight of each run is chosen on its predictions for the selection split
@@ -540,7 +544,7 @@ def evaluate_retrieval(
                     fuse("ridge+bm25", "baseline", ridge.predict(ridge_x[sel_idx], ridge_alpha), vec["ridge"][2],
                          {"alpha": ridge_alpha})
                 for rname, pr_sel in sel_preds.items():
-                    fuse(f"{rname}+bm25", "run", pr_sel, vec[rname][2], {"run": rname})
+                    fuse(f"{rname}{FUSED_SUFFIX}", "run", pr_sel, vec[rname][2], {"run": rname})
 
         warnings = _flag(rows)
         comparisons = _auto_comparisons(rows, n_boot, seed) + [

@@ -102,6 +102,8 @@ def test_all_baselines_outputs_and_comparison(ds, tmp_path: Path) -> None:
     plain = evaluate_retrieval(ds.store_path, baselines="bm25", spaces="whitened", n_boot=50, plots=False,
                                methods={"classproto": _class_prototype(ds)}, fuse_bm25=False)
     assert {r.method for r in plain.rows} == {"classproto", "bm25"}
+    with pytest.raises(EvaluateError, match="fusion rows"):
+        evaluate_retrieval(ds.store_path, baselines="bm25", plots=False, methods={"x+bm25": _class_prototype(ds)})
     assert res.row("bm25", "-").metrics["mrr"].value > 2 * res.pool_stats["chance"]["mrr"]
     bm = res.row("bm25", "-").settings  # the query text was chosen on val
     assert bm["query"] in ("signature", "signature+context") and set(bm["selection_mrr"]) == {"signature", "signature+context"}
