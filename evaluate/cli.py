@@ -67,6 +67,9 @@ def retrieval(
                                                  "(chosen on val)."),
     fuse_bm25: bool = typer.Option(True, "--fuse-bm25/--no-fuse-bm25",
                                    help="Also fuse each run with BM25 (a RUN+bm25 row, weight chosen on val)."),
+    hubness: bool = typer.Option(True, "--hubness/--no-hubness",
+                                 help="Also score ridge, ridge+last and each run with a hubness correction (CSLS "
+                                      "against its train-split predictions; NAME+csls rows, k and β chosen on val)."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
 ) -> None:
     """Rank each query's true body among the pool's distinct bodies, for every method and space."""
@@ -92,7 +95,7 @@ def retrieval(
                 store, run, split=split, pool=pool, spaces=space, baselines=baselines, out_dir=out,
                 corpus_dir=corpus, compare=_parse_compare(compare), ridge_input=ridge_input,
                 whitening_shrinkage=shrinkage, n_boot=n_boot, pool_seeds=pool_seeds, plots=not no_plots,
-                noisy_of=noisy_of, bm25_query=bm25_query, fuse_bm25=fuse_bm25,
+                noisy_of=noisy_of, bm25_query=bm25_query, fuse_bm25=fuse_bm25, hubness_correction=hubness,
                 log=lambda m: bar.update(job, description=escape(m[:70])),
                 progress=lambda done, total: bar.update(job, completed=done, total=total),
             )

@@ -20,6 +20,17 @@ def _plt() -> Any:
     return plt
 
 
+_STYLE = {"": "-", "+csls": "-.", "+bm25": (0, (1, 1)), "+csls+bm25": (0, (4, 1, 1, 1, 1, 1))}
+
+
+def _base(method: str) -> str:
+    """The method a derived row comes from: ``tf+csls+bm25`` → ``tf``."""
+    for suffix in ("+csls+bm25", "+csls", "+bm25"):
+        if method.endswith(suffix) and len(method) > len(suffix):
+            return method[: -len(suffix)]
+    return method
+
+
 def plot_rank_distribution(data: dict[str, Any], rows: list[Any], out_dir: Path) -> Path:
     """Recall@k curves (share of queries whose true body ranks ≤ k), one panel per space.
 
@@ -35,17 +46,19 @@ def plot_rank_distribution(data: dict[str, Any], rows: list[Any], out_dir: Path)
                              squeeze=False, sharey=True)
     max_rank = max(int(r.ranks.max()) for r in rows)
     ks = np.unique(np.logspace(0, np.log10(max(max_rank, 2)), 200).astype(int))
-    names = list(dict.fromkeys(r.method for r in rows))
-    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-    colour = {n: cmap(i % cmap.N) for i, n in enumerate(names)}
+    # A method and its derived rows (NAME+csls, NAME+bm25, NAME+csls+bm25) share a colour and
+    # differ in line style, so that twenty rows need ten colours, not twenty.
+    bases = list(dict.fromkeys(_base(r.method) for r in rows))
+    cmap = plt.get_cmap("tab10" if len(bases) <= 10 else "tab20")
+    colour = {n: cmap(i % cmap.N) for i, n in enumerate(bases)}
     pool_size = data["pool"]["mean_pool_size"]
     for ax, space in zip(axes[0], spaces):
         panel = [r for r in rows if r.space == space] + (shared if space != "-" else [])
         for r in sorted(panel, key=lambda r: -r.metrics["mrr"].value):  # legend best first
             curve = np.searchsorted(np.sort(r.ranks), ks, side="right") / len(r.ranks)
             label = f"{r.method}  (R@1 {r.metrics['rank@1'].value:.1%}, MRR {r.metrics['mrr'].value:.2f})"
-            ax.plot(ks, curve, label=label, color=colour[r.method], lw=2.2 if r.kind == "run" else 1.5,
-                    ls="--" if r.space == "-" else "-")
+            ax.plot(ks, curve, label=label, color=colour[_base(r.method)], lw=2.2 if r.kind == "run" else 1.5,
+                    ls="--" if r.space == "-" else _STYLE[r.method[len(_base(r.method)):]])
         ax.plot(ks, np.minimum(ks / pool_size, 1.0), color="grey", ls=":", lw=1.2, label="chance")
         ax.set_xscale("log")
         ax.set_xlim(1, max(max_rank, 2))

@@ -28,6 +28,8 @@ from codejepa.evaluate.baselines import (
 )
 from codejepa.evaluate.diagnostics import collapse_warning, hubness, target_statistics, vector_diagnostics
 from codejepa.evaluate.errors import EvaluateError
+from codejepa.evaluate.hubness import CSLS_BETAS, CSLS_KS, HubScorer, hub_penalties
+from codejepa.evaluate.hubness import SUFFIX as CSLS_SUFFIX
 from codejepa.evaluate.metrics import (
     MetricCI,
     PairedComparison,
@@ -194,6 +196,7 @@ def _checkpoint_hashes(run_dir: Path) -> dict[str, str]:
 
 
 FUSED_SUFFIX = "+bm25"  # a run's scores fused with BM25's: NAME+bm25
+RESERVED_SUFFIXES = (FUSED_SUFFIX, CSLS_SUFFIX)  # NAME+csls: its scores hubness-corrected
 
 
 def load_runs(run_dirs: Sequence[str | os.PathLike[str]], store: Any) -> list[LoadedRun]:
@@ -223,8 +226,8 @@ def load_runs(run_dirs: Sequence[str | os.PathLike[str]], store: Any) -> list[Lo
                 "evaluate it on the store it was trained on"
             )
         name = str(p.name)
-        if name in names or name in parse_baselines("all") or name.endswith(FUSED_SUFFIX):
-            name = f"run:{name}"  # "+bm25" names are the fusion rows'; a run must not take one
+        if name in names or name in parse_baselines("all") or name.endswith(RESERVED_SUFFIXES):
+            name = f"run:{name}"  # "+bm25"/"+csls" names are derived rows'; a run must not take one
         k = 2
         while name in names:
             name, k = f"{p.name}#{k}", k + 1
@@ -316,6 +319,7 @@ def evaluate_retrieval(
     noisy_of: str | None = None,
     bm25_query: str = "auto",
     fuse_bm25: bool = True,
+    hubness_correction: bool = True,
     log: Log | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> RetrievalResult:
@@ -328,6 +332,9 @@ def evaluate_retrieval(
     returning raw teacher-space predictions ``[len(indices), hidden_size]`` of the bodies.
     With ``fuse_bm25`` (and BM25 among the baselines) every run and method also gets a
     ``NAME+bm25`` row: its scores fused with BM25's as ridge+bm25 is, the weight chosen on val.
+    With ``hubness_correction``, ridge, ridge+last and every run and method also get a ``NAME+csls`` row
+    in each space but raw: cosine minus β × the candidate's hubness against the method's own
+    train-split predictions (see :mod:`codejepa.evaluate.hubness`), k and β chosen on val.
     """
     from codejepa.embed.store import open_store
 
@@ -372,7 +379,11 @@ def evaluate_retrieval(
             "noisy_oracle" in names and (noisy_of == "ridge" or (noisy_of is None and not loaded and not methods))))
         need_bm25 = bool({"bm25", "ridge+bm25"} & set(names))
         fuse_runs = fuse_bm25 and need_bm25 and bool(loaded or methods)
-        need_sel = need_ridge or "ridge+last" in names or fuse_runs or (need_bm25 and bm25_query == "auto")
+        hub_spaces = [s for s in space_names if s != "raw"] if hubness_correction else []
+        hub_methods = ([r.name for r in loaded] + list(methods or {})
+                       + [n for n in ("ridge", "ridge+last") if n in names and need_sig]) if hub_spaces else []
+        need_sel = (need_ridge or "ridge+last" in names or fuse_runs or (need_bm25 and bm25_query == "auto")
+                    or bool(hub_methods))
         fit_idx, sel_idx = _selection_split(store, train_idx, val_idx, notes) if need_sel else (train_idx, val_idx)
         if split == "val" and need_sel:
             notes.append("evaluating on val, where ridge's λ, the BM25 query and the fusion weight are chosen: "
@@ -393,15 +404,18 @@ def evaluate_retrieval(
 
         run_preds = {r.name: _predict(r, store, q_idx) for r in loaded}
         for mname, fn in (methods or {}).items():
-            if mname in run_preds or mname in parse_baselines("all") or mname.endswith(FUSED_SUFFIX):
-                raise EvaluateError(f"method name {mname!r} is already taken (or ends in {FUSED_SUFFIX!r}, "
-                                    "which names the BM25 fusion rows)")
+            if mname in run_preds or mname in parse_baselines("all") or mname.endswith(RESERVED_SUFFIXES):
+                raise EvaluateError(f"method name {mname!r} is already taken (or ends in {FUSED_SUFFIX!r} or "
+                                    f"{CSLS_SUFFIX!r}, which name the fusion and hubness-corrected rows)")
             run_preds[mname] = _predict(LoadedRun(mname, f"method {mname}", _FnPredictor(fn), {}), store, q_idx)
         sel_preds: dict[str, np.ndarray] = {}
-        if fuse_runs:  # the fusion weight of each run is chosen on its predictions for the selection split
-            sel_preds = {r.name: _predict(r, store, sel_idx) for r in loaded}
-            for mname, fn in (methods or {}).items():
-                sel_preds[mname] = _predict(LoadedRun(mname, f"method {mname}", _FnPredictor(fn), {}), store, sel_idx)
+        ref_preds: dict[str, np.ndarray] = {}  # train-split predictions: the hubness reference
+        method_runs = [LoadedRun(m, f"method {m}", _FnPredictor(fn), {}) for m, fn in (methods or {}).items()]
+        if fuse_runs or hub_methods:  # fusion weights and CSLS settings are chosen on the selection split
+            say("predicting the selection split" + (" and the train split (hubness reference)" if hub_methods else ""))
+            sel_preds = {r.name: _predict(r, store, sel_idx) for r in [*loaded, *method_runs]}
+        if hub_methods:
+            ref_preds = {r.name: _predict(r, store, fit_idx) for r in [*loaded, *method_runs]}
         ridge = RidgeFit.fit(ridge_x[fit_idx], bodies[fit_idx]) if need_ridge else None
         ridge_last = RidgeFit.fit(last_x[fit_idx], bodies[fit_idx]) if last_x is not None else None
         bm25_test = bm25_sel = None
@@ -428,7 +442,9 @@ def evaluate_retrieval(
                                                       "noisy_oracle")]
         expected = (("random" in names) + ("bm25" in names)
                     + len(space_names) * (len(run_preds) * (1 + fuse_runs) + len(vector_baselines)
-                                          + ("ridge+bm25" in names)))
+                                          + ("ridge+bm25" in names))
+                    + len(hub_spaces) * (len(hub_methods) + (len(run_preds) if fuse_runs else 0)
+                                         + ("ridge+bm25" in names and "ridge" in hub_methods)))
         sizes = _pool_sizes(task)
         clusters_q = np.tile(task.query_repos.astype(str), len(sizes) // task.n_queries)
         chance = chance_metrics(sizes)
@@ -524,27 +540,65 @@ def evaluate_retrieval(
                     projections.setdefault(sname, {})[name] = qs
             projections.setdefault(sname, {})["__targets__"] = targ_s
 
-            def fuse(name: str, kind: str, sel_raw: np.ndarray, test_space: np.ndarray, settings: dict) -> None:
-                """``name``: the dense method's scores fused with BM25's, the weight chosen on selection MRR."""
-                dense_sel = DenseScorer(sp.apply(sel_raw), sel_c)
+            fusing = sel_task is not None and bm25_test is not None and bm25_sel is not None
+
+            def fuse(name: str, kind: str, dense_sel: Any, dense_test: Any, settings: dict) -> None:
+                """``name``: a dense scorer fused with BM25's scores, the weight chosen on selection MRR
+                (``dense_sel`` scores the selection split, ``dense_test`` the task)."""
                 cols_sel = np.arange(len(sel_task.cand_idx))
                 st = (ScoreSampleStats(dense_sel, cols_sel), ScoreSampleStats(bm25_sel, cols_sel))
                 wsc = {w: _mrr(FusedScorer(dense_sel, bm25_sel, w, cols_sel, stats=st), sel_task)
                        for w in FUSION_WEIGHTS}
                 w = max(wsc, key=lambda k: (wsc[k], -abs(k - 0.5)))
-                fused = FusedScorer(DenseScorer(test_space, cand_unit, normalized=True), bm25_test, w,
-                                    np.arange(len(task.cand_idx)))
+                fused = FusedScorer(dense_test, bm25_test, w, np.arange(len(task.cand_idx)))
                 say(f"searching {name} in {sname} space (weight {w})")
                 add_row(name, kind, sname, search_task(fused, task),
                         {"dense_weight": w, **settings, "selection_mrr": {str(k): v for k, v in wsc.items()},
                          "normalisation": "per-query z-score over a fixed sample of 2048 pool candidates"})
 
-            if sel_task is not None and bm25_test is not None and bm25_sel is not None:
+            sel_unit: Any = None
+
+            def csls(name: str, ref_raw: np.ndarray, sel_raw: np.ndarray) -> None:
+                """``name+csls``: the method's cosines minus β × each candidate's hubness against the
+                method's train-split predictions; k and β chosen on selection MRR."""
+                nonlocal sel_unit
+                kind, _, test_space, _ = vec[name]
+                if sel_unit is None:
+                    sel_unit = unit_rows(sel_c)
+                say(f"hubness of the candidates against {name}'s train predictions ({sname} space)")
+                refs = unit_rows(sp.apply(ref_raw), inplace=True)
+                pen_sel = hub_penalties(sel_unit, refs, CSLS_KS, cand_ids=sel_task.cand_idx, ref_ids=fit_idx)
+                dense_sel = DenseScorer(sp.apply(sel_raw), sel_unit, normalized=True)
+                grid = {(k, b): _mrr(HubScorer(dense_sel, pen_sel[k], b), sel_task) for k in CSLS_KS for b in CSLS_BETAS}
+                k, beta = max(grid, key=lambda kb: (grid[kb], -kb[1]))  # ties: the smaller correction
+                pen = hub_penalties(cand_unit, refs, [k], cand_ids=task.cand_idx, ref_ids=fit_idx)[k]
+                hub_test = HubScorer(DenseScorer(test_space, cand_unit, normalized=True), pen, beta)
+                info = {"k": k, "beta": beta, "reference": f"{name}'s predictions for {len(fit_idx)} train records"}
+                add_row(f"{name}{CSLS_SUFFIX}", kind, sname, search_task(hub_test, task),
+                        {**info, "selection_mrr": {f"k={a},beta={b}": v for (a, b), v in grid.items()}})
+                if fusing and ((kind == "run" and fuse_runs) or (name == "ridge" and "ridge+bm25" in names)):
+                    # The hybrid of the corrected scores, as ridge+bm25 / RUN+bm25 are of the plain ones.
+                    fuse(f"{name}{CSLS_SUFFIX}{FUSED_SUFFIX}", kind, HubScorer(dense_sel, pen_sel[k], beta), hub_test, info)
+
+            if sname in hub_spaces and sel_task is not None:
+                for hname in hub_methods:
+                    if hname == "ridge" and ridge is not None and "ridge" in vec:
+                        csls("ridge", ridge.predict(ridge_x[fit_idx], ridge_alpha), ridge.predict(ridge_x[sel_idx], ridge_alpha))
+                    elif hname == "ridge+last" and ridge_last is not None and "ridge+last" in vec:
+                        a_last = vec["ridge+last"][3]["alpha"]
+                        csls("ridge+last", ridge_last.predict(last_x[fit_idx], a_last), ridge_last.predict(last_x[sel_idx], a_last))
+                    elif hname in ref_preds:
+                        csls(hname, ref_preds[hname], sel_preds[hname])
+
+            if fusing:
+                def dense(q_sel: np.ndarray, q_test: np.ndarray) -> tuple[DenseScorer, DenseScorer]:
+                    return DenseScorer(sp.apply(q_sel), sel_c), DenseScorer(q_test, cand_unit, normalized=True)
+
                 if "ridge+bm25" in names and ridge is not None:
-                    fuse("ridge+bm25", "baseline", ridge.predict(ridge_x[sel_idx], ridge_alpha), vec["ridge"][2],
+                    fuse("ridge+bm25", "baseline", *dense(ridge.predict(ridge_x[sel_idx], ridge_alpha), vec["ridge"][2]),
                          {"alpha": ridge_alpha})
-                for rname, pr_sel in sel_preds.items():
-                    fuse(f"{rname}{FUSED_SUFFIX}", "run", pr_sel, vec[rname][2], {"run": rname})
+                for rname, pr_sel in sel_preds.items() if fuse_runs else ():
+                    fuse(f"{rname}{FUSED_SUFFIX}", "run", *dense(pr_sel, vec[rname][2]), {"run": rname})
 
         warnings = _flag(rows)
         comparisons = _auto_comparisons(rows, n_boot, seed) + [
@@ -554,7 +608,8 @@ def evaluate_retrieval(
             "split": split, "pool": pspec.to_json(), "spaces": space_names, "baselines": list(names),
             "ridge_input": ridge_input, "ridge_alphas": list(RIDGE_ALPHAS), "fusion_weights": list(FUSION_WEIGHTS),
             "whitening_shrinkage": whitening_shrinkage, "n_boot": n_boot, "seed": seed, "noisy_of": noisy_of, "bm25_query": bm25_query,
-            "fuse_bm25": fuse_runs,
+            "fuse_bm25": fuse_runs, "hubness": {"spaces": hub_spaces, "methods": hub_methods, "ks": list(CSLS_KS),
+                                                "betas": list(CSLS_BETAS)},
             "ci": "95% percentile bootstrap over repositories", "ties": "pessimistic",
             "distinct_bodies": "candidates with equal normalised body hash count once (best member scores)",
             "selection": {"fit_records": int(len(fit_idx)), "selection_records": int(len(sel_idx))},

@@ -122,8 +122,8 @@ def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str) -> None:
                 f"{e['target_eff_rank']:.1f}  best@{e['best_epoch']}", soft_wrap=True
             )
         elif ev == "ridge_init":
-            progress.console.print(f"linear path initialised with train-split ridge: λ {e['alpha']:g} "
-                                   f"(val MRR {e['val_mrr']:.3f})", soft_wrap=True)
+            progress.console.print(f"linear path initialised with train-split ridge on {e['views']}: "
+                                   f"λ {e['alpha']:g} (val MRR {e['val_mrr']:.3f})", soft_wrap=True)
         elif ev == "done":
             progress.console.print(f"best epoch {e['best_epoch']}: val MRR {e['best_val_mrr']:.3f} → {out}/best.pt",
                                    soft_wrap=True)

@@ -39,6 +39,11 @@ class ModelConfig:
     linear_skip: str = "none"  # "none" | "zero" | "ridge"
     ridge_alpha: float = 0.0  # λ relative to the mean eigenvalue of XᵀX (0: best val MRR of a grid)
     linear_trainable: bool = True  # False: the ridge path stays frozen, only the residual MLP trains
+    # Which input views the ridge path reads: "select" fits ridge on every non-empty subset of
+    # ``input_views`` and keeps the best val MRR (the other views' weights start at zero; the
+    # residual still reads them), because a view that helps at one layer hurts at another;
+    # "all" reads every view.
+    ridge_views: str = "select"  # "select" | "all"
     input_dropout: float = 0.0  # dropout on the MLP branch's input (the linear path sees it whole)
     # What the MLP reads, concatenated, each per-dim standardised with train statistics: "mean"
     # (of the signature's tokens, the seed's input), "last" / "first" (the signature's last /
@@ -145,6 +150,7 @@ class PredictConfig:
             (m.linear_skip in ("none", "zero", "ridge"), f"model.linear_skip {m.linear_skip!r} unknown"),
             (lo.regression_on in ("auto", "pooled"), f"loss.regression_on must be auto or pooled, not {lo.regression_on!r}"),
             (m.ridge_alpha >= 0, "model.ridge_alpha must be >= 0"),
+            (m.ridge_views in ("select", "all"), f"model.ridge_views must be select or all, not {m.ridge_views!r}"),
             (len(m.input_views) >= 1 and all(v in INPUT_VIEWS for v in m.input_views)
              and len(set(m.input_views)) == len(m.input_views),
              f"model.input_views {m.input_views!r}: distinct names from {', '.join(INPUT_VIEWS)}"),

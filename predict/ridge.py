@@ -14,6 +14,7 @@ so the checkpoint holds it and loading needs nothing else.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,35 @@ def fit_ridge(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
     return best, scores
 
 
+def view_subsets(n_views: int) -> list[tuple[int, ...]]:
+    """Every non-empty subset of ``n_views`` views, in order (the full set last)."""
+    return [c for k in range(1, n_views + 1) for c in itertools.combinations(range(n_views), k)]
+
+
+def fit_ridge_views(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
+                    n_views: int, *, alpha: float = 0.0, subsets: Sequence[tuple[int, ...]] | None = None,
+                    ) -> tuple[RidgeSolution, tuple[int, ...], dict[tuple[int, ...], float]]:
+    """Ridge on the best subset of ``n_views`` equal-width views concatenated in ``x``, by val MRR
+    (λ chosen per subset as in :func:`fit_ridge`). The solution has the full input width: the
+    rows of the views left out are zero. Returns it, the chosen views and each subset's val MRR."""
+    d = x_train.shape[1] // n_views
+    if d * n_views != x_train.shape[1]:
+        raise ValueError(f"input width {x_train.shape[1]} is not {n_views} views of equal width")
+    best: tuple[float, RidgeSolution, tuple[int, ...]] | None = None
+    scores: dict[tuple[int, ...], float] = {}
+    for sub in subsets if subsets is not None else view_subsets(n_views):
+        cols = torch.cat([torch.arange(v * d, (v + 1) * d) for v in sub])
+        sol, grid = fit_ridge(x_train[:, cols], y_train, x_val[:, cols], y_val, alpha=alpha)
+        mrr = grid[f"{sol.alpha:g}"]
+        scores[tuple(sub)] = mrr
+        if best is None or mrr > best[0]:
+            w = torch.zeros(x_train.shape[1], sol.weight.shape[1], dtype=sol.weight.dtype)
+            w[cols] = sol.weight
+            best = (mrr, RidgeSolution(w, sol.bias, sol.alpha), sub)
+    assert best is not None
+    return best[1], best[2], scores
+
+
 def pooled_arrays(table: Any, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """(pooled signatures, pooled bodies) of every row of a feature table, RAM or streaming."""
     if getattr(table, "body", None) is not None and hasattr(table, "sig"):
@@ -100,9 +130,11 @@ def init_input_stats(model: torch.nn.Module, train_table: Any, eps: float = 1e-5
 
 
 @torch.no_grad()
-def init_linear_path(model: torch.nn.Module, train_table: Any, val_table: Any, alpha: float = 0.0) -> dict[str, Any]:
+def init_linear_path(model: torch.nn.Module, train_table: Any, val_table: Any, alpha: float = 0.0,
+                     select_views: bool = False) -> dict[str, Any]:
     """Fit ridge from the model's input features to its pooled targets (train split, λ on val)
-    and write it into ``model.skip``. Returns what was chosen, for the run's log."""
+    and write it into ``model.skip``. With ``select_views``, on the subset of the model's input
+    views with the best val MRR. Returns what was chosen, for the run's log."""
     def xy(table: Any) -> tuple[torch.Tensor, torch.Tensor]:
         sig, body = pooled_arrays(table)
         dev = model.norm.sig_mu.device
@@ -112,8 +144,16 @@ def init_linear_path(model: torch.nn.Module, train_table: Any, val_table: Any, a
 
     xt, yt = xy(train_table)
     xv, yv = xy(val_table)
-    sol, scores = fit_ridge(xt, yt, xv, yv, alpha=alpha)
+    views = tuple(getattr(model, "views", ("mean",)))
+    info: dict[str, Any] = {"train_records": int(len(xt))}
+    if select_views and len(views) > 1:
+        sol, chosen, by_views = fit_ridge_views(xt, yt, xv, yv, len(views), alpha=alpha)
+        info |= {"views": ",".join(views[v] for v in chosen),
+                 "val_mrr_by_views": {",".join(views[v] for v in sub): m for sub, m in by_views.items()}}
+        scores = {f"{sol.alpha:g}": by_views[chosen]}
+    else:
+        sol, scores = fit_ridge(xt, yt, xv, yv, alpha=alpha)
+        info |= {"views": ",".join(views), "val_mrr_by_alpha": scores}
     model.skip.weight.copy_(sol.weight.T.to(model.skip.weight.device))
     model.skip.bias.copy_(sol.bias.to(model.skip.bias.device))
-    return {"alpha": sol.alpha, "val_mrr": scores[f"{sol.alpha:g}"], "val_mrr_by_alpha": scores,
-            "train_records": int(len(xt))}
+    return {"alpha": sol.alpha, "val_mrr": scores[f"{sol.alpha:g}"], **info}

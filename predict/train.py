@@ -433,7 +433,8 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
             init_input_stats(model, train_tab)  # rank 0 only, as the ridge below (DDP broadcasts buffers)
         if ckpt is None and cfg.model.linear_skip == "ridge" and main:
             # Fitted on rank 0 only: DDP broadcasts rank 0's parameters when it wraps the model.
-            ridge_info = init_linear_path(model, train_tab, val_tab, cfg.model.ridge_alpha)
+            ridge_info = init_linear_path(model, train_tab, val_tab, cfg.model.ridge_alpha,
+                                          select_views=cfg.model.ridge_views == "select")
             _append_log(paths["log"], {"event": "ridge_init", **ridge_info, "time": time.time()})
             emit({"event": "ridge_init", **ridge_info})
 

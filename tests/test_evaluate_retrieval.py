@@ -87,7 +87,13 @@ def test_all_baselines_outputs_and_comparison(ds, tmp_path: Path) -> None:
                              methods={"classproto": _class_prototype(ds)}, compare=[("ridge@whitened", "classproto@whitened")])
     methods = {r.method for r in res.rows}
     assert methods == {"classproto", "classproto+bm25", "random", "prototype", "signature", "ridge", "ridge+last", "nn",
-                       "bm25", "ridge+bm25", "oracle", "noisy_oracle"}
+                       "bm25", "ridge+bm25", "oracle", "noisy_oracle",
+                       "classproto+csls", "ridge+csls", "ridge+last+csls",  # hubness-corrected rows (not raw) ...
+                       "classproto+csls+bm25", "ridge+csls+bm25"}  # ... and their BM25 hybrids
+    assert not any("+csls" in r.method for r in res.rows if r.space == "raw")
+    hybrid, corrected = res.row("ridge+csls+bm25", "whitened"), res.row("ridge+csls", "whitened")
+    assert (hybrid.settings["k"], hybrid.settings["beta"]) == (corrected.settings["k"], corrected.settings["beta"])
+    assert hybrid.settings["selection_mrr"][str(hybrid.settings["dense_weight"])] == max(hybrid.settings["selection_mrr"].values())
     for space in ("raw", "centered", "whitened"):
         assert res.row("oracle", space).metrics["rank@1"].value == 1.0  # plumbing, duplicates merged
         assert res.row("ridge", space).metrics["mrr"].value > 3 * res.row("prototype", space).metrics["mrr"].value
@@ -100,9 +106,9 @@ def test_all_baselines_outputs_and_comparison(ds, tmp_path: Path) -> None:
         assert set(fused.settings["selection_mrr"]) == {str(w) for w in FUSION_WEIGHTS}
         assert fused.settings["selection_mrr"][str(fused.settings["dense_weight"])] == max(fused.settings["selection_mrr"].values())
     plain = evaluate_retrieval(ds.store_path, baselines="bm25", spaces="whitened", n_boot=50, plots=False,
-                               methods={"classproto": _class_prototype(ds)}, fuse_bm25=False)
+                               methods={"classproto": _class_prototype(ds)}, fuse_bm25=False, hubness_correction=False)
     assert {r.method for r in plain.rows} == {"classproto", "bm25"}
-    with pytest.raises(EvaluateError, match="fusion rows"):
+    with pytest.raises(EvaluateError, match="fusion and hubness-corrected rows"):
         evaluate_retrieval(ds.store_path, baselines="bm25", plots=False, methods={"x+bm25": _class_prototype(ds)})
     assert res.row("bm25", "-").metrics["mrr"].value > 2 * res.pool_stats["chance"]["mrr"]
     bm = res.row("bm25", "-").settings  # the query text was chosen on val

@@ -20,7 +20,7 @@ from codejepa.predict.config import ConfigError, resolve_config  # noqa: E402
 from codejepa.predict.data import FeatureTable  # noqa: E402
 from codejepa.predict.models import build_model  # noqa: E402
 from codejepa.predict.normalize import compute_stats  # noqa: E402
-from codejepa.predict.ridge import fit_ridge, init_input_stats, init_linear_path  # noqa: E402
+from codejepa.predict.ridge import fit_ridge, fit_ridge_views, init_input_stats, init_linear_path  # noqa: E402
 from codejepa.predict.train import feature_spec, train  # noqa: E402
 
 torch.set_num_threads(1)
@@ -204,3 +204,47 @@ def test_transformer_residual_starts_at_ridge_learns_and_never_sees_the_body(sto
         idx = a.indices()
         assert not np.allclose(a.pooled("body", idx[:5]), b2.pooled("body", idx[:5]))
         assert np.array_equal(p.predict_pooled(a, idx), p.predict_pooled(b2, idx))  # bodies never reach it
+
+
+def test_ridge_path_keeps_the_subset_of_views_that_val_prefers() -> None:
+    """A view that only adds noise (and, on few train rows, overfits) is left out of the ridge
+    path; a view that carries the signal is kept."""
+    rng = np.random.default_rng(1)
+    n, d = 300, 10
+    useful = rng.normal(size=(n, d))
+    y = useful @ rng.normal(size=(d, d)) + 2.0 * rng.normal(size=(n, d))
+    noise = rng.normal(size=(n, 3 * d))  # three views of pure noise
+    x = torch.from_numpy(np.concatenate([useful, noise], 1))
+    yt = torch.from_numpy(y)
+    sol, chosen, scores = fit_ridge_views(x[:60], yt[:60], x[60:], yt[60:], 4, alpha=0.01)
+    assert chosen == (0,) and len(scores) == 15 and scores[(0,)] == max(scores.values())
+    assert sol.weight.shape == (4 * d, d) and not sol.weight[d:].any()
+    alone, _ = fit_ridge(x[:60, :d], yt[:60], x[60:, :d], yt[60:], alpha=0.01)
+    assert torch.allclose(sol.weight[:d], alone.weight) and torch.allclose(sol.bias, alone.bias)
+    assert scores[(0,)] > 1.5 * scores[(0, 1, 2, 3)]
+    # The signal in the second view: the subset must hold it.
+    x2 = torch.from_numpy(np.concatenate([noise[:, :d], useful], 1))
+    _, chosen2, _ = fit_ridge_views(x2[:60], yt[:60], x2[60:], yt[60:], 2, alpha=0.01)
+    assert 1 in chosen2
+
+
+def test_residual_preset_logs_the_views_its_ridge_path_reads(store_path: Path, tmp_path: Path) -> None:
+    over = {**TINY, "train.epochs": 1, "model.input_views": "mean,last,context", "model.linear_trainable": False}
+    run = tmp_path / "select"
+    train(store_path, resolve_config("mlp", preset="ridge-residual", overrides=over), run, device="cpu")
+    init = next(json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()
+                if json.loads(line).get("event") == "ridge_init")
+    assert set(init["val_mrr_by_views"]) == {"mean", "last", "context", "mean,last", "mean,context",
+                                              "last,context", "mean,last,context"}
+    assert init["val_mrr"] == max(init["val_mrr_by_views"].values())
+    kept = init["views"].split(",")
+    w = load_predictor(run).model.skip.weight.detach()
+    d = w.shape[0]
+    for k, v in enumerate(("mean", "last", "context")):
+        assert bool(w[:, k * d : (k + 1) * d].any()) == (v in kept)
+    run_all = tmp_path / "all"
+    train(store_path, resolve_config("mlp", preset="ridge-residual", overrides={**over, "model.ridge_views": "all"}),
+          run_all, device="cpu")
+    assert all(load_predictor(run_all).model.skip.weight.detach()[:, k * d : (k + 1) * d].any() for k in range(3))
+    with pytest.raises(ConfigError, match="ridge_views"):
+        resolve_config("mlp", overrides={"model.ridge_views": "some"})
