@@ -9,9 +9,13 @@ al., 2018, word translation) scores a query q against a candidate c as
 which ranks exactly like the symmetric ``2 cos − r(q) − r(c)`` form (r(q) is constant per query).
 Here the reference predictions are the method's predictions for the **train** split, never the
 queries being evaluated, so the correction is fitted like every other statistic: a candidate's
-penalty depends on the model and the train signatures only, not on the test queries. A
-candidate that is itself a train record is not its own neighbour (its own prediction is left
-out of its reference set). k and β are chosen on the selection (val) split.
+penalty depends on the model and the train signatures only, not on the test queries.
+
+A candidate's penalty leaves out the predictions of its own repository. Without that, in a
+whole-corpus pool a train body would be penalised by its repository siblings' predictions
+while a held-out body (whose repository is not in train) would not: the penalty would tell
+held-out bodies from train bodies, and the true body of a test query is always held out.
+k and β are chosen on the selection (val) split.
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ SUFFIX = "+csls"
 
 
 def hub_penalties(cands_unit: torch.Tensor, refs_unit: torch.Tensor, ks: Sequence[int], *,
-                  cand_ids: np.ndarray | None = None, ref_ids: np.ndarray | None = None,
+                  cand_groups: np.ndarray | None = None, ref_groups: np.ndarray | None = None,
                   block: int = 2048) -> dict[int, torch.Tensor]:
     """``k → r(c)``: each candidate's mean cosine to its k nearest reference rows (both unit-norm).
 
-    With ``cand_ids``/``ref_ids`` (store indices), a candidate's own reference row is left out.
-    Blocked over candidates: at most ``block × len(refs)`` similarities are held at once.
+    With ``cand_groups``/``ref_groups`` (repositories), the reference rows of a candidate's own
+    group are left out. Blocked over candidates: at most ``block × len(refs)`` similarities
+    are held at once.
     """
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
@@ -43,24 +48,21 @@ def hub_penalties(cands_unit: torch.Tensor, refs_unit: torch.Tensor, ks: Sequenc
     n_ref = refs_unit.shape[0]
     if n_ref == 0:
         raise EvaluateError("CSLS needs reference predictions (an empty train split)")
-    kmax = min(ks[-1], n_ref - 1 if cand_ids is not None else n_ref)
+    cg = rg = None
+    if cand_groups is not None and ref_groups is not None:
+        _, codes = np.unique(np.concatenate([np.asarray(cand_groups, dtype=str), np.asarray(ref_groups, dtype=str)]),
+                             return_inverse=True)
+        cg, rg = torch.from_numpy(codes[: len(cand_groups)]), torch.from_numpy(codes[len(cand_groups):])
+    largest = n_ref - (int(torch.bincount(rg).max()) if rg is not None else 0)  # fewest rows a candidate keeps
+    kmax = min(ks[-1], largest)
     if kmax < 1:
-        raise EvaluateError("CSLS needs at least 2 reference predictions")
-    own = None
-    if cand_ids is not None and ref_ids is not None:
-        order = np.argsort(ref_ids, kind="stable")
-        sorted_ids = np.asarray(ref_ids)[order]
-        pos = np.searchsorted(sorted_ids, cand_ids)
-        hit = (pos < len(sorted_ids)) & (sorted_ids[np.minimum(pos, len(sorted_ids) - 1)] == cand_ids)
-        own = np.where(hit, order[np.minimum(pos, len(sorted_ids) - 1)], -1)
+        raise EvaluateError("CSLS needs reference predictions from another repository than the candidate's")
     top = torch.empty((cands_unit.shape[0], kmax), dtype=torch.float32)
     for a in range(0, cands_unit.shape[0], block):
         b = min(a + block, cands_unit.shape[0])
         s = cands_unit[a:b] @ refs_unit.T
-        if own is not None:
-            rows = np.flatnonzero(own[a:b] >= 0)
-            if len(rows):
-                s[torch.from_numpy(rows), torch.from_numpy(own[a:b][rows])] = float("-inf")
+        if cg is not None:
+            s.masked_fill_(cg[a:b, None] == rg[None, :], float("-inf"))
         top[a:b] = s.topk(kmax, dim=1).values
     return {k: top[:, : min(k, kmax)].mean(1) for k in ks}
 

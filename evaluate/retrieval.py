@@ -567,13 +567,19 @@ def evaluate_retrieval(
                     sel_unit = unit_rows(sel_c)
                 say(f"hubness of the candidates against {name}'s train predictions ({sname} space)")
                 refs = unit_rows(sp.apply(ref_raw), inplace=True)
-                pen_sel = hub_penalties(sel_unit, refs, CSLS_KS, cand_ids=sel_task.cand_idx, ref_ids=fit_idx)
+                if len(np.unique(store.repos[fit_idx].astype(str))) < 2:
+                    notes.append(f"{name}{CSLS_SUFFIX} left out: its penalty needs train predictions from more than one repository")
+                    return
+                pen_sel = hub_penalties(sel_unit, refs, CSLS_KS, cand_groups=store.repos[sel_task.cand_idx],
+                                        ref_groups=store.repos[fit_idx])
                 dense_sel = DenseScorer(sp.apply(sel_raw), sel_unit, normalized=True)
                 grid = {(k, b): _mrr(HubScorer(dense_sel, pen_sel[k], b), sel_task) for k in CSLS_KS for b in CSLS_BETAS}
                 k, beta = max(grid, key=lambda kb: (grid[kb], -kb[1]))  # ties: the smaller correction
-                pen = hub_penalties(cand_unit, refs, [k], cand_ids=task.cand_idx, ref_ids=fit_idx)[k]
+                pen = hub_penalties(cand_unit, refs, [k], cand_groups=store.repos[task.cand_idx],
+                                    ref_groups=store.repos[fit_idx])[k]
                 hub_test = HubScorer(DenseScorer(test_space, cand_unit, normalized=True), pen, beta)
-                info = {"k": k, "beta": beta, "reference": f"{name}'s predictions for {len(fit_idx)} train records"}
+                info = {"k": k, "beta": beta, "reference": f"{name}'s predictions for {len(fit_idx)} train records, "
+                                                           "those of the candidate's own repository left out"}
                 add_row(f"{name}{CSLS_SUFFIX}", kind, sname, search_task(hub_test, task),
                         {**info, "selection_mrr": {f"k={a},beta={b}": v for (a, b), v in grid.items()}})
                 if fusing and ((kind == "run" and fuse_runs) or (name == "ridge" and "ridge+bm25" in names)):

@@ -39,25 +39,28 @@ def _method(ds, offset: float, noise: float, seed: int = 3, changed: np.ndarray 
     return lambda store, idx: pred[idx]
 
 
-def test_penalties_are_mean_top_k_cosines_without_the_candidates_own_prediction() -> None:
+def test_penalties_are_mean_top_k_cosines_outside_the_candidates_own_repository() -> None:
+    g = torch.Generator().manual_seed(1)
+    c = torch.nn.functional.normalize(torch.randn(30, 8, generator=g), dim=1)
+    r = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=1)
     rng = np.random.default_rng(0)
-    c = torch.nn.functional.normalize(torch.randn(30, 8, generator=torch.Generator().manual_seed(1)), dim=1)
-    r = torch.nn.functional.normalize(torch.randn(50, 8, generator=torch.Generator().manual_seed(2)), dim=1)
-    cand_ids = rng.choice(200, 30, replace=False)
-    ref_ids = np.concatenate([cand_ids[:10], rng.choice(np.setdiff1d(np.arange(200, 400), cand_ids), 40, replace=False)])
-    r[:10] = c[:10]  # ten candidates' own rows are in the reference set, identical to them
-    got = hub_penalties(c, r, (1, 5), cand_ids=cand_ids, ref_ids=ref_ids, block=7)
+    cand_repos = rng.choice(["a", "b", "c", "held-out"], 30)
+    ref_repos = rng.choice(["a", "b", "c"], 50).astype("U8")
+    r[:10] = c[:10]  # the first ten candidates' own predictions, identical to them
+    ref_repos[:10] = cand_repos[:10]
+    got = hub_penalties(c, r, (1, 5), cand_groups=cand_repos, ref_groups=ref_repos, block=7)
     s = (c @ r.T).numpy().astype(np.float64)
     for i in range(30):
-        own = np.flatnonzero(ref_ids == cand_ids[i])
-        row = np.delete(s[i], own)
+        row = s[i][ref_repos != cand_repos[i]]
         for k in (1, 5):
             assert np.isclose(float(got[k][i]), np.sort(row)[::-1][:k].mean(), atol=1e-6)
-    assert float(got[1][0]) < 0.999  # its own (identical) prediction was left out
+    assert all(float(got[1][i]) < 0.999 for i in range(10))  # its own prediction was left out
     plain = hub_penalties(c, r, (1,))
-    assert np.allclose(plain[1][:10].numpy(), 1.0, atol=1e-6)  # without ids, its own row counts
+    assert np.allclose(plain[1][:10].numpy(), 1.0, atol=1e-6)  # without groups it counts
     with pytest.raises(EvaluateError, match="k >= 1"):
         hub_penalties(c, r, (0,))
+    with pytest.raises(EvaluateError, match="another repository"):
+        hub_penalties(c, r, (1,), cand_groups=np.full(30, "a"), ref_groups=np.full(50, "a"))
 
 
 def test_csls_repairs_hub_prone_predictions_and_leaves_clean_ones(ds) -> None:
@@ -84,6 +87,26 @@ def test_csls_repairs_hub_prone_predictions_and_leaves_clean_ones(ds) -> None:
     assert {r.method for r in raw.rows} == {"prototype", "hubby"}  # no correction in the raw space
     with pytest.raises(EvaluateError, match="csls"):
         evaluate_retrieval(ds.store_path, baselines="prototype", plots=False, methods={"x+csls": _method(ds, 0, 0.1)})
+
+
+def test_whole_corpus_penalties_do_not_tell_train_bodies_from_held_out_ones() -> None:
+    """In a whole-corpus pool, a train body's repository siblings are among the reference
+    predictions and a held-out body's are not. Where bodies share a per-repository direction,
+    the penalty would tell the two apart (and rank the held-out true bodies above the train
+    distractors) unless a candidate's own repository is left out."""
+    rng = np.random.default_rng(5)
+    d, per_repo = 16, 20
+    repos = np.repeat([f"r{i}" for i in range(12)], per_repo)
+    held_out = np.isin(repos, ["r10", "r11"])
+    direction = {r: rng.standard_normal(d) for r in np.unique(repos)}
+    bodies = np.stack([direction[r] for r in repos]) + 0.7 * rng.standard_normal((len(repos), d))
+    preds = bodies[~held_out] + 0.7 * rng.standard_normal(((~held_out).sum(), d))
+    unit = lambda x: torch.nn.functional.normalize(torch.from_numpy(x).float(), dim=1)  # noqa: E731
+    naive = hub_penalties(unit(bodies), unit(preds), (10,))[10].numpy()
+    fair = hub_penalties(unit(bodies), unit(preds), (10,), cand_groups=repos, ref_groups=repos[~held_out])[10].numpy()
+    gap = lambda r: r[~held_out].mean() - r[held_out].mean()  # noqa: E731
+    assert gap(naive) > 3 * naive.std() / np.sqrt(held_out.sum())  # train bodies visibly penalised more
+    assert abs(gap(fair)) < 0.5 * abs(gap(naive))
 
 
 def test_csls_never_reads_the_queries_it_ranks(ds) -> None:
