@@ -49,8 +49,9 @@ def plot_rank_distribution(data: dict[str, Any], rows: list[Any], out_dir: Path)
     # A method and its derived rows (NAME+csls, NAME+bm25, NAME+csls+bm25) share a colour and
     # differ in line style, so that twenty rows need ten colours, not twenty.
     bases = list(dict.fromkeys(_base(r.method) for r in rows))
-    cmap = plt.get_cmap("tab10" if len(bases) <= 10 else "tab20")
-    colour = {n: cmap(i % cmap.N) for i, n in enumerate(bases)}
+    # tab20's ten dark hues first, then their light partners: the first ten methods never share a hue.
+    palette = [plt.get_cmap("tab20")(i) for i in (*range(0, 20, 2), *range(1, 20, 2))]
+    colour = {n: palette[i % len(palette)] for i, n in enumerate(bases)}
     pool_size = data["pool"]["mean_pool_size"]
     for ax, space in zip(axes[0], spaces):
         panel = [r for r in rows if r.space == space] + (shared if space != "-" else [])
