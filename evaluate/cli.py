@@ -51,7 +51,7 @@ def retrieval(
     run: list[Path] = typer.Option([], "--run", help="A predictor run directory (repeatable)."),
     split: str = typer.Option("test", help="Query split: train, val or test."),
     pool: str = typer.Option("split", help="split | all | repo | N (random pools of N, averaged over seeds)."),
-    space: str = typer.Option("all", help="raw | centered | whitened | all."),
+    space: str = typer.Option("all", help="raw | centered | whitened | canonical | all, or a comma list."),
     baselines: str = typer.Option("all", help="all | none | comma list of random,prototype,signature,ridge,ridge+last,nn,"
                                               "bm25,ridge+bm25,oracle,noisy_oracle."),
     out: Optional[Path] = typer.Option(None, help="Output folder (retrieval.json, table.txt, ranks.npz, PNGs)."),

@@ -340,10 +340,10 @@ def evaluate_retrieval(
 
     say = log or (lambda _m: None)
     space_names = list(SPACE_NAMES) if spaces in ("all", None) else (
-        [spaces] if isinstance(spaces, str) else list(spaces))
+        [x.strip() for x in spaces.split(",") if x.strip()] if isinstance(spaces, str) else list(spaces))
     for s in space_names:
         if s not in SPACE_NAMES:
-            raise EvaluateError(f"unknown space {s!r}; expected raw, centered, whitened or all")
+            raise EvaluateError(f"unknown space {s!r}; expected raw, centered, whitened, canonical or all")
     names = parse_baselines(baselines) if isinstance(baselines, str) or baselines is None else tuple(baselines)
     parse_baselines(",".join(names) or "none")  # validate
     if ridge_input not in ("signature", "inputs", "context"):
@@ -363,13 +363,14 @@ def evaluate_retrieval(
             notes.append(f"the store records no corpus manifest hash: {cv.corpus_dir} could not be verified as its corpus")
         all_idx = np.arange(len(store))
         bodies = store.pooled("body", all_idx)
-        need_sig = any(n in names for n in ("signature", "ridge", "ridge+last", "nn", "ridge+bm25", "noisy_oracle"))
-        want = (["signature"] if need_sig else []) + (["signature_last"] if "ridge+last" in names else []) + (
+        canonical = "canonical" in space_names  # fitted on the ridge+last inputs: signature mean + last token
+        need_sig = any(n in names for n in ("signature", "ridge", "ridge+last", "nn", "ridge+bm25", "noisy_oracle")) or canonical
+        want = (["signature"] if need_sig else []) + (["signature_last"] if "ridge+last" in names or canonical else []) + (
             [ridge_input] if need_sig and ridge_input != "signature" else [])
         views = store.pooled_views(want, all_idx) if want else {}
         sigs = views.get("signature")
         ridge_x = views.get(ridge_input) if need_sig else None
-        last_x = np.concatenate([sigs, views["signature_last"]], axis=1) if "ridge+last" in names else None
+        last_x = np.concatenate([sigs, views["signature_last"]], axis=1) if "ridge+last" in names or canonical else None
         train_idx, val_idx, q_idx = store.indices("train"), store.indices("val"), store.indices(split)
         if len(q_idx) == 0:
             raise EvaluateError(f"the {split} split has no records in {store.path}")
@@ -393,8 +394,9 @@ def evaluate_retrieval(
         sel_task = build_task("selection", PoolSpec("split"), sel_idx, store.repos, cv.labels) if need_sel else None
         say(f"{task.n_queries} queries against {task.groups.n_groups} distinct bodies "
             f"({len(task.cand_idx)} candidates, pool {pspec.label})")
-        spaces_fit: dict[str, Space] = {s: fit_space(s, bodies[train_idx], shrinkage=whitening_shrinkage)
-                                        for s in space_names}
+        spaces_fit: dict[str, Space] = {
+            s: fit_space(s, bodies[train_idx], shrinkage=whitening_shrinkage,
+                         train_inputs=last_x[train_idx] if s == "canonical" else None) for s in space_names}
         # float64 mean as the spaces compute it, so that centring maps the prototype to exact 0.
         prototype = (bodies[train_idx].astype(np.float64).mean(0).astype(np.float32) if len(train_idx)
                      else np.zeros(meta.hidden_size, np.float32))
@@ -417,7 +419,7 @@ def evaluate_retrieval(
         if hub_methods:
             ref_preds = {r.name: _predict(r, store, fit_idx) for r in [*loaded, *method_runs]}
         ridge = RidgeFit.fit(ridge_x[fit_idx], bodies[fit_idx]) if need_ridge else None
-        ridge_last = RidgeFit.fit(last_x[fit_idx], bodies[fit_idx]) if last_x is not None else None
+        ridge_last = RidgeFit.fit(last_x[fit_idx], bodies[fit_idx]) if "ridge+last" in names else None
         bm25_test = bm25_sel = None
         bm25_settings: dict[str, Any] = {}
         if need_bm25:
@@ -509,7 +511,9 @@ def evaluate_retrieval(
                     {"alpha": a_last, "input": "signature mean + signature's last token",
                      "selection_mrr": {str(k): v for k, v in sc_last.items()}, "n_fit": len(fit_idx)})
             if "nn" in names:
-                sig_space = fit_space(sname, sigs[train_idx], shrinkage=whitening_shrinkage)
+                # Signatures are searched among signatures: the canonical map is a body-side one.
+                sig_space = fit_space("whitened" if sname == "canonical" else sname, sigs[train_idx],
+                                      shrinkage=whitening_shrinkage)
                 nn = nearest_rows(sig_space.apply(sigs[q_idx]), sig_space.apply(sigs[train_idx]))
                 put("nn", "baseline", bodies[train_idx][nn], {"searched": "train signatures"})
             if "oracle" in names:

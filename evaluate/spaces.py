@@ -1,9 +1,13 @@
-"""The spaces retrieval is measured in: raw, centered and whitened teacher states.
+"""The spaces retrieval is measured in: raw, centered, whitened and canonical teacher states.
 
 Teacher states are strongly anisotropic (a common direction dominates every vector), which
 is how a prototype reaches cosine 0.9 while ranking at chance. Centering removes the common
-mean, whitening also equalises the variance of every direction. Both are fitted on the TRAIN
-split's body vectors only and then applied, unchanged, to every query and candidate.
+mean, whitening also equalises the variance of every direction. The canonical space goes one
+step further: whitened directions weighted by how well the signature predicts them (their
+canonical correlation with the pooled signature views), so that the directions no signature
+can predict — noise in every prediction — stop deciding the ranking. All are fitted on the
+TRAIN split only (the canonical space on its signatures too) and then applied, unchanged, to
+every query and candidate: predictions and bodies go through the same map.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ import numpy as np
 
 from codejepa.evaluate.errors import EvaluateError
 
-SPACE_NAMES = ("raw", "centered", "whitened")
+SPACE_NAMES = ("raw", "centered", "whitened", "canonical")
+DEFAULT_SPACES = SPACE_NAMES
+CANONICAL_INPUT_REG = 0.01  # ridge on the inputs' covariance, relative to its mean eigenvalue
+CANONICAL_BODY_REG = 1e-4  # the same on the (already whitened and shrunk) bodies' covariance
 
 
 @dataclass(frozen=True)
@@ -33,9 +40,9 @@ class Space:
         x = np.asarray(x)
         if self.mean is None and self.transform is None:
             return np.asarray(x, dtype=np.float32)
-        out = np.empty(x.shape, dtype=np.float32)
         mean = self.mean.astype(np.float32) if self.mean is not None else None
         tr = self.transform.astype(np.float32) if self.transform is not None else None
+        out = np.empty((len(x), x.shape[1] if tr is None else tr.shape[1]), dtype=np.float32)
         for a in range(0, len(x), chunk):
             y = np.asarray(x[a : a + chunk], dtype=np.float32)
             if mean is not None:
@@ -46,8 +53,36 @@ class Space:
         return out
 
 
-def fit_space(name: str, train_bodies: np.ndarray, *, shrinkage: float = 0.1, eps: float = 1e-6) -> Space:
-    """Fit a space on train-split body vectors ``[n, d]``.
+def _inv_sqrt(cov: np.ndarray, reg: float) -> np.ndarray:
+    d = cov.shape[0]
+    avg = max(float(np.trace(cov)) / d, 1e-12)
+    w, v = np.linalg.eigh(cov + reg * avg * np.eye(d))
+    return (v / np.sqrt(np.maximum(w, 1e-12 * avg))) @ v.T
+
+
+def canonical_map(inputs: np.ndarray, bodies_white: np.ndarray, *, input_reg: float = CANONICAL_INPUT_REG,
+                  body_reg: float = CANONICAL_BODY_REG) -> tuple[np.ndarray, np.ndarray]:
+    """Regularised CCA of train inputs ``[n, k]`` and whitened train bodies ``[n, d]``: returns
+    ``(M, ρ)`` with ``M = B·diag(ρ)`` ``[d, d]``, B the body-side canonical directions and ρ
+    their canonical correlations (descending). A prediction of the body that is the regression
+    on the inputs maps to about ``U·ρ²`` and the body to ``V·ρ`` (U, V the canonical variates):
+    each canonical direction counts as much as the inputs can tell about it."""
+    x = np.asarray(inputs, dtype=np.float64)
+    y = np.asarray(bodies_white, dtype=np.float64)
+    x = (x - x.mean(0)) / (x.std(0) + 1e-8)
+    y = y - y.mean(0)
+    n = len(x)
+    wx, wy = _inv_sqrt(x.T @ x / n, input_reg), _inv_sqrt(y.T @ y / n, body_reg)
+    _, rho, vt = np.linalg.svd(wx @ (x.T @ y / n) @ wy, full_matrices=False)
+    b = wy @ vt.T  # [d, r], r = min(k, d)
+    rho = np.clip(rho, 0.0, 1.0)
+    return b * rho, rho
+
+
+def fit_space(name: str, train_bodies: np.ndarray, *, shrinkage: float = 0.1, eps: float = 1e-6,
+              train_inputs: np.ndarray | None = None) -> Space:
+    """Fit a space on train-split body vectors ``[n, d]`` (and, for ``canonical``, the same
+    records' pooled input views ``train_inputs`` ``[n, k]``).
 
     Whitening uses the shrunk covariance ``(1 − s)·Σ + s·(tr Σ / d)·I`` (plus ``eps``·the mean
     variance) so that directions the train split barely spans are not blown up to noise.
@@ -74,5 +109,15 @@ def fit_space(name: str, train_bodies: np.ndarray, *, shrinkage: float = 0.1, ep
     w, v = np.linalg.eigh(cov)
     w = np.maximum(w, eps * avg_var)
     transform = (v / np.sqrt(w)) @ v.T  # ZCA: stays close to the original axes
-    return Space("whitened", mean, transform,
-                 {"fitted_on": "train", "n_train": len(x), "shrinkage": shrinkage, "eps": eps})
+    settings = {"fitted_on": "train", "n_train": len(x), "shrinkage": shrinkage, "eps": eps}
+    if name == "whitened":
+        return Space("whitened", mean, transform, settings)
+    if train_inputs is None or len(train_inputs) != len(x):
+        raise EvaluateError("the canonical space needs the train split's pooled input views, one row per body")
+    if not np.all(np.isfinite(train_inputs)):
+        raise EvaluateError("the canonical space's train inputs contain NaN/inf")
+    m, rho = canonical_map(train_inputs, xc @ transform)
+    return Space("canonical", mean, transform @ m,
+                 {**settings, "input_reg": CANONICAL_INPUT_REG, "body_reg": CANONICAL_BODY_REG,
+                  "canonical_correlations_top": [round(float(r), 4) for r in rho[:5]],
+                  "canonical_correlation_median": float(np.median(rho))})

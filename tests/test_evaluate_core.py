@@ -24,7 +24,7 @@ from codejepa.evaluate.search import (
     rank_shared_pool,
     sample_distractors,
 )
-from codejepa.evaluate.spaces import fit_space
+from codejepa.evaluate.spaces import canonical_map, fit_space
 from codejepa.evaluate.baselines import BM25Scorer, RidgeFit, code_tokens, noisy_oracle
 
 torch.set_num_threads(1)
@@ -251,6 +251,27 @@ def test_whitening_fitted_on_train_only() -> None:
         fit_space("whitened", train[:1])
     with pytest.raises(EvaluateError):
         fit_space("sideways", train)
+
+
+def test_canonical_space_weights_directions_by_what_the_inputs_predict() -> None:
+    """Bodies with two directions the inputs determine and three they cannot see: the canonical
+    space keeps the first two and all but removes the others, so a prediction's error in the
+    unseen directions stops deciding the ranking."""
+    rng = np.random.default_rng(1)
+    n, d = 4000, 5
+    seen = rng.standard_normal((n, 2))
+    bodies = np.concatenate([seen, rng.standard_normal((n, 3))], 1) @ rng.standard_normal((d, d)) + 2.0
+    inputs = np.concatenate([seen @ rng.standard_normal((2, 4)), rng.standard_normal((n, 2))], 1) \
+        + 0.1 * rng.standard_normal((n, 6))
+    m, rho = canonical_map(inputs, bodies - bodies.mean(0))
+    assert m.shape == (d, d) and rho[0] >= rho[1] > 0.95 and rho[2] < 0.1
+    sp = fit_space("canonical", bodies, shrinkage=0.0, train_inputs=inputs)
+    assert sp.name == "canonical" and sp.settings["canonical_correlations_top"][0] > 0.95
+    mapped = sp.apply(bodies)
+    energy = np.sort(np.linalg.svd(mapped - mapped.mean(0), compute_uv=False))[::-1] ** 2
+    assert energy[2:].sum() < 0.02 * energy[:2].sum()
+    with pytest.raises(EvaluateError, match="input views"):
+        fit_space("canonical", bodies)
 
 
 # -- baselines --------------------------------------------------------------------------------

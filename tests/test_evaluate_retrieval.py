@@ -166,7 +166,8 @@ def test_spaces_are_fitted_on_train_only(tmp_path: Path) -> None:
         for i in range(len(s)):
             inp, body = s.inputs(i), s.body(i)
             bs = body.states + (25.0 if s.splits[i] != "train" else 0.0)
-            pend.append(PendingRecord(s.ids[i], str(s.splits[i]), s.repos[i], False, inp.states, inp.token_ids,
+            ins = inp.states * (3.0 if s.splits[i] != "train" else 1.0)  # the canonical space reads inputs too
+            pend.append(PendingRecord(s.ids[i], str(s.splits[i]), s.repos[i], False, ins, inp.token_ids,
                                       inp.special, inp.segments["context"], inp.segments["signature"], bs, body.token_ids))
         meta = s.meta
     with StoreWriter(shifted, meta) as w:
@@ -174,9 +175,10 @@ def test_spaces_are_fitted_on_train_only(tmp_path: Path) -> None:
     kw = dict(baselines="prototype", n_boot=50, plots=False)
     ra = evaluate_retrieval(b.store_path, **kw)
     rb = evaluate_retrieval(shifted, **kw)
-    for name in ("centered", "whitened"):
+    for name in ("centered", "whitened", "canonical"):
         np.testing.assert_array_equal(ra.spaces[name].mean, rb.spaces[name].mean)
-    np.testing.assert_array_equal(ra.spaces["whitened"].transform, rb.spaces["whitened"].transform)
+    for name in ("whitened", "canonical"):
+        np.testing.assert_array_equal(ra.spaces[name].transform, rb.spaces[name].transform)
     # ... while the test targets did change.
     assert ra.row("prototype", "raw").diagnostics["cosine_raw"] != rb.row("prototype", "raw").diagnostics["cosine_raw"]
 
