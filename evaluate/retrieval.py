@@ -569,11 +569,12 @@ def evaluate_retrieval(
                 kind, _, test_space, _ = vec[name]
                 if sel_unit is None:
                     sel_unit = unit_rows(sel_c)
+                if len(np.unique(store.repos[fit_idx].astype(str))) < 2:
+                    note = f"{name}{CSLS_SUFFIX} left out: its penalty needs train predictions from more than one repository"
+                    notes.extend([note] if note not in notes else [])
+                    return
                 say(f"hubness of the candidates against {name}'s train predictions ({sname} space)")
                 refs = unit_rows(sp.apply(ref_raw), inplace=True)
-                if len(np.unique(store.repos[fit_idx].astype(str))) < 2:
-                    notes.append(f"{name}{CSLS_SUFFIX} left out: its penalty needs train predictions from more than one repository")
-                    return
                 pen_sel = hub_penalties(sel_unit, refs, CSLS_KS, cand_groups=store.repos[sel_task.cand_idx],
                                         ref_groups=store.repos[fit_idx])
                 dense_sel = DenseScorer(sp.apply(sel_raw), sel_unit, normalized=True)

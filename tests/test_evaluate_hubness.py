@@ -127,3 +127,11 @@ def test_csls_never_reads_the_queries_it_ranks(ds) -> None:
     c = evaluate_retrieval(ds.store_path, baselines="prototype", spaces="whitened", n_boot=50, plots=False,
                            methods={"m": _method(ds, 4.0, 0.6, changed=train)})
     assert not np.array_equal(ra.ranks, c.row("m+csls", "whitened").ranks) or c.row("m+csls", "whitened").settings["beta"] == 0
+
+
+def test_one_train_repository_leaves_the_correction_out_with_a_note(tmp_path: Path) -> None:
+    one = make_dataset(tmp_path, repos={"train": 1, "val": 2, "test": 2}, name="one")
+    res = evaluate_retrieval(one.store_path, baselines="prototype,ridge", spaces="whitened", n_boot=50, plots=False,
+                             methods={"m": _method(one, 0.0, 0.3)})
+    assert {r.method for r in res.rows} == {"prototype", "ridge", "m"}
+    assert any("m+csls left out" in n for n in res.notes) and any("ridge+csls left out" in n for n in res.notes)
