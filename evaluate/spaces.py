@@ -19,7 +19,6 @@ import numpy as np
 from codejepa.evaluate.errors import EvaluateError
 
 SPACE_NAMES = ("raw", "centered", "whitened", "canonical")
-DEFAULT_SPACES = SPACE_NAMES
 CANONICAL_INPUT_REG = 0.01  # ridge on the inputs' covariance, relative to its mean eigenvalue
 CANONICAL_BODY_REG = 1e-4  # the same on the (already whitened and shrunk) bodies' covariance
 
@@ -63,7 +62,7 @@ def _inv_sqrt(cov: np.ndarray, reg: float) -> np.ndarray:
 def canonical_map(inputs: np.ndarray, bodies_white: np.ndarray, *, input_reg: float = CANONICAL_INPUT_REG,
                   body_reg: float = CANONICAL_BODY_REG) -> tuple[np.ndarray, np.ndarray]:
     """Regularised CCA of train inputs ``[n, k]`` and whitened train bodies ``[n, d]``: returns
-    ``(M, ρ)`` with ``M = B·diag(ρ)`` ``[d, d]``, B the body-side canonical directions and ρ
+    ``(M, ρ)`` with ``M = B·diag(ρ)`` ``[d, r]`` (r = min(k, d)), B the body-side canonical directions and ρ
     their canonical correlations (descending). A prediction of the body that is the regression
     on the inputs maps to about ``U·ρ²`` and the body to ``V·ρ`` (U, V the canonical variates):
     each canonical direction counts as much as the inputs can tell about it."""
