@@ -1,0 +1,96 @@
+"""Ceilings (evaluate/ceilings.py): token means, copy flags and weighted views against brute force,
+and the oracles ranking as an oracle should on a store whose states are made of token identities."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from codejepa.embed.store import PendingRecord, StoreMeta, StoreWriter, open_store
+from codejepa.evaluate.ceilings import (bag_matrix, ceilings, copy_flags, pass_tokens, token_means,
+                                        weighted_input_means)
+
+V, D = 60, 24
+
+
+def _token_store(path: Path, *, n_repos: int = 8, per_repo: int = 30, seed: int = 0) -> Path:
+    """States = a fixed embedding of the token id + noise. A body reuses some of its signature's
+    ids and adds ids of its own, so the body's bag of ids identifies it and a copy view helps."""
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=(V, D)) * 2.0
+    sink = rng.normal(size=D) * 30.0
+    meta = StoreMeta(teacher="synthetic/tokens", teacher_kind="bidirectional", hidden_size=D, layer=1,
+                     num_hidden_layers=2, template_version="t1")
+    recs = []
+    for r in range(n_repos):
+        split = "train" if r < n_repos - 2 else ("val" if r == n_repos - 2 else "test")
+        for j in range(per_repo):
+            ctx = rng.integers(1, V, size=int(rng.integers(0, 5)))
+            sig = rng.integers(1, V, size=5)
+            body = np.concatenate([rng.choice(sig, 2), rng.integers(1, V, size=4)])
+            ids = np.concatenate([[0], ctx, sig])
+            inp = np.concatenate([sink[None], emb[ctx] + 0.1 * rng.normal(size=(len(ctx), D)),
+                                  emb[sig] + 0.1 * rng.normal(size=(len(sig), D))]).astype(np.float32)
+            special = np.zeros(len(ids), bool)
+            special[0] = True
+            recs.append(PendingRecord(
+                id=f"r{r}::f{j}", split=split, repo=f"r{r}", truncated=False, input_states=inp,
+                input_token_ids=ids.astype(np.int32), input_special=special,
+                context_span=(1, 1 + len(ctx)), signature_span=(1 + len(ctx), 1 + len(ctx) + len(sig)),
+                body_states=(emb[body] + 0.1 * rng.normal(size=(len(body), D))).astype(np.float32),
+                body_token_ids=body.astype(np.int32)))
+    with StoreWriter(path, meta) as w:
+        w.append(recs)
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory):
+    with open_store(_token_store(tmp_path_factory.mktemp("ceil") / "s.h5")) as s:
+        yield s
+
+
+def test_token_means_match_brute_force(store) -> None:
+    body = pass_tokens(store, "targets")
+    train = store.indices("train")
+    means, counts = token_means(store, body, train, V)
+    sums, n = np.zeros((V, D)), np.zeros(V)
+    for i in train:
+        b = store.body(int(i))
+        for tid, st in zip(b.token_ids[~b.special], b.states[~b.special]):
+            sums[tid] += st
+            n[tid] += 1
+    seen = n > 0
+    np.testing.assert_array_equal(counts, n)
+    np.testing.assert_allclose(means[seen], sums[seen] / n[seen, None], rtol=1e-5, atol=1e-4)
+
+
+def test_copy_flags_and_weighted_views_match_brute_force(store) -> None:
+    inp, body = pass_tokens(store, "inputs"), pass_tokens(store, "targets")
+    flags = copy_flags(inp, bag_matrix(body, V))
+    view = weighted_input_means(store, inp, flags.astype(float))
+    everything = weighted_input_means(store, inp, np.ones(len(inp.ids)))
+    np.testing.assert_allclose(everything, store.pooled("inputs"), rtol=1e-5, atol=1e-4)
+    for i in (0, 7, len(store) - 1):
+        a = int(inp.offsets[i])
+        x, b = store.inputs(i), store.body(i)
+        want = np.array([(not s) and t in set(b.token_ids.tolist()) for t, s in zip(x.token_ids, x.special)])
+        np.testing.assert_array_equal(flags[a : a + len(want)], want)
+        expected = x.states[want].mean(0) if want.any() else np.zeros(D)
+        np.testing.assert_allclose(view[i], expected, rtol=1e-5, atol=1e-4)
+
+
+def test_oracles_rank_as_ceilings(store) -> None:
+    res = ceilings(store, fractions=(0.5, 1.0), seeds=2)
+    assert res["queries"] == 30
+    # The body's own ids identify it; the signature predicts only the two reused ids.
+    assert res["oracle_token_identity"]["rank1"] >= 0.9
+    assert res["oracle_token_identity"]["rank1"] > res["ridge"]["rank1"] + 0.2
+    assert res["ridge_plus_oracle_copy_view"]["mrr"] > res["ridge"]["mrr"]
+    assert 0.2 < res["body_tokens_whose_id_is_in_the_inputs"] < 0.8
+    curve = res["learning_curve"]
+    assert [p["fraction"] for p in curve] == [0.5, 1.0]
+    assert curve[0]["n_train"] < curve[1]["n_train"] == res["train_records"]
+    assert curve[1]["rank1"] == pytest.approx(res["ridge"]["rank1"])
