@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
+from codejepa.core import CodejepaError
 from codejepa.embed.store import open_store
 from codejepa.evaluate.ceilings import ceilings
 
@@ -31,9 +33,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write every figure here")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    with open_store(args.store) as store:
-        res = ceilings(store, split=args.split, fractions=[float(f) for f in args.fractions.split(",")],
-                       seeds=args.seeds)
+    try:
+        fractions = [float(f) for f in args.fractions.split(",")]
+        with open_store(args.store) as store:
+            res = ceilings(store, split=args.split, fractions=fractions, seeds=args.seeds)
+    except (CodejepaError, ValueError) as e:
+        sys.exit(f"ceilings: {e}")
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     res["machine"] = f"{platform.machine()}, {platform.platform()}"
     line = lambda name, m: print(f"{name:44s} rank@1 {100 * m['rank1']:5.1f}%  MRR {m['mrr']:.3f}  recall@10 {100 * m['recall10']:5.1f}%")  # noqa: E731

@@ -28,6 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from codejepa.evaluate.errors import EvaluateError
 from codejepa.evaluate.spaces import fit_space
 from codejepa.predict.metrics import retrieval_ranks
 from codejepa.predict.normalize import segments_of
@@ -152,15 +153,24 @@ def ceilings(store: Any, *, split: str = "test", fractions: Sequence[float] = (0
              seeds: int = 3) -> dict[str, Any]:
     """Every measurement of this module on ``store``'s ``split``: a plain dict for printing or JSON."""
     train, val, query = store.indices("train"), store.indices("val"), store.indices(split)
+    if len(query) == 0:
+        raise EvaluateError(f"{store.path}: the {split} split has no records")
+    if len(train) < 2 or len(val) == 0:
+        raise EvaluateError(f"{store.path}: ceilings need at least 2 train records and a val split "
+                            f"(ridge's λ is chosen on val); it has {len(train)} train and {len(val)} val")
+    bad = [f for f in fractions if not 0 < f <= 1]
+    if bad:
+        raise EvaluateError(f"train fractions must be in (0, 1], not {bad[0]}")
     views = store.pooled_views(["signature", "signature_last", "body"])
     bodies = views["body"]
     x = np.concatenate([views["signature"], views["signature_last"]], axis=1)
-    y = fit_space("whitened", bodies[train]).apply(bodies)
+    white = fit_space("whitened", bodies[train])
+    y = white.apply(bodies)
     inp, body = pass_tokens(store, "inputs"), pass_tokens(store, "targets")
     vocab = int(max(inp.ids.max(initial=0), body.ids.max(initial=0))) + 1
     bag = bag_matrix(body, vocab)
     means, counts = token_means(store, body, train, vocab)
-    oracle_bag = fit_space("whitened", bodies[train]).apply(bag_queries(bag, means))
+    oracle_bag = white.apply(bag_queries(bag, means))
     flags = copy_flags(inp, bag)
     copy_view = weighted_input_means(store, inp, flags.astype(np.float64))
     tok_in_body = np.asarray(bag.sum(1)).ravel()

@@ -94,3 +94,13 @@ def test_oracles_rank_as_ceilings(store) -> None:
     assert [p["fraction"] for p in curve] == [0.5, 1.0]
     assert curve[0]["n_train"] < curve[1]["n_train"] == res["train_records"]
     assert curve[1]["rank1"] == pytest.approx(res["ridge"]["rank1"])
+
+
+def test_bad_requests_are_one_line_errors(store) -> None:
+    from codejepa.core import CodejepaError
+    from codejepa.evaluate.errors import EvaluateError
+
+    with pytest.raises(EvaluateError, match="fractions must be in"):
+        ceilings(store, fractions=(0.0, 1.0))
+    with pytest.raises(CodejepaError, match="unknown split"):
+        ceilings(store, split="nope")
