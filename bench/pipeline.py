@@ -1,7 +1,7 @@
 """The python-40 benchmark: the whole pipeline on 40 real projects, stage by stage, timed.
 
     python bench/pipeline.py [--out ~/.cache/codejepa/bench40] [--layer N] [--targets in-context]
-                             [--stages corpus,embed,train,evaluate]
+                             [--stages corpus,embed,train,evaluate,ceilings]
                              [--models seed-mlp,ridge-residual,transformer-residual]
 
 Runs exactly the commands a user would (``codejepa corpus build``, ``embed run``, ``predict
@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--list", type=Path, default=SHARED / "python-40.txt")
     ap.add_argument("--layer", type=int, default=None, help="teacher layer (default: the middle block)")
     ap.add_argument("--targets", default="in-context", choices=["in-context", "body-only"])
-    ap.add_argument("--stages", default="corpus,embed,train,evaluate")
+    ap.add_argument("--stages", default="corpus,embed,train,evaluate,ceilings")
     ap.add_argument("--models", default="seed-mlp,ridge-residual,transformer-residual",
                     help="comma list of predict presets to train (model kind inferred from the name)")
     ap.add_argument("--set", action="append", default=[], help="extra --set for every predict train")
@@ -93,6 +93,10 @@ def main() -> None:
                 if (r / "best.pt").is_file():
                     cmd += ["--run", str(r)]
             run(cmd, timings, f"evaluate_{pool}_s")
+
+    if "ceilings" in stages:  # oracle ceilings and ridge's learning curve (bench/ceilings.py)
+        run([sys.executable, str(ROOT / "bench" / "ceilings.py"), str(store), "--json", str(out / f"ceilings-{tag}.json")],
+            timings, "ceilings_s")
 
     record = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
