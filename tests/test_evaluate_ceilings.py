@@ -15,7 +15,7 @@ from codejepa.evaluate.ceilings import (bag_matrix, ceilings, copy_flags, pass_t
 V, D = 60, 24
 
 
-def _token_store(path: Path, *, n_repos: int = 8, per_repo: int = 30, seed: int = 0) -> Path:
+def _token_store(path: Path, *, n_repos: int = 8, per_repo: int = 30, seed: int = 0, with_val: bool = True) -> Path:
     """States = a fixed embedding of the token id + noise. A body reuses some of its signature's
     ids and adds ids of its own, so the body's bag of ids identifies it and a copy view helps."""
     rng = np.random.default_rng(seed)
@@ -25,7 +25,7 @@ def _token_store(path: Path, *, n_repos: int = 8, per_repo: int = 30, seed: int 
                      num_hidden_layers=2, template_version="t1")
     recs = []
     for r in range(n_repos):
-        split = "train" if r < n_repos - 2 else ("val" if r == n_repos - 2 else "test")
+        split = "train" if r < n_repos - 2 else ("val" if r == n_repos - 2 and with_val else "test")
         for j in range(per_repo):
             ctx = rng.integers(1, V, size=int(rng.integers(0, 5)))
             sig = rng.integers(1, V, size=5)
@@ -96,7 +96,7 @@ def test_oracles_rank_as_ceilings(store) -> None:
     assert curve[1]["rank1"] == pytest.approx(res["ridge"]["rank1"])
 
 
-def test_bad_requests_are_one_line_errors(store) -> None:
+def test_bad_requests_are_one_line_errors(store, tmp_path: Path) -> None:
     from codejepa.core import CodejepaError
     from codejepa.evaluate.errors import EvaluateError
 
@@ -104,3 +104,6 @@ def test_bad_requests_are_one_line_errors(store) -> None:
         ceilings(store, fractions=(0.0, 1.0))
     with pytest.raises(CodejepaError, match="unknown split"):
         ceilings(store, split="nope")
+    with open_store(_token_store(tmp_path / "noval.h5", with_val=False)) as s:
+        with pytest.raises(EvaluateError, match="need at least 2 train records and a val split"):
+            ceilings(s)
