@@ -416,6 +416,18 @@ class Store:
         """Tokens per record in a pass (``inputs`` or ``targets``)."""
         return np.diff(self._off[name])
 
+    def segments(self) -> np.ndarray:
+        """[N, 2, 2] the context and signature token spans of every record's inputs pass."""
+        return self._segments.copy()
+
+    def tokens(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Flat token ids (int64) and sink flags (bool) of every committed record in a pass
+        (``inputs`` or ``targets``), in record order; :meth:`lengths` splits them."""
+        if name not in PASSES:
+            raise StoreError(f"unknown pass {name!r}; expected one of {list(PASSES)}")
+        end, g = int(self._off[name][-1]), self.f[name]
+        return g["token_ids"][:end].astype(np.int64), g["special"][:end].astype(bool)
+
     def iter_blocks(
         self, name: str, indices: np.ndarray | None = None, block_tokens: int = 1 << 18
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:

@@ -31,7 +31,6 @@ import torch
 from codejepa.evaluate.errors import EvaluateError
 from codejepa.evaluate.spaces import fit_space
 from codejepa.predict.metrics import retrieval_ranks
-from codejepa.predict.normalize import segments_of
 from codejepa.predict.ridge import fit_ridge
 
 
@@ -52,8 +51,7 @@ class PassTokens:
 def pass_tokens(store: Any, name: str) -> PassTokens:
     """Token ids of the ``inputs`` or ``targets`` pass of every committed record."""
     off = np.concatenate([[0], np.cumsum(store.lengths(name))]).astype(np.int64)
-    g = store.f[name]
-    return PassTokens(g["token_ids"][: off[-1]].astype(np.int64), g["special"][: off[-1]].astype(bool), off)
+    return PassTokens(*store.tokens(name), off)
 
 
 def bag_matrix(tokens: PassTokens, vocab: int) -> sp.csr_matrix:
@@ -95,7 +93,7 @@ def weighted_input_means(store: Any, inputs: PassTokens, weights: np.ndarray) ->
     """[N, d] per record: the ``weights``-weighted mean of its context + signature token states
     (zeros where the weights sum to 0), streamed."""
     n, d = len(inputs.offsets) - 1, store.meta.hidden_size
-    seg = segments_of(store)
+    seg = store.segments()
     out, tot = np.zeros((n, d)), np.zeros(n)
     for run, states, _, offs in store.iter_blocks("inputs"):
         a = int(inputs.offsets[run[0]])

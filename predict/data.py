@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from codejepa.embed.store import Store
-from codejepa.predict.normalize import BLOCK_TOKENS, segments_of
+from codejepa.predict.normalize import BLOCK_TOKENS
 
 SEG_PAD, SEG_CONTEXT, SEG_SIGNATURE = 0, 1, 2
 
@@ -105,7 +105,7 @@ def valid_records(store: Store, idx: np.ndarray) -> np.ndarray:
     """Which of ``idx`` have at least one non-sink body token (others cannot be a target)."""
     lengths = store.lengths("targets")
     off = np.concatenate([[0], np.cumsum(lengths)])
-    sp = np.asarray(store.f["targets/special"][: int(off[-1])], bool)
+    sp = store.tokens("targets")[1]
     cs = np.concatenate([[0], np.cumsum(~sp)])
     nonspecial = cs[off[1:]] - cs[off[:-1]]
     return nonspecial[np.asarray(idx, dtype=np.int64)] > 0
@@ -132,7 +132,7 @@ class FeatureTable:
         n, d = len(self.index), store.meta.hidden_size
         row = {int(r): k for k, r in enumerate(self.index)}
         order = np.unique(self.index)
-        seg = segments_of(store)
+        seg = store.segments()
         self.sig = np.zeros((n, d * len(spec.views)), np.float32)
         toks: list[Any] = [None] * n
         segs: list[Any] = [None] * n
@@ -192,7 +192,7 @@ class StreamingTable:
     def __init__(self, store: Store, idx: np.ndarray, spec: FeatureSpec, *, with_body: bool = True) -> None:
         self.store, self.spec, self.with_body = store, spec, with_body
         self.index = np.asarray(idx, dtype=np.int64)
-        self._seg = segments_of(store)
+        self._seg = store.segments()
 
     def __len__(self) -> int:
         return len(self.index)

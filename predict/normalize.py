@@ -124,11 +124,6 @@ def _median_norm(store: Store, name: str, idx: np.ndarray) -> float:
     return float(np.median(allnorms)) if len(allnorms) else 0.0
 
 
-def segments_of(store: Store) -> np.ndarray:
-    """[N, 2, 2] context/signature token spans (the store's documented ``inputs/segments``)."""
-    return np.asarray(store.f["inputs/segments"][: len(store)])
-
-
 def compute_stats(store: Store, train_idx: np.ndarray, *, outlier_factor: float = 10.0,
                   sample_records: int = 2000, eps: float = 1e-5, whiten_shrink: float = 0.1,
                   progress: Any = None) -> NormStats:
@@ -143,7 +138,7 @@ def compute_stats(store: Store, train_idx: np.ndarray, *, outlier_factor: float 
         body_thr = outlier_factor * _median_norm(store, "targets", sample)
     else:
         in_thr = body_thr = float("inf")
-    seg = segments_of(store)
+    seg = store.segments()
     m_in, m_sig, m_tok, m_pool = _Moments(d), _Moments(d), _Moments(d), _Moments(d, cov=True)
     c = dict.fromkeys(("records", "input_tokens", "input_special", "input_outliers", "body_tokens",
                        "body_special", "body_outliers", "empty_signature", "empty_body"), 0)

@@ -53,6 +53,16 @@ def test_round_trip_and_reader_api(tmp_path: Path) -> None:
             assert x.segments == {"context": (1, 2), "signature": (2, len(r.input_token_ids))}
             np.testing.assert_allclose(s.body(i).states, r.body_states, rtol=1e-3, atol=1e-3)
         assert list(s.lengths("targets")) == [len(r.body_token_ids) for r in recs]
+        # flat token ids and spans, split by lengths(), equal the per-record reads
+        ids, special = s.tokens("inputs")
+        cut = np.cumsum(s.lengths("inputs"))[:-1]
+        for r, t, sk in zip(recs, np.split(ids, cut), np.split(special, cut)):
+            assert t.dtype == np.int64 and sk.dtype == bool
+            assert np.array_equal(t, r.input_token_ids) and np.array_equal(sk, r.input_special)
+        assert np.array_equal(np.concatenate([r.body_token_ids for r in recs]), s.tokens("targets")[0])
+        assert s.segments().shape == (7, 2, 2) and s.segments()[3].tolist() == [[1, 2], [2, len(recs[3].input_token_ids)]]
+        with pytest.raises(StoreError, match="unknown pass"):
+            s.tokens("body")
         # pooled views: streamed, sinks excluded, per segment
         idx = np.array([0, 2, 3, 6])
         body = s.pooled("body", idx)
