@@ -15,11 +15,14 @@ import numpy as np
 import torch
 
 from codejepa.evaluate.errors import EvaluateError
+from codejepa.evaluate.spaces import Space, fit_space
 
 # ridge+last: ridge on [signature mean, the signature's last-token state], the pooled views the
 # ridge-residual and transformer-residual predictors read — what their learned part must beat.
-BASELINE_NAMES = ("random", "prototype", "signature", "ridge", "ridge+last", "nn", "bm25", "ridge+bm25", "oracle",
-                  "noisy_oracle")
+# reverse: the other direction — each candidate body mapped to the signature's views, ranked
+# against the query's own views (see ReverseFit).
+BASELINE_NAMES = ("random", "prototype", "signature", "ridge", "ridge+last", "nn", "bm25", "ridge+bm25", "reverse",
+                  "oracle", "noisy_oracle")
 RIDGE_ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 # Weight of the (z-scored) dense score. BM25's z-scores are heavy-tailed (a body sharing a rare
 # identifier scores far out), so the useful weights crowd near 1: the grid is finer there.
@@ -80,6 +83,37 @@ class RidgeFit:
 
     def predict(self, x: np.ndarray, alpha: float) -> np.ndarray:
         return ((np.asarray(x, dtype=np.float64) - self.x_mean) @ self.coef(alpha) + self.y_mean).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ReverseFit:
+    """The reverse direction: ridge from a body to its signature's pooled views.
+
+    Instead of predicting the body from the signature, each *candidate* body is mapped to the
+    signature views it predicts, and the query's own views are ranked against those. Both sides
+    are whitened on the train split (body and signature spaces apart), and the ridge is fitted
+    on train pairs. Nothing of the query's body is read: the query side is its signature alone.
+    It is the natural competitor of any signature → body predictor, and strong wherever the
+    teacher's body states echo the signature (in-context targets).
+    """
+
+    sig_space: Space
+    body_space: Space
+    ridge: RidgeFit
+
+    @classmethod
+    def fit(cls, sig_views: np.ndarray, bodies: np.ndarray, *, shrinkage: float = 0.1) -> ReverseFit:
+        sig_space = fit_space("whitened", sig_views, shrinkage=shrinkage)
+        body_space = fit_space("whitened", bodies, shrinkage=shrinkage)
+        return cls(sig_space, body_space, RidgeFit.fit(body_space.apply(bodies), sig_space.apply(sig_views)))
+
+    def queries(self, sig_views: np.ndarray) -> np.ndarray:
+        """The queries' signature views in the whitened signature space."""
+        return self.sig_space.apply(sig_views).astype(np.float32)
+
+    def candidates(self, bodies: np.ndarray, alpha: float) -> np.ndarray:
+        """The signature views each body predicts, in the same space."""
+        return self.ridge.predict(self.body_space.apply(bodies), alpha)
 
 
 # -- BM25 -------------------------------------------------------------------------------------

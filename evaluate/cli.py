@@ -53,7 +53,7 @@ def retrieval(
     pool: str = typer.Option("split", help="split | all | repo | N (random pools of N, averaged over seeds)."),
     space: str = typer.Option("all", help="raw | centered | whitened | canonical | all, or a comma list."),
     baselines: str = typer.Option("all", help="all | none | comma list of random,prototype,signature,ridge,ridge+last,nn,"
-                                              "bm25,ridge+bm25,oracle,noisy_oracle."),
+                                              "bm25,ridge+bm25,reverse,oracle,noisy_oracle."),
     out: Optional[Path] = typer.Option(None, help="Output folder (retrieval.json, table.txt, ranks.npz, PNGs)."),
     corpus: Optional[Path] = typer.Option(None, help="Corpus folder, when it moved since the store was built."),
     compare: Optional[str] = typer.Option(None, help="Paired bootstrap of A,B (METHOD@SPACE); ';' separates pairs."),

@@ -21,6 +21,7 @@ from codejepa.evaluate.baselines import (
     FUSION_WEIGHTS,
     RIDGE_ALPHAS,
     BM25Scorer,
+    ReverseFit,
     RidgeFit,
     nearest_rows,
     noisy_oracle,
@@ -364,13 +365,14 @@ def evaluate_retrieval(
         all_idx = np.arange(len(store))
         bodies = store.pooled("body", all_idx)
         canonical = "canonical" in space_names  # fitted on the ridge+last inputs: signature mean + last token
-        need_sig = any(n in names for n in ("signature", "ridge", "ridge+last", "nn", "ridge+bm25", "noisy_oracle")) or canonical
-        want = (["signature"] if need_sig else []) + (["signature_last"] if "ridge+last" in names or canonical else []) + (
+        need_sig = any(n in names for n in ("signature", "ridge", "ridge+last", "nn", "ridge+bm25", "reverse", "noisy_oracle")) or canonical
+        need_last = "ridge+last" in names or "reverse" in names or canonical  # [signature mean, last token]
+        want = (["signature"] if need_sig else []) + (["signature_last"] if need_last else []) + (
             [ridge_input] if need_sig and ridge_input != "signature" else [])
         views = store.pooled_views(want, all_idx) if want else {}
         sigs = views.get("signature")
         ridge_x = views.get(ridge_input) if need_sig else None
-        last_x = np.concatenate([sigs, views["signature_last"]], axis=1) if "ridge+last" in names or canonical else None
+        last_x = np.concatenate([sigs, views["signature_last"]], axis=1) if need_last else None
         train_idx, val_idx, q_idx = store.indices("train"), store.indices("val"), store.indices(split)
         if len(q_idx) == 0:
             raise EvaluateError(f"the {split} split has no records in {store.path}")
@@ -383,7 +385,7 @@ def evaluate_retrieval(
         hub_spaces = [s for s in space_names if s != "raw"] if hubness_correction else []
         hub_methods = ([r.name for r in loaded] + list(methods or {})
                        + [n for n in ("ridge", "ridge+last") if n in names and need_sig]) if hub_spaces else []
-        need_sel = (need_ridge or "ridge+last" in names or fuse_runs or (need_bm25 and bm25_query == "auto")
+        need_sel = (need_ridge or "ridge+last" in names or "reverse" in names or fuse_runs or (need_bm25 and bm25_query == "auto")
                     or bool(hub_methods))
         fit_idx, sel_idx = _selection_split(store, train_idx, val_idx, notes) if need_sel else (train_idx, val_idx)
         if split == "val" and need_sel:
@@ -436,13 +438,13 @@ def evaluate_retrieval(
             bm25_settings.update(query=mode, k1=1.2, b=0.75, tokens="identifiers split at snake_case/CamelCase")
             texts = query_sets[mode]
             bm25_test = BM25Scorer([texts[i] for i in q_idx], [cv.body_texts[i] for i in task.cand_idx])
-            if ("ridge+bm25" in names or fuse_runs) and sel_task is not None:
+            if ("ridge+bm25" in names or fuse_runs or ("reverse" in names and fuse_bm25)) and sel_task is not None:
                 bm25_sel = BM25Scorer([texts[i] for i in sel_idx], sel_docs)
 
         rows: list[MethodRow] = []
         vector_baselines = [n for n in names if n in ("prototype", "signature", "ridge", "ridge+last", "nn", "oracle",
                                                       "noisy_oracle")]
-        expected = (("random" in names) + ("bm25" in names)
+        expected = (("random" in names) + ("bm25" in names) + ("reverse" in names) * (1 + bool(hub_spaces)) * (1 + (need_bm25 and fuse_bm25))
                     + len(space_names) * (len(run_preds) * (1 + fuse_runs) + len(vector_baselines)
                                           + ("ridge+bm25" in names))
                     + len(hub_spaces) * (len(hub_methods) + (len(run_preds) if fuse_runs else 0)
@@ -463,6 +465,22 @@ def evaluate_retrieval(
             say(f"{method:>14} {space:>9}: rank@1 {m['rank@1'].value:.1%}  MRR {m['mrr'].value:.3f}")
             return row
 
+        fusing = sel_task is not None and bm25_test is not None and bm25_sel is not None
+
+        def fuse(name: str, kind: str, space: str, dense_sel: Any, dense_test: Any, settings: dict) -> None:
+            """``name``: a dense scorer fused with BM25's scores, the weight chosen on selection MRR
+            (``dense_sel`` scores the selection split, ``dense_test`` the task)."""
+            cols_sel = np.arange(len(sel_task.cand_idx))
+            st = (ScoreSampleStats(dense_sel, cols_sel), ScoreSampleStats(bm25_sel, cols_sel))
+            wsc = {w: _mrr(FusedScorer(dense_sel, bm25_sel, w, cols_sel, stats=st), sel_task)
+                   for w in FUSION_WEIGHTS}
+            w = max(wsc, key=lambda k: (wsc[k], -abs(k - 0.5)))
+            fused = FusedScorer(dense_test, bm25_test, w, np.arange(len(task.cand_idx)))
+            say(f"searching {name} in {space} space (weight {w})")
+            add_row(name, kind, space, search_task(fused, task),
+                    {"dense_weight": w, **settings, "selection_mrr": {str(k): v for k, v in wsc.items()},
+                     "normalisation": "per-query z-score over a fixed sample of 2048 pool candidates"})
+
         projections: dict[str, dict[str, np.ndarray]] = {}
         if "random" in names:
             rng = np.random.default_rng(seed)
@@ -470,6 +488,38 @@ def evaluate_retrieval(
         if bm25_test is not None and "bm25" in names:
             say("BM25 search")
             add_row("bm25", "baseline", NO_SPACE, search_task(bm25_test, task), bm25_settings)
+        if "reverse" in names and sel_task is not None and last_x is not None:
+            say("reverse: ridge from whitened bodies to the whitened signature views")
+            rev = ReverseFit.fit(last_x[fit_idx], bodies[fit_idx], shrinkage=whitening_shrinkage)
+            rev_q_sel = unit_rows(rev.queries(last_x[sel_idx]))
+            sel_bodies = bodies[sel_task.cand_idx]
+            rev_sc = {a: _mrr(DenseScorer(rev_q_sel, rev.candidates(sel_bodies, a)), sel_task) for a in RIDGE_ALPHAS}
+            a_rev = max(rev_sc, key=lambda a: (rev_sc[a], a))
+            rev_sel = DenseScorer(rev_q_sel, rev.candidates(sel_bodies, a_rev))
+            rev_test = DenseScorer(rev.queries(last_x[q_idx]), rev.candidates(cand_raw, a_rev))
+            rev_info = {"alpha": a_rev, "direction": "candidate body → signature mean + last token, whitened (train)",
+                        "selection_mrr": {str(k): v for k, v in rev_sc.items()}, "n_fit": len(fit_idx)}
+            add_row("reverse", "baseline", NO_SPACE, search_task(rev_test, task), rev_info)
+            if fusing and fuse_bm25:
+                fuse(f"reverse{FUSED_SUFFIX}", "baseline", NO_SPACE, rev_sel, rev_test, {"alpha": a_rev})
+            if hub_spaces and len(np.unique(store.repos[fit_idx].astype(str))) > 1:
+                # The reference: the train split's own signature views, what the queries are made of.
+                say("hubness of the reverse candidates against the train signatures")
+                refs = unit_rows(rev.queries(last_x[fit_idx]), inplace=True)
+                pen_sel = hub_penalties(rev_sel.c, refs, CSLS_KS, cand_groups=store.repos[sel_task.cand_idx],
+                                        ref_groups=store.repos[fit_idx])
+                grid = {(k, b): _mrr(HubScorer(rev_sel, pen_sel[k], b), sel_task) for k in CSLS_KS for b in CSLS_BETAS}
+                k, beta = max(grid, key=lambda kb: (grid[kb], -kb[1]))
+                pen = hub_penalties(rev_test.c, refs, [k], cand_groups=store.repos[task.cand_idx],
+                                    ref_groups=store.repos[fit_idx])[k]
+                info = {"k": k, "beta": beta, "alpha": a_rev, "reference": f"signature views of {len(fit_idx)} train "
+                        "records, those of the candidate's own repository left out"}
+                hub_test = HubScorer(rev_test, pen, beta)
+                add_row(f"reverse{CSLS_SUFFIX}", "baseline", NO_SPACE, search_task(hub_test, task),
+                        {**info, "selection_mrr": {f"k={a},beta={b}": v for (a, b), v in grid.items()}})
+                if fusing and fuse_bm25:
+                    fuse(f"reverse{CSLS_SUFFIX}{FUSED_SUFFIX}", "baseline", NO_SPACE, HubScorer(rev_sel, pen_sel[k], beta),
+                         hub_test, info)
 
         for sname in space_names:
             sp = spaces_fit[sname]
@@ -544,22 +594,6 @@ def evaluate_retrieval(
                     projections.setdefault(sname, {})[name] = qs
             projections.setdefault(sname, {})["__targets__"] = targ_s
 
-            fusing = sel_task is not None and bm25_test is not None and bm25_sel is not None
-
-            def fuse(name: str, kind: str, dense_sel: Any, dense_test: Any, settings: dict) -> None:
-                """``name``: a dense scorer fused with BM25's scores, the weight chosen on selection MRR
-                (``dense_sel`` scores the selection split, ``dense_test`` the task)."""
-                cols_sel = np.arange(len(sel_task.cand_idx))
-                st = (ScoreSampleStats(dense_sel, cols_sel), ScoreSampleStats(bm25_sel, cols_sel))
-                wsc = {w: _mrr(FusedScorer(dense_sel, bm25_sel, w, cols_sel, stats=st), sel_task)
-                       for w in FUSION_WEIGHTS}
-                w = max(wsc, key=lambda k: (wsc[k], -abs(k - 0.5)))
-                fused = FusedScorer(dense_test, bm25_test, w, np.arange(len(task.cand_idx)))
-                say(f"searching {name} in {sname} space (weight {w})")
-                add_row(name, kind, sname, search_task(fused, task),
-                        {"dense_weight": w, **settings, "selection_mrr": {str(k): v for k, v in wsc.items()},
-                         "normalisation": "per-query z-score over a fixed sample of 2048 pool candidates"})
-
             sel_unit: Any = None
 
             def csls(name: str, ref_raw: np.ndarray, sel_raw: np.ndarray) -> None:
@@ -589,7 +623,7 @@ def evaluate_retrieval(
                         {**info, "selection_mrr": {f"k={a},beta={b}": v for (a, b), v in grid.items()}})
                 if fusing and ((kind == "run" and fuse_runs) or (name == "ridge" and "ridge+bm25" in names)):
                     # The hybrid of the corrected scores, as ridge+bm25 / RUN+bm25 are of the plain ones.
-                    fuse(f"{name}{CSLS_SUFFIX}{FUSED_SUFFIX}", kind, HubScorer(dense_sel, pen_sel[k], beta), hub_test, info)
+                    fuse(f"{name}{CSLS_SUFFIX}{FUSED_SUFFIX}", kind, sname, HubScorer(dense_sel, pen_sel[k], beta), hub_test, info)
 
             if sname in hub_spaces and sel_task is not None:
                 for hname in hub_methods:
@@ -606,10 +640,10 @@ def evaluate_retrieval(
                     return DenseScorer(sp.apply(q_sel), sel_c), DenseScorer(q_test, cand_unit, normalized=True)
 
                 if "ridge+bm25" in names and ridge is not None:
-                    fuse("ridge+bm25", "baseline", *dense(ridge.predict(ridge_x[sel_idx], ridge_alpha), vec["ridge"][2]),
+                    fuse("ridge+bm25", "baseline", sname, *dense(ridge.predict(ridge_x[sel_idx], ridge_alpha), vec["ridge"][2]),
                          {"alpha": ridge_alpha})
                 for rname, pr_sel in sel_preds.items() if fuse_runs else ():
-                    fuse(f"{rname}{FUSED_SUFFIX}", "run", *dense(pr_sel, vec[rname][2]), {"run": rname})
+                    fuse(f"{rname}{FUSED_SUFFIX}", "run", sname, *dense(pr_sel, vec[rname][2]), {"run": rname})
 
         warnings = _flag(rows)
         comparisons = _auto_comparisons(rows, n_boot, seed) + [

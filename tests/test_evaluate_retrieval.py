@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _evaluate_fixtures import make_dataset  # noqa: E402
 
 from codejepa.core import CodejepaError  # noqa: E402
-from codejepa.evaluate.baselines import FUSION_WEIGHTS  # noqa: E402
+from codejepa.evaluate.baselines import FUSION_WEIGHTS, ReverseFit  # noqa: E402
 from codejepa.evaluate.errors import EvaluateError  # noqa: E402
 from codejepa.evaluate.report import compare_saved  # noqa: E402
 from codejepa.evaluate.retrieval import evaluate_retrieval  # noqa: E402
@@ -89,8 +89,16 @@ def test_all_baselines_outputs_and_comparison(ds, tmp_path: Path) -> None:
     assert methods == {"classproto", "classproto+bm25", "random", "prototype", "signature", "ridge", "ridge+last", "nn",
                        "bm25", "ridge+bm25", "oracle", "noisy_oracle",
                        "classproto+csls", "ridge+csls", "ridge+last+csls",  # hubness-corrected rows (not raw) ...
-                       "classproto+csls+bm25", "ridge+csls+bm25"}  # ... and their BM25 hybrids
+                       "classproto+csls+bm25", "ridge+csls+bm25",  # ... and their BM25 hybrids
+                       "reverse", "reverse+csls", "reverse+bm25", "reverse+csls+bm25"}  # body → signature, no space
     assert not any("+csls" in r.method for r in res.rows if r.space == "raw")
+    # The reverse direction (candidate body → signature views) finds instances too; its λ and
+    # its CSLS settings are the selection split's best.
+    rev, rev_hub = res.row("reverse", "-"), res.row("reverse+csls", "-")
+    assert rev.metrics["mrr"].value > 3 * res.row("prototype", "whitened").metrics["mrr"].value
+    assert rev.settings["selection_mrr"][str(rev.settings["alpha"])] == max(rev.settings["selection_mrr"].values())
+    assert rev_hub.settings["selection_mrr"][f"k={rev_hub.settings['k']},beta={rev_hub.settings['beta']}"] == \
+        max(rev_hub.settings["selection_mrr"].values())
     hybrid, corrected = res.row("ridge+csls+bm25", "whitened"), res.row("ridge+csls", "whitened")
     assert (hybrid.settings["k"], hybrid.settings["beta"]) == (corrected.settings["k"], corrected.settings["beta"])
     assert hybrid.settings["selection_mrr"][str(hybrid.settings["dense_weight"])] == max(hybrid.settings["selection_mrr"].values())
@@ -210,3 +218,17 @@ def test_clear_errors(ds, tmp_path: Path) -> None:
         evaluate_retrieval(ds.store_path, baselines="random", compare=[("ridge@raw", "random@-")], plots=False)
     with pytest.raises(EvaluateError, match="no such run directory"):
         evaluate_retrieval(ds.store_path, runs=[tmp_path / "no-run"])
+
+
+def test_reverse_maps_bodies_onto_their_signatures() -> None:
+    """Where the signature views are a linear function of the body, the reverse map puts each
+    body on its own signature, in the signature side's whitened space (both fitted on train)."""
+    rng = np.random.default_rng(0)
+    bodies = rng.standard_normal((400, 12)).astype(np.float32) * rng.uniform(0.1, 5, 12).astype(np.float32)
+    sigs = (bodies @ rng.standard_normal((12, 8)) + 3.0).astype(np.float32)
+    fit = ReverseFit.fit(sigs[:300], bodies[:300])
+    q, c = fit.queries(sigs[300:]), fit.candidates(bodies[300:], 1e-4)
+    cos = (q * c).sum(1) / (np.linalg.norm(q, axis=1) * np.linalg.norm(c, axis=1))
+    assert cos.min() > 0.99
+    # whitened on train (with shrinkage): far closer to isotropic than the raw views
+    assert np.linalg.cond(np.cov(fit.queries(sigs[:300]).T)) < 0.1 * np.linalg.cond(np.cov(sigs[:300].T))
