@@ -444,7 +444,7 @@ def evaluate_retrieval(
         rows: list[MethodRow] = []
         vector_baselines = [n for n in names if n in ("prototype", "signature", "ridge", "ridge+last", "nn", "oracle",
                                                       "noisy_oracle")]
-        expected = (("random" in names) + ("bm25" in names) + ("reverse" in names) * (1 + bool(hub_spaces)) * (1 + (need_bm25 and fuse_bm25))
+        expected = (("random" in names) + ("bm25" in names) + ("reverse" in names) * (1 + hubness_correction) * (1 + (need_bm25 and fuse_bm25))
                     + len(space_names) * (len(run_preds) * (1 + fuse_runs) + len(vector_baselines)
                                           + ("ridge+bm25" in names))
                     + len(hub_spaces) * (len(hub_methods) + (len(run_preds) if fuse_runs else 0)
@@ -502,8 +502,9 @@ def evaluate_retrieval(
             add_row("reverse", "baseline", NO_SPACE, search_task(rev_test, task), rev_info)
             if fusing and fuse_bm25:
                 fuse(f"reverse{FUSED_SUFFIX}", "baseline", NO_SPACE, rev_sel, rev_test, {"alpha": a_rev})
-            if hub_spaces and len(np.unique(store.repos[fit_idx].astype(str))) > 1:
-                # The reference: the train split's own signature views, what the queries are made of.
+            if hubness_correction and len(np.unique(store.repos[fit_idx].astype(str))) > 1:
+                # Space-free like the row itself, so no --space choice turns it off. The reference:
+                # the train split's own signature views, what the queries are made of.
                 say("hubness of the reverse candidates against the train signatures")
                 refs = unit_rows(rev.queries(last_x[fit_idx]), inplace=True)
                 pen_sel = hub_penalties(rev_sel.c, refs, CSLS_KS, cand_groups=store.repos[sel_task.cand_idx],
