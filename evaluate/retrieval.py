@@ -481,6 +481,20 @@ def evaluate_retrieval(
                     {"dense_weight": w, **settings, "selection_mrr": {str(k): v for k, v in wsc.items()},
                      "normalisation": "per-query z-score over a fixed sample of 2048 pool candidates"})
 
+        def hub_corrected(dense_sel: DenseScorer, dense_test: DenseScorer, refs: Any) -> tuple[HubScorer, HubScorer, dict, dict]:
+            """CSLS of a dense scorer: its cosines minus β × each candidate's mean cosine to its k
+            nearest ``refs`` (unit rows of train-split vectors, the candidate's own repository left
+            out); k and β chosen on selection MRR, ties to the smaller correction. Returns the
+            corrected selection and test scorers, {k, beta} and the selection grid."""
+            pen_sel = hub_penalties(dense_sel.c, refs, CSLS_KS, cand_groups=store.repos[sel_task.cand_idx],
+                                    ref_groups=store.repos[fit_idx])
+            grid = {(k, b): _mrr(HubScorer(dense_sel, pen_sel[k], b), sel_task) for k in CSLS_KS for b in CSLS_BETAS}
+            k, beta = max(grid, key=lambda kb: (grid[kb], -kb[1]))
+            pen = hub_penalties(dense_test.c, refs, [k], cand_groups=store.repos[task.cand_idx],
+                                ref_groups=store.repos[fit_idx])[k]
+            return (HubScorer(dense_sel, pen_sel[k], beta), HubScorer(dense_test, pen, beta), {"k": k, "beta": beta},
+                    {f"k={a},beta={b}": v for (a, b), v in grid.items()})
+
         projections: dict[str, dict[str, np.ndarray]] = {}
         if "random" in names:
             rng = np.random.default_rng(seed)
@@ -506,21 +520,12 @@ def evaluate_retrieval(
                 # Space-free like the row itself, so no --space choice turns it off. The reference:
                 # the train split's own signature views, what the queries are made of.
                 say("hubness of the reverse candidates against the train signatures")
-                refs = unit_rows(rev.queries(last_x[fit_idx]), inplace=True)
-                pen_sel = hub_penalties(rev_sel.c, refs, CSLS_KS, cand_groups=store.repos[sel_task.cand_idx],
-                                        ref_groups=store.repos[fit_idx])
-                grid = {(k, b): _mrr(HubScorer(rev_sel, pen_sel[k], b), sel_task) for k in CSLS_KS for b in CSLS_BETAS}
-                k, beta = max(grid, key=lambda kb: (grid[kb], -kb[1]))
-                pen = hub_penalties(rev_test.c, refs, [k], cand_groups=store.repos[task.cand_idx],
-                                    ref_groups=store.repos[fit_idx])[k]
-                info = {"k": k, "beta": beta, "alpha": a_rev, "reference": f"signature views of {len(fit_idx)} train "
+                hub_sel, hub_test, kb, grid = hub_corrected(rev_sel, rev_test, unit_rows(rev.queries(last_x[fit_idx]), inplace=True))
+                info = {**kb, "alpha": a_rev, "reference": f"signature views of {len(fit_idx)} train "
                         "records, those of the candidate's own repository left out"}
-                hub_test = HubScorer(rev_test, pen, beta)
-                add_row(f"reverse{CSLS_SUFFIX}", "baseline", NO_SPACE, search_task(hub_test, task),
-                        {**info, "selection_mrr": {f"k={a},beta={b}": v for (a, b), v in grid.items()}})
+                add_row(f"reverse{CSLS_SUFFIX}", "baseline", NO_SPACE, search_task(hub_test, task), {**info, "selection_mrr": grid})
                 if fusing and fuse_bm25:
-                    fuse(f"reverse{CSLS_SUFFIX}{FUSED_SUFFIX}", "baseline", NO_SPACE, HubScorer(rev_sel, pen_sel[k], beta),
-                         hub_test, info)
+                    fuse(f"reverse{CSLS_SUFFIX}{FUSED_SUFFIX}", "baseline", NO_SPACE, hub_sel, hub_test, info)
 
         for sname in space_names:
             sp = spaces_fit[sname]
@@ -609,22 +614,15 @@ def evaluate_retrieval(
                     notes.extend([note] if note not in notes else [])
                     return
                 say(f"hubness of the candidates against {name}'s train predictions ({sname} space)")
-                refs = unit_rows(sp.apply(ref_raw), inplace=True)
-                pen_sel = hub_penalties(sel_unit, refs, CSLS_KS, cand_groups=store.repos[sel_task.cand_idx],
-                                        ref_groups=store.repos[fit_idx])
-                dense_sel = DenseScorer(sp.apply(sel_raw), sel_unit, normalized=True)
-                grid = {(k, b): _mrr(HubScorer(dense_sel, pen_sel[k], b), sel_task) for k in CSLS_KS for b in CSLS_BETAS}
-                k, beta = max(grid, key=lambda kb: (grid[kb], -kb[1]))  # ties: the smaller correction
-                pen = hub_penalties(cand_unit, refs, [k], cand_groups=store.repos[task.cand_idx],
-                                    ref_groups=store.repos[fit_idx])[k]
-                hub_test = HubScorer(DenseScorer(test_space, cand_unit, normalized=True), pen, beta)
-                info = {"k": k, "beta": beta, "reference": f"{name}'s predictions for {len(fit_idx)} train records, "
-                                                           "those of the candidate's own repository left out"}
-                add_row(f"{name}{CSLS_SUFFIX}", kind, sname, search_task(hub_test, task),
-                        {**info, "selection_mrr": {f"k={a},beta={b}": v for (a, b), v in grid.items()}})
+                hub_sel, hub_test, kb, grid = hub_corrected(DenseScorer(sp.apply(sel_raw), sel_unit, normalized=True),
+                                                            DenseScorer(test_space, cand_unit, normalized=True),
+                                                            unit_rows(sp.apply(ref_raw), inplace=True))
+                info = {**kb, "reference": f"{name}'s predictions for {len(fit_idx)} train records, "
+                                           "those of the candidate's own repository left out"}
+                add_row(f"{name}{CSLS_SUFFIX}", kind, sname, search_task(hub_test, task), {**info, "selection_mrr": grid})
                 if fusing and ((kind == "run" and fuse_runs) or (name == "ridge" and "ridge+bm25" in names)):
                     # The hybrid of the corrected scores, as ridge+bm25 / RUN+bm25 are of the plain ones.
-                    fuse(f"{name}{CSLS_SUFFIX}{FUSED_SUFFIX}", kind, sname, HubScorer(dense_sel, pen_sel[k], beta), hub_test, info)
+                    fuse(f"{name}{CSLS_SUFFIX}{FUSED_SUFFIX}", kind, sname, hub_sel, hub_test, info)
 
             if sname in hub_spaces and sel_task is not None:
                 for hname in hub_methods:
