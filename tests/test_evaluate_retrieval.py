@@ -113,9 +113,9 @@ def test_all_baselines_outputs_and_comparison(ds, tmp_path: Path) -> None:
         assert fused.kind == "run" and fused.settings["run"] == "classproto"
         assert set(fused.settings["selection_mrr"]) == {str(w) for w in FUSION_WEIGHTS}
         assert fused.settings["selection_mrr"][str(fused.settings["dense_weight"])] == max(fused.settings["selection_mrr"].values())
-    plain = evaluate_retrieval(ds.store_path, baselines="bm25", spaces="whitened", n_boot=50, plots=False,
+    plain = evaluate_retrieval(ds.store_path, baselines="bm25,reverse", spaces="whitened", n_boot=50, plots=False,
                                methods={"classproto": _class_prototype(ds)}, fuse_bm25=False, hubness_correction=False)
-    assert {r.method for r in plain.rows} == {"classproto", "bm25"}
+    assert {r.method for r in plain.rows} == {"classproto", "bm25", "reverse"}  # both switches reach reverse too
     with pytest.raises(EvaluateError, match="fusion and hubness-corrected rows"):
         evaluate_retrieval(ds.store_path, baselines="bm25", plots=False, methods={"x+bm25": _class_prototype(ds)})
     assert res.row("bm25", "-").metrics["mrr"].value > 2 * res.pool_stats["chance"]["mrr"]
