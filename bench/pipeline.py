@@ -3,6 +3,7 @@
     python bench/pipeline.py [--out ~/.cache/codejepa/bench40] [--layer N] [--targets in-context]
                              [--stages corpus,embed,train,evaluate,ceilings]
                              [--models seed-mlp,ridge-residual,transformer-residual]
+                             [--extra-train bench/extra-train.txt]
 
 Runs exactly the commands a user would (``codejepa corpus build``, ``embed run``, ``predict
 train``, ``evaluate retrieval``) so that the figures it prints are what the README's commands
@@ -11,6 +12,11 @@ background (``nohup python bench/pipeline.py &``) and again in a later session; 
 continues where it stopped. Held-out splits are embedded first, so a partial store can already
 be evaluated against the baselines. Writes OUT/timings.json (wall seconds per stage, machine)
 and the evaluation's table under OUT/eval-*/.
+
+``--extra-train LIST`` is the data-scaling variant: the projects of LIST (pinned like
+python-40's) join the corpus in the train split only (``corpus build --train-only-file``), so
+val and test stay python-40's repositories; its corpus, store, runs and evaluations are named
+``…-plus``.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ def main() -> None:
     ap.add_argument("--models", default="seed-mlp,ridge-residual,transformer-residual",
                     help="comma list of predict presets to train (model kind inferred from the name)")
     ap.add_argument("--set", action="append", default=[], help="extra --set for every predict train")
+    ap.add_argument("--extra-train", type=Path, default=None,
+                    help="pinned projects (name==version a line) added to the train split only")
     args = ap.parse_args()
 
     exe = shutil.which("codejepa") or str(Path(sys.executable).with_name("codejepa"))
@@ -55,17 +63,24 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stages = set(args.stages.split(","))
     tag = f"L{args.layer if args.layer is not None else 'mid'}-{args.targets}"
+    if args.extra_train:
+        tag = f"plus-{tag}"
+    corpus = out / ("corpus-plus" if args.extra_train else "corpus")
     store = out / f"store-{tag}.h5"
     timings: dict[str, float] = {}
 
     if "corpus" in stages:
         repos = out / "repos"
         run([str(SHARED / "make-repos"), str(args.list), str(repos)], timings, "make_repos_s")
-        run([exe, "corpus", "build", "--repos-file", str(repos / "repos.txt"), "--out", str(out / "corpus"),
+        extra: list[str] = []
+        if args.extra_train:
+            run([str(SHARED / "make-repos"), str(args.extra_train), str(out / "extra-repos")], timings, "make_repos_s")
+            extra = ["--train-only-file", str(out / "extra-repos" / "repos.txt")]
+        run([exe, "corpus", "build", "--repos-file", str(repos / "repos.txt"), *extra, "--out", str(corpus),
              "--workers", str(os.cpu_count() or 1)], timings, "corpus_build_s")
 
     if "embed" in stages:
-        base = [exe, "embed", "run", str(out / "corpus"), "--out", str(store), "--targets", args.targets]
+        base = [exe, "embed", "run", str(corpus), "--out", str(store), "--targets", args.targets]
         if args.layer is not None:
             base += ["--layer", str(args.layer)]
         # Held-out first: a store interrupted later can already be evaluated.

@@ -174,15 +174,17 @@ def _atomic_lines(path: Path, lines: list[str]) -> None:
     os.replace(tmp, path)
 
 
-def _new_entry(spec: str, source: src.Source | None, settings: BuildSettings) -> dict[str, Any]:
+def _new_entry(spec: str, source: src.Source | None, settings: BuildSettings, *, train_only: bool = False) -> dict[str, Any]:
     name = source.name if source else spec
+    split = "train" if train_only else assign_split(name, settings.seed, settings.ratios)
     return {
         "name": name,
         "source": spec,
         "url": source.url if source else spec,
         "ref": source.ref if source else None,
         "commit": None,
-        "split": assign_split(name, settings.seed, settings.ratios) if source else None,
+        "split": split if source else None,
+        "train_only": train_only,
         "status": "pending",
         "message": None,
         "records_file": None,
@@ -288,9 +290,16 @@ def build_corpus(
     settings: BuildSettings = BuildSettings(),
     *,
     repos_file: str | os.PathLike[str] | None = None,
+    train_only: Sequence[str] = (),
+    train_only_file: str | os.PathLike[str] | None = None,
     observer: BuildObserver | None = None,
 ) -> BuildResult:
     """Build (or resume) a corpus in ``out_dir``; see the module doc.
+
+    Sources in ``train_only`` (and ``train_only_file``) go to the train split whatever their
+    hash says: extra training code beside a fixed benchmark. Adding them moves no other
+    repository (the split is per repository), but the leak filter drops every held-out body
+    that also occurs in them.
 
     Bad sources, failed clones and bad files are recorded with one line each and the run
     goes on; :class:`CodejepaError` is raised only when the output folder cannot be made.
@@ -312,17 +321,23 @@ def build_corpus(
         messages.append(line)
         obs.on_message(line)
 
-    specs = list(sources)
+    specs = [(spec, False) for spec in sources]
     if repos_file is not None:
         try:
-            specs += src.read_repos_file(repos_file)
+            specs += [(spec, False) for spec in src.read_repos_file(repos_file)]
+        except src.SourceError as e:
+            say(str(e))
+    specs += [(spec, True) for spec in train_only]
+    if train_only_file is not None:
+        try:
+            specs += [(spec, True) for spec in src.read_repos_file(train_only_file)]
         except src.SourceError as e:
             say(str(e))
 
     entries: list[dict[str, Any]] = []
     todo: list[tuple[src.Source, dict[str, Any]]] = []
     seen: dict[str, str] = {}
-    for spec in specs:
+    for spec, pinned in specs:
         try:
             source = src.parse_source(spec)
         except src.SourceError as e:
@@ -331,7 +346,7 @@ def build_corpus(
             entries.append(entry)
             say(str(e))
             continue
-        entry = _new_entry(spec, source, settings)
+        entry = _new_entry(spec, source, settings, train_only=pinned)
         if source.name in seen:
             entry.update(status="duplicate", message=f"{spec}: same repository name {source.name!r} as {seen[source.name]}; skipped")
             entry["name"] = f"{source.name} (duplicate: {spec})"

@@ -91,7 +91,7 @@ def _summary(manifest: dict[str, Any]) -> None:
     for r in manifest["repos"]:
         status = r["status"] + (" (resumed)" if r.get("resumed") else "")
         table.add_row(
-            r["name"], r.get("split") or "-", status, f"{r['files']:,}", f"{r['functions']:,}",
+            r["name"], (r.get("split") or "-") + (" (pinned)" if r.get("train_only") else ""), status, f"{r['files']:,}", f"{r['functions']:,}",
             f"{r.get('test_functions', 0):,}", str(len(r.get("skipped", []))),
         )
     console = Console()
@@ -112,6 +112,10 @@ def build(
     ),
     out: Path = typer.Option(..., "--out", help="Corpus folder to write (its parent must exist)."),
     repos_file: Optional[Path] = typer.Option(None, "--repos-file", help="One source a line, # comments."),  # noqa: UP007
+    train_only_file: Optional[Path] = typer.Option(  # noqa: UP007
+        None, "--train-only-file",
+        help="Sources (one a line) that always go to the train split: extra training code beside a fixed benchmark.",
+    ),
     workers: int = typer.Option(1, "--workers", min=1, help="Parsing processes."),
     seed: int = typer.Option(0, "--seed", help="Seed of the per-repo split."),
     split: str = typer.Option("80/10/10", "--split", help="train/val/test proportions of repos."),
@@ -142,10 +146,11 @@ def build(
             clone_jobs=clone_jobs,
             clone_depth=depth,
         )
-        if not sources and repos_file is None:
+        if not sources and repos_file is None and train_only_file is None:
             raise CodejepaError("nothing to build: give SOURCE arguments or --repos-file")
         with _RichObserver() as obs:
-            result = build_corpus(sources or [], out, settings, repos_file=repos_file, observer=obs)
+            result = build_corpus(sources or [], out, settings, repos_file=repos_file,
+                                  train_only_file=train_only_file, observer=obs)
     except CodejepaError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None

@@ -119,6 +119,39 @@ def test_held_out_duplicates_of_train_and_trivial_bodies_are_dropped(tmp_path: P
     assert kept.manifest["totals"]["kept_per_split"]["test"] == 2
 
 
+def test_train_only_sources_join_train_and_move_nothing_else(tmp_path: Path) -> None:
+    # An extra repository whose hash would put it in test is pinned to train; the held-out
+    # repository keeps its split, and its body that also occurs in the extra code is dropped.
+    (test_name, extra_name) = names_in("test", 2)
+    test, extra = tmp_path / test_name, tmp_path / extra_name
+    make_repo(test, {"b.py": "def copied(x):\n    return x * 4321 - 7\n\ndef unique():\n    return 'only here'\n"})
+    make_repo(extra, {"e.py": "def original(x):\n    return x * 4321 - 7\n\ndef more():\n    return [1, 2, 3]\n"})
+    plain = build_corpus([str(test), str(extra)], tmp_path / "plain")
+    assert {r["name"]: r["split"] for r in plain.repos} == {test_name: "test", extra_name: "test"}
+
+    extra_file = tmp_path / "extra.txt"
+    extra_file.write_text(f"{extra.as_uri()}\n")
+    out = tmp_path / "plus"
+    r = run_cli("build", str(test), "--train-only-file", str(extra_file), "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert "(pinned)" in r.output
+    man = read_manifest(out)
+    by_name = {e["name"]: e for e in man["repos"]}
+    assert by_name[test_name]["split"] == "test" and not by_name[test_name]["train_only"]
+    assert by_name[extra_name]["split"] == "train" and by_name[extra_name]["train_only"]
+    assert [r.qualname for r in load_records(out, ["train"])] == ["original", "more"]
+    assert [r.qualname for r in load_records(out, ["test"])] == ["unique"]
+    assert man["totals"]["dropped"] == {DROP_TRAIN_DUPLICATE: 1}
+    # The same pin resumes both repositories; dropping the pin moves the extra one back to
+    # its own split, which is a different corpus.
+    again = build_corpus([str(test)], out, train_only_file=extra_file)
+    assert [(e["split"], e.get("resumed")) for e in again.repos] == [("test", True), ("train", True)]
+    assert corpus_fingerprint(again.manifest) == corpus_fingerprint(man)
+    unpinned = build_corpus([str(test), str(extra)], out)
+    assert [(e["split"], e.get("resumed", False)) for e in unpinned.repos] == [("test", True), ("test", False)]
+    assert corpus_fingerprint(unpinned.manifest) != corpus_fingerprint(man)
+
+
 def test_resume_skips_done_repos_and_redoes_changed_ones(tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     make_repo(a, {"a.py": "def fa():\n    return 1\n"})
