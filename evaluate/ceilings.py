@@ -128,15 +128,20 @@ def summary(ranks: np.ndarray) -> dict[str, float]:
 
 
 def learning_curve(x: np.ndarray, bodies: np.ndarray, repos: np.ndarray, train: np.ndarray, val: np.ndarray,
-                   query: np.ndarray, fractions: Sequence[float], seeds: int = 3) -> list[dict[str, float]]:
+                   query: np.ndarray, fractions: Sequence[float], seeds: int = 3,
+                   full: dict[str, float] | None = None) -> list[dict[str, float]]:
     """Ridge (whitened space, both refitted per subset) on random subsets of the train
-    repositories: per fraction, the mean and spread over ``seeds`` draws."""
+    repositories: per fraction, the mean and spread over ``seeds`` draws. ``full``, the
+    :func:`summary` of ridge on the whole train split when the caller has it, is reused."""
     names = np.unique(repos[train])
     out = []
     for frac in fractions:
         k = max(1, int(round(frac * len(names))))
         rows = []
         for s in range(seeds if k < len(names) else 1):
+            if k == len(names) and full is not None:
+                rows.append({**full, "n_train": len(train)})
+                continue
             keep = np.random.default_rng(s).choice(names, k, replace=False)
             sub = train[np.isin(repos[train], keep)]
             y = fit_space("whitened", bodies[sub]).apply(bodies)
@@ -174,14 +179,15 @@ def ceilings(store: Any, *, split: str = "test", fractions: Sequence[float] = (0
     tok_in_body = np.asarray(bag.sum(1)).ravel()
     copyable = np.asarray(bag.multiply(bag_matrix(inp, vocab) > 0).sum(1)).ravel()
     q_share = copyable[query] / np.maximum(tok_in_body[query], 1)
+    ridge = summary(ridge_ranks(x, y, train, val, query))
     return {
         "split": split, "queries": int(len(query)), "train_records": int(len(train)),
         "token_ids_seen_in_train_bodies": int((counts > 0).sum()),
         "body_tokens_whose_id_is_in_the_inputs": float(q_share.mean()),
-        "ridge": summary(ridge_ranks(x, y, train, val, query)),
+        "ridge": ridge,
         "oracle_token_identity": summary(retrieval_ranks(torch.from_numpy(oracle_bag[query]),
                                                          torch.from_numpy(y[query])).numpy()),
         "oracle_copy_view_alone": summary(ridge_ranks(copy_view, y, train, val, query)),
         "ridge_plus_oracle_copy_view": summary(ridge_ranks(np.concatenate([x, copy_view], 1), y, train, val, query)),
-        "learning_curve": learning_curve(x, bodies, store.repos, train, val, query, fractions, seeds),
+        "learning_curve": learning_curve(x, bodies, store.repos, train, val, query, fractions, seeds, full=ridge),
     }

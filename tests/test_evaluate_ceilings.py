@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from codejepa.embed.store import PendingRecord, StoreMeta, StoreWriter, open_store
-from codejepa.evaluate.ceilings import (bag_matrix, ceilings, copy_flags, pass_tokens, token_means,
+from codejepa.evaluate.ceilings import (bag_matrix, ceilings, copy_flags, learning_curve, pass_tokens, token_means,
                                         weighted_input_means)
 
 V, D = 60, 24
@@ -93,7 +93,13 @@ def test_oracles_rank_as_ceilings(store) -> None:
     curve = res["learning_curve"]
     assert [p["fraction"] for p in curve] == [0.5, 1.0]
     assert curve[0]["n_train"] < curve[1]["n_train"] == res["train_records"]
-    assert curve[1]["rank1"] == pytest.approx(res["ridge"]["rank1"])
+    assert curve[1]["rank1"] == pytest.approx(res["ridge"]["rank1"])  # reused, not refitted
+    # Refitted on the whole train split, the curve's last point is the same ridge.
+    views = store.pooled_views(["signature", "signature_last", "body"])
+    x = np.concatenate([views["signature"], views["signature_last"]], axis=1)
+    (refit,) = learning_curve(x, views["body"], store.repos, store.indices("train"), store.indices("val"),
+                              store.indices("test"), (1.0,))
+    assert refit["rank1"] == pytest.approx(res["ridge"]["rank1"]) and refit["n_train"] == res["train_records"]
 
 
 def test_bad_requests_are_one_line_errors(store, tmp_path: Path) -> None:
