@@ -147,7 +147,7 @@ def build(
             clone_depth=depth,
         )
         if not sources and repos_file is None and train_only_file is None:
-            raise CodejepaError("nothing to build: give SOURCE arguments or --repos-file")
+            raise CodejepaError("nothing to build: give SOURCE arguments, --repos-file or --train-only-file")
         with _RichObserver() as obs:
             result = build_corpus(sources or [], out, settings, repos_file=repos_file,
                                   train_only_file=train_only_file, observer=obs)
