@@ -147,6 +147,9 @@ def test_train_only_sources_join_train_and_move_nothing_else(tmp_path: Path) -> 
     again = build_corpus([str(test)], out, train_only_file=extra_file)
     assert [(e["split"], e.get("resumed")) for e in again.repos] == [("test", True), ("train", True)]
     assert corpus_fingerprint(again.manifest) == corpus_fingerprint(man)
+    listed = build_corpus([str(test)], tmp_path / "listed", train_only=[str(extra)])  # the API's list form
+    assert [e["split"] for e in listed.repos] == ["test", "train"]
+    assert listed.manifest["totals"]["dropped"] == {DROP_TRAIN_DUPLICATE: 1}
     unpinned = build_corpus([str(test), str(extra)], out)
     assert [(e["split"], e.get("resumed", False)) for e in unpinned.repos] == [("test", True), ("test", False)]
     assert corpus_fingerprint(unpinned.manifest) != corpus_fingerprint(man)
