@@ -119,6 +119,11 @@ class TrainConfig:
     amp: bool = False  # bfloat16 autocast on CUDA
     threads: int = 0  # torch CPU threads (0: torch's default); 1 avoids oversubscription on a busy machine
     plot_every_s: float = 60.0  # curves.png is redrawn at most this often, and at the end (<0: never)
+    # What a batch holds (see codejepa.predict.batching): "none" shuffles; "file" / "repo" pack
+    # it from runs of up to group_size records of one source file / repository, so that the
+    # in-batch negatives include the query's siblings.
+    batch_groups: str = "none"  # "none" | "file" | "repo"
+    group_size: int = 32
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ class DataConfig:
     cache_gb: float = 8.0  # RAM cache of precomputed features when it fits; else stream from HDF5
     prefetch: int = 4  # batches prepared ahead (background thread, or worker processes)
     workers: int = 2  # when streaming: processes reading the store in parallel (0: one thread)
+    corpus: str = ""  # the corpus the store was embedded from, for train.batch_groups = "file" ("": the store's record of it)
 
 
 @dataclass(frozen=True)
@@ -167,6 +173,8 @@ class PredictConfig:
             (o.lr > 0, "optim.lr must be positive"),
             (t.epochs >= 1 and t.batch_size >= 1, "train sizes must be positive"),
             (lo.temperature > 0, "loss.temperature must be positive"),
+            (t.batch_groups in ("none", "file", "repo"), f"train.batch_groups must be none, file or repo, not {t.batch_groups!r}"),
+            (t.group_size >= 1, "train.group_size must be positive"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -232,6 +240,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train.epochs": 20, "train.batch_size": 64,
     },
 }
+# ridge-residual with hard negatives: each batch is packed from whole source files (runs of up
+# to 256 records of one file), so InfoNCE has to tell a body from its siblings, the confusion
+# behind most of ridge's wrong first answers (codejepa.predict.batching). Needs the corpus the
+# store was embedded from.
+PRESETS["ridge-residual-files"] = {**PRESETS["ridge-residual"], "train.batch_groups": "file", "train.group_size": 256}
 DEFAULT_PRESET = {"mlp": "seed-mlp", "transformer": "transformer"}
 
 

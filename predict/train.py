@@ -41,6 +41,7 @@ from codejepa.core import CodejepaError, atomic_write_bytes, atomic_write_json
 from codejepa.core import code_version as _code_version
 from codejepa.embed.store import Store, StoreError, open_store
 from codejepa.predict import losses
+from codejepa.predict.batching import epoch_order, record_files
 from codejepa.predict.config import PredictConfig, from_dict
 from codejepa.predict.data import (FeatureSpec, FeatureTable, RevealSpec, StreamingTable, batch_loader,
                                    estimate_cache_bytes, valid_records)
@@ -55,7 +56,7 @@ CKPT_FORMAT = "codejepa-predictor"
 CKPT_VERSION = 1
 # Settings that may change when a run is resumed (the rest must match the stored config).
 RESUMABLE_CHANGES = ("train.epochs", "train.threads", "train.checkpoint_every_steps", "train.plot_every_s",
-                     "data.cache_gb", "data.prefetch", "data.workers")
+                     "data.cache_gb", "data.prefetch", "data.workers", "data.corpus")
 
 Event = Callable[[dict[str, Any]], None]
 
@@ -352,6 +353,11 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
         if B <= 0 or B % world:
             raise TrainingError(f"train.batch_size ({B}) must be a positive multiple of the {world} DDP ranks")
         steps_per_epoch = len(train_idx) // B
+        group_keys = None
+        if cfg.train.batch_groups == "file":
+            group_keys = record_files(store, cfg.data.corpus or None)[train_idx]
+        elif cfg.train.batch_groups == "repo":
+            group_keys = store.repos[train_idx]
         total_steps = steps_per_epoch * cfg.train.epochs
         d = store.meta.hidden_size
         stats_key = {"store_fingerprint": store.meta.fingerprint(), "train_records": int(len(train_idx)),
@@ -464,7 +470,8 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
         last_plot = time.monotonic()
         ckpt_at = (f"epoch {start_epoch} + {start_step} steps" if start_step else f"after epoch {start_epoch}") if ckpt else ""
         for epoch in range(start_epoch, cfg.train.epochs):
-            perm = np.random.default_rng([cfg.train.seed, epoch]).permutation(len(train_idx))
+            perm = epoch_order(len(train_idx), np.random.default_rng([cfg.train.seed, epoch]), group_keys,
+                               cfg.train.group_size)
             shards = [perm[s * B + rank * per_rank: s * B + (rank + 1) * per_rank]
                       for s in range(start_step, steps_per_epoch)]
             loader = batch_loader(train_tab, shards, reveal=reveal_spec, epoch=epoch, prefetch=cfg.data.prefetch,

@@ -1,0 +1,74 @@
+"""The order in which an epoch visits the train records, and so what a batch holds.
+
+InfoNCE's negatives are the other bodies of the batch. With a plain shuffle they almost
+never come from the query's own file, yet on python-40 six in ten of ridge's wrong first
+answers are a body from the same file (whose in-context states share the file's echo) and
+nine in ten one from the same repository. ``train.batch_groups = "file"`` packs each batch
+from runs of up to ``train.group_size`` records of one source file (runs shuffled, records
+shuffled within a file), so the loss has to tell siblings apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from codejepa.core import CodejepaError
+from codejepa.corpus.records import load_records, read_manifest
+from codejepa.embed.store import Store
+
+BATCH_GROUPS = ("none", "file", "repo")
+
+
+class BatchingError(CodejepaError):
+    """Batches grouped by file, but the records' files cannot be found."""
+
+
+def group_runs(keys: np.ndarray, group_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Indices of ``keys`` cut into runs of at most ``group_size`` records sharing a key, the
+    records of a key shuffled before cutting; runs in key order (the caller shuffles them)."""
+    if group_size < 1:
+        raise ValueError(f"group_size must be positive, got {group_size}")
+    _, inv = np.unique(keys, return_inverse=True)
+    order = rng.permutation(len(keys))
+    order = order[np.argsort(inv[order], kind="stable")]  # grouped by key, shuffled within
+    g = inv[order]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]]) if len(g) else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], len(g)]
+    return [order[c:min(b, c + group_size)] for a, b in zip(starts, ends) for c in range(a, b, group_size)]
+
+
+def epoch_order(n: int, rng: np.random.Generator, keys: np.ndarray | None = None,
+                group_size: int = 32) -> np.ndarray:
+    """A permutation of ``range(n)``: a plain shuffle, or with ``keys`` (one group key per
+    record) the :func:`group_runs` in shuffled order. Consecutive slices of it are the
+    batches, so a batch holds whole runs, except where a batch edge cuts one."""
+    if keys is None:
+        return rng.permutation(n)
+    if len(keys) != n:
+        raise ValueError(f"{len(keys)} group keys for {n} records")
+    runs = group_runs(keys, group_size, rng)
+    return np.concatenate([runs[i] for i in rng.permutation(len(runs))]) if runs else np.zeros(0, np.int64)
+
+
+def record_files(store: Store, corpus_dir: str | Path | None = None) -> np.ndarray:
+    """``repo/path`` of every store record's source file, read from the corpus the store was
+    embedded from (``store.meta.corpus_dir`` unless ``corpus_dir`` is given)."""
+    if not (corpus_dir or store.meta.corpus_dir):
+        raise BatchingError("train.batch_groups = 'file' reads each record's file from the corpus the store was "
+                            "embedded from, and this store does not name one; pass --set data.corpus=DIR "
+                            "or use train.batch_groups = 'repo'")
+    where = Path(corpus_dir or store.meta.corpus_dir)
+    try:
+        read_manifest(where)
+    except (OSError, ValueError, CodejepaError) as e:
+        raise BatchingError(f"train.batch_groups = 'file' reads each record's file from the corpus the store "
+                            f"was embedded from, {where}, which cannot be read ({e}); pass --set data.corpus=DIR "
+                            "or use train.batch_groups = 'repo'") from None
+    files = {rec.id: f"{rec.repo}/{rec.path}" for rec in load_records(where, include_dropped=True)}
+    missing = [rid for rid in store.ids if rid not in files]
+    if missing:
+        raise BatchingError(f"{len(missing)} store records (e.g. {missing[0]}) are not in the corpus at {where}: "
+                            "it is not the corpus this store was embedded from")
+    return np.array([files[rid] for rid in store.ids])

@@ -1,0 +1,128 @@
+"""Batches grouped by source file or repository (train.batch_groups)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _predict_fixtures import make_store  # noqa: E402
+
+from codejepa.corpus.records import CORPUS_FORMAT, FunctionRecord, Span, write_records  # noqa: E402
+from codejepa.embed.store import open_store  # noqa: E402
+from codejepa.predict import train as train_module  # noqa: E402
+from codejepa.predict.batching import BatchingError, epoch_order, group_runs, record_files  # noqa: E402
+from codejepa.predict.config import ConfigError, resolve_config  # noqa: E402
+from codejepa.predict.train import train  # noqa: E402
+
+torch.set_num_threads(1)
+FILES_PER_REPO = 5
+
+
+def file_of(j: int) -> str:
+    return f"pkg/mod{j % FILES_PER_REPO}.py"
+
+
+def write_corpus(root: Path, store_path: Path) -> Path:
+    """A corpus whose records are the store's, function j of a repo in file ``file_of(j)``."""
+    with open_store(store_path) as st:
+        ids, repos = list(st.ids), list(st.repos)
+    span = Span(0, 1, 1, 1)
+    entries = []
+    for repo in dict.fromkeys(repos):
+        recs = [FunctionRecord(id=i, repo=repo, url="file:///x", commit="0" * 40,
+                               path=file_of(int(i.split("::f")[1])), qualname="f", split="train",
+                               is_test=False, is_async=False, signature="def f():", body="pass",
+                               signature_span=span, body_span=span)
+                for i, r in zip(ids, repos) if r == repo]
+        write_records(root / "repos" / f"{repo}.jsonl", recs)
+        entries.append({"name": repo, "status": "ok", "split": "train", "records_file": f"repos/{repo}.jsonl"})
+    (root / "manifest.json").write_text(json.dumps({"format": CORPUS_FORMAT, "repos": entries}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_store(tmp_path_factory.mktemp("store") / "s.h5")
+
+
+def test_epoch_order_packs_runs_of_one_group_and_visits_every_record_once() -> None:
+    keys = np.random.default_rng(1).choice(np.array(["a.py", "b.py", "c.py", "d.py"]), size=103,
+                                           p=[0.55, 0.25, 0.15, 0.05])
+    runs = group_runs(keys, 8, np.random.default_rng(7))
+    assert all(1 <= len(r) <= 8 and len(set(keys[r])) == 1 for r in runs)
+    for k in np.unique(keys):  # as few runs as the size allows, every record of the key in one
+        mine = [r for r in runs if keys[r[0]] == k]
+        assert len(mine) == -(-int((keys == k).sum()) // 8)
+        assert sorted(np.concatenate(mine).tolist()) == np.flatnonzero(keys == k).tolist()
+    order = epoch_order(len(keys), np.random.default_rng(7), keys, group_size=8)
+    assert sorted(order.tolist()) == list(range(len(keys)))
+    same_as_next = (keys[order][1:] == keys[order][:-1]).mean()
+    assert same_as_next > 0.85  # a plain shuffle: about 0.39 with these shares
+    assert np.array_equal(order, epoch_order(len(keys), np.random.default_rng(7), keys, group_size=8))
+    assert not np.array_equal(order, epoch_order(len(keys), np.random.default_rng(8), keys, group_size=8))
+    # without keys it is the plain shuffle, as before grouping existed
+    assert np.array_equal(epoch_order(50, np.random.default_rng(3)), np.random.default_rng(3).permutation(50))
+    with pytest.raises(ValueError, match="group keys"):
+        epoch_order(10, np.random.default_rng(0), keys)
+
+
+def test_file_batches_hold_siblings_and_train(store_path: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    corpus = write_corpus(tmp_path / "corpus", store_path)
+    with open_store(store_path) as st:
+        files = record_files(st, corpus)
+        assert files[0] == f"{st.repos[0]}/{file_of(int(st.ids[0].split('::f')[1]))}"
+        repos, train_idx = st.repos, st.indices("train")
+    seen: list[np.ndarray] = []
+    real_loader = train_module.batch_loader
+
+    def spy(table, batches, **kw):
+        seen.extend(np.asarray(b) for b in batches)
+        return real_loader(table, batches, **kw)
+
+    monkeypatch.setattr(train_module, "batch_loader", spy)
+    over = {"model.mlp_hidden": "32", "model.linear_skip": "ridge", "loss.infonce_weight": 1.0,
+            "train.batch_size": 16, "train.epochs": 2, "train.plot_every_s": -1,
+            "train.batch_groups": "file", "train.group_size": 4, "data.corpus": str(corpus)}
+    res = train(store_path, resolve_config("mlp", overrides=over), tmp_path / "file", device="cpu")
+    assert np.isfinite(res["best_val_mrr"])
+    keys = files[train_idx]
+    assert len(seen) == 2 * (len(train_idx) // 16)
+    for b in seen:  # each batch: 4 files' runs of 4 (a run cut at a batch edge leaves a short one)
+        n_files = len(np.unique(keys[b]))
+        assert n_files <= 16 // 4 + 1, n_files
+    # the same config with a plain shuffle mixes files: almost every batch has many
+    seen.clear()
+    train(store_path, resolve_config("mlp", overrides={**over, "train.batch_groups": "none"}),
+          tmp_path / "plain", device="cpu")
+    assert np.mean([len(np.unique(keys[b])) for b in seen]) > 8
+    seen.clear()
+    train(store_path, resolve_config("mlp", overrides={**over, "train.batch_groups": "repo", "train.group_size": 16}),
+          tmp_path / "repo", device="cpu")
+    assert all(len(np.unique(repos[train_idx][b])) <= 2 for b in seen)
+
+
+def test_file_batches_without_a_corpus_give_one_clear_error(store_path: Path, tmp_path: Path) -> None:
+    over = {"model.mlp_hidden": "32", "train.batch_size": 16, "train.epochs": 1, "train.plot_every_s": -1,
+            "train.batch_groups": "file"}
+    with pytest.raises(BatchingError, match="does not name one"):  # synthetic stores record no corpus
+        train(store_path, resolve_config("mlp", overrides=over), tmp_path / "a", device="cpu")
+    with pytest.raises(BatchingError, match="cannot be read"):
+        train(store_path, resolve_config("mlp", overrides={**over, "data.corpus": str(tmp_path / "nowhere")}),
+              tmp_path / "b", device="cpu")
+    other = make_store(tmp_path / "other.h5", seed=5, n_repos=4, per_repo=3)
+    with open_store(other) as st:  # a corpus that lacks some of the store's records
+        ids = set(st.ids)
+    corpus = write_corpus(tmp_path / "small", other)
+    with pytest.raises(BatchingError, match="not in the corpus"):
+        train(store_path, resolve_config("mlp", overrides={**over, "data.corpus": str(corpus)}),
+              tmp_path / "c", device="cpu")
+    assert ids and not (tmp_path / "a").exists() and not (tmp_path / "c" / "run.json").exists()
+    with pytest.raises(ConfigError, match="batch_groups"):
+        resolve_config("mlp", overrides={"train.batch_groups": "folder"})
