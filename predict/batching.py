@@ -1,8 +1,8 @@
 """The order in which an epoch visits the train records, and so what a batch holds.
 
 InfoNCE's negatives are the other bodies of the batch. With a plain shuffle they almost
-never come from the query's own file, yet on python-40 six in ten of ridge's wrong first
-answers are a body from the same file (whose in-context states share the file's echo) and
+never come from the query's own file, yet on python-40's test repositories six in ten of
+ridge's wrong first answers are a body from the same file (whose in-context states share the file's echo) and
 nine in ten one from the same repository. ``train.batch_groups = "file"`` packs each batch
 from runs of up to ``train.group_size`` records of one source file (runs shuffled, records
 shuffled within a file), so the loss has to tell siblings apart.
@@ -17,9 +17,6 @@ import numpy as np
 from codejepa.core import CodejepaError
 from codejepa.corpus.records import load_records, read_manifest
 from codejepa.embed.store import Store
-
-BATCH_GROUPS = ("none", "file", "repo")
-
 
 class BatchingError(CodejepaError):
     """Batches grouped by file, but the records' files cannot be found."""

@@ -116,13 +116,35 @@ def test_file_batches_without_a_corpus_give_one_clear_error(store_path: Path, tm
     with pytest.raises(BatchingError, match="cannot be read"):
         train(store_path, resolve_config("mlp", overrides={**over, "data.corpus": str(tmp_path / "nowhere")}),
               tmp_path / "b", device="cpu")
-    other = make_store(tmp_path / "other.h5", seed=5, n_repos=4, per_repo=3)
-    with open_store(other) as st:  # a corpus that lacks some of the store's records
-        ids = set(st.ids)
+    other = make_store(tmp_path / "other.h5", seed=5, n_repos=4, per_repo=3)  # ids repo0..3::f0..2 only
     corpus = write_corpus(tmp_path / "small", other)
     with pytest.raises(BatchingError, match="not in the corpus"):
         train(store_path, resolve_config("mlp", overrides={**over, "data.corpus": str(corpus)}),
               tmp_path / "c", device="cpu")
-    assert ids and not (tmp_path / "a").exists() and not (tmp_path / "c" / "run.json").exists()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c" / "run.json").exists()
     with pytest.raises(ConfigError, match="batch_groups"):
         resolve_config("mlp", overrides={"train.batch_groups": "folder"})
+
+
+def test_file_batches_resume_after_a_kill_to_the_same_weights(store_path: Path, tmp_path: Path) -> None:
+    corpus = write_corpus(tmp_path / "corpus", store_path)
+    over = {"model.mlp_hidden": "32", "model.linear_skip": "ridge", "loss.infonce_weight": 1.0,
+            "train.batch_size": 16, "train.epochs": 2, "train.checkpoint_every_steps": 5, "train.plot_every_s": -1,
+            "train.batch_groups": "file", "train.group_size": 4, "data.corpus": str(corpus)}
+    cfg = resolve_config("mlp", overrides=over)
+    train(store_path, cfg, tmp_path / "a", device="cpu")
+
+    class Kill(Exception):
+        pass
+
+    def kill_at(e: dict) -> None:
+        if e["event"] == "step" and e["global_step"] == 28:  # mid-epoch 2, after the step-25 checkpoint
+            raise Kill
+
+    with pytest.raises(Kill):
+        train(store_path, cfg, tmp_path / "b", device="cpu", on_event=kill_at)
+    assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["global_step"] == 25
+    train(store_path, None, tmp_path / "b", resume=True, device="cpu")
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
