@@ -2,7 +2,7 @@
 
     python bench/pipeline.py [--out ~/.cache/codejepa/bench40] [--layer N] [--targets in-context]
                              [--stages corpus,embed,train,evaluate,ceilings]
-                             [--models seed-mlp,ridge-residual,ridge-residual-files,transformer-residual]
+                             [--models seed-mlp,ridge-residual,ridge-residual-files,transformer-residual,transformer-residual-files]
                              [--extra-train bench/extra-train.txt]
 
 Runs exactly the commands a user would (``codejepa corpus build``, ``embed run``, ``predict
@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=None, help="teacher layer (default: the middle block)")
     ap.add_argument("--targets", default="in-context", choices=["in-context", "body-only"])
     ap.add_argument("--stages", default="corpus,embed,train,evaluate,ceilings")
-    ap.add_argument("--models", default="seed-mlp,ridge-residual,ridge-residual-files,transformer-residual",
+    ap.add_argument("--models", default="seed-mlp,ridge-residual,ridge-residual-files,transformer-residual,transformer-residual-files",
                     help="comma list of predict presets to train (model kind inferred from the name)")
     ap.add_argument("--set", action="append", default=[], help="extra --set for every predict train")
     ap.add_argument("--extra-train", type=Path, default=None,

@@ -245,6 +245,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 # behind most of ridge's wrong first answers (codejepa.predict.batching). Needs the corpus the
 # store was embedded from.
 PRESETS["ridge-residual-files"] = {**PRESETS["ridge-residual"], "train.batch_groups": "file", "train.group_size": 256}
+PRESETS["transformer-residual-files"] = {**PRESETS["transformer-residual"], "train.batch_groups": "file",
+                                         "train.group_size": 256}
 DEFAULT_PRESET = {"mlp": "seed-mlp", "transformer": "transformer"}
 
 
