@@ -69,6 +69,25 @@ def make_store(path: str | Path, *, d: int = 32, n_repos: int = 10, per_repo: in
     return path
 
 
+class Killed(Exception):
+    """Raised from the progress callback by :func:`train_killed_at`: a kill mid-run."""
+
+
+def train_killed_at(store: str | Path, cfg: object, out: str | Path, global_step: int) -> None:
+    """Start a run and kill it when it reports ``global_step`` (what it checkpointed stays)."""
+    from codejepa.predict.train import train
+
+    def kill(e: dict) -> None:
+        if e["event"] == "step" and e["global_step"] == global_step:
+            raise Killed
+
+    try:
+        train(store, cfg, out, device="cpu", on_event=kill)
+    except Killed:
+        return
+    raise AssertionError(f"the run ended before step {global_step}")
+
+
 def ddp_worker(rank: int, world: int, jobs: list) -> None:
     """Entry point of one DDP rank (torch.multiprocessing.spawn): env as torchrun sets it.
     Each job gets its own port: a fresh rendezvous, never a stale store of the previous one."""

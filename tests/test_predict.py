@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _predict_fixtures import chance_mrr, make_store, mrr  # noqa: E402
+from _predict_fixtures import chance_mrr, make_store, mrr, train_killed_at  # noqa: E402
 
 from codejepa.core import CodejepaError  # noqa: E402
 from codejepa.embed.store import open_store  # noqa: E402
@@ -196,15 +196,7 @@ def test_resume_after_kill_equals_uninterrupted_and_is_deterministic(store_path:
     train(store_path, cfg, tmp_path / "b", device="cpu")
     assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))  # same seed → same weights
 
-    class Kill(Exception):
-        pass
-
-    def kill_at(e: dict) -> None:
-        if e["event"] == "step" and e["global_step"] == 8:  # mid-epoch 2, after the step-6 checkpoint
-            raise Kill
-
-    with pytest.raises(Kill):
-        train(store_path, cfg, tmp_path / "c", device="cpu", on_event=kill_at)
+    train_killed_at(store_path, cfg, tmp_path / "c", 8)  # mid-epoch 2, after the step-6 checkpoint
     assert load_checkpoint(tmp_path / "c" / "last.pt")["global_step"] == 6
     train(store_path, None, tmp_path / "c", resume=True, device="cpu")
     assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "c"))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _predict_fixtures import make_store  # noqa: E402
+from _predict_fixtures import make_store, train_killed_at  # noqa: E402
 
 from codejepa.corpus.records import CORPUS_FORMAT, FunctionRecord, Span, write_records  # noqa: E402
 from codejepa.embed.store import open_store  # noqa: E402
@@ -134,15 +134,7 @@ def test_file_batches_resume_after_a_kill_to_the_same_weights(store_path: Path, 
     cfg = resolve_config("mlp", overrides=over)
     train(store_path, cfg, tmp_path / "a", device="cpu")
 
-    class Kill(Exception):
-        pass
-
-    def kill_at(e: dict) -> None:
-        if e["event"] == "step" and e["global_step"] == 28:  # mid-epoch 2, after the step-25 checkpoint
-            raise Kill
-
-    with pytest.raises(Kill):
-        train(store_path, cfg, tmp_path / "b", device="cpu", on_event=kill_at)
+    train_killed_at(store_path, cfg, tmp_path / "b", 28)  # mid-epoch 2, after the step-25 checkpoint
     assert torch.load(tmp_path / "b" / "last.pt", weights_only=True)["global_step"] == 25
     train(store_path, None, tmp_path / "b", resume=True, device="cpu")
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
