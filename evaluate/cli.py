@@ -70,6 +70,9 @@ def retrieval(
     hubness: bool = typer.Option(True, "--hubness/--no-hubness",
                                  help="Also score ridge, ridge+last and each run with a hubness correction (CSLS "
                                       "against its train-split predictions; NAME+csls rows, k and β chosen on val)."),
+    siblings: bool = typer.Option(True, "--siblings/--no-siblings",
+                                  help="Also score BM25 and every BM25-fused row with the sibling softmax (each query "
+                                       "competes with its own file's other functions; NAME+sib rows, T and β chosen on val)."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
 ) -> None:
     """Rank each query's true body among the pool's distinct bodies, for every method and space."""
@@ -96,6 +99,7 @@ def retrieval(
                 corpus_dir=corpus, compare=_parse_compare(compare), ridge_input=ridge_input,
                 whitening_shrinkage=shrinkage, n_boot=n_boot, pool_seeds=pool_seeds, plots=not no_plots,
                 noisy_of=noisy_of, bm25_query=bm25_query, fuse_bm25=fuse_bm25, hubness_correction=hubness,
+                sibling_softmax=siblings,
                 log=lambda m: bar.update(job, description=escape(m[:70])),
                 progress=lambda done, total: bar.update(job, completed=done, total=total),
             )

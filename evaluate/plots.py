@@ -20,12 +20,13 @@ def _plt() -> Any:
     return plt
 
 
-_STYLE = {"": "-", "+csls": "-.", "+bm25": (0, (1, 1)), "+csls+bm25": (0, (4, 1, 1, 1, 1, 1))}
+_STYLE = {"": "-", "+csls": "-.", "+bm25": (0, (1, 1)), "+csls+bm25": (0, (4, 1, 1, 1, 1, 1)),
+          "+sib": (0, (6, 2)), "+bm25+sib": (0, (3, 1, 1, 1)), "+csls+bm25+sib": (0, (8, 1, 1, 1))}
 
 
 def _base(method: str) -> str:
     """The method a derived row comes from: ``tf+csls+bm25`` → ``tf``."""
-    for suffix in ("+csls+bm25", "+csls", "+bm25"):
+    for suffix in sorted(_STYLE, key=len, reverse=True)[:-1]:  # longest first; "" is the method itself
         if method.endswith(suffix) and len(method) > len(suffix):
             return method[: -len(suffix)]
     return method
@@ -46,7 +47,7 @@ def plot_rank_distribution(data: dict[str, Any], rows: list[Any], out_dir: Path)
                              squeeze=False, sharey=True)
     max_rank = max(int(r.ranks.max()) for r in rows)
     ks = np.unique(np.logspace(0, np.log10(max(max_rank, 2)), 200).astype(int))
-    # A method and its derived rows (NAME+csls, NAME+bm25, NAME+csls+bm25) share a colour and
+    # A method and its derived rows (NAME+csls, NAME+bm25, NAME+csls+bm25, …+sib) share a colour and
     # differ in line style, so that twenty rows need ten colours, not twenty.
     bases = list(dict.fromkeys(_base(r.method) for r in rows))
     # tab20's ten dark hues first, then their light partners: the first ten methods never share a hue.

@@ -41,6 +41,8 @@ from codejepa.evaluate.metrics import (
 )
 from codejepa.evaluate.pools import PoolSpec, Task, build_task, parse_pool, search_task
 from codejepa.evaluate.search import DenseScorer, FusedScorer, ScoreSampleStats, SearchResult, unit_rows
+from codejepa.evaluate.siblings import MATERIALIZE_BYTES, SIB_BETAS, SIB_TEMPERATURES, MaterializedScorer, SiblingScorer, score_spread
+from codejepa.evaluate.siblings import SUFFIX as SIB_SUFFIX
 from codejepa.evaluate.spaces import SPACE_NAMES, Space, fit_space
 
 Log = Callable[[str], None]
@@ -58,6 +60,7 @@ class CorpusView:
     query_texts: list[str]  # signature + file context (BM25 queries)
     signature_texts: list[str]  # the signature alone (decorators, def line, docstring)
     body_texts: list[str]  # BM25 documents
+    files: np.ndarray  # "repo/path" of each record's source file (the sibling softmax's groups)
     corpus_dir: str
     corpus_fingerprint: str
     verified: bool = True  # False when the store recorded no manifest hash to check against
@@ -92,6 +95,7 @@ def load_corpus_view(store: Any, corpus_dir: str | os.PathLike[str] | None = Non
     qt: list[str] = [""] * n
     st: list[str] = [""] * n
     bt: list[str] = [""] * n
+    files = np.empty(n, dtype=object)
     found = np.zeros(n, dtype=bool)
     try:
         for rec in load_records(d, include_dropped=True):
@@ -103,6 +107,7 @@ def load_corpus_view(store: Any, corpus_dir: str | os.PathLike[str] | None = Non
             qt[i] = rec.signature + ("\n" + ctx if ctx else "")
             st[i] = rec.signature
             bt[i] = rec.body
+            files[i] = f"{rec.repo}/{rec.path}"
             found[i] = True
     except CodejepaError:
         raise
@@ -114,7 +119,7 @@ def load_corpus_view(store: Any, corpus_dir: str | os.PathLike[str] | None = Non
             f"{len(missing)} store record(s) are not in the corpus at {d} (first: {missing[0]}); "
             "wrong corpus for this store"
         )
-    return CorpusView(labels, qt, st, bt, str(d), sha, verified=bool(want))
+    return CorpusView(labels, qt, st, bt, files, str(d), sha, verified=bool(want))
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -197,7 +202,8 @@ def _checkpoint_hashes(run_dir: Path) -> dict[str, str]:
 
 
 FUSED_SUFFIX = "+bm25"  # a run's scores fused with BM25's: NAME+bm25
-RESERVED_SUFFIXES = (FUSED_SUFFIX, CSLS_SUFFIX)  # NAME+csls: its scores hubness-corrected
+# NAME+csls: its scores hubness-corrected; NAME+sib: its scores with the sibling softmax
+RESERVED_SUFFIXES = (FUSED_SUFFIX, CSLS_SUFFIX, SIB_SUFFIX)
 
 
 def load_runs(run_dirs: Sequence[str | os.PathLike[str]], store: Any) -> list[LoadedRun]:
@@ -321,6 +327,7 @@ def evaluate_retrieval(
     bm25_query: str = "auto",
     fuse_bm25: bool = True,
     hubness_correction: bool = True,
+    sibling_softmax: bool = True,
     log: Log | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> RetrievalResult:
@@ -336,6 +343,9 @@ def evaluate_retrieval(
     With ``hubness_correction``, ridge, ridge+last and every run and method also get a ``NAME+csls`` row
     in each space but raw: cosine minus β × the candidate's hubness against the method's own
     train-split predictions (see :mod:`codejepa.evaluate.hubness`), k and β chosen on val.
+    With ``sibling_softmax``, BM25 and every BM25-fused row (runs and baselines alike) also get a
+    ``NAME+sib`` row: each query competes for a candidate with the other queries of its own source
+    file (see :mod:`codejepa.evaluate.siblings`), T and β chosen on val.
     """
     from codejepa.embed.store import open_store
 
@@ -409,8 +419,8 @@ def evaluate_retrieval(
         run_preds = {r.name: _predict(r, store, q_idx) for r in loaded}
         for mname, fn in (methods or {}).items():
             if mname in run_preds or mname in parse_baselines("all") or mname.endswith(RESERVED_SUFFIXES):
-                raise EvaluateError(f"method name {mname!r} is already taken (or ends in {FUSED_SUFFIX!r} or "
-                                    f"{CSLS_SUFFIX!r}, which name the fusion and hubness-corrected rows)")
+                raise EvaluateError(f"method name {mname!r} is already taken (or ends in {FUSED_SUFFIX!r}, {CSLS_SUFFIX!r} "
+                                    f"or {SIB_SUFFIX!r}, which name the fusion, hubness-corrected and sibling rows)")
             run_preds[mname] = _predict(LoadedRun(mname, f"method {mname}", _FnPredictor(fn), {}), store, q_idx)
         sel_preds: dict[str, np.ndarray] = {}
         ref_preds: dict[str, np.ndarray] = {}  # train-split predictions: the hubness reference
@@ -438,17 +448,19 @@ def evaluate_retrieval(
             bm25_settings.update(query=mode, k1=1.2, b=0.75, tokens="identifiers split at snake_case/CamelCase")
             texts = query_sets[mode]
             bm25_test = BM25Scorer([texts[i] for i in q_idx], [cv.body_texts[i] for i in task.cand_idx])
-            if ("ridge+bm25" in names or fuse_runs or ("reverse" in names and fuse_bm25)) and sel_task is not None:
+            if ("ridge+bm25" in names or fuse_runs or ("reverse" in names and fuse_bm25)
+                    or (sibling_softmax and "bm25" in names)) and sel_task is not None:
                 bm25_sel = BM25Scorer([texts[i] for i in sel_idx], sel_docs)
 
         rows: list[MethodRow] = []
         vector_baselines = [n for n in names if n in ("prototype", "signature", "ridge", "ridge+last", "nn", "oracle",
                                                       "noisy_oracle")]
-        expected = (("random" in names) + ("bm25" in names) + ("reverse" in names) * (1 + hubness_correction) * (1 + (need_bm25 and fuse_bm25))
-                    + len(space_names) * (len(run_preds) * (1 + fuse_runs) + len(vector_baselines)
-                                          + ("ridge+bm25" in names))
-                    + len(hub_spaces) * (len(hub_methods) + (len(run_preds) if fuse_runs else 0)
-                                         + ("ridge+bm25" in names and "ridge" in hub_methods)))
+        n_fused = (("reverse" in names) * (1 + hubness_correction) * (need_bm25 and fuse_bm25)
+                   + len(space_names) * (len(run_preds) * fuse_runs + ("ridge+bm25" in names))
+                   + len(hub_spaces) * ((len(run_preds) if fuse_runs else 0) + ("ridge+bm25" in names and "ridge" in hub_methods)))
+        expected = (("random" in names) + ("bm25" in names) * (1 + sibling_softmax) + ("reverse" in names) * (1 + hubness_correction)
+                    + len(space_names) * (len(run_preds) + len(vector_baselines)) + len(hub_spaces) * len(hub_methods)
+                    + n_fused * (1 + sibling_softmax))
         sizes = _pool_sizes(task)
         clusters_q = np.tile(task.query_repos.astype(str), len(sizes) // task.n_queries)
         chance = chance_metrics(sizes)
@@ -466,6 +478,24 @@ def evaluate_retrieval(
             return row
 
         fusing = sel_task is not None and bm25_test is not None and bm25_sel is not None
+        files_sel = cv.files[sel_idx] if sel_task is not None else None
+
+        def siblings(name: str, kind: str, space: str, sel_scorer: Any, test_scorer: Any, settings: dict) -> None:
+            """``name+sib``: a scorer with the sibling softmax over each query's file; T (in units of
+            the scores' spread on the selection pool) and β chosen on selection MRR."""
+            if not sibling_softmax or sel_task is None:
+                return
+            n_c = len(sel_task.cand_idx)
+            base = MaterializedScorer(sel_scorer, n_c) if 4 * len(sel_idx) * n_c <= MATERIALIZE_BYTES else sel_scorer
+            spread = score_spread(base, n_c)
+            grid = {(t, b): _mrr(SiblingScorer(base, files_sel, t * spread, b), sel_task)
+                    for t in SIB_TEMPERATURES for b in SIB_BETAS if b > 0 or t == SIB_TEMPERATURES[0]}
+            t, beta = max(grid, key=lambda tb: (grid[tb], -tb[1]))
+            say(f"searching {name}{SIB_SUFFIX} in {space} space (T {t} × {spread:.3g}, β {beta})")
+            add_row(f"{name}{SIB_SUFFIX}", kind, space, search_task(SiblingScorer(test_scorer, cv.files[q_idx], t * spread, beta), task),
+                    {**settings, "temperature": t, "spread": spread, "beta": beta,
+                     "siblings": "the query split's functions of the query's own source file, itself included",
+                     "selection_mrr": {f"T={a},beta={b}": v for (a, b), v in grid.items()}})
 
         def fuse(name: str, kind: str, space: str, dense_sel: Any, dense_test: Any, settings: dict) -> None:
             """``name``: a dense scorer fused with BM25's scores, the weight chosen on selection MRR
@@ -480,6 +510,7 @@ def evaluate_retrieval(
             add_row(name, kind, space, search_task(fused, task),
                     {"dense_weight": w, **settings, "selection_mrr": {str(k): v for k, v in wsc.items()},
                      "normalisation": "per-query z-score over a fixed sample of 2048 pool candidates"})
+            siblings(name, kind, space, FusedScorer(dense_sel, bm25_sel, w, cols_sel, stats=st), fused, {"dense_weight": w, **settings})
 
         def hub_corrected(dense_sel: DenseScorer, dense_test: DenseScorer, refs: Any) -> tuple[HubScorer, HubScorer, dict, dict]:
             """CSLS of a dense scorer: its cosines minus β × each candidate's mean cosine to its k
@@ -502,6 +533,8 @@ def evaluate_retrieval(
         if bm25_test is not None and "bm25" in names:
             say("BM25 search")
             add_row("bm25", "baseline", NO_SPACE, search_task(bm25_test, task), bm25_settings)
+            if bm25_sel is not None:
+                siblings("bm25", "baseline", NO_SPACE, bm25_sel, bm25_test, {"query": bm25_settings["query"]})
         if "reverse" in names and sel_task is not None and last_x is not None:
             say("reverse: ridge from whitened bodies to the whitened signature views")
             rev = ReverseFit.fit(last_x[fit_idx], bodies[fit_idx], shrinkage=whitening_shrinkage)
@@ -654,6 +687,8 @@ def evaluate_retrieval(
             "whitening_shrinkage": whitening_shrinkage, "n_boot": n_boot, "seed": seed, "noisy_of": noisy_of, "bm25_query": bm25_query,
             "fuse_bm25": fuse_runs, "hubness": {"spaces": hub_spaces, "methods": hub_methods, "ks": list(CSLS_KS),
                                                 "betas": list(CSLS_BETAS)},
+            "sibling_softmax": {"on": sibling_softmax, "temperatures": list(SIB_TEMPERATURES), "betas": list(SIB_BETAS),
+                                "temperature_unit": "median per-query score std over 2048 selection candidates"},
             "ci": "95% percentile bootstrap over repositories", "ties": "pessimistic",
             "distinct_bodies": "candidates with equal normalised body hash count once (best member scores)",
             "selection": {"fit_records": int(len(fit_idx)), "selection_records": int(len(sel_idx))},

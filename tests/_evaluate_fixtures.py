@@ -77,11 +77,14 @@ def make_dataset(
     duplicate_test_bodies: int = 1,
     seed: int = 0,
     name: str = "store",
+    text_ids: bool = True,
 ) -> Dataset:
     """A corpus directory and a store whose pooled body/signature vectors are known exactly.
 
     ``duplicate_test_bodies`` pairs of test records share one body text (and body hash) while
-    their stored vectors differ, as in-context targets of a duplicated body would.
+    their stored vectors differ, as in-context targets of a duplicated body would. With
+    ``text_ids=False`` a body's text shares no word with its signature (an opaque tag keeps it
+    distinct), so that BM25 is near chance and the vectors decide.
     """
     repos = repos or {"train": 8, "val": 3, "test": 4}
     rng = np.random.default_rng(seed)
@@ -104,7 +107,8 @@ def make_dataset(
                 w1, w2 = WORDS[int(rng.integers(len(WORDS)))], WORDS[int(rng.integers(len(WORDS)))]
                 rid = hashlib.sha256(f"{repo}/{j}".encode()).hexdigest()[:16]
                 sig_text = f"def {w1}_{w2}_{k}(self, {w2}Value):\n    \"\"\"{w1.title()} the {w2}.\"\"\""
-                body_text = f"    result = self.{w1}{w2.title()}({w2}_value)\n    return result_{k}\n"
+                body_text = (f"    result = self.{w1}{w2.title()}({w2}_value)\n    return result_{k}\n" if text_ids else
+                             f"    result = compute()\n    return result_{hashlib.sha256(f'tag{k}'.encode()).hexdigest()[:12]}\n")
                 ids.append(rid); splits.append(split); repo_names.append(repo)
                 bodies.append(body); sigs.append(sig); classes.append(c)
                 recs.append((rid, repo, split, k, sig_text, body_text, f"import {w1}_lib"))

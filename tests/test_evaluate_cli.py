@@ -36,12 +36,12 @@ def test_cli_retrieval_and_compare(ds, tmp_path: Path) -> None:
     assert "ridge" in r.output and "chance" in r.output and "ridge@whitened vs prototype@whitened" in r.output
     data = json.loads((out / "retrieval.json").read_text())
     assert data["settings"]["spaces"] == ["whitened"]
-    assert {row["method"] for row in data["rows"]} == {"prototype", "random", "ridge", "ridge+csls", "bm25"}
-    r = runner.invoke(app, ["evaluate", "retrieval", str(ds.store_path), "--baselines", "prototype,ridge", "--space",
-                            "whitened", "--no-hubness", "--no-plots", "--n-boot", "50", "--out", str(tmp_path / "plain")])
+    assert {row["method"] for row in data["rows"]} == {"prototype", "random", "ridge", "ridge+csls", "bm25", "bm25+sib"}
+    r = runner.invoke(app, ["evaluate", "retrieval", str(ds.store_path), "--baselines", "prototype,ridge,bm25", "--space",
+                            "whitened", "--no-hubness", "--no-siblings", "--no-plots", "--n-boot", "50", "--out", str(tmp_path / "plain")])
     assert r.exit_code == 0, r.output
     plain = json.loads((tmp_path / "plain" / "retrieval.json").read_text())
-    assert {row["method"] for row in plain["rows"]} == {"prototype", "ridge"}
+    assert {row["method"] for row in plain["rows"]} == {"prototype", "ridge", "bm25"}
     r = runner.invoke(app, ["evaluate", "compare", str(out), "ridge@whitened", "bm25@-", "--n-boot", "200"])
     assert r.exit_code == 0, r.output
     assert "ridge@whitened vs bm25@-: rank@1" in r.output and "p = " in r.output

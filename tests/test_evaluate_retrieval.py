@@ -90,7 +90,9 @@ def test_all_baselines_outputs_and_comparison(ds, tmp_path: Path) -> None:
                        "bm25", "ridge+bm25", "oracle", "noisy_oracle",
                        "classproto+csls", "ridge+csls", "ridge+last+csls",  # hubness-corrected rows (not raw) ...
                        "classproto+csls+bm25", "ridge+csls+bm25",  # ... and their BM25 hybrids
-                       "reverse", "reverse+csls", "reverse+bm25", "reverse+csls+bm25"}  # body → signature, no space
+                       "reverse", "reverse+csls", "reverse+bm25", "reverse+csls+bm25",  # body → signature, no space
+                       "bm25+sib", "classproto+bm25+sib", "ridge+bm25+sib", "classproto+csls+bm25+sib",  # sibling softmax
+                       "ridge+csls+bm25+sib", "reverse+bm25+sib", "reverse+csls+bm25+sib"}
     assert not any("+csls" in r.method for r in res.rows if r.space == "raw")
     # The reverse direction (candidate body → signature views) finds instances too; its λ and
     # its CSLS settings are the selection split's best.
@@ -114,9 +116,9 @@ def test_all_baselines_outputs_and_comparison(ds, tmp_path: Path) -> None:
         assert set(fused.settings["selection_mrr"]) == {str(w) for w in FUSION_WEIGHTS}
         assert fused.settings["selection_mrr"][str(fused.settings["dense_weight"])] == max(fused.settings["selection_mrr"].values())
     plain = evaluate_retrieval(ds.store_path, baselines="bm25,reverse", spaces="whitened", n_boot=50, plots=False,
-                               methods={"classproto": _class_prototype(ds)}, fuse_bm25=False, hubness_correction=False)
-    assert {r.method for r in plain.rows} == {"classproto", "bm25", "reverse"}  # both switches reach reverse too
-    with pytest.raises(EvaluateError, match="fusion and hubness-corrected rows"):
+                               methods={"classproto": _class_prototype(ds)}, fuse_bm25=False, hubness_correction=False, sibling_softmax=False)
+    assert {r.method for r in plain.rows} == {"classproto", "bm25", "reverse"}  # the switches reach reverse too
+    with pytest.raises(EvaluateError, match="fusion, hubness-corrected and sibling rows"):
         evaluate_retrieval(ds.store_path, baselines="bm25", plots=False, methods={"x+bm25": _class_prototype(ds)})
     assert res.row("bm25", "-").metrics["mrr"].value > 2 * res.pool_stats["chance"]["mrr"]
     bm = res.row("bm25", "-").settings  # the query text was chosen on val

@@ -1,0 +1,89 @@
+"""Sibling softmax: a query competes with the other functions of its own source file.
+
+Most wrong top-1 bodies of a good predictor come from the query's own file: siblings share
+its imports, names and idioms, so their bodies look alike in the teacher's space (in the
+python-40 plus store, 59% of the wrong winners came from the query's file, which holds 1.9%
+of the pool). But the query's siblings are queries too, and their signatures are part of its
+file context: when a candidate body fits a sibling's signature better than the query's, it
+is more likely the sibling's body. The inverted softmax of cross-modal retrieval (Smith et
+al., 2017), restricted to the file, scores query q against candidate c as
+
+    s(q, c) − β · T · log Σ_{q' ∈ file(q)} exp(s(q', c) / T),
+
+where the sum runs over the query split's functions of q's file, q included (for a function
+alone in its file the correction is ``(1 − β) · s``, which keeps its ranking). It reads only
+the siblings' *inputs* (their predictions or query texts), never a body, so it is as honest
+as the scores it wraps. T is set in units of the wrapped scores' spread (the median per-query
+standard deviation over a sample of the selection pool), and T and β are chosen on the
+selection (val) split, where β = 0 (no correction) is always a candidate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from codejepa.evaluate.errors import EvaluateError
+from codejepa.evaluate.search import Scorer, ScoreSampleStats, _as_index
+
+SIB_TEMPERATURES = (0.125, 0.25, 0.5, 1.0)  # × the wrapped scores' spread
+SIB_BETAS = (0.0, 0.25, 0.5, 0.75)
+SUFFIX = "+sib"
+MATERIALIZE_BYTES = 1 << 30  # selection score matrices up to this size are computed once for the grid
+
+
+class SiblingScorer:
+    """A scorer's scores minus β·T·logsumexp over the query's file siblings' scores (T absolute)."""
+
+    def __init__(self, base: Scorer, files: Sequence[str] | np.ndarray, temperature: float, beta: float) -> None:
+        files = np.asarray(files, dtype=str)
+        if len(files) != base.n_queries:
+            raise EvaluateError(f"one source file per query is needed ({len(files)} for {base.n_queries} queries)")
+        if temperature <= 0:
+            raise EvaluateError(f"the sibling softmax needs a positive temperature, not {temperature}")
+        self.base, self.t, self.beta = base, float(temperature), float(beta)
+        self.n_queries = base.n_queries
+        _, self.file_of = np.unique(files, return_inverse=True)
+        # Members of each file, contiguous: order[start[f]:start[f + 1]] are file f's query positions.
+        self.order = np.argsort(self.file_of, kind="stable")
+        self.start = np.searchsorted(self.file_of[self.order], np.arange(int(self.file_of.max(initial=-1)) + 2))
+
+    def block(self, q: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+        q = np.asarray(q, dtype=np.int64)
+        if self.beta == 0.0:
+            return self.base.block(q, cols)
+        fs = np.unique(self.file_of[q])
+        rows = np.concatenate([self.order[self.start[f]: self.start[f + 1]] for f in fs])
+        s = self.base.block(rows, cols).float()
+        f_local = torch.from_numpy(np.searchsorted(fs, self.file_of[rows]))
+        x = s / self.t
+        idx = f_local[:, None].expand_as(x)
+        mx = torch.full((len(fs), x.shape[1]), float("-inf")).scatter_reduce_(0, idx, x, reduce="amax")
+        se = torch.zeros_like(mx).index_add_(0, f_local, torch.exp(x - mx[f_local]))
+        lse = mx + se.log()
+        where = np.empty(self.n_queries, dtype=np.int64)
+        where[rows] = np.arange(len(rows))
+        qi = torch.from_numpy(where[q])
+        return s[qi] - (self.beta * self.t) * lse[f_local[qi]]
+
+
+class MaterializedScorer:
+    """A scorer's whole ``[queries, candidates]`` matrix, computed once (for a selection grid)."""
+
+    def __init__(self, base: Scorer, n_cols: int, *, q_block: int = 512) -> None:
+        cols = np.arange(n_cols)
+        self.n_queries = base.n_queries
+        self.s = torch.cat([base.block(np.arange(a, min(a + q_block, base.n_queries)), cols).float()
+                            for a in range(0, base.n_queries, q_block)]) if base.n_queries else torch.zeros(0, n_cols)
+
+    def block(self, q: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+        return self.s[_as_index(np.asarray(q, dtype=np.int64))][:, _as_index(cols)]
+
+
+def score_spread(scorer: Scorer, n_cols: int) -> float:
+    """The median per-query standard deviation of a scorer's scores over a sample of its pool:
+    the unit of the sibling temperature, so that one grid fits cosines and fused z-scores alike."""
+    sd = ScoreSampleStats(scorer, np.arange(n_cols)).std
+    return float(sd.median()) if len(sd) else 1.0
