@@ -6,14 +6,17 @@ waiting for data (target: under 10%).
 
 It runs the real ``train()`` (one epoch by default) and times it from its step events:
 samples/s over the steps after the first few, and the data-wait share measured by the
-training loop itself (time blocked on the prefetch queue / time in the epoch loop).
+training loop itself (time blocked on the prefetch queue / time in the epoch loop), and the RAM
+cache's size beside the process's peak resident memory (one model per call reads it alone).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import json
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -81,6 +84,9 @@ def bench(store: Path, model: str, epochs: int, cache: str, device: str, overrid
             "samples_per_s": rate, "data_wait_share": summary["data_wait_share"],
             "cache_build_s": (times[0] - events["cache_t0"]) if times and "cache_t0" in events else float("nan"),
             "total_s": total, "cache": "StreamingTable" if "StreamingTable" in log else "FeatureTable",
+            "cache_gb": json.loads(log.splitlines()[0]).get("cache_bytes", 0) / 1e9,
+            # ru_maxrss is the process's peak so far (KiB on Linux): run one model per call to read it alone
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
             "best_val_mrr": summary["best_val_mrr"]}
 
 
@@ -115,11 +121,12 @@ def main() -> None:
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch "
               f"{torch.__version__}, threads {torch.get_num_threads()}, device {a.device}")
         print(f"{'model':<12}{'params':>11}{'batch':>7}{'steps':>7}{'samples/s':>12}{'data wait':>11}"
-              f"{'cache build':>13}{'total':>9}  cache")
+              f"{'cache build':>13}{'total':>9}{'cache GB':>10}{'peak RSS':>10}  cache")
         for m in a.models.split(","):
             r = bench(store, m, a.epochs, a.cache, a.device, overrides)
             print(f"{r['model']:<12}{r['params']:>11,}{r['batch']:>7}{r['steps']:>7}{r['samples_per_s']:>12.1f}"
-                  f"{100 * r['data_wait_share']:>10.1f}%{r['cache_build_s']:>12.1f}s{r['total_s']:>8.1f}s  {r['cache']}")
+                  f"{100 * r['data_wait_share']:>10.1f}%{r['cache_build_s']:>12.1f}s{r['total_s']:>8.1f}s"
+                  f"{r['cache_gb']:>10.2f}{r['peak_rss_gb']:>10.2f}  {r['cache']}")
 
 
 if __name__ == "__main__":

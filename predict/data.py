@@ -134,22 +134,27 @@ class FeatureTable:
         order = np.unique(self.index)
         seg = store.segments()
         self.sig = np.zeros((n, d * len(spec.views)), np.float32)
-        toks: list[Any] = [None] * n
-        segs: list[Any] = [None] * n
+        if spec.kind == "transformer":
+            # One float16 buffer sized by an upper bound of each record's kept tokens, filled in
+            # place: a list of float32 arrays joined at the end would peak at 5× the cache's size.
+            room = np.minimum(store.lengths("inputs")[self.index], spec.max_input_tokens)
+            self.tok_off = np.concatenate([[0], np.cumsum(room)])
+            self.tok_len = np.zeros(n, np.int64)
+            self.tok = np.empty((int(self.tok_off[-1]), d), np.float16)
+            self.tok_seg = np.zeros(int(self.tok_off[-1]), np.int8)
         total, done = len(order) * (2 if with_body else 1), 0
         for run, states, special, offs in store.iter_blocks("inputs", order, block_tokens=BLOCK_TOKENS):
             for j, rec in enumerate(run):
                 a, b = int(offs[j]), int(offs[j + 1])
                 k = row[int(rec)]
-                self.sig[k], toks[k], segs[k] = input_features(states[a:b], special[a:b], seg[rec], spec)
+                self.sig[k], tok, tseg = input_features(states[a:b], special[a:b], seg[rec], spec)
+                if tok is not None:
+                    o = int(self.tok_off[k])
+                    self.tok[o : o + len(tok)], self.tok_seg[o : o + len(tok)] = tok, tseg
+                    self.tok_len[k] = len(tok)
             done += len(run)
             if progress:
                 progress(done, total)
-        if spec.kind == "transformer":
-            lens = np.array([len(t) for t in toks], np.int64)
-            self.tok_off = np.concatenate([[0], np.cumsum(lens)])
-            self.tok = np.concatenate(toks).astype(np.float16) if lens.sum() else np.zeros((0, d), np.float16)
-            self.tok_seg = np.concatenate(segs) if lens.sum() else np.zeros(0, np.int8)
         self.body: np.ndarray | None = None
         self.slots: np.ndarray | None = None
         if with_body:
@@ -171,11 +176,17 @@ class FeatureTable:
     def __len__(self) -> int:
         return len(self.index)
 
+    @property
+    def nbytes(self) -> int:
+        """RAM held by the cached features."""
+        arrays = (self.sig, self.body, self.slots, getattr(self, "tok", None), getattr(self, "tok_seg", None))
+        return int(sum(a.nbytes for a in arrays if a is not None))
+
     def record(self, k: int) -> dict[str, Any]:
         out: dict[str, Any] = {"sig": self.sig[k]}
         if self.spec.kind == "transformer":
-            a, b = self.tok_off[k], self.tok_off[k + 1]
-            out["tok"], out["tok_seg"] = self.tok[a:b], self.tok_seg[a:b]
+            a = self.tok_off[k]
+            out["tok"], out["tok_seg"] = self.tok[a : a + self.tok_len[k]], self.tok_seg[a : a + self.tok_len[k]]
         if self.body is not None:
             out["body"] = self.body[k]
             if self.slots is not None:

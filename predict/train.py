@@ -464,7 +464,8 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
             _append_log(paths["log"], {"event": "start", "parameters": n_params, "steps_per_epoch": steps_per_epoch,
                                        "batch_size": B, "world_size": world, "train_records": int(len(train_idx)),
                                        "val_records": int(len(val_idx)), "stats": stats.summary(),
-                                       "cache": type(train_tab).__name__, "time": time.time()})
+                                       "cache": type(train_tab).__name__, "cache_bytes": getattr(train_tab, "nbytes", 0),
+                                       "time": time.time()})
         model.train()
         wait_s = step_s = 0.0
         last_plot = time.monotonic()

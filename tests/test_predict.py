@@ -221,6 +221,26 @@ def test_streaming_from_the_store_equals_the_ram_cache(store_path: Path, tmp_pat
         assert_same_weights(weights(ref), weights(tmp_path / name), atol=1e-6)
 
 
+def test_ram_cache_records_equal_the_stores_record_by_record(store_path: Path) -> None:
+    """The cache writes each record's tokens into one preallocated float16 buffer (sized by an
+    upper bound, so records keep gaps): every record must read back as the streaming table's."""
+    from codejepa.predict.data import FeatureTable, StreamingTable, estimate_cache_bytes
+
+    spec = FeatureSpec("transformer", 10, 4, 50.0, float("inf"))  # a cap of 10: far context is cut
+    with open_store(store_path) as st:
+        idx = st.indices("train")[::-1][:60]  # not in store order
+        cached, streamed = FeatureTable(st, idx, spec), StreamingTable(st, idx, spec)
+        assert cached.nbytes <= estimate_cache_bytes(st, idx, spec)
+        dropped = 0
+        for k in range(len(idx)):
+            a, b = cached.record(k), streamed.record(k)
+            assert a.keys() == b.keys() and a["tok"].dtype == np.float16
+            for key in a:
+                assert np.array_equal(a[key], b[key]), (k, key)
+            dropped += int(cached.tok_off[k + 1] - cached.tok_off[k]) - len(a["tok"])
+        assert dropped > 0  # some records kept fewer tokens than their room (sinks, outliers)
+
+
 def test_nan_loss_stops_with_one_message_and_keeps_the_last_good_checkpoint(
         store_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from codejepa.predict import losses
