@@ -115,7 +115,7 @@ class TrainConfig:
     epochs: int = 100
     batch_size: int = 256  # global batch (split over DDP ranks)
     seed: int = 0
-    checkpoint_every_steps: int = 0  # 0: checkpoint at epoch ends only
+    checkpoint_every_steps: int = 100  # also mid-epoch (0: at epoch ends only); an epoch of a big store is 30+ min
     amp: bool = False  # bfloat16 autocast on CUDA
     threads: int = 0  # torch CPU threads (0: torch's default); 1 avoids oversubscription on a busy machine
     plot_every_s: float = 60.0  # curves.png is redrawn at most this often, and at the end (<0: never)
