@@ -13,7 +13,8 @@ Public API (imported lazily, so that ``codejepa --help`` does not import torch):
 Modules: :mod:`.metrics` (ranks → metrics, chance levels, repository bootstrap, paired
 comparison), :mod:`.search` (exact blocked search over distinct bodies), :mod:`.spaces`
 (raw / centered / whitened, fitted on train), :mod:`.baselines`, :mod:`.pools`,
-:mod:`.diagnostics` (collapse), :mod:`.report` and :mod:`.plots` (outputs),
+:mod:`.diagnostics` (collapse), :mod:`.hubness` (CSLS rows), :mod:`.siblings` (the
+sibling softmax: ``+sib`` rows), :mod:`.report` and :mod:`.plots` (outputs),
 :mod:`.retrieval` (the whole evaluation).
 """
 
