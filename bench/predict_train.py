@@ -13,8 +13,8 @@ cache's size beside the process's peak resident memory (one model per call reads
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import platform
 import resource
 import tempfile

