@@ -425,8 +425,14 @@ class Store:
         (``inputs`` or ``targets``), in record order; :meth:`lengths` splits them."""
         if name not in PASSES:
             raise StoreError(f"unknown pass {name!r}; expected one of {list(PASSES)}")
-        end, g = int(self._off[name][-1]), self.f[name]
-        return g["token_ids"][:end].astype(np.int64), g["special"][:end].astype(bool)
+        end = int(self._off[name][-1])
+        return self.f[name]["token_ids"][:end].astype(np.int64), self.special(name)
+
+    def special(self, name: str) -> np.ndarray:
+        """The flat sink flags alone (bool) of a pass, as :meth:`tokens` gives them, without the ids."""
+        if name not in PASSES:
+            raise StoreError(f"unknown pass {name!r}; expected one of {list(PASSES)}")
+        return self.f[name]["special"][: int(self._off[name][-1])].astype(bool)
 
     def iter_blocks(
         self, name: str, indices: np.ndarray | None = None, block_tokens: int = 1 << 18

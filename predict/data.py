@@ -105,7 +105,7 @@ def valid_records(store: Store, idx: np.ndarray) -> np.ndarray:
     """Which of ``idx`` have at least one non-sink body token (others cannot be a target)."""
     lengths = store.lengths("targets")
     off = np.concatenate([[0], np.cumsum(lengths)])
-    sp = store.tokens("targets")[1]
+    sp = store.special("targets")
     cs = np.concatenate([[0], np.cumsum(~sp)])
     nonspecial = cs[off[1:]] - cs[off[:-1]]
     return nonspecial[np.asarray(idx, dtype=np.int64)] > 0

@@ -60,9 +60,12 @@ def test_round_trip_and_reader_api(tmp_path: Path) -> None:
             assert t.dtype == np.int64 and sk.dtype == bool
             assert np.array_equal(t, r.input_token_ids) and np.array_equal(sk, r.input_special)
         assert np.array_equal(np.concatenate([r.body_token_ids for r in recs]), s.tokens("targets")[0])
+        assert np.array_equal(s.special("inputs"), special)  # the flags alone, without reading the ids
         assert s.segments().shape == (7, 2, 2) and s.segments()[3].tolist() == [[1, 2], [2, len(recs[3].input_token_ids)]]
         with pytest.raises(StoreError, match="unknown pass"):
             s.tokens("body")
+        with pytest.raises(StoreError, match="unknown pass"):
+            s.special("body")
         # pooled views: streamed, sinks excluded, per segment
         idx = np.array([0, 2, 3, 6])
         body = s.pooled("body", idx)
