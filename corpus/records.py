@@ -85,6 +85,12 @@ class FunctionRecord:
     body_hash: str = ""  # hash of the whitespace- and comment-normalised body
     def_line: int = 0  # 1-based line of the `def` (or `async`) keyword, as ast's FunctionDef.lineno
 
+    @property
+    def source_file(self) -> str:
+        """``repo/path``: the file the function is defined in, unique across the corpus (it groups
+        a file's functions, for whole-file batches and the sibling softmax)."""
+        return f"{self.repo}/{self.path}"
+
     def context_text(self, kinds: Iterable[str] = ("import", "class", "sibling")) -> str:
         """The context pieces of the given kinds, in file order, one per line block."""
         wanted = set(kinds)

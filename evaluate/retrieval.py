@@ -107,7 +107,7 @@ def load_corpus_view(store: Any, corpus_dir: str | os.PathLike[str] | None = Non
             qt[i] = rec.signature + ("\n" + ctx if ctx else "")
             st[i] = rec.signature
             bt[i] = rec.body
-            files[i] = f"{rec.repo}/{rec.path}"
+            files[i] = rec.source_file
             found[i] = True
     except CodejepaError:
         raise

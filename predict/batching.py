@@ -18,6 +18,7 @@ from codejepa.core import CodejepaError
 from codejepa.corpus.records import load_records, read_manifest
 from codejepa.embed.store import Store
 
+
 class BatchingError(CodejepaError):
     """Batches grouped by file, but the records' files cannot be found."""
 
@@ -63,7 +64,7 @@ def record_files(store: Store, corpus_dir: str | Path | None = None) -> np.ndarr
         raise BatchingError(f"train.batch_groups = 'file' reads each record's file from the corpus the store "
                             f"was embedded from, {where}, which cannot be read ({e}); pass --set data.corpus=DIR "
                             "or use train.batch_groups = 'repo'") from None
-    files = {rec.id: f"{rec.repo}/{rec.path}" for rec in load_records(where, include_dropped=True)}
+    files = {rec.id: rec.source_file for rec in load_records(where, include_dropped=True)}
     missing = [rid for rid in store.ids if rid not in files]
     if missing:
         raise BatchingError(f"{len(missing)} store records (e.g. {missing[0]}) are not in the corpus at {where}: "

@@ -221,6 +221,15 @@ def test_streaming_from_the_store_equals_the_ram_cache(store_path: Path, tmp_pat
         assert_same_weights(weights(ref), weights(tmp_path / name), atol=1e-6)
 
 
+def test_runs_checkpoint_mid_epoch_by_default(store_path: Path, tmp_path: Path) -> None:
+    """An epoch of a big store lasts half an hour: without a setting, a kill mid-epoch must
+    keep the last 100-step checkpoint, not only the previous epoch's."""
+    cfg = resolve_config("mlp", overrides={**TINY_MLP, "train.batch_size": 2, "train.epochs": 1})
+    assert cfg.train.checkpoint_every_steps == 100
+    train_killed_at(store_path, cfg, tmp_path / "run", 150)  # one epoch is 160 steps here
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["global_step"] == 100
+
+
 def test_ram_cache_records_equal_the_stores_record_by_record(store_path: Path) -> None:
     """The cache writes each record's tokens into one preallocated float16 buffer (sized by an
     upper bound, so records keep gaps): every record must read back as the streaming table's."""
