@@ -17,10 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from codejepa.evaluate.errors import EvaluateError
+from codejepa.predict.canonical import CANONICAL_BODY_REG, CANONICAL_INPUT_REG, canonical_map
 
 SPACE_NAMES = ("raw", "centered", "whitened", "canonical")
-CANONICAL_INPUT_REG = 0.01  # ridge on the inputs' covariance, relative to its mean eigenvalue
-CANONICAL_BODY_REG = 1e-4  # the same on the (already whitened and shrunk) bodies' covariance
 
 
 @dataclass(frozen=True)
@@ -50,32 +49,6 @@ class Space:
                 y = y @ tr
             out[a : a + chunk] = y
         return out
-
-
-def _inv_sqrt(cov: np.ndarray, reg: float) -> np.ndarray:
-    d = cov.shape[0]
-    avg = max(float(np.trace(cov)) / d, 1e-12)
-    w, v = np.linalg.eigh(cov + reg * avg * np.eye(d))
-    return (v / np.sqrt(np.maximum(w, 1e-12 * avg))) @ v.T
-
-
-def canonical_map(inputs: np.ndarray, bodies_white: np.ndarray, *, input_reg: float = CANONICAL_INPUT_REG,
-                  body_reg: float = CANONICAL_BODY_REG) -> tuple[np.ndarray, np.ndarray]:
-    """Regularised CCA of train inputs ``[n, k]`` and whitened train bodies ``[n, d]``: returns
-    ``(M, ρ)`` with ``M = B·diag(ρ)`` ``[d, r]`` (r = min(k, d)), B the body-side canonical directions and ρ
-    their canonical correlations (descending). A prediction of the body that is the regression
-    on the inputs maps to about ``U·ρ²`` and the body to ``V·ρ`` (U, V the canonical variates):
-    each canonical direction counts as much as the inputs can tell about it."""
-    x = np.asarray(inputs, dtype=np.float64)
-    y = np.asarray(bodies_white, dtype=np.float64)
-    x = (x - x.mean(0)) / (x.std(0) + 1e-8)
-    y = y - y.mean(0)
-    n = len(x)
-    wx, wy = _inv_sqrt(x.T @ x / n, input_reg), _inv_sqrt(y.T @ y / n, body_reg)
-    _, rho, vt = np.linalg.svd(wx @ (x.T @ y / n) @ wy, full_matrices=False)
-    b = wy @ vt.T  # [d, r], r = min(k, d)
-    rho = np.clip(rho, 0.0, 1.0)
-    return b * rho, rho
 
 
 def fit_space(name: str, train_bodies: np.ndarray, *, shrinkage: float = 0.1, eps: float = 1e-6,

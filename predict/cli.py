@@ -124,6 +124,10 @@ def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str) -> None:
         elif ev == "ridge_init":
             progress.console.print(f"linear path initialised with train-split ridge on {e['views']}: "
                                    f"λ {e['alpha']:g} (val MRR {e['val_mrr']:.3f})", soft_wrap=True)
+        elif ev == "score_map":
+            progress.console.print(f"InfoNCE and val retrieval score in the canonical space, fitted on {e['views']} "
+                                   f"({e['train_records']} train records; top canonical correlation "
+                                   f"{e['canonical_correlations_top'][0]:.3f})", soft_wrap=True)
         elif ev == "done":
             progress.console.print(f"best epoch {e['best_epoch']}: val MRR {e['best_val_mrr']:.3f} → {out}/best.pt",
                                    soft_wrap=True)

@@ -97,6 +97,12 @@ class LossConfig:
     symmetric: bool = False  # InfoNCE both ways: predictions → bodies and bodies → predictions
     variance_weight: float = 0.0  # VICReg-style hinge on the per-dimension std of predictions
     variance_gamma: float = 1.0
+    # Where InfoNCE and the validation retrieval (model selection) score: "pooled" the pooled
+    # space itself; "canonical" the evaluate stage's canonical space (the train CCA of the
+    # [signature mean, last token] views and the pooled bodies, fitted at the start of the run,
+    # codejepa.predict.canonical). On python-40 "canonical" lowers the hubness-corrected rows
+    # by 1.5-3 points (README, "Training in the canonical space"): hence not the default.
+    space: str = "pooled"  # "pooled" | "canonical"
 
 
 @dataclass(frozen=True)
@@ -173,6 +179,7 @@ class PredictConfig:
             (o.lr > 0, "optim.lr must be positive"),
             (t.epochs >= 1 and t.batch_size >= 1, "train sizes must be positive"),
             (lo.temperature > 0, "loss.temperature must be positive"),
+            (lo.space in ("pooled", "canonical"), f"loss.space must be pooled or canonical, not {lo.space!r}"),
             (t.batch_groups in ("none", "file", "repo"), f"train.batch_groups must be none, file or repo, not {t.batch_groups!r}"),
             (t.group_size >= 1, "train.group_size must be positive"),
         ]

@@ -6,12 +6,15 @@ pooled body (MLP); cosine, InfoNCE and the variance hinge on the pooled predicti
 - regression: SmoothL1 or MSE — what the seed used; alone it regresses towards the mean;
 - cosine: 1 − cos(pred, target);
 - InfoNCE: each prediction must pick its own body among the batch's bodies — the objective
-  instance-level retrieval needs (under DDP the negatives are the rank's local batch);
+  instance-level retrieval needs (under DDP the negatives are the rank's local batch); in the
+  pooled space or in the evaluate stage's canonical space (``loss.space``);
 - variance hinge (VICReg / V-JEPA): mean over dimensions of relu(γ − std of predictions over
   the batch), against collapse to a prototype.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +51,12 @@ def variance_hinge(pred: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def compute_loss(out: dict[str, torch.Tensor], pooled_target: torch.Tensor,
-                 slot_target: torch.Tensor | None, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted sum of the enabled terms, and each term (detached) for the log."""
+                 slot_target: torch.Tensor | None, cfg: LossConfig,
+                 to_score: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of the enabled terms, and each term (detached) for the log. ``to_score``
+    maps pooled vectors into the space InfoNCE ranks in (``loss.space``; the pooled space when
+    None): the regression stays in the pooled space, where the prediction lives."""
     pred = out["pooled"].float()
     parts: dict[str, torch.Tensor] = {}
     total = pred.new_zeros(())
@@ -65,7 +72,8 @@ def compute_loss(out: dict[str, torch.Tensor], pooled_target: torch.Tensor,
         parts["cosine"] = c
         total = total + cfg.cosine_weight * c
     if cfg.infonce_weight:
-        n = infonce(pred, pooled_target, cfg.temperature, cfg.symmetric)
+        sp, st = (pred, pooled_target) if to_score is None else (to_score(pred), to_score(pooled_target))
+        n = infonce(sp, st, cfg.temperature, cfg.symmetric)
         parts["infonce"] = n
         total = total + cfg.infonce_weight * n
     if cfg.variance_weight:

@@ -43,9 +43,13 @@ def mean_cos_to_mean(x: torch.Tensor) -> float:
 
 
 def validation_metrics(pred_norm: torch.Tensor, tgt_norm: torch.Tensor, pred_raw: torch.Tensor,
-                       tgt_raw: torch.Tensor) -> dict[str, float]:
-    """Retrieval in the normalised pooled space (model selection), cosines, collapse diagnostics."""
-    ranks = retrieval_ranks(pred_norm, tgt_norm).double()
+                       tgt_raw: torch.Tensor, pred_score: torch.Tensor | None = None,
+                       tgt_score: torch.Tensor | None = None) -> dict[str, float]:
+    """Retrieval (model selection) in the scoring space (``pred_score``/``tgt_score``, the
+    normalised pooled space when not given), cosines and collapse diagnostics."""
+    if pred_score is None or tgt_score is None:
+        pred_score, tgt_score = pred_norm, tgt_norm
+    ranks = retrieval_ranks(pred_score, tgt_score).double()
     n = len(ranks)
     return {
         "val_mrr": float((1.0 / ranks).mean()),

@@ -31,12 +31,19 @@ class Normaliser(nn.Module):
 
     NAMES = NormStats.ARRAYS
 
-    def __init__(self, d: int, pooled_space: str = "standardized") -> None:
+    def __init__(self, d: int, pooled_space: str = "standardized", score_space: str = "pooled") -> None:
         super().__init__()
         self.space = pooled_space
         for name in self.NAMES:
             init = torch.eye(d) if name.startswith("pool_W") else torch.ones(d) if name.endswith("sd") else torch.zeros(d)
             self.register_buffer(name, init)
+        # The space InfoNCE and validation retrieval score in (``loss.space``): the pooled space
+        # itself, or a linear map of it fitted on train (codejepa.predict.canonical). A buffer
+        # only when used, so that older checkpoints load unchanged.
+        if score_space == "canonical":
+            self.register_buffer("score_map", torch.eye(d))
+        else:
+            self.score_map: torch.Tensor | None = None
         # Token-norm thresholds of the outlier filter, so that a checkpoint is self-contained.
         self.register_buffer("in_outlier_norm", torch.tensor(float("inf")))
         self.register_buffer("body_outlier_norm", torch.tensor(float("inf")))
@@ -67,6 +74,10 @@ class Normaliser(nn.Module):
 
     def slots_to_norm(self, slots: torch.Tensor) -> torch.Tensor:
         return (slots.float() - self.tok_mu) / self.tok_sd
+
+    def to_score(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled-space vectors (predictions or bodies alike) in the scoring space."""
+        return pooled if self.score_map is None else pooled @ self.score_map
 
 
 def _pooled_views(m: nn.Module, d: int, cfg: ModelConfig) -> int:
@@ -125,9 +136,10 @@ class MLPPredictor(nn.Module):
     With an empty ``mlp_hidden`` and a skip, the predictor is the linear map alone.
     """
 
-    def __init__(self, d: int, cfg: ModelConfig, pooled_space: str = "standardized", standardize_input: bool = True) -> None:
+    def __init__(self, d: int, cfg: ModelConfig, pooled_space: str = "standardized", standardize_input: bool = True,
+                 score_space: str = "pooled") -> None:
         super().__init__()
-        self.norm = Normaliser(d, pooled_space)
+        self.norm = Normaliser(d, pooled_space, score_space)
         self.standardize_input = standardize_input
         d_in = _pooled_views(self, d, cfg)
         self.net: nn.Sequential | None = None
@@ -190,11 +202,11 @@ class TransformerPredictor(nn.Module):
     """
 
     def __init__(self, d: int, cfg: ModelConfig, input_token_ln: bool = False, reveal_slots: bool = False,
-                 pooled_space: str = "standardized") -> None:
+                 pooled_space: str = "standardized", score_space: str = "pooled") -> None:
         super().__init__()
         W, K = cfg.width, cfg.body_slots
         self.input_token_ln, self.max_pos = input_token_ln, cfg.max_input_tokens
-        self.norm = Normaliser(d, pooled_space)
+        self.norm = Normaliser(d, pooled_space, score_space)
         self.in_proj = nn.Linear(d, W)
         # Only multi-block training reveals body slots; without it the layer would be unused.
         self.body_proj = nn.Linear(d, W) if reveal_slots else None
@@ -270,9 +282,9 @@ class TransformerPredictor(nn.Module):
 
 def build_model(cfg: PredictConfig, d: int) -> nn.Module:
     if cfg.model.kind == "mlp":
-        return MLPPredictor(d, cfg.model, cfg.norm.pooled_space, cfg.norm.standardize_input)
+        return MLPPredictor(d, cfg.model, cfg.norm.pooled_space, cfg.norm.standardize_input, cfg.loss.space)
     return TransformerPredictor(d, cfg.model, cfg.norm.input_token_ln, cfg.mask.strategy == "multiblock",
-                                cfg.norm.pooled_space)
+                                cfg.norm.pooled_space, cfg.loss.space)
 
 
 def count_parameters(model: nn.Module) -> int:

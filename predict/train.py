@@ -42,6 +42,7 @@ from codejepa.core import code_version as _code_version
 from codejepa.embed.store import Store, StoreError, open_store
 from codejepa.predict import losses
 from codejepa.predict.batching import epoch_order, record_files
+from codejepa.predict.canonical import init_score_map
 from codejepa.predict.config import PredictConfig, from_dict
 from codejepa.predict.data import (FeatureSpec, FeatureTable, RevealSpec, StreamingTable, batch_loader,
                                    estimate_cache_bytes, valid_records)
@@ -157,13 +158,13 @@ def batch_loss(model: torch.nn.Module, norm: Any, bt: dict[str, torch.Tensor], c
     slot_t = norm.slots_to_norm(bt["slots"]) if "slots" in bt else None
     if reveal is None:
         out = model(bt)
-        loss, parts = losses.compute_loss(out, pooled_t, slot_t, cfg.loss)
+        loss, parts = losses.compute_loss(out, pooled_t, slot_t, cfg.loss, norm.to_score)
         return loss, parts, out
     B = len(reveal)
     both = {k: torch.cat([v, v]) for k, v in bt.items()}
     out2 = model(both, reveal=torch.cat([torch.zeros_like(reveal), reveal]))
     out = {k: v[:B] for k, v in out2.items()}
-    loss, parts = losses.compute_loss(out, pooled_t, slot_t, cfg.loss)
+    loss, parts = losses.compute_loss(out, pooled_t, slot_t, cfg.loss, norm.to_score)
     aux_cfg = cfg.loss if cfg.loss.regression != "none" else cfg.loss.__class__(regression="smoothl1")
     aux = losses.regression(out2["slots"][B:].float(), slot_t, aux_cfg, mask=~reveal)
     parts["masked_aux"] = aux.detach()
@@ -176,7 +177,7 @@ def evaluate_table(model: torch.nn.Module, table: Any, cfg: PredictConfig, devic
     was_training = model.training
     model.eval()
     norm = model.norm
-    preds_n, preds_r, tg_n, tg_r = [], [], [], []
+    preds_n, preds_r, tg_n, tg_r, preds_s, tg_s = [], [], [], [], [], []
     loss_sum, n_sum = 0.0, 0
     bs = cfg.train.batch_size  # the InfoNCE term depends on the batch size: keep val loss comparable
     for a in range(0, len(table), bs):
@@ -185,12 +186,16 @@ def evaluate_table(model: torch.nn.Module, table: Any, cfg: PredictConfig, devic
         loss, _, out = batch_loss(model, norm, bt, cfg)
         loss_sum += float(loss) * len(rows)
         n_sum += len(rows)
-        preds_n.append(out["pooled"].float().cpu())
+        pn, tn = out["pooled"].float(), norm.body_to_norm(bt["body"]).float()
+        preds_n.append(pn.cpu())
         preds_r.append(model.raw(out).float().cpu())
-        tg_n.append(norm.body_to_norm(bt["body"]).float().cpu())
+        tg_n.append(tn.cpu())
         tg_r.append(bt["body"].float().cpu())
+        preds_s.append(norm.to_score(pn).cpu())  # retrieval ranks in loss.space's space
+        tg_s.append(norm.to_score(tn).cpu())
     model.train(was_training)
-    m = validation_metrics(torch.cat(preds_n), torch.cat(tg_n), torch.cat(preds_r), torch.cat(tg_r))
+    m = validation_metrics(torch.cat(preds_n), torch.cat(tg_n), torch.cat(preds_r), torch.cat(tg_r),
+                           torch.cat(preds_s), torch.cat(tg_s))
     m["val_loss"] = loss_sum / max(1, n_sum)
     return m
 
@@ -443,6 +448,11 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                                           select_views=cfg.model.ridge_views == "select")
             _append_log(paths["log"], {"event": "ridge_init", **ridge_info, "time": time.time()})
             emit({"event": "ridge_init", **ridge_info})
+        if ckpt is None and cfg.loss.space == "canonical" and main:
+            # Fitted on rank 0 only, as the ridge above: DDP broadcasts buffers when it wraps the model.
+            score_info = init_score_map(model, train_tab)
+            _append_log(paths["log"], {"event": "score_map", **score_info, "time": time.time()})
+            emit({"event": "score_map", **score_info})
 
         multiblock = cfg.mask.strategy == "multiblock" and cfg.model.kind == "transformer"
         net: torch.nn.Module = model
