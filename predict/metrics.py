@@ -43,12 +43,9 @@ def mean_cos_to_mean(x: torch.Tensor) -> float:
 
 
 def validation_metrics(pred_norm: torch.Tensor, tgt_norm: torch.Tensor, pred_raw: torch.Tensor,
-                       tgt_raw: torch.Tensor, pred_score: torch.Tensor | None = None,
-                       tgt_score: torch.Tensor | None = None) -> dict[str, float]:
-    """Retrieval (model selection) in the scoring space (``pred_score``/``tgt_score``, the
-    normalised pooled space when not given), cosines and collapse diagnostics."""
-    if pred_score is None or tgt_score is None:
-        pred_score, tgt_score = pred_norm, tgt_norm
+                       tgt_raw: torch.Tensor, pred_score: torch.Tensor, tgt_score: torch.Tensor) -> dict[str, float]:
+    """Retrieval (model selection) in the scoring space (``pred_score``/``tgt_score``: the
+    normalised pooled space, or ``loss.space``'s map of it), cosines and collapse diagnostics."""
     ranks = retrieval_ranks(pred_score, tgt_score).double()
     n = len(ranks)
     return {
