@@ -7,7 +7,7 @@ Public API (imported lazily, so that ``codejepa --help`` does not import torch):
     res = evaluate_retrieval("store.h5", ["runs/mlp"], split="test", pool="split",
                              spaces="all", baselines="all", out_dir="eval/")
     res.row("ridge", "whitened").metrics["rank@1"]      # MetricCI(value, low, high)
-    res.warnings                                          # collapse warnings, one line each
+    res.warnings                                          # collapse and fit warnings, one line each
     compare_saved("eval/", "mlp@whitened", "ridge@whitened")  # paired bootstrap, p-value
 
 Modules: :mod:`.metrics` (ranks → metrics, chance levels, repository bootstrap, paired

@@ -409,6 +409,9 @@ def evaluate_retrieval(
         spaces_fit: dict[str, Space] = {
             s: fit_space(s, bodies[train_idx], shrinkage=whitening_shrinkage,
                          train_inputs=last_x[train_idx] if s == "canonical" else None) for s in space_names}
+        space_warnings = [w for sp_ in spaces_fit.values() if (w := sp_.settings.get("warning"))]
+        for w in space_warnings:
+            say(f"warning: {w}")
         # float64 mean as the spaces compute it, so that centring maps the prototype to exact 0.
         prototype = (bodies[train_idx].astype(np.float64).mean(0).astype(np.float32) if len(train_idx)
                      else np.zeros(meta.hidden_size, np.float32))
@@ -677,7 +680,7 @@ def evaluate_retrieval(
                 for rname, pr_sel in sel_preds.items() if fuse_runs else ():
                     fuse(f"{rname}{FUSED_SUFFIX}", "run", sname, *dense(pr_sel, vec[rname][2]), {"run": rname})
 
-        warnings = _flag(rows)
+        warnings = space_warnings + _flag(rows)
         comparisons = _auto_comparisons(rows, n_boot, seed) + [
             _compare_rows(rows, a, b, n_boot, seed) for a, b in compare
         ]

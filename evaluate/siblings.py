@@ -29,7 +29,7 @@ from codejepa.evaluate.errors import EvaluateError
 from codejepa.evaluate.search import Scorer, ScoreSampleStats, _as_index
 
 SIB_TEMPERATURES = (0.125, 0.25, 0.5, 1.0)  # × the wrapped scores' spread
-SIB_BETAS = (0.0, 0.25, 0.5, 0.75)
+SIB_BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # 1: the full inverted softmax over the file's queries
 SUFFIX = "+sib"
 MATERIALIZE_BYTES = 1 << 30  # selection score matrices up to this size are computed once for the grid
 

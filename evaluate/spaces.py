@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from codejepa.evaluate.errors import EvaluateError
-from codejepa.predict.canonical import CANONICAL_BODY_REG, CANONICAL_INPUT_REG, canonical_map
+from codejepa.predict.canonical import CANONICAL_BODY_REG, CANONICAL_INPUT_REG, canonical_fit_warning, canonical_map
 
 SPACE_NAMES = ("raw", "centered", "whitened", "canonical")
 
@@ -92,4 +92,5 @@ def fit_space(name: str, train_bodies: np.ndarray, *, shrinkage: float = 0.1, ep
     return Space("canonical", mean, transform @ m,
                  {**settings, "input_reg": CANONICAL_INPUT_REG, "body_reg": CANONICAL_BODY_REG,
                   "canonical_correlations_top": [round(float(r), 4) for r in rho[:5]],
-                  "canonical_correlation_median": float(np.median(rho))})
+                  "canonical_correlation_median": float(np.median(rho)),
+                  "warning": canonical_fit_warning(len(x), np.shape(train_inputs)[1], d)})

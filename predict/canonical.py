@@ -24,6 +24,9 @@ from codejepa.predict.ridge import pooled_arrays
 CANONICAL_VIEWS = ("mean", "last")  # the pooled input views the map is fitted on: ridge+last's inputs
 CANONICAL_INPUT_REG = 0.01  # ridge on the inputs' covariance, relative to its mean eigenvalue
 CANONICAL_BODY_REG = 1e-4  # the same on the (already whitened and shrunk) bodies' covariance
+# Sample canonical correlations are biased upward unless the records far outnumber the
+# dimensions of both sides; on the demo (2,000 records, 768 + 384 dimensions) the map overfits.
+CANONICAL_RECORDS_PER_DIM = 10
 
 
 def _inv_sqrt(cov: np.ndarray, reg: float) -> np.ndarray:
@@ -52,6 +55,18 @@ def canonical_map(inputs: np.ndarray, bodies_white: np.ndarray, *, input_reg: fl
     return b * rho, rho
 
 
+def canonical_fit_warning(n_records: int, input_dim: int, body_dim: int) -> str | None:
+    """A message when a canonical map fitted on ``n_records`` train records of ``input_dim`` +
+    ``body_dim`` dimensions is likely to overfit (fewer than
+    :data:`CANONICAL_RECORDS_PER_DIM` records per dimension), else None."""
+    need = CANONICAL_RECORDS_PER_DIM * (input_dim + body_dim)
+    if n_records >= need:
+        return None
+    return (f"the canonical map is fitted on {n_records} train records for {input_dim} + {body_dim} dimensions "
+            f"(fewer than {need}, {CANONICAL_RECORDS_PER_DIM} per dimension): its correlations are inflated "
+            f"and rankings in that space may be worse than whitened")
+
+
 def canonical_columns(views: tuple[str, ...], d: int) -> np.ndarray:
     """Columns of a ``[n, len(views)·d]`` view matrix that hold :data:`CANONICAL_VIEWS` (all of
     them when the model reads neither)."""
@@ -76,4 +91,5 @@ def init_score_map(model: torch.nn.Module, train_table: Any) -> dict[str, Any]:
     used = [v for v in views if v in CANONICAL_VIEWS] or list(views)
     return {"space": "canonical", "views": ",".join(used), "train_records": int(len(x)),
             "canonical_correlations_top": [round(float(r), 4) for r in rho[:5]],
-            "canonical_correlation_median": float(np.median(rho))}
+            "canonical_correlation_median": float(np.median(rho)),
+            "warning": canonical_fit_warning(len(x), x.shape[1], d)}

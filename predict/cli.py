@@ -128,6 +128,8 @@ def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str) -> None:
             progress.console.print(f"InfoNCE and val retrieval score in the canonical space, fitted on {e['views']} "
                                    f"({e['train_records']} train records; top canonical correlation "
                                    f"{e['canonical_correlations_top'][0]:.3f})", soft_wrap=True)
+            if e.get("warning"):
+                progress.console.print(f"[yellow]warning:[/] {e['warning']}", soft_wrap=True)
         elif ev == "done":
             progress.console.print(f"best epoch {e['best_epoch']}: val MRR {e['best_val_mrr']:.3f} → {out}/best.pt",
                                    soft_wrap=True)

@@ -191,6 +191,9 @@ def test_spaces_are_fitted_on_train_only(tmp_path: Path) -> None:
         np.testing.assert_array_equal(ra.spaces[name].transform, rb.spaces[name].transform)
     # ... while the test targets did change.
     assert ra.row("prototype", "raw").diagnostics["cosine_raw"] != rb.row("prototype", "raw").diagnostics["cosine_raw"]
+    # 200 train records for 3 × 24 dimensions: the canonical fit is flagged in the result's warnings.
+    fit_warning = ra.spaces["canonical"].settings["warning"]
+    assert fit_warning is not None and "200 train records" in fit_warning and fit_warning in ra.warnings
 
 
 def test_clear_errors(ds, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from _predict_fixtures import make_store  # noqa: E402
 from codejepa.embed.store import open_store  # noqa: E402
 from codejepa.evaluate.spaces import fit_space  # noqa: E402
 from codejepa.predict import load_predictor  # noqa: E402
-from codejepa.predict.canonical import canonical_columns, init_score_map  # noqa: E402
+from codejepa.predict.canonical import canonical_columns, canonical_fit_warning, init_score_map  # noqa: E402
 from codejepa.predict.config import ConfigError, LossConfig, resolve_config  # noqa: E402
 from codejepa.predict.data import FeatureTable  # noqa: E402
 from codejepa.predict.losses import compute_loss, infonce  # noqa: E402
@@ -58,6 +58,8 @@ def test_score_map_ranks_as_the_evaluate_stages_canonical_space(store_path: Path
         init_input_stats(model, tab)
         info = init_score_map(model, tab)
         assert info["views"] == "mean,last" and info["train_records"] == len(tr)
+        d = st.meta.hidden_size  # 720 records for 3·d dimensions: below 10 per dimension, flagged
+        assert info["warning"] is not None and info["warning"] == canonical_fit_warning(len(tr), 2 * d, d)
         assert not torch.allclose(model.norm.score_map, torch.eye(st.meta.hidden_size))
         # the evaluate stage's canonical space, fitted from the store on its own
         v = st.pooled_views(("signature", "signature_last", "body"), np.r_[tr, te])
@@ -69,6 +71,17 @@ def test_score_map_ranks_as_the_evaluate_stages_canonical_space(store_path: Path
     cos_ours = F.normalize(ours, dim=1) @ F.normalize(ours, dim=1).T
     cos_theirs = F.normalize(theirs, dim=1) @ F.normalize(theirs, dim=1).T
     assert torch.allclose(cos_ours, cos_theirs, atol=2e-3)
+
+
+def test_a_map_fitted_on_too_few_records_is_flagged_in_both_stages() -> None:
+    assert canonical_fit_warning(11_520, 768, 384) is None
+    msg = canonical_fit_warning(2_000, 768, 384)
+    assert msg is not None and "2000 train records" in msg and "11520" in msg
+    rng = np.random.default_rng(0)
+    x, body = rng.normal(size=(100, 16)), rng.normal(size=(100, 8))
+    assert fit_space("canonical", body, train_inputs=x).settings["warning"] == canonical_fit_warning(100, 16, 8)
+    big = rng.normal(size=(400, 24))
+    assert fit_space("canonical", big[:, 16:], train_inputs=big[:, :16]).settings["warning"] is None
 
 
 def test_infonce_ranks_in_the_score_space_and_the_regression_stays_pooled() -> None:
