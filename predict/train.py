@@ -201,14 +201,15 @@ def evaluate_table(model: torch.nn.Module, table: Any, cfg: PredictConfig, devic
 
 
 # -- curves --------------------------------------------------------------------------------
-def write_curves(history: list[dict[str, Any]], path: Path, title: str = "", space: str = "standardized") -> None:
+def curves_figure(history: list[dict[str, Any]], title: str = "", space: str = "standardized",
+                  start_mrr: float | None = None) -> Any:
+    """The run's curves as a matplotlib figure; ``start_mrr`` (the ridge start's val MRR, same
+    space) is drawn as a reference line, since a learned residual must beat its linear start."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not history:
-        return
     ep = [h["epoch"] for h in history]
     fig, ax = plt.subplots(2, 2, figsize=(11, 7.5))
     ax[0, 0].plot(ep, [h["train_loss"] for h in history], label="train")
@@ -217,6 +218,8 @@ def write_curves(history: list[dict[str, Any]], path: Path, title: str = "", spa
     ax[0, 1].plot(ep, [h["val_mrr"] for h in history], label="val MRR (selection)")
     ax[0, 1].plot(ep, [h["val_rank1"] for h in history], label="val rank@1")
     ax[0, 1].plot(ep, [h["val_chance_mrr"] for h in history], "--", color="grey", label="chance MRR")
+    if start_mrr is not None:
+        ax[0, 1].axhline(start_mrr, ls=":", color="C0", label=f"ridge start: val MRR {start_mrr:.3f}")
     ax[0, 1].set_ylim(0, 1)
     ax[0, 1].set_title(f"validation retrieval ({space} pooled space)")
     ax[1, 0].plot(ep, [h["val_cos"] for h in history], label=f"val cos ({space})")
@@ -233,6 +236,16 @@ def write_curves(history: list[dict[str, Any]], path: Path, title: str = "", spa
         a.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def write_curves(history: list[dict[str, Any]], path: Path, title: str = "", space: str = "standardized",
+                 start_mrr: float | None = None) -> None:
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    fig = curves_figure(history, title, space, start_mrr)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
@@ -454,6 +467,11 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
             _append_log(paths["log"], {"event": "score_map", **score_info, "time": time.time()})
             emit({"event": "score_map", **score_info})
 
+        # The ridge start's val MRR (this run's or, after a resume, the log's) for the curves;
+        # it is in the pooled space, so it is drawn only when selection ranks there too.
+        start_mrr = next((float(e["val_mrr"]) for e in reversed(_read_log(paths["log"]))
+                          if e.get("event") == "ridge_init"), None) if main and cfg.loss.space == "pooled" else None
+
         multiblock = cfg.mask.strategy == "multiblock" and cfg.model.kind == "transformer"
         net: torch.nn.Module = model
         if world > 1:
@@ -506,7 +524,8 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                         _append_log(paths["log"], {"event": "diverged", "epoch": epoch + 1, "step": step,
                                                    "global_step": global_step, "lr": lr, "time": time.time()})
                         if cfg.train.plot_every_s >= 0:
-                            write_curves(history, paths["curves"], cfg.name or cfg.model.kind, cfg.norm.pooled_space)
+                            write_curves(history, paths["curves"], cfg.name or cfg.model.kind, cfg.norm.pooled_space,
+                                         start_mrr)
                     raise DivergedError(f"loss became non-finite at epoch {epoch + 1}, step {step + 1} (lr {lr:.3g}); "
                                         f"{kept}; lower optim.lr or set optim.grad_clip")
                 opt.zero_grad(set_to_none=True)
@@ -555,7 +574,7 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                 pe = cfg.train.plot_every_s
                 if pe >= 0 and (epoch + 1 == cfg.train.epochs or time.monotonic() - last_plot >= pe):
                     write_curves(history, paths["curves"], f"{cfg.name or cfg.model.kind} — {store_path.name}",
-                                 cfg.norm.pooled_space)
+                                 cfg.norm.pooled_space, start_mrr)
                     last_plot = time.monotonic()
                 emit(entry)
             start_epoch = epoch + 1

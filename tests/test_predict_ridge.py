@@ -94,7 +94,8 @@ def test_linear_path_starts_at_train_ridge_in_the_whitened_space(store_path: Pat
         assert mrr(pred, target) > 4 * chance_mrr(len(te))
 
 
-def test_ridge_residual_preset_learns_and_keeps_ridge_in_the_checkpoint(store_path: Path, tmp_path: Path) -> None:
+def test_ridge_residual_preset_learns_and_keeps_ridge_in_the_checkpoint(store_path: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "rr"
     events: list[dict] = []
     summary = train(store_path, resolve_config("mlp", preset="ridge-residual", overrides=TINY), run, device="cpu",
@@ -114,11 +115,34 @@ def test_ridge_residual_preset_learns_and_keeps_ridge_in_the_checkpoint(store_pa
         bodies = st.pooled("body", te)
         mu = st.pooled("body", st.indices("train")).mean(0)
         assert mrr(pred - mu, bodies - mu) > 3 * chance_mrr(len(te))
-    # resuming continues the trained weights: ridge is not fitted again
-    train(store_path, resolve_config("mlp", preset="ridge-residual", overrides={**TINY, "train.epochs": 13}), run,
+    # resuming continues the trained weights: ridge is not fitted again, and the curves still
+    # draw its val MRR (read back from the log) as the line the residual must beat
+    import codejepa.predict.train as train_mod
+
+    drawn: list[Any] = []
+    monkeypatch.setattr(train_mod, "write_curves", lambda history, path, title, space, start_mrr: drawn.append(start_mrr))
+    train(store_path, resolve_config("mlp", preset="ridge-residual",
+                                     overrides={**TINY, "train.epochs": 13, "train.plot_every_s": 0}), run,
           device="cpu", resume=True)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [e["event"] for e in log].count("ridge_init") == 1
+    assert drawn == [pytest.approx(init["val_mrr"])]
+
+
+def test_curves_draw_the_ridge_start_as_a_reference_line() -> None:
+    from codejepa.predict.train import curves_figure
+
+    keys = ("train_loss", "val_loss", "val_mrr", "val_rank1", "val_chance_mrr", "val_cos", "val_cos_raw",
+            "pred_cos_to_mean", "target_cos_to_mean", "pred_eff_rank", "target_eff_rank")
+    history = [{"epoch": e, **{k: 0.1 * e for k in keys}} for e in (1, 2)]
+    with_start = curves_figure(history, start_mrr=0.234)
+    labels = [ln.get_label() for ln in with_start.axes[1].get_lines()]
+    assert "ridge start: val MRR 0.234" in labels
+    assert not any(lb.startswith("ridge start") for lb in
+                   (ln.get_label() for ln in curves_figure(history).axes[1].get_lines()))
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
 
 
 def test_frozen_linear_path_and_linear_only_predictor(store_path: Path, tmp_path: Path) -> None:
