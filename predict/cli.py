@@ -130,9 +130,13 @@ def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str) -> None:
                                    f"{e['canonical_correlations_top'][0]:.3f})", soft_wrap=True)
             if e.get("warning"):
                 progress.console.print(f"[yellow]warning:[/] {e['warning']}", soft_wrap=True)
+        elif ev == "start_val":
+            progress.console.print(f"epoch   0 (the ridge start)  MRR {e['val_mrr']:.3f}  rank@1 {e['val_rank1']:.3f}: "
+                                   f"best.pt until an epoch beats it", soft_wrap=True)
         elif ev == "done":
-            progress.console.print(f"best epoch {e['best_epoch']}: val MRR {e['best_val_mrr']:.3f} → {out}/best.pt",
-                                   soft_wrap=True)
+            which = "the ridge start (epoch 0): no trained epoch beat it on val" if e["best_epoch"] == 0 else \
+                f"epoch {e['best_epoch']}"
+            progress.console.print(f"best: {which}, val MRR {e['best_val_mrr']:.3f} → {out}/best.pt", soft_wrap=True)
 
     with progress:
         train(store, cfg, out, resume=resume, device=device, on_event=on_event)

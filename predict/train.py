@@ -203,8 +203,9 @@ def evaluate_table(model: torch.nn.Module, table: Any, cfg: PredictConfig, devic
 # -- curves --------------------------------------------------------------------------------
 def curves_figure(history: list[dict[str, Any]], title: str = "", space: str = "standardized",
                   start_mrr: float | None = None) -> Any:
-    """The run's curves as a matplotlib figure; ``start_mrr`` (the ridge start's val MRR, same
-    space) is drawn as a reference line, since a learned residual must beat its linear start."""
+    """The run's curves as a matplotlib figure; ``start_mrr`` (the ridge start's val MRR, the
+    "epoch 0" that competes for best.pt) is drawn as a reference line: a learned residual must
+    rise above its linear start."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -467,10 +468,20 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
             _append_log(paths["log"], {"event": "score_map", **score_info, "time": time.time()})
             emit({"event": "score_map", **score_info})
 
-        # The ridge start's val MRR (this run's or, after a resume, the log's) for the curves;
-        # it is in the pooled space, so it is drawn only when selection ranks there too.
+        if ckpt is None and cfg.model.linear_skip == "ridge" and main:
+            # The ridge start competes for best.pt as "epoch 0": a residual that only loses on
+            # val (on the demo's 2,000 records it overfits from the first epoch) falls back to
+            # the linear map it started from, not to its least bad epoch.
+            start_entry = {"event": "start_val", "epoch": 0, **evaluate_table(model, val_tab, cfg, dev),
+                           "time": time.time()}
+            best_mrr, best_epoch = start_entry["val_mrr"], 0
+            save_checkpoint(paths["best"], {k: v for k, v in _ckpt(model, opt, cfg, store, 0, 0, 0, 0.0, 0, best_mrr, 0, []).items()
+                                            if k != "optimizer"})
+            _append_log(paths["log"], start_entry)
+            emit(start_entry)
+        # The start's val MRR (this run's or, after a resume, the log's) for the curves.
         start_mrr = next((float(e["val_mrr"]) for e in reversed(_read_log(paths["log"]))
-                          if e.get("event") == "ridge_init"), None) if main and cfg.loss.space == "pooled" else None
+                          if e.get("event") == "start_val"), None) if main else None
 
         multiblock = cfg.mask.strategy == "multiblock" and cfg.model.kind == "transformer"
         net: torch.nn.Module = model
@@ -581,7 +592,8 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
             _barrier(world)
         summary = {"run_dir": str(out), "best_epoch": best_epoch, "best_val_mrr": best_mrr,
                    "epochs": cfg.train.epochs, "parameters": n_params,
-                   "best": next((h for h in history if h["epoch"] == best_epoch), None),
+                   "best": next((h for h in history if h["epoch"] == best_epoch), None) if best_epoch else
+                           next((e for e in _read_log(paths["log"]) if e.get("event") == "start_val"), None),
                    "data_wait_share": wait_s / max(1e-9, step_s)}
         if main:
             _append_log(paths["log"], {"event": "done", "best_epoch": best_epoch, "best_val_mrr": best_mrr, "time": time.time()})

@@ -107,6 +107,10 @@ def test_ridge_residual_preset_learns_and_keeps_ridge_in_the_checkpoint(store_pa
     assert best["val_mrr"] >= init["val_mrr"] - 0.02
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [e["event"] for e in log].count("ridge_init") == 1
+    # the ridge start is validated as "epoch 0", in the same space as ridge's own val MRR
+    start = next(e for e in log if e["event"] == "start_val")
+    assert start["epoch"] == 0 and start["val_mrr"] == pytest.approx(init["val_mrr"], abs=1e-4)
+    assert summary["best_val_mrr"] >= start["val_mrr"]
     p = load_predictor(run)  # the ridge weights travel in the checkpoint: nothing else is needed
     assert p.model.skip is not None and float(p.model.skip.weight.detach().abs().sum()) > 0
     with open_store(store_path) as st:
@@ -116,7 +120,7 @@ def test_ridge_residual_preset_learns_and_keeps_ridge_in_the_checkpoint(store_pa
         mu = st.pooled("body", st.indices("train")).mean(0)
         assert mrr(pred - mu, bodies - mu) > 3 * chance_mrr(len(te))
     # resuming continues the trained weights: ridge is not fitted again, and the curves still
-    # draw its val MRR (read back from the log) as the line the residual must beat
+    # draw the start's val MRR (read back from the log) as the line the residual must beat
     import codejepa.predict.train as train_mod
 
     drawn: list[Any] = []
@@ -126,7 +130,27 @@ def test_ridge_residual_preset_learns_and_keeps_ridge_in_the_checkpoint(store_pa
           device="cpu", resume=True)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [e["event"] for e in log].count("ridge_init") == 1
-    assert drawn == [pytest.approx(init["val_mrr"])]
+    assert drawn == [pytest.approx(start["val_mrr"])]
+
+
+def test_a_residual_that_only_loses_on_val_falls_back_to_its_ridge_start(store_path: Path, tmp_path: Path) -> None:
+    # A learning rate this large wrecks the residual in its first steps: every epoch is below
+    # the start on val, so best.pt must be the untouched ridge start.
+    cfg = resolve_config("mlp", preset="ridge-residual", overrides={**TINY, "train.epochs": 2, "optim.lr": 3.0,
+                                                                      "optim.warmup_steps": 0})
+    run = tmp_path / "wrecked"
+    summary = train(store_path, cfg, run, device="cpu")
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    start = next(e for e in log if e["event"] == "start_val")
+    epochs = [e for e in log if e["event"] == "epoch"]
+    assert len(epochs) == 2 and all(e["val_mrr"] < start["val_mrr"] for e in epochs)
+    assert summary["best_epoch"] == 0 and summary["best"]["val_mrr"] == start["val_mrr"]
+    p = load_predictor(run)
+    with open_store(store_path) as st:
+        va = st.indices("val")
+        pred = torch.from_numpy(p.predict_pooled(st, va, normalized=True))
+        body = p.model.norm.body_to_norm(torch.from_numpy(st.pooled("body", va)))
+    assert mrr(pred.numpy(), body.numpy()) == pytest.approx(start["val_mrr"], abs=1e-4)  # best.pt is the start
 
 
 def test_curves_draw_the_ridge_start_as_a_reference_line() -> None:
@@ -149,7 +173,8 @@ def test_frozen_linear_path_and_linear_only_predictor(store_path: Path, tmp_path
     over = {**TINY, "train.epochs": 3, "model.linear_trainable": False, "model.ridge_alpha": 0.1,
             "model.input_views": "mean"}
     train(store_path, resolve_config("mlp", preset="ridge-residual", overrides=over), tmp_path / "frozen", device="cpu")
-    ck = torch.load(tmp_path / "frozen" / "best.pt", weights_only=True)["model"]
+    # last.pt: the trained weights (best.pt may be the untouched start when no epoch beat it)
+    ck = torch.load(tmp_path / "frozen" / "last.pt", weights_only=True)["model"]
     with open_store(store_path) as st:
         cfg = resolve_config("mlp", preset="ridge-residual", overrides=over)
         stats = compute_stats(st, st.indices("train"), whiten_shrink=cfg.norm.whiten_shrink)
@@ -221,7 +246,7 @@ def test_transformer_residual_starts_at_ridge_learns_and_never_sees_the_body(sto
     run = tmp_path / "tfr"
     summary = train(store_path, cfg, run, device="cpu")
     assert summary["best"]["val_mrr"] > 4 * summary["best"]["val_chance_mrr"]
-    p = load_predictor(run)
+    p = load_predictor(run, checkpoint="last")  # trained weights; best.pt may be the start itself
     assert float(p.model.head.weight.detach().abs().sum()) > 0  # the attention path trained away from zero
     other = make_store(tmp_path / "other_bodies.h5", body_seed=7, body_len=(1, 40))
     with open_store(store_path) as a, open_store(other) as b2:
