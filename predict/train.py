@@ -479,9 +479,11 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                                             if k != "optimizer"})
             _append_log(paths["log"], start_entry)
             emit(start_entry)
-        # The start's val MRR (this run's or, after a resume, the log's) for the curves.
-        start_mrr = next((float(e["val_mrr"]) for e in reversed(_read_log(paths["log"]))
-                          if e.get("event") == "start_val"), None) if main else None
+        # The start's validation (this run's or, after a resume, the log's): the curves draw it,
+        # and the summary reports it when no epoch beat it.
+        start_val = next((e for e in reversed(_read_log(paths["log"])) if e.get("event") == "start_val"),
+                         None) if main else None
+        start_mrr = float(start_val["val_mrr"]) if start_val else None
 
         multiblock = cfg.mask.strategy == "multiblock" and cfg.model.kind == "transformer"
         net: torch.nn.Module = model
@@ -592,8 +594,7 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
             _barrier(world)
         summary = {"run_dir": str(out), "best_epoch": best_epoch, "best_val_mrr": best_mrr,
                    "epochs": cfg.train.epochs, "parameters": n_params,
-                   "best": next((h for h in history if h["epoch"] == best_epoch), None) if best_epoch else
-                           next((e for e in _read_log(paths["log"]) if e.get("event") == "start_val"), None),
+                   "best": next((h for h in history if h["epoch"] == best_epoch), None) if best_epoch else start_val,
                    "data_wait_share": wait_s / max(1e-9, step_s)}
         if main:
             _append_log(paths["log"], {"event": "done", "best_epoch": best_epoch, "best_val_mrr": best_mrr, "time": time.time()})
