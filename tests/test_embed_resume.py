@@ -106,7 +106,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(kind: str, tmp_path: Path
 WRITER_CHILD = textwrap.dedent("""
     import sys, numpy as np
     from codejepa.embed.store import StoreWriter, StoreMeta, PendingRecord
-    meta = StoreMeta(teacher="t", teacher_kind="causal", hidden_size=64, layer=1, num_hidden_layers=2)
+    meta = StoreMeta(teacher="t", teacher_kind="causal", hidden_size=16, layer=1, num_hidden_layers=2)
     rng = np.random.default_rng(int(sys.argv[2]))
     w = StoreWriter(sys.argv[1], meta)
     k = w.committed
@@ -115,15 +115,18 @@ WRITER_CHILD = textwrap.dedent("""
         batch = []
         for _ in range(20):
             n, m = int(rng.integers(5, 200)), int(rng.integers(5, 300))
-            batch.append(PendingRecord(f"r{k}", "train", "x", False, rng.standard_normal((n, 64)), np.arange(n),
-                np.zeros(n, bool), (0, 1), (1, n), rng.standard_normal((m, 64)), np.arange(m)))
+            batch.append(PendingRecord(f"r{k}", "train", "x", False, rng.standard_normal((n, 16)), np.arange(n),
+                np.zeros(n, bool), (0, 1), (1, n), rng.standard_normal((m, 16)), np.arange(m)))
             k += 1
         w.append(batch)
 """)
 
 
 def test_store_killed_mid_write_reopens_and_resumes(tmp_path: Path) -> None:
-    """A writer appending flat out, killed at random moments (mostly inside an append)."""
+    """A writer appending flat out, killed at random moments (mostly inside an append).
+
+    Hidden size 16 keeps the file small (CI disks are shared); the kill still lands inside an append.
+    """
     script = tmp_path / "w.py"
     script.write_text(WRITER_CHILD)
     path = tmp_path / "s.h5"
