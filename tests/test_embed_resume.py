@@ -125,7 +125,7 @@ WRITER_CHILD = textwrap.dedent("""
 def test_store_killed_mid_write_reopens_and_resumes(tmp_path: Path) -> None:
     """A writer appending flat out, killed at random moments (mostly inside an append).
 
-    Hidden size 16 keeps the file small (CI disks are shared); the kill still lands inside an append.
+    The file grows as fast as the disk takes it; hidden size 16 keeps it small on a shared CI disk.
     """
     script = tmp_path / "w.py"
     script.write_text(WRITER_CHILD)
