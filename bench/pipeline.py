@@ -3,7 +3,7 @@
     python bench/pipeline.py [--out ~/.cache/codejepa/bench40] [--layer N] [--targets in-context]
                              [--stages corpus,embed,train,evaluate,ceilings]
                              [--models seed-mlp,ridge-residual,ridge-residual-files,transformer-residual,transformer-residual-files]
-                             [--extra-train bench/extra-train.txt]
+                             [--extra-train bench/extra-train.txt] [--folds 5]
 
 Runs exactly the commands a user would (``codejepa corpus build``, ``embed run``, ``predict
 train``, ``evaluate retrieval``) so that the figures it prints are what the README's commands
@@ -17,6 +17,12 @@ and the evaluation's table under OUT/eval-*/.
 python-40's) join the corpus in the train split only (``corpus build --train-only-file``), so
 val and test stay python-40's repositories; its corpus, store, runs and evaluations are named
 ``…-plus``.
+
+``--folds K`` is the cross-validation variant: after the corpus and the store (built once),
+``codejepa corpus folds`` deals the repositories into K groups; each fold trains the models and
+evaluates with ``--splits`` (test-split pool), and ``evaluate folds`` pools the K evaluations
+into one table over every repository (OUT/folds/pooled-TAG/). The runs and evaluations go under
+OUT/folds/kK/.
 """
 
 from __future__ import annotations
@@ -56,6 +62,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra --set for every predict train")
     ap.add_argument("--extra-train", type=Path, default=None,
                     help="pinned projects (name==version a line) added to the train split only")
+    ap.add_argument("--folds", type=int, default=0, help="K-fold cross-validation over repositories (0: the corpus's split)")
+    ap.add_argument("--fold-eval", default="--space canonical --baselines random,prototype,ridge,ridge+last,bm25,ridge+bm25,reverse "
+                    "--no-plots", help="evaluate retrieval options of each fold (with --folds)")
     args = ap.parse_args()
 
     exe = shutil.which("codejepa") or str(Path(sys.executable).with_name("codejepa"))
@@ -87,19 +96,17 @@ def main() -> None:
         run(base + ["--split", "test,val"], timings, "embed_s")
         run(base + ["--split", "train,val,test"], timings, "embed_s")
 
+    presets = [m for m in args.models.split(",") if m]
+    if args.folds:
+        cross_validate(args, exe, out, corpus, store, tag, presets, stages, timings)
+        stages -= {"train", "evaluate", "ceilings"}
     runs = []
-    for preset in [m for m in args.models.split(",") if m]:
-        kind = "transformer" if preset.startswith("transformer") else "mlp"
+    for preset in presets:
         run_dir = out / "runs" / f"{tag}-{preset}"
         runs.append(run_dir)
         if "train" in stages:
-            sets = [a for s in args.set for a in ("--set", s)]
-            if (run_dir / "last.pt").is_file():
-                cmd = [exe, "predict", "train", str(store), "--out", str(run_dir), "--resume", *sets]
-            else:
-                cmd = [exe, "predict", "train", str(store), "--model", kind, "--preset", preset,
-                       "--out", str(run_dir), *sets]
-            run(cmd, timings, f"train_{preset}_s")
+            run(train_cmd(exe, store, run_dir, preset, [a for s in args.set for a in ("--set", s)], []),
+                timings, f"train_{preset}_s")
 
     if "evaluate" in stages:
         for pool in ("split", "all"):
@@ -114,6 +121,7 @@ def main() -> None:
             timings, "ceilings_s")
 
     record = {
+        "folds": args.folds,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "store": str(store),
@@ -125,6 +133,38 @@ def main() -> None:
     history.append(record)
     path.write_text(json.dumps(history, indent=2) + "\n")
     print(json.dumps(record, indent=2))
+
+
+def train_cmd(exe: str, store: Path, run_dir: Path, preset: str, sets: list[str], extra: list[str]) -> list[str]:
+    kind = "transformer" if preset.startswith("transformer") else "mlp"
+    if (run_dir / "last.pt").is_file():
+        return [exe, "predict", "train", str(store), "--out", str(run_dir), "--resume", *extra, *sets]
+    return [exe, "predict", "train", str(store), "--model", kind, "--preset", preset, "--out", str(run_dir), *extra, *sets]
+
+
+def cross_validate(args: argparse.Namespace, exe: str, out: Path, corpus: Path, store: Path, tag: str,
+                   presets: list[str], stages: set[str], timings: dict[str, float]) -> None:
+    """Train and evaluate every fold (each step skipped when its output is complete), then pool."""
+    folds = out / ("folds-plus" if args.extra_train else "folds")
+    if not (folds / f"fold-{args.folds - 1}.json").is_file():
+        run([exe, "corpus", "folds", str(corpus), "--out", str(folds), "--folds", str(args.folds)], timings, "folds_s")
+    sets = [a for s in args.set for a in ("--set", s)]
+    evals = []
+    for k in range(args.folds):
+        split_file, fold_dir = folds / f"fold-{k}.json", folds / f"k{k}"
+        runs = [fold_dir / f"{tag}-{p}" for p in presets]
+        if "train" in stages:
+            for preset, run_dir in zip(presets, runs):
+                if '"event": "done"' not in ((run_dir / "log.jsonl").read_text() if (run_dir / "log.jsonl").is_file() else ""):
+                    run(train_cmd(exe, store, run_dir, preset, sets, ["--splits", str(split_file)]), timings, f"train_{preset}_s")
+        ev = fold_dir / f"eval-{tag}-split"
+        evals.append(ev)
+        if "evaluate" in stages and not (ev / "ranks.npz").is_file():
+            run([exe, "evaluate", "retrieval", str(store), "--splits", str(split_file), *args.fold_eval.split(),
+                 *[a for r in runs if (r / "best.pt").is_file() for a in ("--run", str(r))], "--out", str(ev)],
+                timings, "evaluate_split_s")
+    if "evaluate" in stages:
+        run([exe, "evaluate", "folds", *map(str, evals), "--out", str(folds / f"pooled-{tag}")], timings, "evaluate_folds_s")
 
 
 if __name__ == "__main__":

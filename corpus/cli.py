@@ -176,3 +176,36 @@ def info(corpus: Path = typer.Argument(..., help="A corpus folder.")) -> None:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     _summary(manifest)
+
+
+@app.command()
+def folds(
+    corpus: Path = typer.Argument(..., help="A built corpus folder."),
+    out: Path = typer.Option(..., "--out", help="Folder to write fold-0.json … fold-(K-1).json into."),
+    k: int = typer.Option(5, "--folds", min=3, help="Number of folds (each tests on about 1/K of the repositories)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the dealing order (default: the corpus's split seed)."),  # noqa: UP007
+) -> None:
+    """Split files for a K-fold cross-validation over repositories (for --splits of predict train
+    and evaluate retrieval): fold k tests on group k, selects on group k+1, trains on the rest,
+    with its own leak filter. Nothing is re-extracted or re-embedded."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from codejepa.core import CodejepaError
+    from codejepa.corpus.folds import read_splits, write_folds
+
+    try:
+        paths = write_folds(corpus, out, k, seed)
+        table = Table(title=f"{k} folds over repositories, in {out}")
+        for col in ("file", "test repos", "val repos", "train repos", "train", "val", "test"):
+            table.add_column(col, justify="left" if col == "file" else "right")
+        for p in paths:
+            a = read_splits(p)
+            repos = list(a.repos.values())
+            recs = list(a.splits.values())
+            table.add_row(p.name, *(str(repos.count(s)) for s in ("test", "val", "train")),
+                          *(f"{recs.count(s):,}" for s in ("train", "val", "test")))
+        Console().print(table)
+    except CodejepaError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None

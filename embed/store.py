@@ -30,15 +30,18 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
 from codejepa.core import CodejepaError, sha256_json
+
+if TYPE_CHECKING:
+    from codejepa.corpus.folds import SplitAssignment
 
 STORE_FORMAT = "codejepa-store"
 STORE_FORMAT_VERSION = 2
@@ -373,6 +376,7 @@ class Store:
             r = self.f["records"]
             self.ids: np.ndarray = _read_strings(r, "id", self.n)
             self.splits: np.ndarray = SPLIT_NAMES[r["split"][: self.n]]
+            self.split_key: str | None = None  # set by use_splits: the assignment's hash
             self.repos: np.ndarray = _read_strings(r, "repo", self.n)
             self.truncated: np.ndarray = r["truncated"][: self.n].astype(bool)
             self._off = {name: self.f[name]["offsets"][: self.n + 1] for name in PASSES}
@@ -383,6 +387,25 @@ class Store:
 
     def __len__(self) -> int:
         return self.n
+
+    def use_splits(self, splits: Mapping[str, str], key: str) -> int:
+        """Replace the stored split by another assignment (record id → split), for this
+        reader only; records it does not list are in no split (``indices(None)`` still
+        returns them: they stay candidates of a whole-corpus pool). ``key`` names the
+        assignment and becomes part of :meth:`fingerprint`, so that a run trained on one
+        assignment is refused on another. Returns how many listed records the store lacks."""
+        bad = {s for s in splits.values() if s not in SPLIT_CODES}
+        if bad:
+            raise StoreError(f"unknown split {sorted(bad)[0]!r}; expected one of {list(SPLIT_CODES)}")
+        self.splits = np.array([splits.get(rid, "") for rid in self.ids], dtype=SPLIT_NAMES.dtype)
+        self.split_key = key
+        return len(splits) - int((self.splits != "").sum())
+
+    def fingerprint(self) -> str:
+        """What runs trained on this store record and are checked against: the metadata's
+        fingerprint, plus the split assignment's key when :meth:`use_splits` replaced it."""
+        fp = self.meta.fingerprint()
+        return fp if self.split_key is None else sha256_json({"store": fp, "splits": self.split_key})
 
     def indices(self, split: str | None = None) -> np.ndarray:
         """Record indices of a split (all committed records when ``split`` is None)."""
@@ -505,6 +528,21 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def use_split_file(store: Store, path: str | os.PathLike[str]) -> tuple[SplitAssignment, int]:
+    """Apply a split file (``codejepa corpus folds``) to an open store, after checking that it
+    was made from the store's corpus. Returns the assignment and how many of its records the
+    store lacks (the records the store's own leak filter dropped or its window skipped)."""
+    from codejepa.corpus.folds import read_splits
+
+    a = read_splits(path)
+    want = store.meta.corpus_manifest_hash
+    if want and a.corpus_fingerprint != want:
+        raise StoreError(f"{path}: made from another corpus than {store.path} was embedded from "
+                         f"(corpus fingerprint {a.corpus_fingerprint[:12]} vs {want[:12]})")
+    missing = store.use_splits(a.splits, a.key)
+    return a, missing
 
 
 def open_store(path: str | os.PathLike[str]) -> Store:

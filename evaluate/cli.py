@@ -74,6 +74,8 @@ def retrieval(
                                   help="Also score BM25 and every BM25-fused row with the sibling softmax (each query "
                                        "competes with its own file's other functions; NAME+sib rows, T and β chosen on val)."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
+    splits: Optional[Path] = typer.Option(None, "--splits", help="A split file of `codejepa corpus folds` (one fold) "
+                                                                 "instead of the store's own split; runs must share it."),
 ) -> None:
     """Rank each query's true body among the pool's distinct bodies, for every method and space."""
     from rich.console import Console
@@ -99,7 +101,7 @@ def retrieval(
                 corpus_dir=corpus, compare=_parse_compare(compare), ridge_input=ridge_input,
                 whitening_shrinkage=shrinkage, n_boot=n_boot, pool_seeds=pool_seeds, plots=not no_plots,
                 noisy_of=noisy_of, bm25_query=bm25_query, fuse_bm25=fuse_bm25, hubness_correction=hubness,
-                sibling_softmax=siblings,
+                sibling_softmax=siblings, splits=splits,
                 log=lambda m: bar.update(job, description=escape(m[:70])),
                 progress=lambda done, total: bar.update(job, completed=done, total=total),
             )
@@ -131,3 +133,27 @@ def compare_cmd(
         return
     for line in comparison_lines({"comparisons": [c]}):
         _out_console().print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("folds")
+def folds_cmd(
+    eval_dirs: list[Path] = typer.Argument(..., help="The --out folders of each fold's `evaluate retrieval --splits`."),
+    out: Optional[Path] = typer.Option(None, help="Folder for folds.json and folds.txt."),
+    compare: Optional[str] = typer.Option(None, help="Paired bootstrap of A,B (METHOD@SPACE); ';' separates pairs."),
+    n_boot: int = typer.Option(1000, help="Bootstrap resamples for the CIs."),
+) -> None:
+    """Pool a cross-validation's folds: one table over every fold's test repositories."""
+    from codejepa.core import CodejepaError
+    from codejepa.evaluate.folds import pool_folds, render_folds, write_folds_result
+
+    try:
+        res = pool_folds(eval_dirs, compare=_parse_compare(compare), n_boot=n_boot)
+        files = write_folds_result(res, out) if out is not None else {}
+    except CodejepaError as e:
+        _fail(str(e))
+        return
+    render_folds(res, _out_console())
+    if files:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"wrote {', '.join(files.values())}", markup=False, highlight=False, soft_wrap=True)

@@ -214,7 +214,7 @@ def load_runs(run_dirs: Sequence[str | os.PathLike[str]], store: Any) -> list[Lo
         from codejepa.predict import load_predictor
     except ImportError as e:
         raise EvaluateError(f"cannot evaluate --run: the predict stage is not available ({e})") from None
-    fp = store.meta.fingerprint()
+    fp = store.fingerprint()
     runs, names = [], set()
     for rd in run_dirs:
         rd = Path(rd)
@@ -229,8 +229,8 @@ def load_runs(run_dirs: Sequence[str | os.PathLike[str]], store: Any) -> list[Lo
         if p.store_fingerprint != fp:
             raise EvaluateError(
                 f"{rd}: trained against store fingerprint {str(p.store_fingerprint)[:12]}…, but {store.path} "
-                f"is {fp[:12]}… (other teacher, layer, template, target mode or corpus); "
-                "evaluate it on the store it was trained on"
+                f"is {fp[:12]}… (other teacher, layer, template, target mode, corpus or --splits file); "
+                "evaluate it on the store and split it was trained on"
             )
         name = str(p.name)
         if name in names or name in parse_baselines("all") or name.endswith(RESERVED_SUFFIXES):
@@ -328,6 +328,7 @@ def evaluate_retrieval(
     fuse_bm25: bool = True,
     hubness_correction: bool = True,
     sibling_softmax: bool = True,
+    splits: str | os.PathLike[str] | None = None,
     log: Log | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> RetrievalResult:
@@ -346,8 +347,10 @@ def evaluate_retrieval(
     With ``sibling_softmax``, BM25 and every BM25-fused row (runs and baselines alike) also get a
     ``NAME+sib`` row: each query competes for a candidate with the other queries of its own source
     file (see :mod:`codejepa.evaluate.siblings`), T and β chosen on val.
+    ``splits``: a split file (``codejepa corpus folds``) replacing the store's own split; runs must
+    have been trained with the same file. Pool the folds' results with :func:`pool_folds`.
     """
-    from codejepa.embed.store import open_store
+    from codejepa.embed.store import StoreError, open_store, use_split_file
 
     say = log or (lambda _m: None)
     space_names = list(SPACE_NAMES) if spaces in ("all", None) else (
@@ -367,6 +370,13 @@ def evaluate_retrieval(
     store = open_store(store_path)
     try:
         meta = store.meta
+        if splits is not None:
+            try:
+                assignment, missing = use_split_file(store, splits)
+            except StoreError as e:
+                raise EvaluateError(str(e)) from None
+            notes.append(f"split from {splits}: {assignment.label}"
+                         + (f"; {missing} of its records are not in the store" if missing else ""))
         loaded = load_runs(runs, store)
         say(f"reading corpus texts and pooling {len(store)} stored records")
         cv = load_corpus_view(store, corpus_dir)
@@ -698,7 +708,7 @@ def evaluate_retrieval(
             "code_version": code_version(),
         }
         store_info = {
-            "path": str(Path(store.path).resolve()), "fingerprint": meta.fingerprint(),
+            "path": str(Path(store.path).resolve()), "fingerprint": store.fingerprint(), "splits": store.split_key,
             "file_sha256": sha256_file(store.path), "meta": meta.__dict__ | {"extra": dict(meta.extra)},
             "corpus_dir": cv.corpus_dir, "corpus_fingerprint": cv.corpus_fingerprint,
         }

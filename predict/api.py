@@ -3,7 +3,7 @@
     from codejepa.predict import load_predictor
 
     p = load_predictor("runs/mlp", device="cpu")      # best.pt (weights_only=True) + config + stats
-    p.name, p.store_fingerprint                       # run folder name; StoreMeta.fingerprint() of the training store
+    p.name, p.store_fingerprint                       # run folder name; Store.fingerprint() of the training store (and split)
     q = p.predict_pooled(store, store.indices("test"))  # [n, hidden_size] float32, RAW teacher space
 
 ``predict_pooled`` returns, for each record, the predicted MEAN-POOLED body state (sink and
@@ -49,12 +49,12 @@ class Predictor:
         return f"Predictor({self.name!r}, {self.config.model.kind}, d={self.hidden_size}, epoch={self.epoch})"
 
     def check_store(self, store: Store) -> None:
-        fp = store.meta.fingerprint()
+        fp = store.fingerprint()
         if fp != self.store_fingerprint:
             raise PredictorError(
                 f"predictor {self.name!r} was trained on a store with other settings than {store.path} "
-                f"(fingerprint {self.store_fingerprint[:12]} vs {fp[:12]}: another teacher, layer, template "
-                "or corpus); use a store embedded with the same settings"
+                f"(fingerprint {self.store_fingerprint[:12]} vs {fp[:12]}: another teacher, layer, template, "
+                "corpus or split file); use a store embedded with the same settings, and the same --splits"
             )
 
     @torch.no_grad()

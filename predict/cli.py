@@ -41,6 +41,8 @@ def train_cmd(
     set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set optim.lr=3e-4 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    splits: Optional[Path] = typer.Option(  # noqa: UP007
+        None, "--splits", help="A split file of `codejepa corpus folds` (one fold) instead of the store's own split."),
 ) -> None:
     """Train a predictor; model selection on validation retrieval (MRR)."""
     from codejepa.core import CodejepaError
@@ -61,7 +63,7 @@ def train_cmd(
             if model is None:
                 raise ConfigError("--model is required (mlp or transformer)")
             cfg = resolve_config(model, preset=preset, file=config, overrides=overrides)
-        _run(store, cfg, out, resume, device)
+        _run(store, cfg, out, resume, device, splits)
     except CodejepaError as e:
         _fail(str(e))
     except KeyboardInterrupt:
@@ -88,7 +90,7 @@ def config_cmd(
     typer.echo(json.dumps(cfg.to_dict(), indent=2))
 
 
-def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str) -> None:
+def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str, splits: Path | None = None) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -121,6 +123,10 @@ def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str) -> None:
                 f"cos {e['val_cos']:.3f} raw {e['val_cos_raw']:.3f}  eff.rank {e['pred_eff_rank']:.1f}/"
                 f"{e['target_eff_rank']:.1f}  best@{e['best_epoch']}", soft_wrap=True
             )
+        elif ev == "splits":
+            progress.console.print(f"split from {e['file']}: {e['label']}"
+                                   + (f" ({e['listed_records_not_in_store']} of its records are not in the store)"
+                                      if e["listed_records_not_in_store"] else ""), soft_wrap=True)
         elif ev == "ridge_init":
             progress.console.print(f"linear path initialised with train-split ridge on {e['views']}: "
                                    f"λ {e['alpha']:g} (val MRR {e['val_mrr']:.3f})", soft_wrap=True)
@@ -139,7 +145,7 @@ def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str) -> None:
             progress.console.print(f"best: {which}, val MRR {e['best_val_mrr']:.3f} → {out}/best.pt", soft_wrap=True)
 
     with progress:
-        train(store, cfg, out, resume=resume, device=device, on_event=on_event)
+        train(store, cfg, out, resume=resume, device=device, on_event=on_event, splits=splits)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from codejepa.core import CodejepaError, atomic_write_bytes, atomic_write_json
 from codejepa.core import code_version as _code_version
-from codejepa.embed.store import Store, StoreError, open_store
+from codejepa.embed.store import Store, StoreError, open_store, use_split_file
 from codejepa.predict import losses
 from codejepa.predict.batching import epoch_order, record_files
 from codejepa.predict.canonical import init_score_map
@@ -255,7 +255,7 @@ def write_curves(history: list[dict[str, Any]], path: Path, title: str = "", spa
 
 # -- the run directory ----------------------------------------------------------------------
 def _store_check(run: dict[str, Any], store: Store, store_path: Path) -> None:
-    fp = store.meta.fingerprint()
+    fp = store.fingerprint()
     if run.get("store_fingerprint") != fp:
         old = run.get("store_meta", {})
         what = {k: (old.get(k), getattr(store.meta, k)) for k in ("teacher", "layer", "hidden_size", "target_mode")
@@ -294,10 +294,14 @@ def train(
     resume: bool = False,
     device: str = "auto",
     on_event: Event | None = None,
+    splits: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train a predictor; returns a summary (best epoch and its metrics, paths).
 
     ``config=None`` with ``resume=True`` continues with the run's stored config.
+    ``splits``: a split file (``codejepa corpus folds``) that replaces the store's own split,
+    e.g. one fold of a cross-validation over repositories; the run records it and can only be
+    resumed and evaluated with the same file.
     ``on_event`` receives progress events (``stats``, ``cache``, ``step``, ``epoch``, ``done``).
     Raises :class:`TrainingError` (or a store/config error) with one clear line on bad input.
     """
@@ -311,7 +315,8 @@ def train(
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         own_group = True
     try:
-        return _train(Path(store_path), config, Path(out_dir), resume, dev, rank, world, emit)
+        return _train(Path(store_path), config, Path(out_dir), resume, dev, rank, world, emit,
+                      None if splits is None else Path(splits))
     finally:
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -323,13 +328,19 @@ def _barrier(world: int) -> None:
 
 
 def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bool, dev: torch.device,
-           rank: int, world: int, emit: Event) -> dict[str, Any]:
+           rank: int, world: int, emit: Event, splits: Path | None = None) -> dict[str, Any]:
     main = rank == 0
     paths = {k: out / v for k, v in dict(config="config.json", run="run.json", stats="stats.pt",
                                           stats_json="stats.json", last="last.pt", best="best.pt",
                                           log="log.jsonl", curves="curves.png").items()}
     store = open_store(store_path)
     try:
+        split_info = None
+        if splits is not None:
+            assignment, missing = use_split_file(store, splits)
+            split_info = {"file": str(splits.resolve()), "key": assignment.key, "label": assignment.label,
+                          "listed_records_not_in_store": missing}
+            emit({"event": "splits", **split_info})
         # ---- checks before anything is written (every rank reaches the same verdict) ----
         existing = paths["run"].exists() or paths["last"].exists()
         if existing and not resume:
@@ -349,7 +360,7 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                                         "resume without --config/--set, or start a new --out")
             if paths["last"].exists():
                 ckpt = load_checkpoint(paths["last"])
-                if ckpt.get("store_fingerprint") != store.meta.fingerprint():
+                if ckpt.get("store_fingerprint") != store.fingerprint():
                     _store_check({"store_fingerprint": ckpt.get("store_fingerprint")}, store, store_path)
         if config is None:
             raise TrainingError("no config given and no run to resume")
@@ -379,7 +390,7 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
             group_keys = store.repos[train_idx]
         total_steps = steps_per_epoch * cfg.train.epochs
         d = store.meta.hidden_size
-        stats_key = {"store_fingerprint": store.meta.fingerprint(), "train_records": int(len(train_idx)),
+        stats_key = {"store_fingerprint": store.fingerprint(), "train_records": int(len(train_idx)),
                      "outlier_factor": cfg.norm.outlier_factor, "eps": cfg.norm.eps,
                      "whiten_shrink": cfg.norm.whiten_shrink}
         need_stats = True  # statistics left by an earlier start are reused only if they were fitted the same way
@@ -418,11 +429,12 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
             atomic_write_json(paths["run"], {
                 "format": "codejepa-predict-run", "name": cfg.name or cfg.model.kind,
                 "model_kind": cfg.model.kind, "parameters": n_params, "hidden_size": d,
-                "store": str(store_path.resolve()), "store_fingerprint": store.meta.fingerprint(),
+                "store": str(store_path.resolve()), "store_fingerprint": store.fingerprint(),
                 "store_meta": asdict(store.meta), "code_version": code_version(),
                 "torch": torch.__version__, "world_size": world, "device": str(dev),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "train_records": int(len(train_idx)), "val_records": int(len(val_idx)), "dropped": dropped,
+                "splits": split_info,
             })
         o = cfg.optim
         opt_cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
@@ -611,7 +623,7 @@ def _ckpt(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: PredictConfig
     return {
         "format": CKPT_FORMAT, "format_version": CKPT_VERSION, "kind": cfg.model.kind,
         "hidden_size": store.meta.hidden_size, "config": cfg.to_dict(),
-        "store_fingerprint": store.meta.fingerprint(), "code_version": code_version(),
+        "store_fingerprint": store.fingerprint(), "code_version": code_version(),
         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
         "epoch": epoch, "step_in_epoch": step, "global_step": global_step,

@@ -1,0 +1,164 @@
+"""Pooling the evaluations of a cross-validation over repositories into one result.
+
+Each fold (``corpus folds``, then ``predict train --splits`` and ``evaluate retrieval --splits``)
+ranks its own test repositories' queries among its own pool, with every statistic and
+hyper-parameter fitted on that fold's train and val. Pooled, the folds cover every repository
+once: the metrics are the means over all their queries, and the confidence intervals resample
+all the repositories, so they narrow with the square root of the number of folds. Each query
+keeps the rank it had in its own fold's pool; the pools' sizes are reported beside the table.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from codejepa.core import atomic_write_bytes, atomic_write_json
+from codejepa.evaluate.errors import EvaluateError
+from codejepa.evaluate.metrics import MetricCI, bootstrap_cis, paired_bootstrap
+from codejepa.evaluate.report import RANKS_FILE, load_result
+
+FOLDS_JSON = "folds.json"
+FOLDS_TABLE = "folds.txt"
+
+
+@dataclass
+class PooledRow:
+    key: str  # METHOD@SPACE, as in each fold's ranks.npz
+    n_queries: int
+    metrics: dict[str, MetricCI]
+    per_fold_rank1: list[float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "n_queries": self.n_queries, "per_fold_rank@1": self.per_fold_rank1,
+                "metrics": {k: v.to_json() for k, v in self.metrics.items()}}
+
+
+@dataclass
+class PooledResult:
+    folds: list[dict[str, Any]]  # per fold: dir, split label, queries, repositories, pool size
+    rows: list[PooledRow]
+    comparisons: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": "codejepa-folds", "folds": self.folds, "rows": [r.to_json() for r in self.rows],
+                "comparisons": self.comparisons, "notes": self.notes,
+                "ci": "95% percentile bootstrap over all folds' test repositories"}
+
+
+def _load_fold(d: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
+    data = load_result(d)
+    p = d / RANKS_FILE
+    if not p.is_file():
+        raise EvaluateError(f"{p}: no saved ranks here (run `codejepa evaluate retrieval ... --out {d}`)")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            ranks = {k: z[k] for k in z.files if k != "__clusters__"}
+            clusters = z["__clusters__"].astype(str)
+    except (OSError, ValueError, KeyError) as e:
+        raise EvaluateError(f"{p}: unreadable ranks ({e})") from None
+    return data, ranks, clusters
+
+
+def pool_folds(eval_dirs: Sequence[str | Path], *, compare: Sequence[tuple[str, str]] = (), n_boot: int = 1000,
+               seed: int = 0) -> PooledResult:
+    """Pool the saved evaluations of the folds of one cross-validation (see the module doc).
+
+    Refuses folds that share a test repository, mix query splits or pool kinds, or were not
+    evaluated with a split file; keeps the rows that every fold has. ``compare`` adds paired
+    bootstraps of A − B (``METHOD@SPACE`` keys) over all the folds' queries, with whether the
+    two methods' own CIs overlap.
+    """
+    if len(eval_dirs) < 2:
+        raise EvaluateError("pooling needs the evaluations of at least two folds")
+    folds, all_ranks, all_clusters, notes = [], [], [], []
+    seen_repos: dict[str, str] = {}
+    kinds: set[tuple[str, str]] = set()
+    keys: set[str] | None = None
+    for d in map(Path, eval_dirs):
+        data, ranks, clusters = _load_fold(d)
+        split_key = (data.get("store") or {}).get("splits")
+        if not split_key:
+            raise EvaluateError(f"{d}: evaluated on the store's own split; evaluate each fold with --splits "
+                                "(a file of `codejepa corpus folds`)")
+        kinds.add((str(data["settings"].get("split")), str(data["pool"].get("label"))))
+        for repo in np.unique(clusters):
+            if repo in seen_repos:
+                raise EvaluateError(f"repository {repo} is tested in two folds ({seen_repos[repo]} and {d}): "
+                                    "pool the folds of one cross-validation")
+            seen_repos[repo] = str(d)
+        all_ranks.append(ranks)
+        all_clusters.append(clusters)
+        keys = set(ranks) if keys is None else keys & set(ranks)
+        folds.append({"dir": str(d), "split_key": split_key, "notes": data.get("notes", []),
+                      "n_queries": int(len(clusters)), "n_repos": int(len(np.unique(clusters))),
+                      "pool": data["pool"].get("label"), "mean_pool_size": data["pool"].get("mean_pool_size")})
+    if len(kinds) > 1:
+        raise EvaluateError(f"the folds were evaluated differently (query split, pool): {sorted(kinds)}")
+    assert keys is not None
+    dropped = sorted(set().union(*map(set, all_ranks)) - keys)
+    if dropped:
+        notes.append(f"rows missing from some fold, left out: {', '.join(dropped)}")
+    if not keys:
+        raise EvaluateError("the folds have no method row in common")
+    clusters = np.concatenate(all_clusters)
+    rows = []
+    for k in sorted(keys):
+        r = np.concatenate([f[k] for f in all_ranks])
+        rows.append(PooledRow(k, int(len(r)), bootstrap_cis(r, clusters, n_boot=n_boot, seed=seed),
+                              [float(np.mean(f[k] <= 1)) for f in all_ranks]))
+    rows.sort(key=lambda row: -row.metrics["mrr"].value)
+    by_key = {r.key: r for r in rows}
+    comparisons = []
+    for a, b in compare:
+        for k in (a, b):
+            if k not in by_key:
+                raise EvaluateError(f"no pooled row {k!r}; available: {', '.join(sorted(by_key))}")
+        res = paired_bootstrap(np.concatenate([f[a] for f in all_ranks]), np.concatenate([f[b] for f in all_ranks]),
+                               clusters, n_boot=max(n_boot, 2000), seed=seed)
+        overlap = {m: by_key[a].metrics[m].low <= by_key[b].metrics[m].high
+                   and by_key[b].metrics[m].low <= by_key[a].metrics[m].high for m in ("rank@1", "mrr")}
+        comparisons.append({"a": a, "b": b, "results": [c.to_json() for c in res], "cis_overlap": overlap})
+    return PooledResult(folds, rows, comparisons, notes)
+
+
+def render_folds(res: PooledResult, console: Console) -> None:
+    n_q = sum(f["n_queries"] for f in res.folds)
+    n_r = sum(f["n_repos"] for f in res.folds)
+    sizes = ", ".join(f"{f['mean_pool_size']:.0f}" for f in res.folds)
+    t = Table(title=f"{len(res.folds)} folds pooled: {n_q} queries from {n_r} repositories (pools of {sizes} bodies)",
+              caption="rank@1 / recall in %, 95% CIs over all the folds' repositories")
+    for col in ("method@space", "rank@1", "MRR", "R@10", "rank@1 per fold"):
+        t.add_column(col, justify="left" if col == "method@space" else "right", no_wrap=True)
+    for r in res.rows:
+        m = r.metrics
+        t.add_row(r.key, f"{100 * m['rank@1'].value:.1f} [{100 * m['rank@1'].low:.1f}, {100 * m['rank@1'].high:.1f}]",
+                  f"{m['mrr'].value:.3f} [{m['mrr'].low:.3f}, {m['mrr'].high:.3f}]",
+                  f"{100 * m['recall@10'].value:.1f}", " ".join(f"{100 * x:.1f}" for x in r.per_fold_rank1))
+    console.print(t)
+    plain = {"soft_wrap": True, "markup": False, "highlight": False}
+    for c in res.comparisons:
+        for x in c["results"]:
+            ov = c["cis_overlap"].get(x["metric"])
+            console.print(f"{c['a']} vs {c['b']}: {x['metric']} {x['a']:.4f} vs {x['b']:.4f}, diff {x['diff']:+.4f} "
+                          f"[{x['ci_low']:+.4f}, {x['ci_high']:+.4f}], p = {x['p_value']:.4f}"
+                          + ("" if ov is None else ("; CIs overlap" if ov else "; CIs do not overlap")), **plain)
+    for n in res.notes:
+        console.print(f"note: {n}", style="yellow", **plain)
+
+
+def write_folds_result(res: PooledResult, out_dir: str | Path) -> dict[str, str]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / FOLDS_JSON, res.to_json())
+    sio = io.StringIO()
+    render_folds(res, Console(file=sio, width=200, color_system=None))
+    atomic_write_bytes(out / FOLDS_TABLE, sio.getvalue().encode())
+    return {"json": str(out / FOLDS_JSON), "table": str(out / FOLDS_TABLE)}

@@ -1,0 +1,218 @@
+"""Cross-validation over repositories: split files (corpus), their use by a store, a run and an
+evaluation, and the pooled result over the folds (evaluate)."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _evaluate_fixtures import make_dataset  # noqa: E402
+
+from codejepa.cli import app  # noqa: E402
+from codejepa.core import CodejepaError  # noqa: E402
+from codejepa.corpus.folds import fold_groups, fold_repo_splits, make_folds, read_splits, write_folds  # noqa: E402
+from codejepa.corpus.records import read_records  # noqa: E402
+from codejepa.embed.store import StoreError, open_store, use_split_file  # noqa: E402
+from codejepa.evaluate.errors import EvaluateError  # noqa: E402
+from codejepa.evaluate.folds import pool_folds  # noqa: E402
+from codejepa.evaluate.retrieval import evaluate_retrieval  # noqa: E402
+
+torch.set_num_threads(1)
+runner = CliRunner()
+
+
+def add_index_files(corpus_dir: Path) -> dict[str, str]:
+    """Give a fixture corpus the per-repo index files a real build writes (id, body hash);
+    the corpus fingerprint does not cover them. Returns record id → repo."""
+    mpath = corpus_dir / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    owner = {}
+    for r in manifest["repos"]:
+        recs = list(read_records(corpus_dir / r["records_file"]))
+        r["index_file"] = r["records_file"].replace(".jsonl", ".index.tsv")
+        (corpus_dir / r["index_file"]).write_text("".join(f"{x.id}\t{x.body_hash}\n" for x in recs))
+        owner.update({x.id: r["name"] for x in recs})
+    mpath.write_text(json.dumps(manifest))
+    return owner
+
+
+def test_groups_partition_the_repositories_whatever_their_order() -> None:
+    names = [f"org/repo{i}" for i in range(23)]
+    groups = fold_groups(names, 5)
+    assert sorted(n for g in groups for n in g) == sorted(names)
+    assert {len(g) for g in groups} <= {4, 5}
+    shuffled = names[:]
+    random.Random(1).shuffle(shuffled)
+    assert fold_groups(shuffled, 5) == groups
+    assert fold_groups(names, 5, seed=1) != groups
+    for k in range(5):
+        s = fold_repo_splits(groups, k)
+        assert [n for n in names if s[n] == "test"] == [n for n in names if n in groups[k]]
+        assert {n for n in names if s[n] == "val"} == set(groups[(k + 1) % 5])
+    # every repository is tested in exactly one fold
+    tested = [n for k in range(5) for n, s in fold_repo_splits(groups, k).items() if s == "test"]
+    assert sorted(tested) == sorted(names)
+    with pytest.raises(CodejepaError, match="at least 3"):
+        fold_groups(names, 2)
+    with pytest.raises(CodejepaError, match="cannot fill"):
+        fold_groups(names[:4], 5)
+
+
+def _index_corpus(root: Path) -> Path:
+    """Six repos and one pinned to train; repo a and repo b share the body hash h-shared."""
+    c = root / "corpus"
+    (c / "repos").mkdir(parents=True)
+    repos = []
+    for name in ("a", "b", "c", "d", "e", "f", "pinned"):
+        rows = [(f"{name}:{j}", f"h-{name}-{j}") for j in range(4)]
+        if name == "b":
+            rows.append(("b:shared", "h-shared"))
+        if name == "a":
+            rows.append(("a:shared", "h-shared"))
+        (c / "repos" / f"{name}.index.tsv").write_text("".join(f"{i}\t{h}\n" for i, h in rows))
+        repos.append({"name": name, "split": "train", "status": "ok", "records_file": f"repos/{name}.jsonl",
+                      "index_file": f"repos/{name}.index.tsv", "train_only": name == "pinned", "functions": len(rows)})
+    (c / "manifest.json").write_text(json.dumps({"format": "codejepa-corpus", "format_version": 1, "repos": repos,
+                                                 "dropped": {}, "settings": {"seed": 0}}))
+    return c
+
+
+def test_each_fold_has_its_own_leak_filter_and_pinned_repos_stay_in_train(tmp_path: Path) -> None:
+    corpus = _index_corpus(tmp_path)
+    folds = make_folds(corpus, 3)
+    tested = sorted(r for a in folds for r, s in a.repos.items() if s == "test")
+    assert tested == ["a", "b", "c", "d", "e", "f"]  # each once; the pinned repo never
+    for a in folds:
+        assert a.repos["pinned"] == "train" and all(a.splits[f"pinned:{j}"] == "train" for j in range(4))
+        sa, sb = a.repos["a"], a.repos["b"]
+        kept = {rid for rid in ("a:shared", "b:shared") if rid in a.splits}
+        if sa == "train" and sb == "train":
+            assert kept == {"a:shared"}  # one train copy is kept (repos in name order)
+        elif sa == "train":
+            assert kept == {"a:shared"}  # b's held-out copy leaks from train: dropped
+        elif sb == "train":
+            assert kept == {"b:shared"}
+        else:
+            assert len(kept) == 1 or sa != sb  # two held-out splits: each keeps its own
+        assert all(f"{r}:0" in a.splits for r in "abcdef")  # the rest is kept
+    assert len({a.key for a in folds}) == 3
+    paths = write_folds(corpus, tmp_path / "folds", 3)
+    back = read_splits(paths[1])
+    assert back.splits == folds[1].splits and back.repos == folds[1].repos and back.key == folds[1].key
+    assert back.label == "fold 1 of 3 (seed 0)"
+    # A damaged or foreign file is one clear error, not a traceback.
+    d = json.loads(paths[1].read_text())
+    d["records"]["test"] = d["records"]["test"][1:]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(d))
+    with pytest.raises(CodejepaError, match="do not match its key"):
+        read_splits(bad)
+    bad.write_text("{")
+    with pytest.raises(CodejepaError, match="unreadable split file"):
+        read_splits(bad)
+    with pytest.raises(CodejepaError, match="no such split file"):
+        read_splits(tmp_path / "missing.json")
+    r = runner.invoke(app, ["corpus", "folds", str(corpus), "--out", str(tmp_path / "cli"), "--folds", "3"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["fold-0.json", "fold-1.json", "fold-2.json"]
+    assert read_splits(tmp_path / "cli" / "fold-2.json").key == folds[2].key
+
+
+@pytest.fixture(scope="module")
+def cv(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("folds")
+    ds = make_dataset(root, repos={"train": 6, "val": 3, "test": 3}, per_repo=20, duplicate_test_bodies=0)
+    owner = add_index_files(ds.corpus_dir)
+    paths = write_folds(ds.corpus_dir, root / "folds", 3)
+    return ds, owner, paths, root
+
+
+def test_a_split_file_replaces_the_stores_split_and_its_fingerprint(cv) -> None:
+    ds, owner, paths, _ = cv
+    with open_store(ds.store_path) as store:
+        own_fp = store.fingerprint()
+        assert own_fp == ds.meta.fingerprint()
+        a, missing = use_split_file(store, paths[0])
+        assert missing == 0
+        test_repos = {r for r, s in a.repos.items() if s == "test"}
+        assert {owner[i] for i in store.ids[store.indices("test")]} == test_repos
+        assert len(store.indices("train")) + len(store.indices("val")) + len(store.indices("test")) == len(store)
+        fp0 = store.fingerprint()
+        use_split_file(store, paths[1])
+        assert len({own_fp, fp0, store.fingerprint()}) == 3
+        store.use_splits({store.ids[0]: "test"}, "only-one")
+        assert list(store.indices("test")) == [0] and len(store.indices("train")) == 0
+        assert len(store.indices()) == len(store)  # unlisted records stay candidates of a whole pool
+        with pytest.raises(StoreError, match="unknown split"):
+            store.use_splits({store.ids[0]: "holdout"}, "x")
+    other = make_dataset(cv[3], name="other")
+    with open_store(other.store_path) as store, pytest.raises(StoreError, match="another corpus"):
+        use_split_file(store, paths[0])
+
+
+def test_folds_train_evaluate_and_pool_over_every_repository(cv, tmp_path: Path) -> None:
+    from codejepa.predict.config import resolve_config
+    from codejepa.predict.train import train
+
+    ds, owner, paths, _ = cv
+    cfg = resolve_config("mlp", overrides={"model.mlp_hidden": "32", "train.batch_size": 32, "train.epochs": 1,
+                                           "train.plot_every_s": -1})
+    evals = []
+    for k, p in enumerate(paths):
+        run = tmp_path / f"k{k}" / "mlp"  # the same run name in every fold: its rows pool
+        res = train(ds.store_path, cfg, run, device="cpu", splits=p)
+        assert np.isfinite(res["best_val_mrr"])
+        info = json.loads((run / "run.json").read_text())["splits"]
+        assert info["key"] == read_splits(p).key and info["label"] == f"fold {k} of 3 (seed 0)"
+        out = tmp_path / f"k{k}" / "eval"
+        r = evaluate_retrieval(ds.store_path, [run], splits=p, baselines="prototype,ridge", spaces="whitened",
+                               n_boot=50, out_dir=out, plots=False, hubness_correction=False)
+        test_repos = {n for n, s in read_splits(p).repos.items() if s == "test"}
+        assert {str(x) for x in r.row("mlp", "whitened").clusters} == test_repos
+        evals.append(out)
+    # A run is refused on another fold's split (its test repositories were its train) and on the
+    # store's own split; resuming it with another split file is refused too.
+    with pytest.raises(EvaluateError, match="split"):
+        evaluate_retrieval(ds.store_path, [tmp_path / "k0" / "mlp"], splits=paths[1], baselines="none", plots=False)
+    with pytest.raises(EvaluateError, match="fingerprint"):
+        evaluate_retrieval(ds.store_path, [tmp_path / "k0" / "mlp"], baselines="none", plots=False)
+    with pytest.raises(CodejepaError, match="other settings"):
+        train(ds.store_path, None, tmp_path / "k0" / "mlp", resume=True, device="cpu", splits=paths[1])
+
+    pooled = pool_folds(evals, compare=[("mlp@whitened", "prototype@whitened")], n_boot=100)
+    n_test = sum(sum(s == "test" for s in read_splits(p).repos.values()) for p in paths)
+    assert n_test == 12
+    row = {r.key: r for r in pooled.rows}["mlp@whitened"]
+    assert row.n_queries == len(ds.ids)  # every record is a test query in exactly one fold
+    assert len(row.per_fold_rank1) == 3
+    ranks = [np.load(e / "ranks.npz")["mlp@whitened"] for e in evals]
+    assert row.metrics["rank@1"].value == pytest.approx(np.mean(np.concatenate(ranks) <= 1))
+    assert row.metrics["rank@1"].low <= row.metrics["rank@1"].value <= row.metrics["rank@1"].high
+    proto = {r.key: r for r in pooled.rows}["prototype@whitened"]
+    assert row.metrics["mrr"].value > proto.metrics["mrr"].value
+    c = pooled.comparisons[0]
+    assert c["results"][0]["metric"] == "rank@1" and c["results"][0]["diff"] > 0
+    assert c["cis_overlap"]["rank@1"] == (row.metrics["rank@1"].low <= proto.metrics["rank@1"].high)
+
+    r = runner.invoke(app, ["evaluate", "folds", *map(str, evals), "--out", str(tmp_path / "pooled"),
+                            "--compare", "mlp@whitened,prototype@whitened", "--n-boot", "50"])
+    assert r.exit_code == 0, r.output
+    assert "3 folds pooled" in r.output and "CIs" in r.output
+    assert json.loads((tmp_path / "pooled" / "folds.json").read_text())["rows"]
+    # The same fold twice, or an evaluation on the store's own split, cannot be pooled.
+    with pytest.raises(EvaluateError, match="tested in two folds"):
+        pool_folds([evals[0], evals[0]])
+    own = tmp_path / "own"
+    evaluate_retrieval(ds.store_path, [], baselines="prototype", spaces="whitened", n_boot=20, out_dir=own, plots=False)
+    with pytest.raises(EvaluateError, match="with --splits"):
+        pool_folds([evals[0], own])
+    r = runner.invoke(app, ["evaluate", "folds", str(evals[0]), str(evals[0])])
+    assert r.exit_code == 1 and "tested in two folds" in r.output and "Traceback" not in r.output
