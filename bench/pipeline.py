@@ -71,6 +71,7 @@ def main() -> None:
     out: Path = args.out.expanduser()
     out.mkdir(parents=True, exist_ok=True)
     stages = set(args.stages.split(","))
+    requested = sorted(stages)
     tag = f"L{args.layer if args.layer is not None else 'mid'}-{args.targets}"
     if args.extra_train:
         tag = f"plus-{tag}"
@@ -125,7 +126,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
         "store": str(store),
-        "stages": sorted(stages),
+        "stages": requested,
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     path = out / f"timings-{tag}.json"
