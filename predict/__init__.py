@@ -9,7 +9,7 @@ Public API (imported lazily, so that ``codejepa --help`` does not import torch):
 - ``load_predictor(run_dir, device="cpu") -> Predictor``: config, normalisation stats and the
   best checkpoint (``torch.load(weights_only=True)``).
 - ``Predictor.name``, ``Predictor.store_fingerprint`` (the training store's
-  ``StoreMeta.fingerprint()``), ``Predictor.predict_pooled(store, indices)`` →
+  ``Store.fingerprint()``: its metadata's, and the split file's when trained with one), ``Predictor.predict_pooled(store, indices)`` →
   ``[len(indices), hidden_size]`` float32 predicted mean-pooled body states in the teacher's
   RAW space, from context + signature states only; a store with another fingerprint raises
   :class:`PredictorError` (a ``CodejepaError``).

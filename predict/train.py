@@ -263,7 +263,8 @@ def _store_check(run: dict[str, Any], store: Store, store_path: Path) -> None:
         raise TrainingError(
             f"{store_path}: built with other settings than this run's store "
             f"(fingerprint {fp[:12]} vs {str(run.get('store_fingerprint'))[:12]}"
-            f"{'; run vs store: ' + str(what) if what else ''}); use the run's store or a new --out"
+            f"{'; run vs store: ' + str(what) if what else ''}, or another --splits file than the run's "
+            f"{(run.get('splits') or {}).get('file', '(none)')}); use the run's store and split file, or a new --out"
         )
 
 
