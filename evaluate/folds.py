@@ -11,9 +11,9 @@ keeps the rank it had in its own fold's pool; the pools' sizes are reported besi
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
