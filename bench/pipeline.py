@@ -22,7 +22,7 @@ val and test stay python-40's repositories; its corpus, store, runs and evaluati
 ``codejepa corpus folds`` deals the repositories into K groups; each fold trains the models and
 evaluates with ``--splits`` (test-split pool), and ``evaluate folds`` pools the K evaluations
 into one table over every repository (OUT/folds/pooled-TAG/). The runs and evaluations go under
-OUT/folds/kK/.
+OUT/folds/kK/; the single-split train, evaluate and ceilings stages are not run.
 """
 
 from __future__ import annotations

@@ -192,15 +192,14 @@ def folds(
     from rich.table import Table
 
     from codejepa.core import CodejepaError
-    from codejepa.corpus.folds import read_splits, write_folds
+    from codejepa.corpus.folds import make_folds, write_fold
 
     try:
-        paths = write_folds(corpus, out, k, seed)
         table = Table(title=f"{k} folds over repositories, in {out}")
         for col in ("file", "test repos", "val repos", "train repos", "train", "val", "test"):
             table.add_column(col, justify="left" if col == "file" else "right")
-        for p in paths:
-            a = read_splits(p)
+        for a in make_folds(corpus, k, seed):
+            p = write_fold(a, out)
             repos = list(a.repos.values())
             recs = list(a.splits.values())
             table.add_row(p.name, *(str(repos.count(s)) for s in ("test", "val", "train")),

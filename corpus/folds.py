@@ -84,32 +84,36 @@ def make_folds(corpus_dir: str | os.PathLike[str], folds: int, seed: int | None 
     pinned = {r["name"] for r in entries if r.get("train_only")}
     groups = fold_groups([r["name"] for r in entries if r["name"] not in pinned], folds, seed)
     fp = corpus_fingerprint(manifest)
+    try:  # each index file is read once, not once per fold
+        entries_of = {r["name"]: list(read_index(str(Path(corpus_dir) / r["index_file"]))) for r in entries}
+    except OSError as e:
+        raise CodejepaError(f"{corpus_dir}: unreadable index file ({e}); rebuild the corpus") from None
     out = []
     for k in range(folds):
         repo_split = {**fold_repo_splits(groups, k), **{n: "train" for n in pinned}}
-        indexes = [RepoIndex(r["name"], repo_split[r["name"]],
-                             (lambda p=str(Path(corpus_dir) / r["index_file"]): read_index(p))) for r in entries]
-        try:
-            dropped = compute_dropped(indexes, keep_trivial=bool(settings.get("keep_trivial", False)))
-        except OSError as e:
-            raise CodejepaError(f"{corpus_dir}: unreadable index file ({e}); rebuild the corpus") from None
-        splits = {rid: repo_split[r.name] for r in indexes for rid, _ in r.entries() if rid not in dropped.dropped}
-        key = sha256_json({"corpus": fp, "splits": sorted(splits.items())})
-        out.append(SplitAssignment(splits, dict(sorted(repo_split.items())), k, folds, seed, fp, key))
+        indexes = [RepoIndex(name, repo_split[name], (lambda rows=rows: rows)) for name, rows in entries_of.items()]
+        dropped = compute_dropped(indexes, keep_trivial=bool(settings.get("keep_trivial", False))).dropped
+        splits = {rid: repo_split[name] for name, rows in entries_of.items() for rid, _ in rows if rid not in dropped}
+        out.append(SplitAssignment(splits, dict(sorted(repo_split.items())), k, folds, seed, fp, _key(fp, splits)))
     return out
+
+
+def _key(corpus_fp: str, splits: dict[str, str]) -> str:
+    return sha256_json({"corpus": corpus_fp, "splits": sorted(splits.items())})
+
+
+def write_fold(a: SplitAssignment, out_dir: str | os.PathLike[str]) -> Path:
+    """Write one fold's split file, ``out_dir/fold-K.json``."""
+    p = Path(out_dir) / f"fold-{a.fold}.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(p, a.to_json())
+    return p
 
 
 def write_folds(corpus_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], folds: int,
                 seed: int | None = None) -> list[Path]:
     """Write ``fold-K.json`` for each fold into ``out_dir``; return the paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for a in make_folds(corpus_dir, folds, seed):
-        p = out / f"fold-{a.fold}.json"
-        atomic_write_json(p, a.to_json())
-        paths.append(p)
-    return paths
+    return [write_fold(a, out_dir) for a in make_folds(corpus_dir, folds, seed)]
 
 
 def read_splits(path: str | os.PathLike[str]) -> SplitAssignment:
@@ -129,6 +133,6 @@ def read_splits(path: str | os.PathLike[str]) -> SplitAssignment:
                             str(d["corpus_fingerprint"]), str(d["key"]))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CodejepaError(f"{p}: damaged split file ({type(e).__name__}: {e})") from None
-    if sha256_json({"corpus": a.corpus_fingerprint, "splits": sorted(splits.items())}) != a.key:
+    if _key(a.corpus_fingerprint, splits) != a.key:
         raise CodejepaError(f"{p}: damaged split file (its records do not match its key)")
     return a

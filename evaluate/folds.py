@@ -72,8 +72,8 @@ def pool_folds(eval_dirs: Sequence[str | Path], *, compare: Sequence[tuple[str, 
                seed: int = 0) -> PooledResult:
     """Pool the saved evaluations of the folds of one cross-validation (see the module doc).
 
-    Refuses folds that share a test repository, mix query splits or pool kinds, or were not
-    evaluated with a split file; keeps the rows that every fold has. ``compare`` adds paired
+    Refuses folds that share a test repository, mix stores, query splits or pool kinds, or were
+    not evaluated with a split file; keeps the rows that every fold has. ``compare`` adds paired
     bootstraps of A − B (``METHOD@SPACE`` keys) over all the folds' queries, with whether the
     two methods' own CIs overlap.
     """
@@ -82,6 +82,7 @@ def pool_folds(eval_dirs: Sequence[str | Path], *, compare: Sequence[tuple[str, 
     folds, all_ranks, all_clusters, notes = [], [], [], []
     seen_repos: dict[str, str] = {}
     kinds: set[tuple[str, str]] = set()
+    stores: dict[str, str] = {}  # store file sha256 → first fold evaluated on it
     keys: set[str] | None = None
     for d in map(Path, eval_dirs):
         data, ranks, clusters = _load_fold(d)
@@ -90,6 +91,10 @@ def pool_folds(eval_dirs: Sequence[str | Path], *, compare: Sequence[tuple[str, 
             raise EvaluateError(f"{d}: evaluated on the store's own split; evaluate each fold with --splits "
                                 "(a file of `codejepa corpus folds`)")
         kinds.add((str(data["settings"].get("split")), str(data["pool"].get("label"))))
+        stores.setdefault(str(data["store"].get("file_sha256")), str(d))
+        if len(stores) > 1:
+            raise EvaluateError(f"{d} was evaluated on another store than {next(iter(stores.values()))}: "
+                                "the folds of one cross-validation share one store")
         for repo in np.unique(clusters):
             if repo in seen_repos:
                 raise EvaluateError(f"repository {repo} is tested in two folds ({seen_repos[repo]} and {d}): "

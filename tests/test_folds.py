@@ -214,5 +214,13 @@ def test_folds_train_evaluate_and_pool_over_every_repository(cv, tmp_path: Path)
     evaluate_retrieval(ds.store_path, [], baselines="prototype", spaces="whitened", n_boot=20, out_dir=own, plots=False)
     with pytest.raises(EvaluateError, match="with --splits"):
         pool_folds([evals[0], own])
+    foreign = tmp_path / "foreign"  # fold 1's evaluation, as if made on another store
+    foreign.mkdir()
+    (foreign / "ranks.npz").write_bytes((evals[1] / "ranks.npz").read_bytes())
+    data = json.loads((evals[1] / "retrieval.json").read_text())
+    data["store"]["file_sha256"] = "0" * 64
+    (foreign / "retrieval.json").write_text(json.dumps(data))
+    with pytest.raises(EvaluateError, match="another store"):
+        pool_folds([evals[0], foreign, evals[2]])
     r = runner.invoke(app, ["evaluate", "folds", str(evals[0]), str(evals[0])])
     assert r.exit_code == 1 and "tested in two folds" in r.output and "Traceback" not in r.output
