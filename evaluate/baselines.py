@@ -8,7 +8,6 @@ hyper-parameters (ridge's λ, the fusion weight) are chosen on VAL.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 
 from codejepa.evaluate.errors import EvaluateError
 from codejepa.evaluate.spaces import Space, fit_space
+from codejepa.predict.lexical import BM25Scorer, code_tokens  # noqa: F401  (BM25 lives with the training-time offset)
 
 # ridge+last: ridge on [signature mean, the signature's last-token state], the pooled views the
 # ridge-residual and transformer-residual predictors read — what their learned part must beat.
@@ -117,63 +117,6 @@ class ReverseFit:
 
 
 # -- BM25 -------------------------------------------------------------------------------------
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
-_CAMEL = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
-
-
-def code_tokens(text: str) -> list[str]:
-    """Identifiers split at snake_case and CamelCase boundaries, lower-cased; a compound
-    identifier also keeps its whole lower-cased form (``parse_json_file`` → parse, json, file,
-    parse_json_file), so exact names still match exactly."""
-    out: list[str] = []
-    for word in _IDENT.findall(text):
-        parts: list[str] = []
-        for piece in word.split("_"):
-            if piece:
-                parts.extend(_CAMEL.findall(piece))
-        low = [p.lower() for p in parts]
-        out.extend(low)
-        if len(low) > 1:
-            out.append(word.lower().strip("_"))
-    return out
-
-
-class BM25Scorer:
-    """BM25 (the ``bm25s`` library) of query texts against candidate body texts.
-
-    Scores are computed a query block at a time (each query's row over every candidate is a
-    sparse product) and cached for the block, so the blocked search can slice it freely.
-    """
-
-    def __init__(self, query_texts: list[str], candidate_texts: list[str], *, k1: float = 1.2, b: float = 0.75) -> None:
-        import bm25s
-
-        self.n_queries = len(query_texts)
-        self.n_candidates = len(candidate_texts)
-        self.retriever = bm25s.BM25(k1=k1, b=b)
-        docs = [code_tokens(t) or [""] for t in candidate_texts]
-        self.retriever.index(docs, show_progress=False)
-        vocab = self.retriever.vocab_dict
-        self.query_ids = [[vocab[t] for t in code_tokens(q) if t in vocab] for q in query_texts]
-        self._key: bytes | None = None
-        self._rows: torch.Tensor | None = None
-
-    def rows(self, q: np.ndarray) -> torch.Tensor:
-        key = np.asarray(q, dtype=np.int64).tobytes()
-        if key != self._key:
-            out = np.zeros((len(q), self.n_candidates), dtype=np.float32)
-            for i, qi in enumerate(q):
-                ids = self.query_ids[int(qi)]
-                if ids:
-                    out[i] = self.retriever.get_scores_from_ids(ids)
-            self._key, self._rows = key, torch.from_numpy(out)
-        assert self._rows is not None
-        return self._rows
-
-    def block(self, q: np.ndarray, cols: np.ndarray) -> torch.Tensor:
-        return self.rows(q)[:, torch.as_tensor(np.asarray(cols, dtype=np.int64))]
-
-
 # -- vector helpers ---------------------------------------------------------------------------
 def nearest_rows(queries: np.ndarray, keys: np.ndarray, *, q_block: int = 1024, k_block: int = 65536) -> np.ndarray:
     """Index of each query's most cosine-similar key (blocked, exact)."""

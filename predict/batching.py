@@ -50,23 +50,29 @@ def epoch_order(n: int, rng: np.random.Generator, keys: np.ndarray | None = None
     return np.concatenate([runs[i] for i in rng.permutation(len(runs))]) if runs else np.zeros(0, np.int64)
 
 
-def record_files(store: Store, corpus_dir: str | Path | None = None) -> np.ndarray:
-    """``repo/path`` of every store record's source file, read from the corpus the store was
-    embedded from (``store.meta.corpus_dir`` unless ``corpus_dir`` is given)."""
+def corpus_columns(store: Store, corpus_dir: str | Path | None = None, *,
+                   why: str) -> dict[str, np.ndarray]:
+    """``file`` (``repo/path``), ``signature`` and ``body`` text of every store record, in store
+    order, read from the corpus the store was embedded from (``store.meta.corpus_dir`` unless
+    ``corpus_dir`` is given). ``why`` names the setting that needs them, for the error."""
     if not (corpus_dir or store.meta.corpus_dir):
-        raise BatchingError("train.batch_groups = 'file' reads each record's file from the corpus the store was "
-                            "embedded from, and this store does not name one; pass --set data.corpus=DIR "
-                            "or use train.batch_groups = 'repo'")
+        raise BatchingError(f"{why} reads the corpus the store was embedded from, and this store does not "
+                            "name one; pass --set data.corpus=DIR")
     where = Path(corpus_dir or store.meta.corpus_dir)
     try:
         read_manifest(where)
     except (OSError, ValueError, CodejepaError) as e:
-        raise BatchingError(f"train.batch_groups = 'file' reads each record's file from the corpus the store "
-                            f"was embedded from, {where}, which cannot be read ({e}); pass --set data.corpus=DIR "
-                            "or use train.batch_groups = 'repo'") from None
-    files = {rec.id: rec.source_file for rec in load_records(where, include_dropped=True)}
-    missing = [rid for rid in store.ids if rid not in files]
+        raise BatchingError(f"{why} reads the corpus the store was embedded from, {where}, which cannot be "
+                            f"read ({e}); pass --set data.corpus=DIR") from None
+    recs = {rec.id: (rec.source_file, rec.signature, rec.body) for rec in load_records(where, include_dropped=True)}
+    missing = [rid for rid in store.ids if rid not in recs]
     if missing:
         raise BatchingError(f"{len(missing)} store records (e.g. {missing[0]}) are not in the corpus at {where}: "
                             "it is not the corpus this store was embedded from")
-    return np.array([files[rid] for rid in store.ids])
+    cols = list(zip(*(recs[rid] for rid in store.ids))) or [(), (), ()]
+    return {name: np.array(c, dtype=str if name == "file" else object) for name, c in zip(("file", "signature", "body"), cols)}
+
+
+def record_files(store: Store, corpus_dir: str | Path | None = None) -> np.ndarray:
+    """``repo/path`` of every store record's source file (see :func:`corpus_columns`)."""
+    return corpus_columns(store, corpus_dir, why="train.batch_groups = 'file' (or 'repo', which needs no corpus)")["file"]

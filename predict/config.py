@@ -103,6 +103,10 @@ class LossConfig:
     # codejepa.predict.canonical). On python-40 "canonical" lowers the hubness-corrected rows
     # by 1.5-3 points (README, "Training in the canonical space"): hence not the default.
     space: str = "pooled"  # "pooled" | "canonical"
+    # κ of the BM25 offset in InfoNCE's logits and in the validation retrieval, cos + κ·σ·z(BM25)
+    # (codejepa.predict.lexical): trains the predictor for the BM25 hybrid evaluate scores it in.
+    # 0: off. The evaluate stage's fusion weight w corresponds to κ = (1 − w)/w.
+    lexical_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,9 @@ class PredictConfig:
             (t.epochs >= 1 and t.batch_size >= 1, "train sizes must be positive"),
             (lo.temperature > 0, "loss.temperature must be positive"),
             (lo.space in ("pooled", "canonical"), f"loss.space must be pooled or canonical, not {lo.space!r}"),
+            (lo.lexical_weight >= 0, "loss.lexical_weight must be ≥ 0"),
+            (not lo.lexical_weight or lo.infonce_weight,
+             "loss.lexical_weight offsets InfoNCE's logits: it needs loss.infonce_weight > 0"),
             (t.batch_groups in ("none", "file", "repo"), f"train.batch_groups must be none, file or repo, not {t.batch_groups!r}"),
             (t.group_size >= 1, "train.group_size must be positive"),
         ]

@@ -8,6 +8,8 @@ pooled body (MLP); cosine, InfoNCE and the variance hinge on the pooled predicti
 - InfoNCE: each prediction must pick its own body among the batch's bodies — the objective
   instance-level retrieval needs (under DDP the negatives are the rank's local batch); in the
   pooled space or in the evaluate stage's canonical space (``loss.space``);
+- with ``loss.lexical_weight``, InfoNCE ranks by the BM25 hybrid's score rather than the
+  cosine alone (``codejepa.predict.lexical``);
 - variance hinge (VICReg / V-JEPA): mean over dimensions of relu(γ − std of predictions over
   the batch), against collapse to a prototype.
 """
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from codejepa.predict.config import LossConfig
+from codejepa.predict.lexical import lexical_offset
 
 
 def regression(pred: torch.Tensor, target: torch.Tensor, cfg: LossConfig, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -34,8 +37,12 @@ def regression(pred: torch.Tensor, target: torch.Tensor, cfg: LossConfig, mask: 
     return e.mean()
 
 
-def infonce(pred: torch.Tensor, target: torch.Tensor, temperature: float, symmetric: bool = False) -> torch.Tensor:
-    logits = F.normalize(pred, dim=-1) @ F.normalize(target, dim=-1).T / temperature
+def infonce(pred: torch.Tensor, target: torch.Tensor, temperature: float, symmetric: bool = False,
+            offset: torch.Tensor | None = None) -> torch.Tensor:
+    """``offset`` (batch × batch, cosine units) is added to the cosines before the softmax: the
+    BM25 term of the hybrid score (``loss.lexical_weight``)."""
+    cos = F.normalize(pred, dim=-1) @ F.normalize(target, dim=-1).T
+    logits = (cos if offset is None else cos + offset) / temperature
     labels = torch.arange(len(pred), device=pred.device)
     loss = F.cross_entropy(logits, labels)
     if symmetric:  # each body must also pick its own prediction among the batch's predictions
@@ -53,10 +60,13 @@ def variance_hinge(pred: torch.Tensor, gamma: float) -> torch.Tensor:
 def compute_loss(out: dict[str, torch.Tensor], pooled_target: torch.Tensor,
                  slot_target: torch.Tensor | None, cfg: LossConfig,
                  to_score: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 lexical: tuple[torch.Tensor, torch.Tensor] | None = None,
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the enabled terms, and each term (detached) for the log. ``to_score``
     maps pooled vectors into the space InfoNCE ranks in (``loss.space``; the pooled space when
-    None): the regression stays in the pooled space, where the prediction lives."""
+    None): the regression stays in the pooled space, where the prediction lives. ``lexical``
+    (the batch's standardised BM25 matrix and the reference bodies, unit rows in the scoring
+    space) adds ``loss.lexical_weight``'s BM25 offset to InfoNCE."""
     pred = out["pooled"].float()
     parts: dict[str, torch.Tensor] = {}
     total = pred.new_zeros(())
@@ -73,7 +83,10 @@ def compute_loss(out: dict[str, torch.Tensor], pooled_target: torch.Tensor,
         total = total + cfg.cosine_weight * c
     if cfg.infonce_weight:
         sp, st = (pred, pooled_target) if to_score is None else (to_score(pred), to_score(pooled_target))
-        n = infonce(sp, st, cfg.temperature, cfg.symmetric)
+        offset = None
+        if lexical is not None and cfg.lexical_weight:
+            offset = lexical_offset(sp, lexical[0], lexical[1], cfg.lexical_weight)
+        n = infonce(sp, st, cfg.temperature, cfg.symmetric, offset)
         parts["infonce"] = n
         total = total + cfg.infonce_weight * n
     if cfg.variance_weight:

@@ -4,18 +4,30 @@ the evaluate stage does the full, honest evaluation with baselines and intervals
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+if TYPE_CHECKING:
+    from codejepa.predict.lexical import LexicalOffsets
 
-def retrieval_ranks(pred: torch.Tensor, target: torch.Tensor, block: int = 1024) -> torch.Tensor:
+
+def retrieval_ranks(pred: torch.Tensor, target: torch.Tensor, block: int = 1024,
+                    lexical: tuple[LexicalOffsets, float] | None = None) -> torch.Tensor:
     """1-based rank of each query's own target among all targets by cosine; ties count
-    against the query (pessimistic). Blocked: never an N×N matrix at once."""
+    against the query (pessimistic). Blocked: never an N×N matrix at once. With ``lexical``
+    (BM25 of these queries against these targets, and κ) the rank is by the hybrid score
+    ``cos + κ·σ_q·z(BM25)``, σ_q the std of the query's cosines over the reference sample."""
     p, t = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)
     ranks = torch.empty(len(p), dtype=torch.long)
     for a in range(0, len(p), block):
         sims = p[a : a + block] @ t.T
+        if lexical is not None:
+            lex, kappa = lexical
+            sd = sims[:, torch.as_tensor(lex.ref)].std(1, keepdim=True)
+            sims = sims + kappa * sd * lex.z(np.arange(a, a + len(sims)))
         own = sims.gather(1, torch.arange(a, a + len(sims)).unsqueeze(1))
         ranks[a : a + block] = (sims >= own).sum(1)  # includes itself → rank ≥ 1
     return ranks
@@ -43,11 +55,18 @@ def mean_cos_to_mean(x: torch.Tensor) -> float:
 
 
 def validation_metrics(pred_norm: torch.Tensor, tgt_norm: torch.Tensor, pred_raw: torch.Tensor,
-                       tgt_raw: torch.Tensor, pred_score: torch.Tensor, tgt_score: torch.Tensor) -> dict[str, float]:
+                       tgt_raw: torch.Tensor, pred_score: torch.Tensor, tgt_score: torch.Tensor,
+                       lexical: tuple[LexicalOffsets, float] | None = None) -> dict[str, float]:
     """Retrieval (model selection) in the scoring space (``pred_score``/``tgt_score``: the
-    normalised pooled space, or ``loss.space``'s map of it), cosines and collapse diagnostics."""
-    ranks = retrieval_ranks(pred_score, tgt_score).double()
+    normalised pooled space, or ``loss.space``'s map of it), cosines and collapse diagnostics.
+    With ``lexical`` the selection MRR is the BM25 hybrid's, and the cosine's alone is
+    reported beside it (``val_mrr_dense``)."""
+    ranks = retrieval_ranks(pred_score, tgt_score, lexical=lexical).double()
     n = len(ranks)
+    extra: dict[str, float] = {}
+    if lexical is not None:
+        dense = retrieval_ranks(pred_score, tgt_score).double()
+        extra = {"val_mrr_dense": float((1.0 / dense).mean()), "val_rank1_dense": float((dense == 1).double().mean())}
     return {
         "val_mrr": float((1.0 / ranks).mean()),
         "val_rank1": float((ranks == 1).double().mean()),
@@ -62,4 +81,5 @@ def validation_metrics(pred_norm: torch.Tensor, tgt_norm: torch.Tensor, pred_raw
         "pred_eff_rank": effective_rank(pred_norm),
         "target_eff_rank": effective_rank(tgt_norm),
         "pred_std_ratio": float(pred_norm.float().std(0).mean() / tgt_norm.float().std(0).mean().clamp(min=1e-12)),
+        **extra,
     }

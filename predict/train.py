@@ -36,16 +36,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from codejepa.core import CodejepaError, atomic_write_bytes, atomic_write_json
 from codejepa.core import code_version as _code_version
 from codejepa.embed.store import Store, StoreError, open_store, use_split_file
 from codejepa.predict import losses
-from codejepa.predict.batching import epoch_order, record_files
+from codejepa.predict.batching import corpus_columns, epoch_order
 from codejepa.predict.canonical import init_score_map
 from codejepa.predict.config import PredictConfig, from_dict
 from codejepa.predict.data import (FeatureSpec, FeatureTable, RevealSpec, StreamingTable, batch_loader,
                                    estimate_cache_bytes, valid_records)
+from codejepa.predict.lexical import LexicalOffsets
 from codejepa.predict.metrics import validation_metrics
 from codejepa.predict.models import build_model, count_parameters
 from codejepa.predict.normalize import NormStats, compute_stats
@@ -150,21 +152,23 @@ def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict
 
 # -- the forward pass + loss of one batch -----------------------------------------------------
 def batch_loss(model: torch.nn.Module, norm: Any, bt: dict[str, torch.Tensor], cfg: PredictConfig,
-               reveal: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+               reveal: torch.Tensor | None = None, lexical: tuple[torch.Tensor, torch.Tensor] | None = None,
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Loss of a batch. With ``reveal`` (multi-block training) the batch is run twice in ONE
     forward — the evaluation view (all slots masked) and the revealed view — so that DDP sees
-    one forward per backward; the revealed view adds a regression on its masked slots."""
+    one forward per backward; the revealed view adds a regression on its masked slots.
+    ``lexical``: the batch's BM25 offset inputs (``loss.lexical_weight``, see compute_loss)."""
     pooled_t = norm.body_to_norm(bt["body"])
     slot_t = norm.slots_to_norm(bt["slots"]) if "slots" in bt else None
     if reveal is None:
         out = model(bt)
-        loss, parts = losses.compute_loss(out, pooled_t, slot_t, cfg.loss, norm.to_score)
+        loss, parts = losses.compute_loss(out, pooled_t, slot_t, cfg.loss, norm.to_score, lexical)
         return loss, parts, out
     B = len(reveal)
     both = {k: torch.cat([v, v]) for k, v in bt.items()}
     out2 = model(both, reveal=torch.cat([torch.zeros_like(reveal), reveal]))
     out = {k: v[:B] for k, v in out2.items()}
-    loss, parts = losses.compute_loss(out, pooled_t, slot_t, cfg.loss, norm.to_score)
+    loss, parts = losses.compute_loss(out, pooled_t, slot_t, cfg.loss, norm.to_score, lexical)
     aux_cfg = cfg.loss if cfg.loss.regression != "none" else cfg.loss.__class__(regression="smoothl1")
     aux = losses.regression(out2["slots"][B:].float(), slot_t, aux_cfg, mask=~reveal)
     parts["masked_aux"] = aux.detach()
@@ -172,8 +176,11 @@ def batch_loss(model: torch.nn.Module, norm: Any, bt: dict[str, torch.Tensor], c
 
 
 @torch.no_grad()
-def evaluate_table(model: torch.nn.Module, table: Any, cfg: PredictConfig, device: torch.device) -> dict[str, float]:
-    """Val loss (train-batch-sized batches), retrieval and collapse diagnostics on a table."""
+def evaluate_table(model: torch.nn.Module, table: Any, cfg: PredictConfig, device: torch.device,
+                   lexical: LexicalOffsets | None = None) -> dict[str, float]:
+    """Val loss (train-batch-sized batches), retrieval and collapse diagnostics on a table.
+    With ``lexical`` (BM25 of the table's signatures against its bodies) the selection MRR is
+    the BM25 hybrid's (``loss.lexical_weight``)."""
     was_training = model.training
     model.eval()
     norm = model.norm
@@ -195,7 +202,8 @@ def evaluate_table(model: torch.nn.Module, table: Any, cfg: PredictConfig, devic
         tg_s.append(norm.to_score(tn).cpu())
     model.train(was_training)
     m = validation_metrics(torch.cat(preds_n), torch.cat(tg_n), torch.cat(preds_r), torch.cat(tg_r),
-                           torch.cat(preds_s), torch.cat(tg_s))
+                           torch.cat(preds_s), torch.cat(tg_s),
+                           lexical=(lexical, cfg.loss.lexical_weight) if lexical is not None else None)
     m["val_loss"] = loss_sum / max(1, n_sum)
     return m
 
@@ -216,7 +224,11 @@ def curves_figure(history: list[dict[str, Any]], title: str = "", space: str = "
     ax[0, 0].plot(ep, [h["train_loss"] for h in history], label="train")
     ax[0, 0].plot(ep, [h["val_loss"] for h in history], label="val")
     ax[0, 0].set_title("loss")
-    ax[0, 1].plot(ep, [h["val_mrr"] for h in history], label="val MRR (selection)")
+    hybrid = bool(history) and "val_mrr_dense" in history[-1]
+    ax[0, 1].plot(ep, [h["val_mrr"] for h in history],
+                  label="val MRR of cosine + BM25 offset (selection)" if hybrid else "val MRR (selection)")
+    if hybrid:
+        ax[0, 1].plot(ep, [h["val_mrr_dense"] for h in history], label="val MRR, cosine alone")
     ax[0, 1].plot(ep, [h["val_rank1"] for h in history], label="val rank@1")
     ax[0, 1].plot(ep, [h["val_chance_mrr"] for h in history], "--", color="grey", label="chance MRR")
     if start_mrr is not None:
@@ -384,9 +396,14 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
         if B <= 0 or B % world:
             raise TrainingError(f"train.batch_size ({B}) must be a positive multiple of the {world} DDP ranks")
         steps_per_epoch = len(train_idx) // B
-        group_keys = None
+        group_keys = columns = None
+        if cfg.train.batch_groups == "file" or cfg.loss.lexical_weight:
+            why = ("train.batch_groups = 'file' (or 'repo', which needs no corpus)" if cfg.train.batch_groups == "file"
+                   else "loss.lexical_weight")
+            columns = corpus_columns(store, cfg.data.corpus or None, why=why)
         if cfg.train.batch_groups == "file":
-            group_keys = record_files(store, cfg.data.corpus or None)[train_idx]
+            assert columns is not None
+            group_keys = columns["file"][train_idx]
         elif cfg.train.batch_groups == "repo":
             group_keys = store.repos[train_idx]
         total_steps = steps_per_epoch * cfg.train.epochs
@@ -481,11 +498,17 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
             _append_log(paths["log"], {"event": "score_map", **score_info, "time": time.time()})
             emit({"event": "score_map", **score_info})
 
+        lex_train = lex_val = None
+        if cfg.loss.lexical_weight:
+            assert columns is not None
+            lex_train = LexicalOffsets(columns["signature"][train_idx], columns["body"][train_idx], seed=cfg.train.seed)
+            if main:
+                lex_val = LexicalOffsets(columns["signature"][val_idx], columns["body"][val_idx], seed=cfg.train.seed)
         if ckpt is None and cfg.model.linear_skip == "ridge" and main:
             # The ridge start competes for best.pt as "epoch 0": a residual that only loses on
             # val (on the demo's 2,000 records it overfits from the first epoch) falls back to
             # the linear map it started from, not to its least bad epoch.
-            start_entry = {"event": "start_val", "epoch": 0, **evaluate_table(model, val_tab, cfg, dev),
+            start_entry = {"event": "start_val", "epoch": 0, **evaluate_table(model, val_tab, cfg, dev, lex_val),
                            "time": time.time()}
             best_mrr, best_epoch = start_entry["val_mrr"], 0
             save_checkpoint(paths["best"], {k: v for k, v in _ckpt(model, opt, cfg, store, 0, 0, 0, 0.0, 0, best_mrr, 0, []).items()
@@ -509,6 +532,11 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                 model, device_ids=[dev.index] if dev.type == "cuda" else None,
                 find_unused_parameters=cfg.model.kind == "transformer" and not slot_loss)
         per_rank = B // world
+        lex_ref = None
+        if lex_train is not None:  # after DDP has broadcast rank 0's fitted buffers (the canonical map)
+            with torch.no_grad():
+                ref_bodies = to_device(train_tab.batch(lex_train.ref), dev)["body"]
+                lex_ref = F.normalize(model.norm.to_score(model.norm.body_to_norm(ref_bodies)).float(), dim=-1)
         amp = cfg.train.amp and dev.type == "cuda"
 
         reveal_spec = (RevealSpec(cfg.train.seed, cfg.model.body_slots, cfg.mask.num_blocks, cfg.mask.block_frac)
@@ -538,8 +566,12 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                     g["lr"] = lr
                 reveal = torch.from_numpy(b.pop("reveal")).to(dev) if "reveal" in b else None
                 bt = to_device(b, dev)
+                lex = None
+                if lex_train is not None and lex_ref is not None:
+                    rows = shards[step - start_step]
+                    lex = (lex_train.z(rows, rows).to(dev), lex_ref)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                    loss, parts, _ = batch_loss(net, model.norm, bt, cfg, reveal)
+                    loss, parts, _ = batch_loss(net, model.norm, bt, cfg, reveal, lex)
                 bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=dev)
                 if world > 1:
                     dist.all_reduce(bad)
@@ -582,7 +614,7 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
             train_loss = float(tl[0] / max(1.0, float(tl[1])))
             loss_sum, loss_steps = 0.0, 0
             if main:
-                m = evaluate_table(model, val_tab, cfg, dev)
+                m = evaluate_table(model, val_tab, cfg, dev, lex_val)
                 entry = {"event": "epoch", "epoch": epoch + 1, "global_step": global_step, "lr": lr_at(global_step, total_steps, cfg),
                          "train_loss": train_loss, **m, "data_wait_share": loader.wait_s / max(1e-9, epoch_s),
                          "time": time.time()}

@@ -14,11 +14,40 @@ with the same ``seed`` and different ``body_seed`` have identical inputs and dif
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from codejepa.embed.store import PendingRecord, StoreMeta, StoreWriter
+from codejepa.corpus.records import CORPUS_FORMAT, FunctionRecord, Span, write_records
+from codejepa.embed.store import PendingRecord, StoreMeta, StoreWriter, open_store
+
+FILES_PER_REPO = 5
+
+
+def file_of(j: int) -> str:
+    return f"pkg/mod{j % FILES_PER_REPO}.py"
+
+
+def write_corpus(root: Path, store_path: Path,
+                 texts: Callable[[str], tuple[str, str]] = lambda rid: ("def f():", "pass")) -> Path:
+    """A corpus whose records are the store's, function j of a repo in file ``file_of(j)``;
+    ``texts(record id)`` gives its signature and body text."""
+    with open_store(store_path) as st:
+        ids, repos = list(st.ids), list(st.repos)
+    span = Span(0, 1, 1, 1)
+    entries = []
+    for repo in dict.fromkeys(repos):
+        recs = [FunctionRecord(id=i, repo=repo, url="file:///x", commit="0" * 40,
+                               path=file_of(int(i.split("::f")[1])), qualname="f", split="train",
+                               is_test=False, is_async=False, signature=texts(i)[0], body=texts(i)[1],
+                               signature_span=span, body_span=span)
+                for i, r in zip(ids, repos) if r == repo]
+        write_records(root / "repos" / f"{repo}.jsonl", recs)
+        entries.append({"name": repo, "status": "ok", "split": "train", "records_file": f"repos/{repo}.jsonl"})
+    (root / "manifest.json").write_text(json.dumps({"format": CORPUS_FORMAT, "repos": entries}))
+    return root
 
 
 def synthetic_meta(d: int = 32, teacher: str = "synthetic/teacher") -> StoreMeta:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -11,9 +10,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _predict_fixtures import make_store, train_killed_at  # noqa: E402
+from _predict_fixtures import file_of, make_store, train_killed_at, write_corpus  # noqa: E402
 
-from codejepa.corpus.records import CORPUS_FORMAT, FunctionRecord, Span, write_records  # noqa: E402
 from codejepa.embed.store import open_store  # noqa: E402
 from codejepa.predict import train as train_module  # noqa: E402
 from codejepa.predict.batching import BatchingError, epoch_order, group_runs, record_files  # noqa: E402
@@ -21,29 +19,6 @@ from codejepa.predict.config import ConfigError, resolve_config  # noqa: E402
 from codejepa.predict.train import train  # noqa: E402
 
 torch.set_num_threads(1)
-FILES_PER_REPO = 5
-
-
-def file_of(j: int) -> str:
-    return f"pkg/mod{j % FILES_PER_REPO}.py"
-
-
-def write_corpus(root: Path, store_path: Path) -> Path:
-    """A corpus whose records are the store's, function j of a repo in file ``file_of(j)``."""
-    with open_store(store_path) as st:
-        ids, repos = list(st.ids), list(st.repos)
-    span = Span(0, 1, 1, 1)
-    entries = []
-    for repo in dict.fromkeys(repos):
-        recs = [FunctionRecord(id=i, repo=repo, url="file:///x", commit="0" * 40,
-                               path=file_of(int(i.split("::f")[1])), qualname="f", split="train",
-                               is_test=False, is_async=False, signature="def f():", body="pass",
-                               signature_span=span, body_span=span)
-                for i, r in zip(ids, repos) if r == repo]
-        write_records(root / "repos" / f"{repo}.jsonl", recs)
-        entries.append({"name": repo, "status": "ok", "split": "train", "records_file": f"repos/{repo}.jsonl"})
-    (root / "manifest.json").write_text(json.dumps({"format": CORPUS_FORMAT, "repos": entries}))
-    return root
 
 
 @pytest.fixture(scope="module")
