@@ -229,10 +229,10 @@ def curves_figure(history: list[dict[str, Any]], title: str = "", space: str = "
                   label="val MRR of cosine + BM25 offset (selection)" if hybrid else "val MRR (selection)")
     if hybrid:
         ax[0, 1].plot(ep, [h["val_mrr_dense"] for h in history], label="val MRR, cosine alone")
-    ax[0, 1].plot(ep, [h["val_rank1"] for h in history], label="val rank@1")
+    ax[0, 1].plot(ep, [h["val_rank1"] for h in history], label="val rank@1 (hybrid)" if hybrid else "val rank@1")
     ax[0, 1].plot(ep, [h["val_chance_mrr"] for h in history], "--", color="grey", label="chance MRR")
     if start_mrr is not None:
-        ax[0, 1].axhline(start_mrr, ls=":", color="C0", label=f"ridge start: val MRR {start_mrr:.3f}")
+        ax[0, 1].axhline(start_mrr, ls=":", color="C0", label=f"ridge start: {'hybrid ' if hybrid else ''}val MRR {start_mrr:.3f}")
     ax[0, 1].set_ylim(0, 1)
     ax[0, 1].set_title(f"validation retrieval ({space} pooled space)")
     ax[1, 0].plot(ep, [h["val_cos"] for h in history], label=f"val cos ({space})")

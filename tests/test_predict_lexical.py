@@ -19,7 +19,7 @@ from codejepa.predict.batching import BatchingError  # noqa: E402
 from codejepa.predict.config import ConfigError, resolve_config  # noqa: E402
 from codejepa.predict.lexical import LexicalOffsets, lexical_offset  # noqa: E402
 from codejepa.predict.metrics import retrieval_ranks  # noqa: E402
-from codejepa.predict.train import train  # noqa: E402
+from codejepa.predict.train import curves_figure, train  # noqa: E402
 
 torch.set_num_threads(1)
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
@@ -99,6 +99,9 @@ def test_training_with_the_offset_selects_on_the_hybrid(store_path: Path, tmp_pa
     # BM25 alone finds these bodies: the hybrid MRR (the selection) is far above the cosine's
     assert all(e["val_mrr"] > 0.9 and e["val_mrr"] > e["val_mrr_dense"] + 0.1 for e in epochs)
     assert res["best_val_mrr"] == max(e["val_mrr"] for e in epochs)
+    fig = curves_figure([e for e in epochs if e["event"] == "epoch"], start_mrr=epochs[0]["val_mrr"])
+    labels = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert "val MRR, cosine alone" in labels and any("BM25" in label and "selection" in label for label in labels)
     # without the offset nothing lexical is computed or logged
     seen.clear()
     train(store_path, resolve_config("mlp", overrides={**over, "loss.lexical_weight": 0.0}), tmp_path / "plain",
