@@ -218,33 +218,40 @@ def curves_figure(history: list[dict[str, Any]], title: str = "", space: str = "
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     ep = [h["epoch"] for h in history]
+    # markers on the per-epoch series: a one-epoch run has no line to draw, only its point
+    mk = {"marker": "o", "ms": 3}
     fig, ax = plt.subplots(2, 2, figsize=(11, 7.5))
-    ax[0, 0].plot(ep, [h["train_loss"] for h in history], label="train")
-    ax[0, 0].plot(ep, [h["val_loss"] for h in history], label="val")
+    ax[0, 0].plot(ep, [h["train_loss"] for h in history], **mk, label="train")
+    ax[0, 0].plot(ep, [h["val_loss"] for h in history], **mk, label="val")
     ax[0, 0].set_title("loss")
     hybrid = bool(history) and "val_mrr_dense" in history[-1]
-    ax[0, 1].plot(ep, [h["val_mrr"] for h in history],
+    ax[0, 1].plot(ep, [h["val_mrr"] for h in history], **mk,
                   label="val MRR of cosine + BM25 offset (selection)" if hybrid else "val MRR (selection)")
     if hybrid:
-        ax[0, 1].plot(ep, [h["val_mrr_dense"] for h in history], label="val MRR, cosine alone")
-    ax[0, 1].plot(ep, [h["val_rank1"] for h in history], label="val rank@1 (hybrid)" if hybrid else "val rank@1")
-    ax[0, 1].plot(ep, [h["val_chance_mrr"] for h in history], "--", color="grey", label="chance MRR")
+        ax[0, 1].plot(ep, [h["val_mrr_dense"] for h in history], **mk, label="val MRR, cosine alone")
+    ax[0, 1].plot(ep, [h["val_rank1"] for h in history], **mk, label="val rank@1 (hybrid)" if hybrid else "val rank@1")
+    ax[0, 1].plot(ep, [h["val_chance_mrr"] for h in history], "--", **mk, color="grey", label="chance MRR")
     if start_mrr is not None:
         ax[0, 1].axhline(start_mrr, ls=":", color="C0", label=f"ridge start: {'hybrid ' if hybrid else ''}val MRR {start_mrr:.3f}")
     ax[0, 1].set_ylim(0, 1)
     ax[0, 1].set_title(f"validation retrieval ({space} pooled space)")
-    ax[1, 0].plot(ep, [h["val_cos"] for h in history], label=f"val cos ({space})")
-    ax[1, 0].plot(ep, [h["val_cos_raw"] for h in history], label="val cos (raw)")
-    ax[1, 0].plot(ep, [h["pred_cos_to_mean"] for h in history], label="predictions: cos to own mean")
-    ax[1, 0].plot(ep, [h["target_cos_to_mean"] for h in history], "--", label="targets: cos to own mean")
+    ax[1, 0].plot(ep, [h["val_cos"] for h in history], **mk, label=f"val cos ({space})")
+    ax[1, 0].plot(ep, [h["val_cos_raw"] for h in history], **mk, label="val cos (raw)")
+    ax[1, 0].plot(ep, [h["pred_cos_to_mean"] for h in history], **mk, label="predictions: cos to own mean")
+    ax[1, 0].plot(ep, [h["target_cos_to_mean"] for h in history], "--", **mk, label="targets: cos to own mean")
     ax[1, 0].set_title("cosines (never alone: see retrieval)")
-    ax[1, 1].plot(ep, [h["pred_eff_rank"] for h in history], label="predictions")
-    ax[1, 1].plot(ep, [h["target_eff_rank"] for h in history], "--", label="targets")
+    ax[1, 1].plot(ep, [h["pred_eff_rank"] for h in history], **mk, label="predictions")
+    ax[1, 1].plot(ep, [h["target_eff_rank"] for h in history], "--", **mk, label="targets")
     ax[1, 1].set_title("effective rank (RankMe): collapse when predictions ≪ targets")
     for a in ax.flat:
         a.set_xlabel("epoch")
+        if len(ep) <= 12:  # whole epochs only, and a one-epoch run gets its tick too
+            a.set_xticks(ep)
+        else:
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
         a.legend(fontsize=8)
         a.grid(alpha=0.3)
     fig.suptitle(title)

@@ -164,6 +164,11 @@ def test_curves_draw_the_ridge_start_as_a_reference_line() -> None:
     assert "ridge start: val MRR 0.234" in labels
     assert not any(lb.startswith("ridge start") for lb in
                    (ln.get_label() for ln in curves_figure(history).axes[1].get_lines()))
+    # a one-epoch run (the demo's) still shows every series, on a whole-epoch axis
+    one = curves_figure(history[:1])
+    for ax in one.axes:
+        assert list(ax.get_xticks()) == [1]
+        assert all(ln.get_marker() not in ("None", "", None) for ln in ax.get_lines() if len(ln.get_xdata()) == 1)
     import matplotlib.pyplot as plt
 
     plt.close("all")
