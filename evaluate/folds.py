@@ -11,7 +11,7 @@ keeps the rank it had in its own fold's pool; the pools' sizes are reported besi
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from rich.table import Table
 from codejepa.core import atomic_write_bytes, atomic_write_json
 from codejepa.evaluate.errors import EvaluateError
 from codejepa.evaluate.metrics import MetricCI, bootstrap_cis, paired_bootstrap
-from codejepa.evaluate.report import RANKS_FILE, load_result
+from codejepa.evaluate.report import RANKS_FILE, add_columns, add_row, fit_width, load_result
 
 FOLDS_JSON = "folds.json"
 FOLDS_TABLE = "folds.txt"
@@ -135,20 +135,26 @@ def pool_folds(eval_dirs: Sequence[str | Path], *, compare: Sequence[tuple[str, 
     return PooledResult(folds, rows, comparisons, notes)
 
 
-def render_folds(res: PooledResult, console: Console) -> None:
+def folds_table(res: PooledResult, drop: Collection[str] = ()) -> Table:
+    """The pooled table; ``drop`` names columns to leave out (see :func:`fit_width`)."""
     n_q = sum(f["n_queries"] for f in res.folds)
     n_r = sum(f["n_repos"] for f in res.folds)
     sizes = ", ".join(f"{f['mean_pool_size']:.0f}" for f in res.folds)
     t = Table(title=f"{len(res.folds)} folds pooled: {n_q} queries from {n_r} repositories (pools of {sizes} bodies)",
               caption="rank@1 / recall in %, 95% CIs over all the folds' repositories")
-    for col in ("method@space", "rank@1", "MRR", "R@10", "rank@1 per fold"):
-        t.add_column(col, justify="left" if col == "method@space" else "right", no_wrap=True)
+    cols = ("method@space", "rank@1", "MRR", "R@10", "rank@1 per fold")
+    keep = add_columns(t, cols, drop, left=("method@space",))
     for r in res.rows:
         m = r.metrics
-        t.add_row(r.key, f"{100 * m['rank@1'].value:.1f} [{100 * m['rank@1'].low:.1f}, {100 * m['rank@1'].high:.1f}]",
-                  f"{m['mrr'].value:.3f} [{m['mrr'].low:.3f}, {m['mrr'].high:.3f}]",
-                  f"{100 * m['recall@10'].value:.1f}", " ".join(f"{100 * x:.1f}" for x in r.per_fold_rank1))
-    console.print(t)
+        cells = (r.key, f"{100 * m['rank@1'].value:.1f} [{100 * m['rank@1'].low:.1f}, {100 * m['rank@1'].high:.1f}]",
+                 f"{m['mrr'].value:.3f} [{m['mrr'].low:.3f}, {m['mrr'].high:.3f}]",
+                 f"{100 * m['recall@10'].value:.1f}", " ".join(f"{100 * x:.1f}" for x in r.per_fold_rank1))
+        add_row(t, keep, cells)
+    return t
+
+
+def render_folds(res: PooledResult, console: Console) -> None:
+    console.print(fit_width(lambda drop: folds_table(res, drop), ("R@10", "rank@1 per fold"), console))
     plain = {"soft_wrap": True, "markup": False, "highlight": False}
     for c in res.comparisons:
         for x in c["results"]:

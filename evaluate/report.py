@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,10 @@ from codejepa.evaluate.metrics import paired_bootstrap
 RANKS_FILE = "ranks.npz"
 JSON_FILE = "retrieval.json"
 TABLE_FILE = "table.txt"
+# Columns a narrow terminal leaves out, first to last, so that rank@1 and MRR with their CIs
+# are never cut short; table.txt (200 columns) keeps them all.
+RETRIEVAL_OPTIONAL = ("cos space", "cos raw", "mean rank", "R@100", "R@5", "med rank", "R@10")
+DIAGNOSTIC_OPTIONAL = ("hub top10", "centred cos", "R²", "cos→proto", "std ratio", "hub top1", "RankMe pred/tgt")
 
 
 def _pct(x: float) -> str:
@@ -33,44 +38,76 @@ def _num(v: Any, digits: int = 3) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
-def retrieval_tables(data: dict[str, Any]) -> list[Table]:
+def fit_width(build: Callable[[tuple[str, ...]], Table], optional: Sequence[str], console: Console) -> Table:
+    """The fullest version of a table that fits ``console``: ``build(left_out)`` makes the table
+    without the named columns, and ``optional`` columns are left out in order until it fits (or
+    none is left; the method names then fold). The caption says which ones are missing."""
+    for k in range(len(optional) + 1):
+        t = build(tuple(optional[:k]))
+        # measured without the console's cap, which would clip every table to fit
+        if console.measure(t, options=console.options.update_width(1 << 16)).maximum <= console.width:
+            break
+    if k:
+        t.caption = f"{t.caption or ''}\nleft out for this terminal's width: {', '.join(optional[:k])}"
+    return t
+
+
+def add_columns(t: Table, cols: Sequence[str], drop: Collection[str] = (), *,
+                left: Collection[str] = ("method", "space")) -> list[bool]:
+    """Add the columns of ``cols`` not in ``drop``; the first (the method's name) may fold,
+    numbers never wrap. Returns which of ``cols`` were kept, for :func:`add_row`."""
+    keep = [c not in drop for c in cols]
+    for j, (col, k) in enumerate(zip(cols, keep)):
+        if k:
+            t.add_column(col, justify="left" if col in left else "right", no_wrap=j > 0,
+                         overflow="fold" if j == 0 else "ellipsis", min_width=16 if j == 0 else None)
+    return keep
+
+
+def add_row(t: Table, keep: list[bool], cells: Sequence[str], **kw: Any) -> None:
+    """Add a row of one cell per column of :func:`add_columns`, the left-out ones skipped."""
+    t.add_row(*(c for c, k in zip(cells, keep) if k), **kw)
+
+
+def retrieval_tables(data: dict[str, Any], drop: Collection[str] = ()) -> list[Table]:
     """The retrieval table (metrics with CIs, chance row) and the collapse diagnostics table,
-    built from ``retrieval.json``'s content so that a saved result renders the same."""
+    built from ``retrieval.json``'s content so that a saved result renders the same; ``drop``
+    names columns (of either table) to leave out."""
     pool = data["pool"]
     title = (f"Retrieval on {data['settings']['split']}: {pool['n_queries']} queries from {pool['n_query_repos']} repos, "
              f"pool {pool['label']} (mean {pool['mean_pool_size']:.0f} distinct bodies)")
     t = Table(title=title, caption="rank@1 / recall in %, 95% CIs over repositories; ties pessimistic")
-    for col in ("method", "space", "rank@1", "R@5", "R@10", "R@100", "MRR", "med rank", "mean rank", "cos raw", "cos space"):
-        t.add_column(col, justify="left" if col in ("method", "space") else "right", no_wrap=True)
+    keep = add_columns(t, ("method", "space", "rank@1", "R@5", "R@10", "R@100", "MRR", "med rank", "mean rank",
+                            "cos raw", "cos space"), drop)
     ch = pool["chance"]
-    t.add_row("chance", "", _pct(ch["rank@1"]), _pct(ch["recall@5"]), _pct(ch["recall@10"]), _pct(ch["recall@100"]),
-              f"{ch['mrr']:.3f}", f"{ch['median_rank']:.0f}", f"{ch['mean_rank']:.0f}", "", "", style="dim")
+    add_row(t, keep, ("chance", "", _pct(ch["rank@1"]), _pct(ch["recall@5"]), _pct(ch["recall@10"]),
+                   _pct(ch["recall@100"]), f"{ch['mrr']:.3f}", f"{ch['median_rank']:.0f}", f"{ch['mean_rank']:.0f}",
+                   "", ""), style="dim")
     for r in data["rows"]:
         m, d = r["metrics"], r["diagnostics"] or {}
         style = "bold red" if r["warning"] else ("bold" if r["kind"] == "run" else None)
-        t.add_row(r["method"], r["space"], _ci(m["rank@1"]), _pct(m["recall@5"]["value"]),
-                  _pct(m["recall@10"]["value"]), _pct(m["recall@100"]["value"]), _ci(m["mrr"], pct=False),
-                  f"{m['median_rank']['value']:.0f}", f"{m['mean_rank']['value']:.1f}",
-                  _num(d.get("cosine_raw")), _num(d.get("cosine_space")), style=style)
+        add_row(t, keep, (r["method"], r["space"], _ci(m["rank@1"]), _pct(m["recall@5"]["value"]),
+                       _pct(m["recall@10"]["value"]), _pct(m["recall@100"]["value"]), _ci(m["mrr"], pct=False),
+                       f"{m['median_rank']['value']:.0f}", f"{m['mean_rank']['value']:.1f}",
+                       _num(d.get("cosine_raw")), _num(d.get("cosine_space"))), style=style)
     dt = Table(title="Collapse diagnostics (predictions vs targets)",
                caption="pairwise cos: mean cosine between different queries; std ratio: per-dimension std of "
                        "predictions / targets; RankMe: effective rank; hub: share of top-1 wins of the top winner")
-    for col in ("method", "space", "pairwise cos pred/tgt", "std ratio", "RankMe pred/tgt", "cos→proto", "R²",
-                "centred cos", "hub top1", "hub top10"):
-        dt.add_column(col, justify="left" if col in ("method", "space") else "right", no_wrap=True)
+    dkeep = add_columns(dt, ("method", "space", "pairwise cos pred/tgt", "std ratio", "RankMe pred/tgt", "cos→proto",
+                              "R²", "centred cos", "hub top1", "hub top10"), drop)
     for r in data["rows"]:
         d, h = r["diagnostics"], r["hubness"] or {}
         if d is None and not h:
             continue
         d = d or {}
         top10 = next((v for k, v in h.items() if k.startswith("top") and k.endswith("winners_share")), None)
-        dt.add_row(r["method"], r["space"],
-                   f"{_num(d.get('pairwise_cosine_pred'))} / {_num(d.get('pairwise_cosine_target'))}",
-                   _num(d.get("std_ratio_mean")),
-                   f"{_num(d.get('rankme_pred'), 1)} / {_num(d.get('rankme_target'), 1)}",
-                   _num(d.get("cosine_to_prototype_raw")), _num(d.get("r2")), _num(d.get("centred_cosine")),
-                   _num(h.get("top1_winner_share")), _num(top10),
-                   style="bold red" if r["warning"] else None)
+        add_row(dt, dkeep, (r["method"], r["space"],
+                         f"{_num(d.get('pairwise_cosine_pred'))} / {_num(d.get('pairwise_cosine_target'))}",
+                         _num(d.get("std_ratio_mean")),
+                         f"{_num(d.get('rankme_pred'), 1)} / {_num(d.get('rankme_target'), 1)}",
+                         _num(d.get("cosine_to_prototype_raw")), _num(d.get("r2")), _num(d.get("centred_cosine")),
+                         _num(h.get("top1_winner_share")), _num(top10)),
+             style="bold red" if r["warning"] else None)
     return [t, dt]
 
 
@@ -88,8 +125,8 @@ def comparison_lines(data: dict[str, Any]) -> list[str]:
 
 
 def render(data: dict[str, Any], console: Console) -> None:
-    for t in retrieval_tables(data):
-        console.print(t)
+    for i, optional in enumerate((RETRIEVAL_OPTIONAL, DIAGNOSTIC_OPTIONAL)):
+        console.print(fit_width(lambda drop, i=i: retrieval_tables(data, drop)[i], optional, console))
     plain = {"soft_wrap": True, "markup": False, "highlight": False}
     for line in comparison_lines(data):
         console.print(line, **plain)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _evaluate_fixtures import make_dataset  # noqa: E402
@@ -17,7 +19,7 @@ from _evaluate_fixtures import make_dataset  # noqa: E402
 from codejepa.core import CodejepaError  # noqa: E402
 from codejepa.evaluate.baselines import FUSION_WEIGHTS, ReverseFit  # noqa: E402
 from codejepa.evaluate.errors import EvaluateError  # noqa: E402
-from codejepa.evaluate.report import compare_saved  # noqa: E402
+from codejepa.evaluate.report import compare_saved, render  # noqa: E402
 from codejepa.evaluate.retrieval import evaluate_retrieval  # noqa: E402
 
 torch.set_num_threads(1)
@@ -137,6 +139,16 @@ def test_all_baselines_outputs_and_comparison(ds, tmp_path: Path) -> None:
     for f in ("rank_distribution.png", "projection.png", "table.txt", "ranks.npz"):
         assert (out / f).stat().st_size > 1000
     assert "ridge" in (out / "table.txt").read_text()
+    # A narrow terminal leaves out the secondary columns, never cuts rank@1 or MRR short.
+    mrr = f"{row['metrics']['mrr']['value']:.3f} [{row['metrics']['mrr']['ci_low']:.3f}, {row['metrics']['mrr']['ci_high']:.3f}]"
+    for width, left_out in ((90, True), (250, False)):
+        sio = io.StringIO()
+        render(data, Console(file=sio, width=width, color_system=None))
+        text = sio.getvalue()
+        table = [ln for ln in text.splitlines() if ln[:1] in "┏┃│┗└┡"]
+        assert max(map(len, table)) <= width and "…" not in text and mrr in text
+        assert ("left out for this terminal's width: cos space" in text) == left_out
+        assert ("cos space" in table[1]) != left_out
     c = compare_saved(out, "ridge@whitened", "classproto@whitened", n_boot=300)
     assert c["results"][1]["metric"] == "mrr" and c["results"][1]["diff"] > 0
     with pytest.raises(EvaluateError, match="no saved result"):

@@ -3,6 +3,7 @@ evaluation, and the pooled result over the folds (evaluate)."""
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -22,7 +24,7 @@ from codejepa.corpus.folds import fold_groups, fold_repo_splits, make_folds, rea
 from codejepa.corpus.records import read_records  # noqa: E402
 from codejepa.embed.store import StoreError, open_store, use_split_file  # noqa: E402
 from codejepa.evaluate.errors import EvaluateError  # noqa: E402
-from codejepa.evaluate.folds import pool_folds  # noqa: E402
+from codejepa.evaluate.folds import pool_folds, render_folds  # noqa: E402
 from codejepa.evaluate.retrieval import evaluate_retrieval  # noqa: E402
 
 torch.set_num_threads(1)
@@ -201,6 +203,11 @@ def test_folds_train_evaluate_and_pool_over_every_repository(cv, tmp_path: Path)
     c = pooled.comparisons[0]
     assert c["results"][0]["metric"] == "rank@1" and c["results"][0]["diff"] > 0
     assert c["cis_overlap"]["rank@1"] == (row.metrics["rank@1"].low <= proto.metrics["rank@1"].high)
+    narrow = io.StringIO()  # an 80-column terminal drops the per-fold column, not the CIs
+    render_folds(pooled, Console(file=narrow, width=80, color_system=None))
+    m = row.metrics["mrr"]
+    assert f"{m.value:.3f} [{m.low:.3f}, {m.high:.3f}]" in narrow.getvalue() and "…" not in narrow.getvalue()
+    assert "left out for this terminal's width: R@10, rank@1 per fold" in " ".join(narrow.getvalue().split())
 
     r = runner.invoke(app, ["evaluate", "folds", *map(str, evals), "--out", str(tmp_path / "pooled"),
                             "--compare", "mlp@whitened,prototype@whitened", "--n-boot", "50"])
