@@ -1,0 +1,121 @@
+"""The README's commands against the real command line: every ``codejepa`` command names a
+subcommand that exists and only options it takes (presets, baselines and spaces by their
+names), every ``--set`` override is a valid config key and value, and
+every ``python bench/….py`` option is one the script parses. Running them is the benchmark's
+job (hours); this catches the drift that makes a copied command fail in its first second."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+
+from codejepa.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _commands(prefix: str) -> list[str]:
+    """Each shell command of the README's code blocks that starts with ``prefix`` (after
+    ``VAR=value`` assignments), with its continuation lines joined and its comment cut, and
+    each inline code span that starts with it."""
+    text = (ROOT / "README.md").read_text()
+    out = [m.group(1) for m in re.finditer(rf"`({re.escape(prefix)}[^`]+)`", text)]
+    for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"(^|\s)#.*$", "", line).strip()
+            line = re.sub(r"^(\w+=\S+\s+)+", "", line)  # B=... S=... codejepa ...
+            for part in re.split(r"\s*(?:;|&&|\|\|)\s*", line):
+                part = part.strip().removeprefix("do ").strip()
+                if part.startswith(prefix):
+                    out.append(part)
+    return out
+
+
+def _words(command: str) -> list[str]:
+    # $(...) substitutions stand for more arguments: keep the options inside them too;
+    # [--option VALUE] is an optional part of a usage line.
+    flat = re.sub(r"\$\(|\)|\[|\]", " ", command)
+    try:
+        return shlex.split(flat)
+    except ValueError:
+        return flat.split()
+
+
+def _click_commands() -> dict[tuple[str, ...], Any]:
+    found: dict[tuple[str, ...], Any] = {}
+
+    def walk(cmd: Any, path: tuple[str, ...]) -> None:  # typer's own click: duck-typed
+        found[path] = cmd
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                walk(sub, (*path, name))
+
+    walk(typer.main.get_command(app), ())
+    return found
+
+
+def _check_values(line: str, words: list[str]) -> None:
+    """Option values the README spells out by name: presets, baselines, spaces."""
+    from codejepa.evaluate.baselines import BASELINE_NAMES
+    from codejepa.evaluate.spaces import SPACE_NAMES
+    from codejepa.predict.config import PRESETS
+
+    known = {"--preset": set(PRESETS), "--baselines": {*BASELINE_NAMES, "none", "all"}, "--space": {*SPACE_NAMES, "all"},
+             "--spaces": {*SPACE_NAMES, "all"}}
+    for opt, value in zip(words, words[1:]):
+        if opt in known and not value.startswith(("$", "-", "NAME", "LIST")):
+            for v in value.split(","):
+                assert v in known[opt], f"README: `{line}`: {opt} {v} is not one of {sorted(known[opt])}"
+
+
+def test_every_codejepa_command_in_the_readme_parses() -> None:
+    commands = _click_commands()
+    readme = _commands("codejepa ")
+    assert len(readme) >= 20  # the README's stage sections and the benchmark's commands
+    checked = set()
+    for line in readme:
+        words = _words(line)[1:]
+        path: tuple[str, ...] = ()
+        while words and (*path, words[0]) in commands:
+            path, words = (*path, words[0]), words[1:]
+        cmd = commands[path]
+        assert not hasattr(cmd, "commands"), f"README: `{line}` names no subcommand of `codejepa {' '.join(path)}`"
+        opts = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)}
+        for w in words:
+            if w.startswith("--"):
+                name = w.split("=", 1)[0]
+                assert name in opts, f"README: `{line}`: `codejepa {' '.join(path)}` has no option {name}"
+        checked.add(path)
+        _check_values(line, words)
+    assert {("corpus", "build"), ("embed", "run"), ("predict", "train"), ("evaluate", "retrieval")} <= checked
+
+
+def test_every_set_override_in_the_readme_is_a_valid_config_value() -> None:
+    from codejepa.predict.config import PredictConfig, apply_overrides, parse_set
+
+    text = (ROOT / "README.md").read_text()
+    items = sorted({m.group(1) for m in re.finditer(r"--set\s+([^\s`;]+)", text)} - {"section.key=value"})
+    assert len(items) >= 5
+    for item in items:  # one at a time: each names the field it fails on
+        apply_overrides(PredictConfig(), parse_set([item]))
+
+
+@pytest.mark.parametrize("script", sorted({_words(c)[1] for c in _commands("python bench/")}))
+def test_every_bench_option_in_the_readme_is_parsed(script: str) -> None:
+    lines = [c for c in _commands("python bench/") if _words(c)[1] == script]
+    assert (ROOT / script).is_file(), f"README names {script}, which does not exist"
+    r = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    for line in lines:
+        for w in _words(line)[2:]:
+            if w.startswith("--"):
+                name = w.split("=", 1)[0]
+                assert re.search(rf"(^|[\s,\[]){re.escape(name)}\b", r.stdout), f"README: `{line}`: {script} has no {name}"
