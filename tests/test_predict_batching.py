@@ -101,11 +101,14 @@ def test_file_batches_without_a_corpus_give_one_clear_error(store_path: Path, tm
         resolve_config("mlp", overrides={"train.batch_groups": "folder"})
 
 
-def test_file_batches_resume_after_a_kill_to_the_same_weights(store_path: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("lexical_weight", [0.0, 0.5])  # with the BM25 offset, which reads the corpus too
+def test_file_batches_resume_after_a_kill_to_the_same_weights(store_path: Path, tmp_path: Path,
+                                                              lexical_weight: float) -> None:
     corpus = write_corpus(tmp_path / "corpus", store_path)
     over = {"model.mlp_hidden": "32", "model.linear_skip": "ridge", "loss.infonce_weight": 1.0,
             "train.batch_size": 16, "train.epochs": 2, "train.checkpoint_every_steps": 5, "train.plot_every_s": -1,
-            "train.batch_groups": "file", "train.group_size": 4, "data.corpus": str(corpus)}
+            "train.batch_groups": "file", "train.group_size": 4, "data.corpus": str(corpus),
+            "loss.lexical_weight": lexical_weight}
     cfg = resolve_config("mlp", overrides=over)
     train(store_path, cfg, tmp_path / "a", device="cpu")
 
@@ -115,3 +118,4 @@ def test_file_batches_resume_after_a_kill_to_the_same_weights(store_path: Path, 
     a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert ("val_mrr_dense" in (tmp_path / "b" / "log.jsonl").read_text()) == (lexical_weight > 0)
