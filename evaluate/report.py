@@ -69,10 +69,9 @@ def add_row(t: Table, keep: list[bool], cells: Sequence[str], **kw: Any) -> None
     t.add_row(*(c for c, k in zip(cells, keep) if k), **kw)
 
 
-def retrieval_tables(data: dict[str, Any], drop: Collection[str] = ()) -> list[Table]:
-    """The retrieval table (metrics with CIs, chance row) and the collapse diagnostics table,
-    built from ``retrieval.json``'s content so that a saved result renders the same; ``drop``
-    names columns (of either table) to leave out."""
+def metrics_table(data: dict[str, Any], drop: Collection[str] = ()) -> Table:
+    """The retrieval table (metrics with CIs, chance row), built from ``retrieval.json``'s
+    content so that a saved result renders the same, without the columns named in ``drop``."""
     pool = data["pool"]
     title = (f"Retrieval on {data['settings']['split']}: {pool['n_queries']} queries from {pool['n_query_repos']} repos, "
              f"pool {pool['label']} (mean {pool['mean_pool_size']:.0f} distinct bodies)")
@@ -90,6 +89,11 @@ def retrieval_tables(data: dict[str, Any], drop: Collection[str] = ()) -> list[T
                        _pct(m["recall@10"]["value"]), _pct(m["recall@100"]["value"]), _ci(m["mrr"], pct=False),
                        f"{m['median_rank']['value']:.0f}", f"{m['mean_rank']['value']:.1f}",
                        _num(d.get("cosine_raw")), _num(d.get("cosine_space"))), style=style)
+    return t
+
+
+def diagnostics_table(data: dict[str, Any], drop: Collection[str] = ()) -> Table:
+    """The collapse diagnostics table without the columns named in ``drop``."""
     dt = Table(title="Collapse diagnostics (predictions vs targets)",
                caption="pairwise cos: mean cosine between different queries; std ratio: per-dimension std of "
                        "predictions / targets; RankMe: effective rank; hub: share of top-1 wins of the top winner")
@@ -108,7 +112,7 @@ def retrieval_tables(data: dict[str, Any], drop: Collection[str] = ()) -> list[T
                          _num(d.get("cosine_to_prototype_raw")), _num(d.get("r2")), _num(d.get("centred_cosine")),
                          _num(h.get("top1_winner_share")), _num(top10)),
              style="bold red" if r["warning"] else None)
-    return [t, dt]
+    return dt
 
 
 def comparison_lines(data: dict[str, Any]) -> list[str]:
@@ -125,8 +129,8 @@ def comparison_lines(data: dict[str, Any]) -> list[str]:
 
 
 def render(data: dict[str, Any], console: Console) -> None:
-    for i, optional in enumerate((RETRIEVAL_OPTIONAL, DIAGNOSTIC_OPTIONAL)):
-        console.print(fit_width(lambda drop, i=i: retrieval_tables(data, drop)[i], optional, console))
+    console.print(fit_width(lambda drop: metrics_table(data, drop), RETRIEVAL_OPTIONAL, console))
+    console.print(fit_width(lambda drop: diagnostics_table(data, drop), DIAGNOSTIC_OPTIONAL, console))
     plain = {"soft_wrap": True, "markup": False, "highlight": False}
     for line in comparison_lines(data):
         console.print(line, **plain)
