@@ -9,7 +9,7 @@ inputs can tell about it. The evaluate stage scores every method in it
 and its validation retrieval score there as well, so that training ranks as the evaluation
 will (the predictor still predicts the pooled body: the map applies to predictions and
 bodies alike). Measured on python-40, that lowers the hubness-corrected rows by 1.5–3 points
-(README, "Training in the canonical space"), so it is not the default.
+(bench/RESULTS.md, "Training in the canonical space"), so it is not the default.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ class LossConfig:
     # space itself; "canonical" the evaluate stage's canonical space (the train CCA of the
     # [signature mean, last token] views and the pooled bodies, fitted at the start of the run,
     # codejepa.predict.canonical). On python-40 "canonical" lowers the hubness-corrected rows
-    # by 1.5-3 points (README, "Training in the canonical space"): hence not the default.
+    # by 1.5-3 points (bench/RESULTS.md, "Training in the canonical space"): hence not the default.
     space: str = "pooled"  # "pooled" | "canonical"
     # κ of the BM25 offset in InfoNCE's logits and in the validation retrieval, cos + κ·σ·z(BM25)
     # (codejepa.predict.lexical): trains the predictor for the BM25 hybrid evaluate scores it in.

@@ -1,4 +1,5 @@
-"""The README's commands against the real command line: every ``codejepa`` command names a
+"""The commands of the README and of the benchmark report it links (``bench/RESULTS.md``)
+against the real command line: every ``codejepa`` command names a
 subcommand that exists and only options it takes (presets, baselines and spaces by their
 names), every ``--set`` override is a valid config key and value, and
 every ``python bench/….py`` option is one the script parses. Running them is the benchmark's
@@ -19,23 +20,51 @@ import typer
 from codejepa.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCS = ("README.md", "bench/RESULTS.md")
+
+
+def _docs_text() -> str:
+    return "\n".join((ROOT / doc).read_text() for doc in DOCS)
 
 
 def _commands(prefix: str) -> list[str]:
-    """Each shell command of the README's code blocks that starts with ``prefix`` (after
+    """Each shell command of the docs' code blocks that starts with ``prefix`` (after
     ``VAR=value`` assignments), with its continuation lines joined and its comment cut, and
     each inline code span that starts with it."""
-    text = (ROOT / "README.md").read_text()
+    text = _docs_text()
     out = [m.group(1) for m in re.finditer(rf"`({re.escape(prefix)}[^`]+)`", text)]
     for block in re.findall(r"```(?:bash|sh)\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"(^|\s)#.*$", "", line).strip()
             line = re.sub(r"^(\w+=\S+\s+)+", "", line)  # B=... S=... codejepa ...
-            for part in re.split(r"\s*(?:;|&&|\|\|)\s*", line):
+            for part in _split_commands(line):
                 part = part.strip().removeprefix("do ").strip()
                 if part.startswith(prefix):
                     out.append(part)
     return out
+
+
+def _split_commands(line: str) -> list[str]:
+    """``line`` cut at ``;``, ``&&`` and ``||``, except inside quotes and ``$(...)``: a loop in a
+    substitution (``--run`` per run) stays part of the command whose options follow it."""
+    parts, current, depth, quote, i = [], "", 0, "", 0
+    while i < len(line):
+        c = line[i]
+        if quote:
+            quote = "" if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif line.startswith("$(", i):
+            depth += 1
+        elif c == ")" and depth:
+            depth -= 1
+        elif not depth and (c == ";" or line.startswith(("&&", "||"), i)):
+            parts.append(current)
+            current, i = "", i + (1 if c == ";" else 2)
+            continue
+        current += c
+        i += 1
+    return [*parts, current]
 
 
 def _words(command: str) -> list[str]:
@@ -100,7 +129,7 @@ def test_every_codejepa_command_in_the_readme_parses() -> None:
 def test_every_set_override_in_the_readme_is_a_valid_config_value() -> None:
     from codejepa.predict.config import PredictConfig, apply_overrides, parse_set
 
-    text = (ROOT / "README.md").read_text()
+    text = _docs_text()
     items = sorted({m.group(1) for m in re.finditer(r"--set\s+([^\s`;]+)", text)} - {"section.key=value"})
     assert len(items) >= 5
     for item in items:  # one at a time: each names the field it fails on
