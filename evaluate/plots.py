@@ -32,8 +32,25 @@ def _base(method: str) -> str:
     return method
 
 
+def plotted_rows(panel: list[Any]) -> list[Any]:
+    """The rows a panel draws: each method alone and its best derived row (by MRR), if any.
+
+    With every correction of every method a panel held some forty curves that no reader could
+    tell apart; the rest stay in the table and in retrieval.json.
+    """
+    keep: list[Any] = []
+    for base in dict.fromkeys(_base(r.method) for r in panel):
+        family = [r for r in panel if _base(r.method) == base]
+        keep += [r for r in family if r.method == base]
+        derived = [r for r in family if r.method != base]
+        if derived:
+            keep.append(max(derived, key=lambda r: r.metrics["mrr"].value))
+    return keep
+
+
 def plot_rank_distribution(data: dict[str, Any], rows: list[Any], out_dir: Path) -> Path:
-    """Recall@k curves (share of queries whose true body ranks ≤ k), one panel per space.
+    """Recall@k curves (share of queries whose true body ranks ≤ k), one panel per space: each
+    method alone and its best corrected row (:func:`plotted_rows`).
 
     Space-independent methods (random, BM25) appear dashed in every panel; the chance line is
     the diagonal k / pool size.
@@ -41,7 +58,9 @@ def plot_rank_distribution(data: dict[str, Any], rows: list[Any], out_dir: Path)
     plt = _plt()
     spaces = [s for s in dict.fromkeys(r.space for r in rows) if s != "-"] or ["-"]
     shared = [r for r in rows if r.space == "-"]
-    n_lines = len({r.method for r in rows}) + 1
+    panels = {space: plotted_rows([r for r in rows if r.space == space] + (shared if space != "-" else []))
+              for space in spaces}
+    n_lines = max(len(p) for p in panels.values()) + 1
     # One legend entry per line, in one column: two columns of long run names overlap the next panel.
     fig, axes = plt.subplots(1, len(spaces), figsize=(6.4 * len(spaces), 5.2 + 0.2 * n_lines),
                              squeeze=False, sharey=True)
@@ -55,8 +74,7 @@ def plot_rank_distribution(data: dict[str, Any], rows: list[Any], out_dir: Path)
     colour = {n: palette[i % len(palette)] for i, n in enumerate(bases)}
     pool_size = data["pool"]["mean_pool_size"]
     for ax, space in zip(axes[0], spaces):
-        panel = [r for r in rows if r.space == space] + (shared if space != "-" else [])
-        for r in sorted(panel, key=lambda r: -r.metrics["mrr"].value):  # legend best first
+        for r in sorted(panels[space], key=lambda r: -r.metrics["mrr"].value):  # legend best first
             curve = np.searchsorted(np.sort(r.ranks), ks, side="right") / len(r.ranks)
             label = f"{r.method}  (R@1 {r.metrics['rank@1'].value:.1%}, MRR {r.metrics['mrr'].value:.2f})"
             ax.plot(ks, curve, label=label, color=colour[_base(r.method)], lw=2.2 if r.kind == "run" else 1.5,
@@ -73,7 +91,8 @@ def plot_rank_distribution(data: dict[str, Any], rows: list[Any], out_dir: Path)
     axes[0][0].set_ylabel("share of queries with rank ≤ k (recall@k)", fontsize=11)
     pool = data["pool"]
     fig.suptitle(f"Where the true body ranks — {data['settings']['split']} split, pool {pool['label']}, "
-                 f"{pool['n_queries']} queries, {pool['mean_pool_size']:.0f} distinct bodies", fontsize=13)
+                 f"{pool['n_queries']} queries, {pool['mean_pool_size']:.0f} distinct bodies\n"
+                 "each method alone and its best corrected row (every row: table.txt)", fontsize=13)
     fig.tight_layout()
     path = out_dir / RANK_PLOT
     fig.savefig(path, dpi=110)

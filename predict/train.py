@@ -238,7 +238,8 @@ def curves_figure(history: list[dict[str, Any]], title: str = "", space: str = "
         ax[0, 1].axhline(start_mrr, ls=":", color="C0", label=f"ridge start: {'hybrid ' if hybrid else ''}val MRR {start_mrr:.3f}")
     ax[0, 1].set_ylim(0, 1)
     ax[0, 1].set_title(f"validation retrieval ({space} pooled space)")
-    ax[1, 0].plot(ep, [h["val_cos"] for h in history], **mk, label=f"val cos ({space})")
+    if space != "raw":  # in the raw space the two are one series: drawn twice, one hides the other
+        ax[1, 0].plot(ep, [h["val_cos"] for h in history], **mk, label=f"val cos ({space})")
     ax[1, 0].plot(ep, [h["val_cos_raw"] for h in history], **mk, label="val cos (raw)")
     ax[1, 0].plot(ep, [h["pred_cos_to_mean"] for h in history], **mk, label="predictions: cos to own mean")
     ax[1, 0].plot(ep, [h["target_cos_to_mean"] for h in history], "--", **mk, label="targets: cos to own mean")

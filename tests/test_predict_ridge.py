@@ -164,6 +164,10 @@ def test_curves_draw_the_ridge_start_as_a_reference_line() -> None:
     assert "ridge start: val MRR 0.234" in labels
     assert not any(lb.startswith("ridge start") for lb in
                    (ln.get_label() for ln in curves_figure(history).axes[1].get_lines()))
+    # each cosine once: a raw-space run (the seed's) has no second space to draw
+    cos_labels = [ln.get_label() for ln in curves_figure(history, space="raw").axes[2].get_lines()]
+    assert len(cos_labels) == len(set(cos_labels)) and "val cos (raw)" in cos_labels
+    assert "val cos (whitened)" in [ln.get_label() for ln in curves_figure(history, space="whitened").axes[2].get_lines()]
     # a one-epoch run (the demo's) still shows every series, on a whole-epoch axis
     one = curves_figure(history[:1])
     for ax in one.axes:

@@ -1,0 +1,21 @@
+"""The recall@k plot draws what a reader can tell apart: each method alone and its best
+corrected row, not every correction of every method."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from codejepa.evaluate.plots import plotted_rows
+
+
+def _row(method: str, mrr: float, space: str = "whitened") -> SimpleNamespace:
+    metric = SimpleNamespace(value=mrr)
+    return SimpleNamespace(method=method, space=space, metrics={"mrr": metric})
+
+
+def test_a_panel_draws_each_method_and_its_best_corrected_row() -> None:
+    panel = [_row("ridge", 0.40), _row("ridge+csls", 0.45), _row("ridge+csls+bm25", 0.55), _row("ridge+bm25+sib", 0.50),
+             _row("ridge+last", 0.42), _row("tf+bm25", 0.6), _row("bm25", 0.3, "-"), _row("bm25+sib", 0.31, "-")]
+    drawn = [r.method for r in plotted_rows(panel)]
+    assert drawn == ["ridge", "ridge+csls+bm25", "ridge+last", "tf+bm25", "bm25", "bm25+sib"]
+
