@@ -49,7 +49,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--clone-jobs", type=int, default=4)
     ap.add_argument("--repos-dir", type=Path, default=None, help="where make-repos puts the 40 repos")
-    ap.add_argument("--list", type=Path, default=SHARED / "python-40.txt")
+    ap.add_argument("--shared", type=Path, default=SHARED,
+                    help="the folder with make-repos and python-40.txt (default: ../shared/bench-repos beside the repository)")
+    ap.add_argument("--list", type=Path, default=None, help="pinned projects (default: SHARED/python-40.txt)")
     ap.add_argument("--out", type=Path, default=None, help="corpus folder (default: a temp folder, removed)")
     args = ap.parse_args()
 
@@ -57,8 +59,14 @@ def main() -> None:
     from codejepa.corpus.build import BuildSettings, build_corpus
     from codejepa.corpus.extract import parse_bytes
 
-    repos_dir = args.repos_dir or default_cache_dir() / "bench-repos" / args.list.stem
-    subprocess.run([str(SHARED / "make-repos"), str(args.list), str(repos_dir)], check=True)
+    make_repos, listing = args.shared / "make-repos", args.list or args.shared / "python-40.txt"
+    for need in (make_repos, listing):
+        if not need.is_file():
+            sys.exit(f"corpus_build: {need} not found. The benchmark's projects come from the shared folder beside "
+                     "the repository (../shared/bench-repos: make-repos and python-40.txt); name it with --shared DIR.")
+    repos_dir = args.repos_dir or default_cache_dir() / "bench-repos" / listing.stem
+    if subprocess.run([str(make_repos), str(listing), str(repos_dir)]).returncode != 0:
+        sys.exit(f"corpus_build: {make_repos} failed (its message is above)")
     urls = [u.strip() for u in (repos_dir / "repos.txt").read_text().splitlines() if u.strip()]
 
     with tempfile.TemporaryDirectory(prefix="codejepa-bench-") as tmp:

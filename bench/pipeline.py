@@ -44,7 +44,10 @@ SHARED = ROOT.parent / "shared" / "bench-repos"
 def run(cmd: list[str], timings: dict[str, float], key: str) -> None:
     print(f"\n$ {' '.join(cmd)}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    result = subprocess.run(cmd)
+    try:
+        result = subprocess.run(cmd)
+    except OSError as e:  # a missing or non-executable program: one line, not a traceback
+        sys.exit(f"pipeline: cannot run {cmd[0]}: {e.strerror}")
     timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
     if result.returncode != 0:
         sys.exit(f"pipeline: `{' '.join(cmd[:3])}` failed with exit code {result.returncode}")
@@ -53,7 +56,9 @@ def run(cmd: list[str], timings: dict[str, float], key: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path.home() / ".cache" / "codejepa" / "bench40")
-    ap.add_argument("--list", type=Path, default=SHARED / "python-40.txt")
+    ap.add_argument("--shared", type=Path, default=SHARED,
+                    help="the folder with make-repos and python-40.txt (default: ../shared/bench-repos beside the repository)")
+    ap.add_argument("--list", type=Path, default=None, help="pinned projects (default: SHARED/python-40.txt)")
     ap.add_argument("--layer", type=int, default=None, help="teacher layer (default: the middle block)")
     ap.add_argument("--targets", default="in-context", choices=["in-context", "body-only"])
     ap.add_argument("--stages", default="corpus,embed,train,evaluate,ceilings")
@@ -80,11 +85,16 @@ def main() -> None:
     timings: dict[str, float] = {}
 
     if "corpus" in stages:
+        make_repos, listing = args.shared / "make-repos", args.list or args.shared / "python-40.txt"
+        for need in (make_repos, listing, *([args.extra_train] if args.extra_train else [])):
+            if not need.is_file():
+                sys.exit(f"pipeline: {need} not found. The benchmark's projects come from the shared folder beside "
+                         "the repository (../shared/bench-repos: make-repos and python-40.txt); name it with --shared DIR.")
         repos = out / "repos"
-        run([str(SHARED / "make-repos"), str(args.list), str(repos)], timings, "make_repos_s")
+        run([str(make_repos), str(listing), str(repos)], timings, "make_repos_s")
         extra: list[str] = []
         if args.extra_train:
-            run([str(SHARED / "make-repos"), str(args.extra_train), str(out / "extra-repos")], timings, "make_repos_s")
+            run([str(make_repos), str(args.extra_train), str(out / "extra-repos")], timings, "make_repos_s")
             extra = ["--train-only-file", str(out / "extra-repos" / "repos.txt")]
         run([exe, "corpus", "build", "--repos-file", str(repos / "repos.txt"), *extra, "--out", str(corpus),
              "--workers", str(os.cpu_count() or 1)], timings, "corpus_build_s")
