@@ -191,7 +191,7 @@ def test_two_shards_merged_equal_one_unsharded_run(tmp_path: Path) -> None:
 
 
 def test_refuses_to_append_to_a_store_of_another_layer(tmp_path: Path) -> None:
-    from codejepa.embed.teacher import Teacher, resolve_teacher
+    from codejepa.embed.teacher import Teacher, resolve_dtype, resolve_teacher
 
     tdir = make_tiny_qwen2(tmp_path / "t")
     corpus = write_corpus(tmp_path / "corpus", sample_records(6))
@@ -201,7 +201,9 @@ def test_refuses_to_append_to_a_store_of_another_layer(tmp_path: Path) -> None:
         embed_corpus(corpus, tmp_path / "s.h5", EmbedSettings(teacher=str(tdir), layer=1, device="cpu"))
     with pytest.raises(StoreError, match="refusing to append"):
         embed_corpus(corpus, tmp_path / "s.h5", EmbedSettings(teacher=str(tdir), device="cpu", target_mode="body_only"))
-    t = Teacher(resolve_teacher(str(tdir)), device="cpu", dtype="float32")  # other compute dtype
+    # the other compute dtype than the store's "auto" (bf16 on a CPU with native bf16, else fp32)
+    other = "float32" if resolve_dtype("auto", "cpu") != "float32" else "bfloat16"
+    t = Teacher(resolve_teacher(str(tdir)), device="cpu", dtype=other)
     with pytest.raises(StoreError, match="compute_dtype"):
         embed_corpus(corpus, tmp_path / "s.h5", EmbedSettings(), teacher=t)
     assert (tmp_path / "s.h5").read_bytes() == before
