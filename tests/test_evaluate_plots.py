@@ -18,4 +18,3 @@ def test_a_panel_draws_each_method_and_its_best_corrected_row() -> None:
              _row("ridge+last", 0.42), _row("tf+bm25", 0.6), _row("bm25", 0.3, "-"), _row("bm25+sib", 0.31, "-")]
     drawn = [r.method for r in plotted_rows(panel)]
     assert drawn == ["ridge", "ridge+csls+bm25", "ridge+last", "tf+bm25", "bm25", "bm25+sib"]
-
