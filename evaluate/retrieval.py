@@ -289,6 +289,13 @@ def _selection_split(store: Any, train_idx: np.ndarray, val_idx: np.ndarray, not
     return train_idx, train_idx
 
 
+def _materialized(scorer: Any, n_cols: int) -> Any:
+    """The scorer's whole matrix when it fits :data:`MATERIALIZE_BYTES`: a selection grid (17
+    fusion weights, 8 CSLS settings) then re-ranks one matrix instead of recomputing every
+    score, and BM25 (a Python loop over queries) is scored once per split, not once per use."""
+    return MaterializedScorer(scorer, n_cols) if 4 * scorer.n_queries * n_cols <= MATERIALIZE_BYTES else scorer
+
+
 def _mrr(scorer: Any, task: Task) -> float:
     return compute_metrics(search_task(scorer, task).ranks)["mrr"]
 
@@ -460,10 +467,11 @@ def evaluate_retrieval(
                 bm25_settings["selection_mrr"] = sel_mrr
             bm25_settings.update(query=mode, k1=1.2, b=0.75, tokens="identifiers split at snake_case/CamelCase")
             texts = query_sets[mode]
-            bm25_test = BM25Scorer([texts[i] for i in q_idx], [cv.body_texts[i] for i in task.cand_idx])
+            bm25_test = _materialized(BM25Scorer([texts[i] for i in q_idx], [cv.body_texts[i] for i in task.cand_idx]),
+                                      len(task.cand_idx))
             if ("ridge+bm25" in names or fuse_runs or ("reverse" in names and fuse_bm25)
                     or (sibling_softmax and "bm25" in names)) and sel_task is not None:
-                bm25_sel = BM25Scorer([texts[i] for i in sel_idx], sel_docs)
+                bm25_sel = _materialized(BM25Scorer([texts[i] for i in sel_idx], sel_docs), len(sel_docs))
 
         rows: list[MethodRow] = []
         vector_baselines = [n for n in names if n in ("prototype", "signature", "ridge", "ridge+last", "nn", "oracle",
@@ -499,7 +507,7 @@ def evaluate_retrieval(
             if not sibling_softmax or sel_task is None:
                 return
             n_c = len(sel_task.cand_idx)
-            base = MaterializedScorer(sel_scorer, n_c) if 4 * len(sel_idx) * n_c <= MATERIALIZE_BYTES else sel_scorer
+            base = sel_scorer if isinstance(sel_scorer, MaterializedScorer) else _materialized(sel_scorer, n_c)
             spread = score_spread(base, n_c)
             grid = {(t, b): _mrr(SiblingScorer(base, files_sel, t * spread, b), sel_task)
                     for t in SIB_TEMPERATURES for b in SIB_BETAS if b > 0 or t == SIB_TEMPERATURES[0]}
@@ -514,6 +522,7 @@ def evaluate_retrieval(
             """``name``: a dense scorer fused with BM25's scores, the weight chosen on selection MRR
             (``dense_sel`` scores the selection split, ``dense_test`` the task)."""
             cols_sel = np.arange(len(sel_task.cand_idx))
+            dense_sel = _materialized(dense_sel, len(cols_sel))
             st = (ScoreSampleStats(dense_sel, cols_sel), ScoreSampleStats(bm25_sel, cols_sel))
             wsc = {w: _mrr(FusedScorer(dense_sel, bm25_sel, w, cols_sel, stats=st), sel_task)
                    for w in FUSION_WEIGHTS}
@@ -532,11 +541,12 @@ def evaluate_retrieval(
             corrected selection and test scorers, {k, beta} and the selection grid."""
             pen_sel = hub_penalties(dense_sel.c, refs, CSLS_KS, cand_groups=store.repos[sel_task.cand_idx],
                                     ref_groups=store.repos[fit_idx])
-            grid = {(k, b): _mrr(HubScorer(dense_sel, pen_sel[k], b), sel_task) for k in CSLS_KS for b in CSLS_BETAS}
+            base = _materialized(dense_sel, len(sel_task.cand_idx))
+            grid = {(k, b): _mrr(HubScorer(base, pen_sel[k], b), sel_task) for k in CSLS_KS for b in CSLS_BETAS}
             k, beta = max(grid, key=lambda kb: (grid[kb], -kb[1]))
             pen = hub_penalties(dense_test.c, refs, [k], cand_groups=store.repos[task.cand_idx],
                                 ref_groups=store.repos[fit_idx])[k]
-            return (HubScorer(dense_sel, pen_sel[k], beta), HubScorer(dense_test, pen, beta), {"k": k, "beta": beta},
+            return (HubScorer(base, pen_sel[k], beta), HubScorer(dense_test, pen, beta), {"k": k, "beta": beta},
                     {f"k={a},beta={b}": v for (a, b), v in grid.items()})
 
         projections: dict[str, dict[str, np.ndarray]] = {}

@@ -74,7 +74,7 @@ class MaterializedScorer:
 
     def __init__(self, base: Scorer, n_cols: int, *, q_block: int = 512) -> None:
         cols = np.arange(n_cols)
-        self.n_queries = base.n_queries
+        self.n_queries, self.n_cols = base.n_queries, n_cols
         self.s = torch.cat([base.block(np.arange(a, min(a + q_block, base.n_queries)), cols).float()
                             for a in range(0, base.n_queries, q_block)]) if base.n_queries else torch.zeros(0, n_cols)
 

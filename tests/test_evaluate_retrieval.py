@@ -176,6 +176,39 @@ def test_pools(ds) -> None:
     assert (repo.row("inst", "whitened").ranks <= split.row("inst", "whitened").ranks).all()
 
 
+def test_selection_grids_score_once_and_rank_as_without_materialising(ds, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fusion weights, CSLS and sibling settings are chosen on a selection grid: with the
+    # score matrices held, BM25 scores each query of a split once (not once per weight and
+    # fused method), and every row, setting and rank is the same as when nothing is held.
+    import bm25s
+
+    import codejepa.evaluate.retrieval as retrieval_mod
+
+    calls = {"n": 0}
+    real = bm25s.BM25.get_scores_from_ids
+
+    def counting(self, ids, *a, **k):
+        calls["n"] += 1
+        return real(self, ids, *a, **k)
+
+    monkeypatch.setattr(bm25s.BM25, "get_scores_from_ids", counting)
+    kw = dict(baselines="ridge,bm25,reverse", spaces="whitened", n_boot=50, plots=False,
+              methods={"inst": _instance(ds, 0.8)}, bm25_query="signature")
+    held = evaluate_retrieval(ds.store_path, **kw)
+    n_held = calls["n"]
+    n_test, n_val = int((ds.splits == "test").sum()), int((ds.splits == "val").sum())
+    assert n_held <= n_test + n_val  # each split's queries scored once (queries without a known token: not at all)
+    monkeypatch.setattr(retrieval_mod, "MATERIALIZE_BYTES", 0)
+    calls["n"] = 0
+    plain = evaluate_retrieval(ds.store_path, **kw)
+    assert calls["n"] > 3 * n_held
+    assert [(r.method, r.space) for r in held.rows] == [(r.method, r.space) for r in plain.rows]
+    for a, b in zip(held.rows, plain.rows):
+        assert {k: v for k, v in a.settings.items() if k != "spread"} == \
+            {k: v for k, v in b.settings.items() if k != "spread"}, a.method
+        np.testing.assert_array_equal(a.ranks, b.ranks, err_msg=f"{a.method} {a.space}")
+
+
 def test_spaces_are_fitted_on_train_only(tmp_path: Path) -> None:
     # Same train data, very different val/test vectors: the fitted spaces must not move.
     from codejepa.embed.store import PendingRecord, StoreWriter, open_store
