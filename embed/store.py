@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
+from scipy import sparse
 
 from codejepa.core import CodejepaError, sha256_json
 
@@ -458,12 +459,14 @@ class Store:
         return self.f[name]["special"][: int(self._off[name][-1])].astype(bool)
 
     def iter_blocks(
-        self, name: str, indices: np.ndarray | None = None, block_tokens: int = 1 << 18
+        self, name: str, indices: np.ndarray | None = None, block_tokens: int = 1 << 18, *, as_float32: bool = True
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         """Stream (record indices, float32 states, special mask, offsets within the block).
 
         Contiguous runs of records are read with one slice each, so a sequential scan reads
         the file once; memory is bounded by ``block_tokens`` (plus one long record).
+        ``as_float32=False`` yields the states as stored (float16), for callers that convert
+        only the rows they keep.
         """
         idx = np.arange(self.n) if indices is None else np.asarray(indices)
         off = self._off[name]
@@ -476,7 +479,9 @@ class Store:
                 stop += 1
             run = idx[start:stop]
             a, b = int(off[run[0]]), int(off[run[-1] + 1])
-            states = g["states"][a:b].astype(np.float32)
+            states = g["states"][a:b]
+            if as_float32:
+                states = states.astype(np.float32)
             special = g["special"][a:b]
             yield run, states, special, off[run[0] : run[-1] + 2] - a
             start = stop
@@ -503,20 +508,30 @@ class Store:
             mine = [v for v in views if (v == "body") == (name == "targets")]
             if not mine:
                 continue
-            for run, states, special, offs in self.iter_blocks(name, idx):
-                for j, rec in enumerate(run):
-                    a, b = int(offs[j]), int(offs[j + 1])
-                    for view in mine:
-                        keep = np.ones(b - a, dtype=bool)
-                        if view not in ("body", "inputs"):
-                            s0, s1 = self._segments[rec][0 if view == "context" else 1]
-                            keep[:] = False
-                            keep[s0:s1] = True
-                        if exclude_special:
-                            keep &= ~special[a:b]
-                        if keep.any():
-                            rows = states[a:b][keep]
-                            out[view][pos[int(rec)]] = rows[-1] if view == "signature_last" else rows.mean(axis=0)
+            # Vectorised over a block: each view is a token mask; only the kept rows are
+            # converted from float16, and each view's means are one sparse product.
+            for run, states, special, offs in self.iter_blocks(name, idx, as_float32=False):
+                lens = np.diff(offs)
+                owner_of = np.repeat(np.arange(len(run)), lens)
+                local = np.arange(len(states)) - np.repeat(offs[:-1], lens)
+                rows = np.fromiter((pos[int(r)] for r in run), dtype=np.int64, count=len(run))
+                for view in mine:
+                    keep = ~special if exclude_special else np.ones(len(states), dtype=bool)
+                    if view not in ("body", "inputs"):
+                        seg = self._segments[run][:, 0 if view == "context" else 1]
+                        keep = keep & (local >= seg[owner_of, 0]) & (local < seg[owner_of, 1])
+                    sel = np.flatnonzero(keep)
+                    owner = owner_of[sel]  # sorted: tokens come in record order
+                    counts = np.bincount(owner, minlength=len(run))
+                    has = counts > 0
+                    if view == "signature_last":
+                        last = np.searchsorted(owner, np.arange(len(run)), side="right") - 1
+                        out[view][rows[has]] = states[sel[last[has]]].astype(np.float32)
+                    else:
+                        # the mean as one sparse product: [records × kept tokens] of 1/count
+                        w = (1.0 / counts[owner]).astype(np.float32)
+                        avg = sparse.csr_matrix((w, (owner, np.arange(len(sel)))), shape=(len(run), len(sel)))
+                        out[view][rows[has]] = (avg @ states[sel].astype(np.float32))[has]
         return out
 
     def close(self) -> None:

@@ -80,10 +80,37 @@ def test_round_trip_and_reader_api(tmp_path: Path) -> None:
             np.testing.assert_allclose(both["signature_last"][k], r.input_states[-1], atol=2e-3)
         np.testing.assert_array_equal(both["body"], body)
         np.testing.assert_array_equal(both["signature"], sig)
+        # a whole-store read (one block of many records) gives every view the per-record mean
+        every = s.pooled_views(["signature", "context", "signature_last", "inputs", "body"])
+        with_sinks = s.pooled("inputs", exclude_special=False)
+        for i, r in enumerate(recs):
+            np.testing.assert_allclose(every["signature"][i], r.input_states[2:].mean(0), atol=2e-3)
+            np.testing.assert_allclose(every["context"][i], r.input_states[1:2].mean(0), atol=2e-3)
+            np.testing.assert_allclose(every["signature_last"][i], r.input_states[-1], atol=2e-3)
+            np.testing.assert_allclose(every["inputs"][i], r.input_states[1:].mean(0), atol=2e-3)
+            np.testing.assert_allclose(every["body"][i], r.body_states.mean(0), atol=2e-3)
+            np.testing.assert_allclose(with_sinks[i], r.input_states.mean(0), rtol=1e-3, atol=2e-3)
         with pytest.raises(StoreError, match="unknown view"):
             s.pooled("signature_first", idx)
         blocks = list(s.iter_blocks("targets", np.arange(7), block_tokens=10))
         assert sum(len(b[0]) for b in blocks) == 7 and len(blocks) > 1
+
+
+def test_a_view_with_no_token_pools_to_zeros_and_leaves_its_neighbours_alone(tmp_path: Path) -> None:
+    recs = [rec(i, 6, 3) for i in range(4)]
+    recs[1] = replace(recs[1], context_span=(1, 1))  # no context
+    recs[2] = replace(recs[2], signature_span=(6, 6), context_span=(1, 6))  # no signature
+    recs[3].input_special[:] = True  # only sinks
+    p = tmp_path / "s.h5"
+    with StoreWriter(p, meta()) as w:
+        w.append(recs)
+    with open_store(p) as s:
+        v = s.pooled_views(["context", "signature", "signature_last", "inputs"])
+    assert not v["context"][1].any() and not v["signature"][2].any() and not v["signature_last"][2].any()
+    assert all(not v[k][3].any() for k in v)
+    np.testing.assert_allclose(v["context"][2], recs[2].input_states[1:].mean(0), atol=2e-3)
+    np.testing.assert_allclose(v["signature"][1], recs[1].input_states[2:].mean(0), atol=2e-3)
+    np.testing.assert_allclose(v["signature_last"][0], recs[0].input_states[-1], atol=2e-3)
 
 
 def test_float16_overflow_and_nan_are_refused(tmp_path: Path) -> None:
