@@ -80,6 +80,31 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CODEJEPA_CACHE", Path.home() / ".cache" / "codejepa"))
 
 
+def cached_sha256_file(path: str | os.PathLike[str], cache_name: str = "file-hashes.json") -> str:
+    """:func:`sha256_file`, remembered by (resolved path, size, mtime) in a JSON file of the
+    cache folder: a multi-GB store or weight file is read once, not at every use. A file
+    that changes (an embedding run resumed) gets a new size or mtime and is hashed again;
+    an unwritable cache only costs the re-hash."""
+    target = Path(path).resolve()
+    st = target.stat()
+    key = f"{target}|{st.st_size}|{st.st_mtime_ns}"
+    cache_path = default_cache_dir() / cache_name
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    digest = cache.get(key) if isinstance(cache, dict) else None
+    if not isinstance(digest, str):
+        digest = sha256_file(target)
+        cache = {**(cache if isinstance(cache, dict) else {}), key: digest}
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(cache_path, cache)
+        except OSError:
+            pass
+    return digest
+
+
 def lazy_exports(module: str, exports: dict[str, str]) -> Callable[[str], Any]:
     """A module ``__getattr__`` that imports ``exports[name]`` on first use.
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from codejepa.core import CodejepaError, atomic_write_json, default_cache_dir, sha256_file
+from codejepa.core import CodejepaError, cached_sha256_file
 
 # Nothing in this stage may reach a model hub; set before transformers is imported.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -153,28 +152,11 @@ def _hash_weights(folder: Path) -> str:
     )
     if not files:
         raise TeacherError(f"{folder}: no weight files (*.safetensors / *.bin)")
-    cache_path = default_cache_dir() / "weights-hashes.json"
-    try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        cache = {}
     h = hashlib.sha256()
-    dirty = False
     for p in files:
         target = p.resolve()
-        if re.fullmatch(r"[0-9a-f]{64}", target.name):
-            digest = target.name
-        else:
-            st = target.stat()
-            key = f"{target}|{st.st_size}|{st.st_mtime_ns}"
-            digest = cache.get(key) or sha256_file(target)
-            if cache.get(key) != digest:
-                cache[key], dirty = digest, True
+        digest = target.name if re.fullmatch(r"[0-9a-f]{64}", target.name) else cached_sha256_file(target, "weights-hashes.json")
         h.update(f"{p.name}:{digest}\n".encode())
-    if dirty:
-        with contextlib.suppress(OSError):
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(cache_path, cache)
     return h.hexdigest()
 
 

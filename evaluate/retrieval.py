@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from codejepa.core import CodejepaError, code_version, sha256_file
+from codejepa.core import CodejepaError, cached_sha256_file, code_version, sha256_file
 from codejepa.evaluate.baselines import (
     FUSION_WEIGHTS,
     RIDGE_ALPHAS,
@@ -719,7 +719,7 @@ def evaluate_retrieval(
         }
         store_info = {
             "path": str(Path(store.path).resolve()), "fingerprint": store.fingerprint(), "splits": store.split_key,
-            "file_sha256": sha256_file(store.path), "meta": meta.__dict__ | {"extra": dict(meta.extra)},
+            "file_sha256": cached_sha256_file(store.path), "meta": meta.__dict__ | {"extra": dict(meta.extra)},
             "corpus_dir": cv.corpus_dir, "corpus_fingerprint": cv.corpus_fingerprint,
         }
         pool_stats = {
