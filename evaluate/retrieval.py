@@ -289,11 +289,12 @@ def _selection_split(store: Any, train_idx: np.ndarray, val_idx: np.ndarray, not
     return train_idx, train_idx
 
 
-def _materialized(scorer: Any, n_cols: int, budget: int = MATERIALIZE_BYTES) -> Any:
+def _materialized(scorer: Any, n_cols: int, budget: int | None = None) -> Any:
     """The scorer's whole matrix when it fits ``budget`` bytes: a selection grid (17 fusion
     weights, 8 CSLS settings) then re-ranks one matrix instead of recomputing every score,
     and BM25 (a Python loop over queries) is scored once per split, not once per use."""
-    return MaterializedScorer(scorer, n_cols) if 4 * scorer.n_queries * n_cols <= budget else scorer
+    limit = MATERIALIZE_BYTES if budget is None else budget
+    return MaterializedScorer(scorer, n_cols) if 4 * scorer.n_queries * n_cols <= limit else scorer
 
 
 def _mrr(scorer: Any, task: Task) -> float:
