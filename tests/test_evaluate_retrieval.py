@@ -193,10 +193,10 @@ def test_selection_grids_score_once_and_rank_as_without_materialising(ds, monkey
         return real(self, ids, *a, **k)
 
     monkeypatch.setattr(bm25s.BM25, "get_scores_from_ids", counting)
-    # one query per search block, as a pool too large for a block of many would be: a scorer
+    # a few queries per search block, as a pool too large for a block of many would be: a scorer
     # that is not held then recomputes its scores at every block, weight and setting
-    one_by_one = functools.partial(retrieval_mod.search_task, budget_bytes=1)
-    monkeypatch.setattr(retrieval_mod, "search_task", one_by_one)
+    small_blocks = functools.partial(retrieval_mod.search_task, budget_bytes=2048)
+    monkeypatch.setattr(retrieval_mod, "search_task", small_blocks)
     kw = dict(baselines="ridge,bm25,reverse", spaces="whitened", n_boot=50, plots=False,
               methods={"inst": _instance(ds, 0.8)}, bm25_query="signature")
     held = evaluate_retrieval(ds.store_path, **kw)
