@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from codejepa.evaluate.errors import EvaluateError
-from codejepa.evaluate.search import DenseScorer, Scorer, _as_index
+from codejepa.evaluate.search import DenseScorer, MaterializedScorer, _as_index
 
 CSLS_KS = (10, 50)
 CSLS_BETAS = (0.0, 0.25, 0.5, 1.0)  # 0 = plain cosine: on val the correction can only be chosen if it helps
@@ -70,9 +70,8 @@ def hub_penalties(cands_unit: torch.Tensor, refs_unit: torch.Tensor, ks: Sequenc
 class HubScorer:
     """A dense scorer's cosines minus β times each candidate column's hub penalty."""
 
-    def __init__(self, dense: DenseScorer | Scorer, penalty: torch.Tensor, beta: float) -> None:
-        n_cols = dense.c.shape[0] if isinstance(dense, DenseScorer) else getattr(dense, "n_cols", penalty.shape[0])
-        if penalty.shape[0] != n_cols:
+    def __init__(self, dense: DenseScorer | MaterializedScorer, penalty: torch.Tensor, beta: float) -> None:
+        if penalty.shape[0] != dense.n_cols:
             raise EvaluateError("one hub penalty per candidate is needed")
         self.dense, self.penalty, self.beta = dense, penalty.float(), float(beta)
         self.n_queries = dense.n_queries

@@ -40,8 +40,8 @@ from codejepa.evaluate.metrics import (
     paired_bootstrap,
 )
 from codejepa.evaluate.pools import PoolSpec, Task, build_task, parse_pool, search_task
-from codejepa.evaluate.search import DenseScorer, FusedScorer, ScoreSampleStats, SearchResult, unit_rows
-from codejepa.evaluate.siblings import MATERIALIZE_BYTES, SIB_BETAS, SIB_TEMPERATURES, MaterializedScorer, SiblingScorer, score_spread
+from codejepa.evaluate.search import DenseScorer, FusedScorer, ScoreSampleStats, SearchResult, materialized, unit_rows
+from codejepa.evaluate.siblings import SIB_BETAS, SIB_TEMPERATURES, SiblingScorer, score_spread
 from codejepa.evaluate.siblings import SUFFIX as SIB_SUFFIX
 from codejepa.evaluate.spaces import SPACE_NAMES, Space, fit_space
 
@@ -289,14 +289,6 @@ def _selection_split(store: Any, train_idx: np.ndarray, val_idx: np.ndarray, not
     return train_idx, train_idx
 
 
-def _materialized(scorer: Any, n_cols: int, budget: int | None = None) -> Any:
-    """The scorer's whole matrix when it fits ``budget`` bytes: a selection grid (17 fusion
-    weights, 8 CSLS settings) then re-ranks one matrix instead of recomputing every score,
-    and BM25 (a Python loop over queries) is scored once per split, not once per use."""
-    limit = MATERIALIZE_BYTES if budget is None else budget
-    return MaterializedScorer(scorer, n_cols) if 4 * scorer.n_queries * n_cols <= limit else scorer
-
-
 def _mrr(scorer: Any, task: Task) -> float:
     return compute_metrics(search_task(scorer, task).ranks)["mrr"]
 
@@ -470,11 +462,11 @@ def evaluate_retrieval(
             texts = query_sets[mode]
             # BM25 is held to twice the budget of the others: recomputing it costs a Python loop
             # per query, a dense score a matrix product (python-40's whole corpus: 1.1 GB).
-            bm25_test = _materialized(BM25Scorer([texts[i] for i in q_idx], [cv.body_texts[i] for i in task.cand_idx]),
-                                      len(task.cand_idx), 2 * MATERIALIZE_BYTES)
+            bm25_test = materialized(BM25Scorer([texts[i] for i in q_idx], [cv.body_texts[i] for i in task.cand_idx]),
+                                     len(task.cand_idx), budget_factor=2)
             if ("ridge+bm25" in names or fuse_runs or ("reverse" in names and fuse_bm25)
                     or (sibling_softmax and "bm25" in names)) and sel_task is not None:
-                bm25_sel = _materialized(BM25Scorer([texts[i] for i in sel_idx], sel_docs), len(sel_docs))
+                bm25_sel = materialized(BM25Scorer([texts[i] for i in sel_idx], sel_docs), len(sel_docs))
 
         rows: list[MethodRow] = []
         vector_baselines = [n for n in names if n in ("prototype", "signature", "ridge", "ridge+last", "nn", "oracle",
@@ -510,7 +502,7 @@ def evaluate_retrieval(
             if not sibling_softmax or sel_task is None:
                 return
             n_c = len(sel_task.cand_idx)
-            base = sel_scorer if isinstance(sel_scorer, MaterializedScorer) else _materialized(sel_scorer, n_c)
+            base = materialized(sel_scorer, n_c)
             spread = score_spread(base, n_c)
             grid = {(t, b): _mrr(SiblingScorer(base, files_sel, t * spread, b), sel_task)
                     for t in SIB_TEMPERATURES for b in SIB_BETAS if b > 0 or t == SIB_TEMPERATURES[0]}
@@ -525,7 +517,7 @@ def evaluate_retrieval(
             """``name``: a dense scorer fused with BM25's scores, the weight chosen on selection MRR
             (``dense_sel`` scores the selection split, ``dense_test`` the task)."""
             cols_sel = np.arange(len(sel_task.cand_idx))
-            dense_sel = _materialized(dense_sel, len(cols_sel))
+            dense_sel = materialized(dense_sel, len(cols_sel))
             st = (ScoreSampleStats(dense_sel, cols_sel), ScoreSampleStats(bm25_sel, cols_sel))
             wsc = {w: _mrr(FusedScorer(dense_sel, bm25_sel, w, cols_sel, stats=st), sel_task)
                    for w in FUSION_WEIGHTS}
@@ -544,7 +536,7 @@ def evaluate_retrieval(
             corrected selection and test scorers, {k, beta} and the selection grid."""
             pen_sel = hub_penalties(dense_sel.c, refs, CSLS_KS, cand_groups=store.repos[sel_task.cand_idx],
                                     ref_groups=store.repos[fit_idx])
-            base = _materialized(dense_sel, len(sel_task.cand_idx))
+            base = materialized(dense_sel, len(sel_task.cand_idx))
             grid = {(k, b): _mrr(HubScorer(base, pen_sel[k], b), sel_task) for k in CSLS_KS for b in CSLS_BETAS}
             k, beta = max(grid, key=lambda kb: (grid[kb], -kb[1]))
             pen = hub_penalties(dense_test.c, refs, [k], cand_groups=store.repos[task.cand_idx],

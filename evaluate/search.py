@@ -23,6 +23,7 @@ from codejepa.evaluate.errors import EvaluateError
 
 DEFAULT_SCORE_BUDGET = 256 << 20  # bytes of group scores held per query block
 DEFAULT_CAND_BLOCK = 16384
+MATERIALIZE_BYTES = 1 << 30  # score matrices up to this size are held for a selection grid
 
 
 class Scorer(Protocol):
@@ -72,7 +73,7 @@ class DenseScorer:
             raise EvaluateError(
                 f"query vectors {tuple(self.q.shape)} and candidate vectors {tuple(self.c.shape)} do not match in width"
             )
-        self.n_queries = self.q.shape[0]
+        self.n_queries, self.n_cols = self.q.shape[0], self.c.shape[0]
 
     def block(self, q: np.ndarray, cols: np.ndarray) -> torch.Tensor:
         return self.q[_as_index(q)] @ self.c[_as_index(cols)].T
@@ -80,6 +81,30 @@ class DenseScorer:
     def pair(self, q: np.ndarray, cols: np.ndarray) -> torch.Tensor:
         """Elementwise scores of query q[i] with candidate cols[i]."""
         return (self.q[torch.as_tensor(q)] * self.c[torch.as_tensor(cols)]).sum(1)
+
+
+class MaterializedScorer:
+    """A scorer's whole ``[queries, candidates]`` matrix, computed once (for a selection grid)."""
+
+    def __init__(self, base: Scorer, n_cols: int, *, q_block: int = 512) -> None:
+        cols = np.arange(n_cols)
+        self.n_queries, self.n_cols = base.n_queries, n_cols
+        self.s = torch.cat([base.block(np.arange(a, min(a + q_block, base.n_queries)), cols).float()
+                            for a in range(0, base.n_queries, q_block)]) if base.n_queries else torch.zeros(0, n_cols)
+
+    def block(self, q: np.ndarray, cols: np.ndarray) -> torch.Tensor:
+        return self.s[_as_index(np.asarray(q, dtype=np.int64))][:, _as_index(cols)]
+
+
+def materialized(scorer: Scorer, n_cols: int, *, budget_factor: float = 1.0) -> Scorer:
+    """The scorer's whole matrix when it fits ``budget_factor`` × :data:`MATERIALIZE_BYTES`
+    (read at call time), else the scorer itself: a selection grid (fusion weights, CSLS and
+    sibling settings) then re-ranks one matrix instead of recomputing every score, and BM25
+    (a Python loop over queries) is scored once, not once per use."""
+    if isinstance(scorer, MaterializedScorer):
+        return scorer
+    held = 4 * scorer.n_queries * n_cols <= budget_factor * MATERIALIZE_BYTES
+    return MaterializedScorer(scorer, n_cols) if held else scorer
 
 
 class ScoreSampleStats:

@@ -26,12 +26,11 @@ import numpy as np
 import torch
 
 from codejepa.evaluate.errors import EvaluateError
-from codejepa.evaluate.search import Scorer, ScoreSampleStats, _as_index
+from codejepa.evaluate.search import Scorer, ScoreSampleStats
 
 SIB_TEMPERATURES = (0.125, 0.25, 0.5, 1.0)  # × the wrapped scores' spread
 SIB_BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # 1: the full inverted softmax over the file's queries
 SUFFIX = "+sib"
-MATERIALIZE_BYTES = 1 << 30  # selection score matrices up to this size are computed once for the grid
 
 
 class SiblingScorer:
@@ -67,19 +66,6 @@ class SiblingScorer:
         where[rows] = np.arange(len(rows))
         qi = torch.from_numpy(where[q])
         return s[qi] - (self.beta * self.t) * lse[f_local[qi]]
-
-
-class MaterializedScorer:
-    """A scorer's whole ``[queries, candidates]`` matrix, computed once (for a selection grid)."""
-
-    def __init__(self, base: Scorer, n_cols: int, *, q_block: int = 512) -> None:
-        cols = np.arange(n_cols)
-        self.n_queries, self.n_cols = base.n_queries, n_cols
-        self.s = torch.cat([base.block(np.arange(a, min(a + q_block, base.n_queries)), cols).float()
-                            for a in range(0, base.n_queries, q_block)]) if base.n_queries else torch.zeros(0, n_cols)
-
-    def block(self, q: np.ndarray, cols: np.ndarray) -> torch.Tensor:
-        return self.s[_as_index(np.asarray(q, dtype=np.int64))][:, _as_index(cols)]
 
 
 def score_spread(scorer: Scorer, n_cols: int) -> float:

@@ -184,6 +184,7 @@ def test_selection_grids_score_once_and_rank_as_without_materialising(ds, monkey
     import bm25s
 
     import codejepa.evaluate.retrieval as retrieval_mod
+    import codejepa.evaluate.search as search_mod
 
     calls = {"n": 0}
     real = bm25s.BM25.get_scores_from_ids
@@ -203,7 +204,7 @@ def test_selection_grids_score_once_and_rank_as_without_materialising(ds, monkey
     n_held = calls["n"]
     n_test, n_val = int((ds.splits == "test").sum()), int((ds.splits == "val").sum())
     assert n_held <= n_test + n_val  # each split's queries scored once (queries without a known token: not at all)
-    monkeypatch.setattr(retrieval_mod, "MATERIALIZE_BYTES", 0)
+    monkeypatch.setattr(search_mod, "MATERIALIZE_BYTES", 0)
     calls["n"] = 0
     plain = evaluate_retrieval(ds.store_path, **kw)
     assert calls["n"] > 3 * n_held

@@ -15,7 +15,8 @@ from _evaluate_fixtures import make_dataset  # noqa: E402
 
 from codejepa.evaluate.errors import EvaluateError  # noqa: E402
 from codejepa.evaluate.retrieval import evaluate_retrieval, load_corpus_view  # noqa: E402
-from codejepa.evaluate.siblings import SIB_BETAS, SIB_TEMPERATURES, MaterializedScorer, SiblingScorer  # noqa: E402
+from codejepa.evaluate.search import MaterializedScorer  # noqa: E402
+from codejepa.evaluate.siblings import SIB_BETAS, SIB_TEMPERATURES, SiblingScorer  # noqa: E402
 
 torch.set_num_threads(1)
 
