@@ -513,11 +513,13 @@ class Store:
             for run, states, special, offs in self.iter_blocks(name, idx, as_float32=False):
                 lens = np.diff(offs)
                 owner_of = np.repeat(np.arange(len(run)), lens)
-                local = np.arange(len(states)) - np.repeat(offs[:-1], lens)
+                segmented = any(v not in ("body", "inputs") for v in mine)
+                local = np.arange(len(states)) - np.repeat(offs[:-1], lens) if segmented else None
                 rows = np.fromiter((pos[int(r)] for r in run), dtype=np.int64, count=len(run))
                 for view in mine:
                     keep = ~special if exclude_special else np.ones(len(states), dtype=bool)
                     if view not in ("body", "inputs"):
+                        assert local is not None
                         seg = self._segments[run][:, 0 if view == "context" else 1]
                         keep = keep & (local >= seg[owner_of, 0]) & (local < seg[owner_of, 1])
                     sel = np.flatnonzero(keep)
