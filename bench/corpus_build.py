@@ -28,8 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "bench-repos"
+from bench_repos import add_shared_argument, require_shared_files
 
 
 def timed(fn):  # noqa: ANN001, ANN201
@@ -49,8 +48,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--clone-jobs", type=int, default=4)
     ap.add_argument("--repos-dir", type=Path, default=None, help="where make-repos puts the 40 repos")
-    ap.add_argument("--shared", type=Path, default=SHARED,
-                    help="the folder with make-repos and python-40.txt (default: ../shared/bench-repos beside the repository)")
+    add_shared_argument(ap)
     ap.add_argument("--list", type=Path, default=None, help="pinned projects (default: SHARED/python-40.txt)")
     ap.add_argument("--out", type=Path, default=None, help="corpus folder (default: a temp folder, removed)")
     args = ap.parse_args()
@@ -60,10 +58,7 @@ def main() -> None:
     from codejepa.corpus.extract import parse_bytes
 
     make_repos, listing = args.shared / "make-repos", args.list or args.shared / "python-40.txt"
-    for need in (make_repos, listing):
-        if not need.is_file():
-            sys.exit(f"corpus_build: {need} not found. The benchmark's projects come from the shared folder beside "
-                     "the repository (../shared/bench-repos: make-repos and python-40.txt); name it with --shared DIR.")
+    require_shared_files("corpus_build", make_repos, listing)
     repos_dir = args.repos_dir or default_cache_dir() / "bench-repos" / listing.stem
     if subprocess.run([str(make_repos), str(listing), str(repos_dir)]).returncode != 0:
         sys.exit(f"corpus_build: {make_repos} failed (its message is above)")

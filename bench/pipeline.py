@@ -37,8 +37,9 @@ import sys
 import time
 from pathlib import Path
 
+from bench_repos import add_shared_argument, require_shared_files
+
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "bench-repos"
 
 
 def run(cmd: list[str], timings: dict[str, float], key: str) -> None:
@@ -56,8 +57,7 @@ def run(cmd: list[str], timings: dict[str, float], key: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path.home() / ".cache" / "codejepa" / "bench40")
-    ap.add_argument("--shared", type=Path, default=SHARED,
-                    help="the folder with make-repos and python-40.txt (default: ../shared/bench-repos beside the repository)")
+    add_shared_argument(ap)
     ap.add_argument("--list", type=Path, default=None, help="pinned projects (default: SHARED/python-40.txt)")
     ap.add_argument("--layer", type=int, default=None, help="teacher layer (default: the middle block)")
     ap.add_argument("--targets", default="in-context", choices=["in-context", "body-only"])
@@ -86,10 +86,7 @@ def main() -> None:
 
     if "corpus" in stages:
         make_repos, listing = args.shared / "make-repos", args.list or args.shared / "python-40.txt"
-        for need in (make_repos, listing, *([args.extra_train] if args.extra_train else [])):
-            if not need.is_file():
-                sys.exit(f"pipeline: {need} not found. The benchmark's projects come from the shared folder beside "
-                         "the repository (../shared/bench-repos: make-repos and python-40.txt); name it with --shared DIR.")
+        require_shared_files("pipeline", make_repos, listing, *([args.extra_train] if args.extra_train else []))
         repos = out / "repos"
         run([str(make_repos), str(listing), str(repos)], timings, "make_repos_s")
         extra: list[str] = []

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import os
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from codejepa import __version__
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None  # type: ignore[assignment]
 
 
 class CodejepaError(Exception):
@@ -84,25 +90,44 @@ def cached_sha256_file(path: str | os.PathLike[str], cache_name: str = "file-has
     """:func:`sha256_file`, remembered by (resolved path, size, mtime) in a JSON file of the
     cache folder: a multi-GB store or weight file is read once, not at every use. A file
     that changes (an embedding run resumed) gets a new size or mtime and is hashed again;
-    an unwritable cache only costs the re-hash."""
+    an unwritable cache only costs the re-hash. Concurrent runs merge their entries under
+    a lock, so one does not drop what another has just added."""
     target = Path(path).resolve()
     st = target.stat()
     key = f"{target}|{st.st_size}|{st.st_mtime_ns}"
     cache_path = default_cache_dir() / cache_name
+    digest = _read_hash_cache(cache_path).get(key)
+    if isinstance(digest, str):
+        return digest
+    digest = sha256_file(target)
     try:
-        cache = json.loads(cache_path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    digest = cache.get(key) if isinstance(cache, dict) else None
-    if not isinstance(digest, str):
-        digest = sha256_file(target)
-        cache = {**(cache if isinstance(cache, dict) else {}), key: digest}
-        try:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(cache_path, cache)
-        except OSError:
-            pass
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(cache_path.with_name(cache_path.name + ".lock")):
+            atomic_write_json(cache_path, {**_read_hash_cache(cache_path), key: digest})
+    except OSError:
+        pass
     return digest
+
+
+def _read_hash_cache(path: Path) -> dict[str, Any]:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (POSIX flock; elsewhere no lock: a lost entry is re-hashed)."""
+    with open(lock_path, "a") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def lazy_exports(module: str, exports: dict[str, str]) -> Callable[[str], Any]:

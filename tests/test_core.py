@@ -41,3 +41,22 @@ def test_cached_sha256_reads_a_file_once_and_again_when_it_changes(tmp_path: Pat
             assert core.cached_sha256_file(f) == hashlib.sha256(b"x").hexdigest()
         finally:
             (tmp_path / "cache").chmod(0o700)
+
+
+def test_cached_sha256_keeps_what_a_concurrent_run_added_meanwhile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CODEJEPA_CACHE", str(tmp_path / "cache"))
+    cache_file = tmp_path / "cache" / "file-hashes.json"
+    real = core.sha256_file
+
+    def slow_hash_while_another_run_writes(path, *a, **k):
+        # another evaluation finishes its own (long) hash while this one is hashing
+        core.atomic_write_json(cache_file, {**core._read_hash_cache(cache_file), "other|1|1": "feed"})
+        return real(path, *a, **k)
+
+    (tmp_path / "cache").mkdir()
+    f = tmp_path / "store.h5"
+    f.write_bytes(b"abc")
+    monkeypatch.setattr(core, "sha256_file", slow_hash_while_another_run_writes)
+    assert core.cached_sha256_file(f) == hashlib.sha256(b"abc").hexdigest()
+    cache = core._read_hash_cache(cache_file)
+    assert cache["other|1|1"] == "feed" and hashlib.sha256(b"abc").hexdigest() in cache.values()

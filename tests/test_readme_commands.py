@@ -56,6 +56,10 @@ def _split_commands(line: str) -> list[str]:
             quote = c
         elif line.startswith("$(", i):
             depth += 1
+            current, i = current + "$(", i + 2
+            continue
+        elif c == "(" and depth:
+            depth += 1  # a bare ( inside a substitution closes at its own )
         elif c == ")" and depth:
             depth -= 1
         elif not depth and (c == ";" or line.startswith(("&&", "||"), i)):
@@ -148,3 +152,9 @@ def test_every_bench_option_in_the_readme_is_parsed(script: str) -> None:
             if w.startswith("--"):
                 name = w.split("=", 1)[0]
                 assert re.search(rf"(^|[\s,\[]){re.escape(name)}\b", r.stdout), f"README: `{line}`: {script} has no {name}"
+
+
+def test_commands_are_cut_only_outside_quotes_and_substitutions() -> None:
+    line = "codejepa a $(for r in x y; do (echo --run $r); done) --b 'p;q' && codejepa c; d"
+    assert _split_commands(line) == [
+        "codejepa a $(for r in x y; do (echo --run $r); done) --b 'p;q' ", " codejepa c", " d"]
