@@ -508,12 +508,12 @@ class Store:
             mine = [v for v in views if (v == "body") == (name == "targets")]
             if not mine:
                 continue
+            segmented = any(v not in ("body", "inputs") for v in mine)  # needs each token's position
             # Vectorised over a block: each view is a token mask; only the kept rows are
             # converted from float16, and each view's means are one sparse product.
             for run, states, special, offs in self.iter_blocks(name, idx, as_float32=False):
                 lens = np.diff(offs)
                 owner_of = np.repeat(np.arange(len(run)), lens)
-                segmented = any(v not in ("body", "inputs") for v in mine)
                 local = np.arange(len(states)) - np.repeat(offs[:-1], lens) if segmented else None
                 rows = np.fromiter((pos[int(r)] for r in run), dtype=np.int64, count=len(run))
                 for view in mine:

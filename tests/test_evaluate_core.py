@@ -19,7 +19,9 @@ from codejepa.evaluate.search import (
     DenseScorer,
     FusedScorer,
     Groups,
+    MaterializedScorer,
     brute_force_ranks,
+    materialized,
     rank_random_pools,
     rank_shared_pool,
     sample_distractors,
@@ -348,3 +350,19 @@ def test_collapse_diagnostics() -> None:
     assert collapse_warning("m", "raw", "split", low, {"prototype": MetricCI(0.01, 0.0, 0.03)}) is not None
     high = MetricCI(0.4, 0.3, 0.5)
     assert collapse_warning("m", "raw", "split", high, {"prototype": MetricCI(0.01, 0.0, 0.03)}) is None
+
+
+def test_materialized_holds_a_matrix_within_its_budget_and_scores_as_the_scorer(monkeypatch: pytest.MonkeyPatch) -> None:
+    import codejepa.evaluate.search as search_mod
+
+    g = np.random.default_rng(0)
+    dense = DenseScorer(g.standard_normal((6, 4)), g.standard_normal((5, 4)))
+    size = 4 * 6 * 5  # float32 bytes of the whole matrix
+    monkeypatch.setattr(search_mod, "MATERIALIZE_BYTES", size)  # read at call time
+    held = materialized(dense, 5)
+    assert isinstance(held, MaterializedScorer) and materialized(held, 5) is held
+    q, cols = np.array([4, 0, 2]), np.array([3, 1])
+    assert torch.allclose(held.block(q, cols), dense.block(q, cols))
+    monkeypatch.setattr(search_mod, "MATERIALIZE_BYTES", size - 1)
+    assert materialized(dense, 5) is dense  # over the budget: scored on demand
+    assert isinstance(materialized(dense, 5, budget_factor=2), MaterializedScorer)
