@@ -305,6 +305,137 @@ def _pool_sizes(task: Task) -> np.ndarray:
     return sizes
 
 
+@dataclass
+class _RowWriter:
+    """The rows of one evaluation, and the variants any scorer can get: ``+bm25`` (fused with
+    BM25's scores), ``+sib`` (the sibling softmax) and the CSLS correction behind ``+csls``;
+    each variant's setting is chosen on the selection split's MRR, never on the queries'."""
+
+    task: Task
+    sel_task: Task | None
+    pool_label: str
+    n_boot: int
+    seed: int
+    expected: int  # rows the progress bar expects
+    say: Log
+    progress: Callable[[int, int], None] | None
+    sibling_softmax: bool
+    files_q: np.ndarray  # source file of each query
+    files_sel: np.ndarray | None  # … and of each selection query
+    repos: np.ndarray  # repository of every store record
+    fit_idx: np.ndarray  # the train records the hubness references come from
+    bm25_test: Any = None
+    bm25_sel: Any = None
+    rows: list[MethodRow] = field(default_factory=list)
+    sizes: np.ndarray = field(init=False)
+    clusters: np.ndarray = field(init=False)
+    chance: dict[str, float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sizes = _pool_sizes(self.task)
+        self.clusters = np.tile(self.task.query_repos.astype(str), len(self.sizes) // self.task.n_queries)
+        self.chance = chance_metrics(self.sizes)
+
+    @property
+    def fusing(self) -> bool:
+        return self.sel_task is not None and self.bm25_test is not None and self.bm25_sel is not None
+
+    def add(self, method: str, kind: str, space: str, res: SearchResult, settings: dict | None = None,
+            diag: dict | None = None) -> MethodRow:
+        task = self.task
+        cis = bootstrap_cis(res.ranks, self.clusters, n_boot=self.n_boot, seed=self.seed)
+        row = MethodRow(method, kind, space, self.pool_label, cis, self.chance, task.n_queries, res.ranks,
+                        self.clusters, diag, hubness(res.top1_group, task.groups.n_groups), settings or {})
+        self.rows.append(row)
+        if self.progress is not None:
+            self.progress(len(self.rows), max(self.expected, len(self.rows)))
+        self.say(f"{method:>14} {space:>9}: rank@1 {cis['rank@1'].value:.1%}  MRR {cis['mrr'].value:.3f}")
+        return row
+
+    def siblings(self, name: str, kind: str, space: str, sel_scorer: Any, test_scorer: Any, settings: dict) -> None:
+        """``name+sib``: a scorer with the sibling softmax over each query's file; T (in units of
+        the scores' spread on the selection pool) and β chosen on selection MRR."""
+        sel_task = self.sel_task
+        if not self.sibling_softmax or sel_task is None:
+            return
+        n_c = len(sel_task.cand_idx)
+        base = materialized(sel_scorer, n_c)
+        spread = score_spread(base, n_c)
+        grid = {(t, b): _mrr(SiblingScorer(base, self.files_sel, t * spread, b), sel_task)
+                for t in SIB_TEMPERATURES for b in SIB_BETAS if b > 0 or t == SIB_TEMPERATURES[0]}
+        t, beta = max(grid, key=lambda tb: (grid[tb], -tb[1]))
+        self.say(f"searching {name}{SIB_SUFFIX} in {space} space (T {t} × {spread:.3g}, β {beta})")
+        self.add(f"{name}{SIB_SUFFIX}", kind, space,
+                 search_task(SiblingScorer(test_scorer, self.files_q, t * spread, beta), self.task),
+                 {**settings, "temperature": t, "spread": spread, "beta": beta,
+                  "siblings": "the query split's functions of the query's own source file, itself included",
+                  "selection_mrr": {f"T={a},beta={b}": v for (a, b), v in grid.items()}})
+
+    def fuse(self, name: str, kind: str, space: str, dense_sel: Any, dense_test: Any, settings: dict) -> None:
+        """``name``: a dense scorer fused with BM25's scores, the weight chosen on selection MRR
+        (``dense_sel`` scores the selection split, ``dense_test`` the task); then its ``+sib`` row."""
+        assert self.sel_task is not None and self.bm25_sel is not None
+        cols_sel = np.arange(len(self.sel_task.cand_idx))
+        dense_sel = materialized(dense_sel, len(cols_sel))
+        st = (ScoreSampleStats(dense_sel, cols_sel), ScoreSampleStats(self.bm25_sel, cols_sel))
+        wsc = {w: _mrr(FusedScorer(dense_sel, self.bm25_sel, w, cols_sel, stats=st), self.sel_task)
+               for w in FUSION_WEIGHTS}
+        w = max(wsc, key=lambda k: (wsc[k], -abs(k - 0.5)))
+        fused = FusedScorer(dense_test, self.bm25_test, w, np.arange(len(self.task.cand_idx)))
+        self.say(f"searching {name} in {space} space (weight {w})")
+        self.add(name, kind, space, search_task(fused, self.task),
+                 {"dense_weight": w, **settings, "selection_mrr": {str(k): v for k, v in wsc.items()},
+                  "normalisation": "per-query z-score over a fixed sample of 2048 pool candidates"})
+        self.siblings(name, kind, space, FusedScorer(dense_sel, self.bm25_sel, w, cols_sel, stats=st), fused,
+                      {"dense_weight": w, **settings})
+
+    def hub_corrected(self, dense_sel: DenseScorer, dense_test: DenseScorer, refs: Any) -> tuple[HubScorer, HubScorer, dict, dict]:
+        """CSLS of a dense scorer: its cosines minus β × each candidate's mean cosine to its k
+        nearest ``refs`` (unit rows of train-split vectors, the candidate's own repository left
+        out); k and β chosen on selection MRR, ties to the smaller correction. Returns the
+        corrected selection and test scorers, {k, beta} and the selection grid."""
+        assert self.sel_task is not None
+        sel_task, ref_groups = self.sel_task, self.repos[self.fit_idx]
+        pen_sel = hub_penalties(dense_sel.c, refs, CSLS_KS, cand_groups=self.repos[sel_task.cand_idx], ref_groups=ref_groups)
+        base = materialized(dense_sel, len(sel_task.cand_idx))
+        grid = {(k, b): _mrr(HubScorer(base, pen_sel[k], b), sel_task) for k in CSLS_KS for b in CSLS_BETAS}
+        k, beta = max(grid, key=lambda kb: (grid[kb], -kb[1]))
+        pen = hub_penalties(dense_test.c, refs, [k], cand_groups=self.repos[self.task.cand_idx], ref_groups=ref_groups)[k]
+        return (HubScorer(base, pen_sel[k], beta), HubScorer(dense_test, pen, beta), {"k": k, "beta": beta},
+                {f"k={a},beta={b}": v for (a, b), v in grid.items()})
+
+
+def _reverse_rows(out: _RowWriter, last_x: np.ndarray, bodies: np.ndarray, cand_raw: np.ndarray, fit_idx: np.ndarray,
+                  sel_idx: np.ndarray, q_idx: np.ndarray, shrinkage: float, *, fuse: bool, hubness_correction: bool) -> None:
+    """``reverse`` (each candidate body mapped to the signature views it implies, ridge fitted
+    on train, λ on selection) and its ``+bm25``, ``+csls`` and ``+csls+bm25`` rows."""
+    out.say("reverse: ridge from whitened bodies to the whitened signature views")
+    sel_task = out.sel_task
+    assert sel_task is not None
+    rev = ReverseFit.fit(last_x[fit_idx], bodies[fit_idx], shrinkage=shrinkage)
+    rev_q_sel = unit_rows(rev.queries(last_x[sel_idx]))
+    sel_bodies = bodies[sel_task.cand_idx]
+    rev_sc = {a: _mrr(DenseScorer(rev_q_sel, rev.candidates(sel_bodies, a)), sel_task) for a in RIDGE_ALPHAS}
+    a_rev = max(rev_sc, key=lambda a: (rev_sc[a], a))
+    rev_sel = DenseScorer(rev_q_sel, rev.candidates(sel_bodies, a_rev))
+    rev_test = DenseScorer(rev.queries(last_x[q_idx]), rev.candidates(cand_raw, a_rev))
+    rev_info = {"alpha": a_rev, "direction": "candidate body → signature mean + last token, whitened (train)",
+                "selection_mrr": {str(k): v for k, v in rev_sc.items()}, "n_fit": len(fit_idx)}
+    out.add("reverse", "baseline", NO_SPACE, search_task(rev_test, out.task), rev_info)
+    if out.fusing and fuse:
+        out.fuse(f"reverse{FUSED_SUFFIX}", "baseline", NO_SPACE, rev_sel, rev_test, {"alpha": a_rev})
+    if hubness_correction and len(np.unique(out.repos[fit_idx].astype(str))) > 1:
+        # Space-free like the row itself, so no --space choice turns it off. The reference:
+        # the train split's own signature views, what the queries are made of.
+        out.say("hubness of the reverse candidates against the train signatures")
+        hub_sel, hub_test, kb, grid = out.hub_corrected(rev_sel, rev_test, unit_rows(rev.queries(last_x[fit_idx]), inplace=True))
+        info = {**kb, "alpha": a_rev, "reference": f"signature views of {len(fit_idx)} train "
+                "records, those of the candidate's own repository left out"}
+        out.add(f"reverse{CSLS_SUFFIX}", "baseline", NO_SPACE, search_task(hub_test, out.task), {**info, "selection_mrr": grid})
+        if out.fusing and fuse:
+            out.fuse(f"reverse{CSLS_SUFFIX}{FUSED_SUFFIX}", "baseline", NO_SPACE, hub_sel, hub_test, info)
+
+
 def evaluate_retrieval(
     store_path: str | os.PathLike[str],
     runs: Sequence[str | os.PathLike[str]] = (),
@@ -468,7 +599,6 @@ def evaluate_retrieval(
                     or (sibling_softmax and "bm25" in names)) and sel_task is not None:
                 bm25_sel = materialized(BM25Scorer([texts[i] for i in sel_idx], sel_docs), len(sel_docs))
 
-        rows: list[MethodRow] = []
         vector_baselines = [n for n in names if n in ("prototype", "signature", "ridge", "ridge+last", "nn", "oracle",
                                                       "noisy_oracle")]
         n_fused = (("reverse" in names) * (1 + hubness_correction) * (need_bm25 and fuse_bm25)
@@ -477,106 +607,23 @@ def evaluate_retrieval(
         expected = (("random" in names) + ("bm25" in names) * (1 + sibling_softmax) + ("reverse" in names) * (1 + hubness_correction)
                     + len(space_names) * (len(run_preds) + len(vector_baselines)) + len(hub_spaces) * len(hub_methods)
                     + n_fused * (1 + sibling_softmax))
-        sizes = _pool_sizes(task)
-        clusters_q = np.tile(task.query_repos.astype(str), len(sizes) // task.n_queries)
-        chance = chance_metrics(sizes)
-
-        def add_row(method: str, kind: str, space: str, res: SearchResult, settings: dict | None = None,
-                    diag: dict | None = None) -> MethodRow:
-            cis = bootstrap_cis(res.ranks, clusters_q, n_boot=n_boot, seed=seed)
-            row = MethodRow(method, kind, space, pspec.label, cis, chance, task.n_queries, res.ranks,
-                            clusters_q, diag, hubness(res.top1_group, task.groups.n_groups), settings or {})
-            rows.append(row)
-            if progress is not None:
-                progress(len(rows), max(expected, len(rows)))
-            m = cis
-            say(f"{method:>14} {space:>9}: rank@1 {m['rank@1'].value:.1%}  MRR {m['mrr'].value:.3f}")
-            return row
-
-        fusing = sel_task is not None and bm25_test is not None and bm25_sel is not None
-        files_sel = cv.files[sel_idx] if sel_task is not None else None
-
-        def siblings(name: str, kind: str, space: str, sel_scorer: Any, test_scorer: Any, settings: dict) -> None:
-            """``name+sib``: a scorer with the sibling softmax over each query's file; T (in units of
-            the scores' spread on the selection pool) and β chosen on selection MRR."""
-            if not sibling_softmax or sel_task is None:
-                return
-            n_c = len(sel_task.cand_idx)
-            base = materialized(sel_scorer, n_c)
-            spread = score_spread(base, n_c)
-            grid = {(t, b): _mrr(SiblingScorer(base, files_sel, t * spread, b), sel_task)
-                    for t in SIB_TEMPERATURES for b in SIB_BETAS if b > 0 or t == SIB_TEMPERATURES[0]}
-            t, beta = max(grid, key=lambda tb: (grid[tb], -tb[1]))
-            say(f"searching {name}{SIB_SUFFIX} in {space} space (T {t} × {spread:.3g}, β {beta})")
-            add_row(f"{name}{SIB_SUFFIX}", kind, space, search_task(SiblingScorer(test_scorer, cv.files[q_idx], t * spread, beta), task),
-                    {**settings, "temperature": t, "spread": spread, "beta": beta,
-                     "siblings": "the query split's functions of the query's own source file, itself included",
-                     "selection_mrr": {f"T={a},beta={b}": v for (a, b), v in grid.items()}})
-
-        def fuse(name: str, kind: str, space: str, dense_sel: Any, dense_test: Any, settings: dict) -> None:
-            """``name``: a dense scorer fused with BM25's scores, the weight chosen on selection MRR
-            (``dense_sel`` scores the selection split, ``dense_test`` the task)."""
-            cols_sel = np.arange(len(sel_task.cand_idx))
-            dense_sel = materialized(dense_sel, len(cols_sel))
-            st = (ScoreSampleStats(dense_sel, cols_sel), ScoreSampleStats(bm25_sel, cols_sel))
-            wsc = {w: _mrr(FusedScorer(dense_sel, bm25_sel, w, cols_sel, stats=st), sel_task)
-                   for w in FUSION_WEIGHTS}
-            w = max(wsc, key=lambda k: (wsc[k], -abs(k - 0.5)))
-            fused = FusedScorer(dense_test, bm25_test, w, np.arange(len(task.cand_idx)))
-            say(f"searching {name} in {space} space (weight {w})")
-            add_row(name, kind, space, search_task(fused, task),
-                    {"dense_weight": w, **settings, "selection_mrr": {str(k): v for k, v in wsc.items()},
-                     "normalisation": "per-query z-score over a fixed sample of 2048 pool candidates"})
-            siblings(name, kind, space, FusedScorer(dense_sel, bm25_sel, w, cols_sel, stats=st), fused, {"dense_weight": w, **settings})
-
-        def hub_corrected(dense_sel: DenseScorer, dense_test: DenseScorer, refs: Any) -> tuple[HubScorer, HubScorer, dict, dict]:
-            """CSLS of a dense scorer: its cosines minus β × each candidate's mean cosine to its k
-            nearest ``refs`` (unit rows of train-split vectors, the candidate's own repository left
-            out); k and β chosen on selection MRR, ties to the smaller correction. Returns the
-            corrected selection and test scorers, {k, beta} and the selection grid."""
-            pen_sel = hub_penalties(dense_sel.c, refs, CSLS_KS, cand_groups=store.repos[sel_task.cand_idx],
-                                    ref_groups=store.repos[fit_idx])
-            base = materialized(dense_sel, len(sel_task.cand_idx))
-            grid = {(k, b): _mrr(HubScorer(base, pen_sel[k], b), sel_task) for k in CSLS_KS for b in CSLS_BETAS}
-            k, beta = max(grid, key=lambda kb: (grid[kb], -kb[1]))
-            pen = hub_penalties(dense_test.c, refs, [k], cand_groups=store.repos[task.cand_idx],
-                                ref_groups=store.repos[fit_idx])[k]
-            return (HubScorer(base, pen_sel[k], beta), HubScorer(dense_test, pen, beta), {"k": k, "beta": beta},
-                    {f"k={a},beta={b}": v for (a, b), v in grid.items()})
+        out = _RowWriter(task, sel_task, pspec.label, n_boot, seed, expected, say, progress, sibling_softmax,
+                         cv.files[q_idx], cv.files[sel_idx] if sel_task is not None else None, store.repos, fit_idx,
+                         bm25_test, bm25_sel)
+        rows, sizes = out.rows, out.sizes
 
         projections: dict[str, dict[str, np.ndarray]] = {}
         if "random" in names:
             rng = np.random.default_rng(seed)
-            add_row("random", "baseline", NO_SPACE, SearchResult(rng.integers(1, sizes + 1), sizes, None))
+            out.add("random", "baseline", NO_SPACE, SearchResult(rng.integers(1, sizes + 1), sizes, None))
         if bm25_test is not None and "bm25" in names:
             say("BM25 search")
-            add_row("bm25", "baseline", NO_SPACE, search_task(bm25_test, task), bm25_settings)
+            out.add("bm25", "baseline", NO_SPACE, search_task(bm25_test, task), bm25_settings)
             if bm25_sel is not None:
-                siblings("bm25", "baseline", NO_SPACE, bm25_sel, bm25_test, {"query": bm25_settings["query"]})
+                out.siblings("bm25", "baseline", NO_SPACE, bm25_sel, bm25_test, {"query": bm25_settings["query"]})
         if "reverse" in names and sel_task is not None and last_x is not None:
-            say("reverse: ridge from whitened bodies to the whitened signature views")
-            rev = ReverseFit.fit(last_x[fit_idx], bodies[fit_idx], shrinkage=whitening_shrinkage)
-            rev_q_sel = unit_rows(rev.queries(last_x[sel_idx]))
-            sel_bodies = bodies[sel_task.cand_idx]
-            rev_sc = {a: _mrr(DenseScorer(rev_q_sel, rev.candidates(sel_bodies, a)), sel_task) for a in RIDGE_ALPHAS}
-            a_rev = max(rev_sc, key=lambda a: (rev_sc[a], a))
-            rev_sel = DenseScorer(rev_q_sel, rev.candidates(sel_bodies, a_rev))
-            rev_test = DenseScorer(rev.queries(last_x[q_idx]), rev.candidates(cand_raw, a_rev))
-            rev_info = {"alpha": a_rev, "direction": "candidate body → signature mean + last token, whitened (train)",
-                        "selection_mrr": {str(k): v for k, v in rev_sc.items()}, "n_fit": len(fit_idx)}
-            add_row("reverse", "baseline", NO_SPACE, search_task(rev_test, task), rev_info)
-            if fusing and fuse_bm25:
-                fuse(f"reverse{FUSED_SUFFIX}", "baseline", NO_SPACE, rev_sel, rev_test, {"alpha": a_rev})
-            if hubness_correction and len(np.unique(store.repos[fit_idx].astype(str))) > 1:
-                # Space-free like the row itself, so no --space choice turns it off. The reference:
-                # the train split's own signature views, what the queries are made of.
-                say("hubness of the reverse candidates against the train signatures")
-                hub_sel, hub_test, kb, grid = hub_corrected(rev_sel, rev_test, unit_rows(rev.queries(last_x[fit_idx]), inplace=True))
-                info = {**kb, "alpha": a_rev, "reference": f"signature views of {len(fit_idx)} train "
-                        "records, those of the candidate's own repository left out"}
-                add_row(f"reverse{CSLS_SUFFIX}", "baseline", NO_SPACE, search_task(hub_test, task), {**info, "selection_mrr": grid})
-                if fusing and fuse_bm25:
-                    fuse(f"reverse{CSLS_SUFFIX}{FUSED_SUFFIX}", "baseline", NO_SPACE, hub_sel, hub_test, info)
+            _reverse_rows(out, last_x, bodies, cand_raw, fit_idx, sel_idx, q_idx, whitening_shrinkage,
+                          fuse=fuse_bm25, hubness_correction=hubness_correction)
 
         for sname in space_names:
             sp = spaces_fit[sname]
@@ -646,7 +693,7 @@ def evaluate_retrieval(
                 if name == "noisy_oracle" and sname != "raw":
                     for k in ("cosine_raw", "cosine_to_prototype_raw"):
                         diag[k] = None  # the noise lives in this space; it has no raw vector
-                add_row(name, kind, sname, res, settings, diag)
+                out.add(name, kind, sname, res, settings, diag)
                 if kind == "run" or name in ("prototype", "ridge", "oracle"):
                     projections.setdefault(sname, {})[name] = qs
             projections.setdefault(sname, {})["__targets__"] = targ_s
@@ -665,15 +712,15 @@ def evaluate_retrieval(
                     notes.extend([note] if note not in notes else [])
                     return
                 say(f"hubness of the candidates against {name}'s train predictions ({sname} space)")
-                hub_sel, hub_test, kb, grid = hub_corrected(DenseScorer(sp.apply(sel_raw), sel_unit, normalized=True),
+                hub_sel, hub_test, kb, grid = out.hub_corrected(DenseScorer(sp.apply(sel_raw), sel_unit, normalized=True),
                                                             DenseScorer(test_space, cand_unit, normalized=True),
                                                             unit_rows(sp.apply(ref_raw), inplace=True))
                 info = {**kb, "reference": f"{name}'s predictions for {len(fit_idx)} train records, "
                                            "those of the candidate's own repository left out"}
-                add_row(f"{name}{CSLS_SUFFIX}", kind, sname, search_task(hub_test, task), {**info, "selection_mrr": grid})
-                if fusing and ((kind == "run" and fuse_runs) or (name == "ridge" and "ridge+bm25" in names)):
+                out.add(f"{name}{CSLS_SUFFIX}", kind, sname, search_task(hub_test, task), {**info, "selection_mrr": grid})
+                if out.fusing and ((kind == "run" and fuse_runs) or (name == "ridge" and "ridge+bm25" in names)):
                     # The hybrid of the corrected scores, as ridge+bm25 / RUN+bm25 are of the plain ones.
-                    fuse(f"{name}{CSLS_SUFFIX}{FUSED_SUFFIX}", kind, sname, hub_sel, hub_test, info)
+                    out.fuse(f"{name}{CSLS_SUFFIX}{FUSED_SUFFIX}", kind, sname, hub_sel, hub_test, info)
 
             if sname in hub_spaces and sel_task is not None:
                 for hname in hub_methods:
@@ -685,15 +732,15 @@ def evaluate_retrieval(
                     elif hname in ref_preds:
                         csls(hname, ref_preds[hname], sel_preds[hname])
 
-            if fusing:
+            if out.fusing:
                 def dense(q_sel: np.ndarray, q_test: np.ndarray) -> tuple[DenseScorer, DenseScorer]:
                     return DenseScorer(sp.apply(q_sel), sel_c), DenseScorer(q_test, cand_unit, normalized=True)
 
                 if "ridge+bm25" in names and ridge is not None:
-                    fuse("ridge+bm25", "baseline", sname, *dense(ridge.predict(ridge_x[sel_idx], ridge_alpha), vec["ridge"][2]),
+                    out.fuse("ridge+bm25", "baseline", sname, *dense(ridge.predict(ridge_x[sel_idx], ridge_alpha), vec["ridge"][2]),
                          {"alpha": ridge_alpha})
                 for rname, pr_sel in sel_preds.items() if fuse_runs else ():
-                    fuse(f"{rname}{FUSED_SUFFIX}", "run", sname, *dense(pr_sel, vec[rname][2]), {"run": rname})
+                    out.fuse(f"{rname}{FUSED_SUFFIX}", "run", sname, *dense(pr_sel, vec[rname][2]), {"run": rname})
 
         warnings = space_warnings + _flag(rows)
         comparisons = _auto_comparisons(rows, n_boot, seed) + [
@@ -720,7 +767,7 @@ def evaluate_retrieval(
         pool_stats = {
             "label": pspec.label, "n_queries": int(task.n_queries), "n_query_repos": int(len(np.unique(task.query_repos.astype(str)))),
             "n_candidates": int(len(task.cand_idx)), "n_distinct_bodies": int(task.groups.n_groups),
-            "mean_pool_size": float(np.mean(sizes)), "chance": chance,
+            "mean_pool_size": float(np.mean(sizes)), "chance": out.chance,
         }
         result = RetrievalResult(rows, comparisons, warnings, notes, settings, store_info,
                                  [r.info for r in loaded], pool_stats, projections=projections,
