@@ -713,8 +713,8 @@ def evaluate_retrieval(
                     return
                 say(f"hubness of the candidates against {name}'s train predictions ({sname} space)")
                 hub_sel, hub_test, kb, grid = out.hub_corrected(DenseScorer(sp.apply(sel_raw), sel_unit, normalized=True),
-                                                            DenseScorer(test_space, cand_unit, normalized=True),
-                                                            unit_rows(sp.apply(ref_raw), inplace=True))
+                                                                DenseScorer(test_space, cand_unit, normalized=True),
+                                                                unit_rows(sp.apply(ref_raw), inplace=True))
                 info = {**kb, "reference": f"{name}'s predictions for {len(fit_idx)} train records, "
                                            "those of the candidate's own repository left out"}
                 out.add(f"{name}{CSLS_SUFFIX}", kind, sname, search_task(hub_test, task), {**info, "selection_mrr": grid})
@@ -738,7 +738,7 @@ def evaluate_retrieval(
 
                 if "ridge+bm25" in names and ridge is not None:
                     out.fuse("ridge+bm25", "baseline", sname, *dense(ridge.predict(ridge_x[sel_idx], ridge_alpha), vec["ridge"][2]),
-                         {"alpha": ridge_alpha})
+                             {"alpha": ridge_alpha})
                 for rname, pr_sel in sel_preds.items() if fuse_runs else ():
                     out.fuse(f"{rname}{FUSED_SUFFIX}", "run", sname, *dense(pr_sel, vec[rname][2]), {"run": rname})
 
