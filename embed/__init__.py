@@ -2,7 +2,8 @@
 
 ``codejepa.embed.open_store(PATH)`` is the reader API the later stages use (see
 :mod:`codejepa.embed.store`); :func:`codejepa.embed.run.embed_corpus` writes a store and
-:func:`codejepa.embed.merge.merge_stores` joins shards. Names are resolved lazily so that
+:func:`codejepa.embed.merge.merge_stores` joins shards;
+:func:`codejepa.embed.probe.compute_probe_view` writes a store's probe view beside it. Names are resolved lazily so that
 importing the package (the CLI does) loads neither h5py nor torch.
 """
 
@@ -20,6 +21,9 @@ _EXPORTS = {
     "EmbedSettings": "codejepa.embed.run",
     "embed_corpus": "codejepa.embed.run",
     "merge_stores": "codejepa.embed.merge",
+    "ProbeSettings": "codejepa.embed.probe",
+    "compute_probe_view": "codejepa.embed.probe",
+    "read_probe_view": "codejepa.embed.probe",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -108,6 +108,54 @@ def run_cmd(
     )
 
 
+@app.command("probe")
+def probe_cmd(
+    store: Path = typer.Argument(..., help="A store (.h5) from `codejepa embed run`."),
+    out: Path = typer.Option(None, "--out", help="The probe view (default: STORE with .probe.h5); resumed when it exists."),
+    probes: int = typer.Option(4, "--probes", help="How many fixed train bodies to read after each record's inputs."),
+    seed: int = typer.Option(7, "--seed", help="Which train bodies (of 40–80 tokens) are the probes."),
+    teacher: str = typer.Option(None, "--teacher", help="The store's teacher, if its recorded name no longer resolves (checked by weight hash)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
+    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto | float32 | bfloat16 | float16."),
+    batch_tokens: int = typer.Option(None, "--batch-tokens", help="Padded tokens per model batch (default 8192 on CPU, 32768 on CUDA)."),
+) -> None:
+    """The probe view: the teacher's reading of a fixed body placed after each record's inputs
+    (`evaluate retrieval --probe` mixes it into the predictions)."""
+    try:
+        from codejepa.embed.probe import ProbeSettings, compute_probe_view
+
+        settings = ProbeSettings(n_probes=probes, seed=seed, teacher=teacher, device=device, dtype=dtype,
+                                 batch_tokens=batch_tokens)
+        prog = _progress()
+        state: dict[str, Any] = {}
+
+        def on_event(event: str, info: dict[str, Any]) -> None:
+            import time
+
+            if event == "start":
+                t = info["teacher"]
+                prog.console.print(f"teacher {t['teacher']} (layer {t['layer']}, {t['device']}, {t['compute_dtype']}), "
+                                   f"{len(info['probes'])} probes → {info['path']}")
+                if info["already"]:
+                    prog.console.print(f"resuming: {info['already']} of {info['records']} records already probed")
+                state["task"] = prog.add_task("probing", total=info["records"], completed=info["already"], rate="")
+                state["t0"] = time.perf_counter()
+                prog.start()
+            elif event == "commit":
+                dt = time.perf_counter() - state["t0"]
+                prog.update(state["task"], advance=info["records"], rate=f"{info['tokens'] / max(dt, 1e-9):,.0f} tok/s")
+
+        try:
+            result = compute_probe_view(store, out, settings, progress=on_event)
+        finally:
+            prog.stop()
+    except CodejepaError as e:
+        _fail(str(e))
+        return
+    print(f"{result.path}: {result.written} records probed this run, {result.already} before; "
+          f"{result.model_tokens:,} teacher tokens in {result.seconds:.0f} s", file=sys.stderr)
+
+
 @app.command("merge")
 def merge_cmd(
     shards: list[Path] = typer.Argument(..., help="Shard stores from `embed run --shard I/N`."),

@@ -76,6 +76,8 @@ def retrieval(
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
     splits: Optional[Path] = typer.Option(None, "--splits", help="A split file of `codejepa corpus folds` (one fold) "
                                                                  "instead of the store's own split; runs must share it."),
+    probe: Optional[Path] = typer.Option(None, "--probe", help="The store's probe view (`codejepa embed probe`): adds a "
+                                                               "NAME+probe row for every run and for ridge+last."),
 ) -> None:
     """Rank each query's true body among the pool's distinct bodies, for every method and space."""
     from rich.console import Console
@@ -101,7 +103,7 @@ def retrieval(
                 corpus_dir=corpus, compare=_parse_compare(compare), ridge_input=ridge_input,
                 whitening_shrinkage=shrinkage, n_boot=n_boot, pool_seeds=pool_seeds, plots=not no_plots,
                 noisy_of=noisy_of, bm25_query=bm25_query, fuse_bm25=fuse_bm25, hubness_correction=hubness,
-                sibling_softmax=siblings, splits=splits,
+                sibling_softmax=siblings, splits=splits, probe=probe,
                 log=lambda m: bar.update(job, description=escape(m[:70])),
                 progress=lambda done, total: bar.update(job, completed=done, total=total),
             )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ from codejepa.evaluate.metrics import (
     compute_metrics,
     paired_bootstrap,
 )
+from codejepa.evaluate.probe import Memo, ProbeMix
+from codejepa.evaluate.probe import SUFFIX as PROBE_SUFFIX
 from codejepa.evaluate.pools import PoolSpec, Task, build_task, parse_pool, search_task
 from codejepa.evaluate.search import DenseScorer, FusedScorer, ScoreSampleStats, SearchResult, materialized, unit_rows
 from codejepa.evaluate.siblings import SIB_BETAS, SIB_TEMPERATURES, SiblingScorer, score_spread
@@ -460,6 +462,7 @@ def evaluate_retrieval(
     hubness_correction: bool = True,
     sibling_softmax: bool = True,
     splits: str | os.PathLike[str] | None = None,
+    probe: str | os.PathLike[str] | None = None,
     log: Log | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> RetrievalResult:
@@ -480,6 +483,9 @@ def evaluate_retrieval(
     file (see :mod:`codejepa.evaluate.siblings`), T and β chosen on val.
     ``splits``: a split file (``codejepa corpus folds``) replacing the store's own split; runs must
     have been trained with the same file. Pool the folds' results with :func:`pool_folds`.
+    ``probe``: the store's probe view (``codejepa embed probe``); every run and method, and ridge+last,
+    then also gets a ``NAME+probe`` method: its predictions mixed with the probe view at a weight
+    chosen on val (see :mod:`codejepa.evaluate.probe`), with every correction the others get.
     """
     from codejepa.embed.store import StoreError, open_store, use_split_file
 
@@ -509,6 +515,19 @@ def evaluate_retrieval(
             notes.append(f"split from {splits}: {assignment.label}"
                          + (f"; {missing} of its records are not in the store" if missing else ""))
         loaded = load_runs(runs, store)
+        mixes: dict[str, ProbeMix] = {}
+        method_kinds: dict[str, str] = {}  # methods that are baselines (ridge+last+probe)
+        probe_info: dict[str, Any] = {}
+        if probe is not None:
+            mixes, probe_info = _probe_mixes(probe, store, names, loaded, methods)
+            loaded = [replace(r, predictor=Memo(r.predictor)) for r in loaded]  # predicted once for both rows
+            methods = {**{m: Memo(_FnPredictor(fn)).predict_pooled for m, fn in (methods or {}).items()}}
+            for bname, mix in mixes.items():
+                if mix.base is None and bname != f"ridge+last{PROBE_SUFFIX}":
+                    base = next((r for r in loaded if f"{r.name}{PROBE_SUFFIX}" == bname), None)
+                    mix.base = base.predictor.predict_pooled if base is not None else methods[bname[: -len(PROBE_SUFFIX)]]
+            methods.update(mixes)
+            method_kinds = {f"ridge+last{PROBE_SUFFIX}": "baseline"}
         say(f"reading corpus texts and pooling {len(store)} stored records")
         cv = load_corpus_view(store, corpus_dir)
         if not cv.verified:
@@ -537,7 +556,7 @@ def evaluate_retrieval(
         hub_methods = ([r.name for r in loaded] + list(methods or {})
                        + [n for n in ("ridge", "ridge+last") if n in names and need_sig]) if hub_spaces else []
         need_sel = (need_ridge or "ridge+last" in names or "reverse" in names or fuse_runs or (need_bm25 and bm25_query == "auto")
-                    or bool(hub_methods))
+                    or bool(hub_methods) or bool(mixes))
         fit_idx, sel_idx = _selection_split(store, train_idx, val_idx, notes) if need_sel else (train_idx, val_idx)
         if split == "val" and need_sel:
             notes.append("evaluating on val, where ridge's λ, the BM25 query and the fusion weight are chosen: "
@@ -560,6 +579,13 @@ def evaluate_retrieval(
         whole = len(task.cand_idx) == len(bodies) and np.array_equal(task.cand_idx, all_idx)
         cand_raw = bodies if whole else bodies[task.cand_idx]  # no copy of a whole-corpus pool
 
+        ridge_last = RidgeFit.fit(last_x[fit_idx], bodies[fit_idx]) if "ridge+last" in names else None
+        if mixes:
+            assert sel_task is not None
+            _choose_probe_weights(mixes, store, spaces_fit, bodies, train_idx, fit_idx, sel_idx, sel_task, last_x,
+                                  ridge_last, whitening_shrinkage, say)
+            probe_info["weights"] = {k: m.weight for k, m in mixes.items()}
+            probe_info["selection_mrr"] = {k: m.selection_mrr for k, m in mixes.items()}
         run_preds = {r.name: _predict(r, store, q_idx) for r in loaded}
         for mname, fn in (methods or {}).items():
             if mname in run_preds or mname in parse_baselines("all") or mname.endswith(RESERVED_SUFFIXES):
@@ -575,7 +601,6 @@ def evaluate_retrieval(
         if hub_methods:
             ref_preds = {r.name: _predict(r, store, fit_idx) for r in [*loaded, *method_runs]}
         ridge = RidgeFit.fit(ridge_x[fit_idx], bodies[fit_idx]) if need_ridge else None
-        ridge_last = RidgeFit.fit(last_x[fit_idx], bodies[fit_idx]) if "ridge+last" in names else None
         bm25_test = bm25_sel = None
         bm25_settings: dict[str, Any] = {}
         if need_bm25:
@@ -639,7 +664,8 @@ def evaluate_retrieval(
                 vec[name] = (kind, raw, sp.apply(raw) if in_space is None else in_space, settings or {})
 
             for rname, pr in run_preds.items():
-                put(rname, "run", pr)
+                put(rname, method_kinds.get(rname, "run"), pr,
+                    {"probe_weight": mixes[rname].weight, "base": rname[: -len(PROBE_SUFFIX)]} if rname in mixes else None)
             if "prototype" in names:
                 put("prototype", "baseline", np.repeat(prototype[None, :], len(q_idx), 0))
             if "signature" in names:
@@ -718,7 +744,7 @@ def evaluate_retrieval(
                 info = {**kb, "reference": f"{name}'s predictions for {len(fit_idx)} train records, "
                                            "those of the candidate's own repository left out"}
                 out.add(f"{name}{CSLS_SUFFIX}", kind, sname, search_task(hub_test, task), {**info, "selection_mrr": grid})
-                if out.fusing and ((kind == "run" and fuse_runs) or (name == "ridge" and "ridge+bm25" in names)):
+                if out.fusing and ((name in run_preds and fuse_runs) or (name == "ridge" and "ridge+bm25" in names)):
                     # The hybrid of the corrected scores, as ridge+bm25 / RUN+bm25 are of the plain ones.
                     out.fuse(f"{name}{CSLS_SUFFIX}{FUSED_SUFFIX}", kind, sname, hub_sel, hub_test, info)
 
@@ -740,7 +766,8 @@ def evaluate_retrieval(
                     out.fuse("ridge+bm25", "baseline", sname, *dense(ridge.predict(ridge_x[sel_idx], ridge_alpha), vec["ridge"][2]),
                              {"alpha": ridge_alpha})
                 for rname, pr_sel in sel_preds.items() if fuse_runs else ():
-                    out.fuse(f"{rname}{FUSED_SUFFIX}", "run", sname, *dense(pr_sel, vec[rname][2]), {"run": rname})
+                    out.fuse(f"{rname}{FUSED_SUFFIX}", method_kinds.get(rname, "run"), sname, *dense(pr_sel, vec[rname][2]),
+                             {"run": rname})
 
         warnings = space_warnings + _flag(rows)
         comparisons = _auto_comparisons(rows, n_boot, seed) + [
@@ -757,6 +784,7 @@ def evaluate_retrieval(
             "ci": "95% percentile bootstrap over repositories", "ties": "pessimistic",
             "distinct_bodies": "candidates with equal normalised body hash count once (best member scores)",
             "selection": {"fit_records": int(len(fit_idx)), "selection_records": int(len(sel_idx))},
+            "probe": probe_info or None,
             "code_version": code_version(),
         }
         store_info = {
@@ -779,6 +807,53 @@ def evaluate_retrieval(
 
         write_outputs(result, Path(out_dir), plots=plots)
     return result
+
+
+def _probe_mixes(probe: str | os.PathLike[str], store: Any, names: Sequence[str], loaded: list[LoadedRun],
+                 methods: Mapping[str, Any] | None) -> tuple[dict[str, ProbeMix], dict[str, Any]]:
+    """Read the probe view and name a ``+probe`` mix for each run, method and ridge+last; their
+    bases and weights are filled in once the predictors and the selection split are ready."""
+    from dataclasses import asdict
+
+    from codejepa.embed.probe import ProbeError, read_probe_view
+
+    try:
+        pv = read_probe_view(probe, store)
+    except ProbeError as e:
+        raise EvaluateError(str(e)) from None
+    if pv.committed < len(store):
+        raise EvaluateError(f"{probe}: the probe view covers {pv.committed} of {len(store)} records; "
+                            f"finish it first (`codejepa embed probe {store.path}` resumes it)")
+    bases = [r.name for r in loaded] + list(methods or {}) + (["ridge+last"] if "ridge+last" in names else [])
+    if not bases:
+        raise EvaluateError("--probe mixes the probe view into runs, methods or ridge+last: none is being evaluated")
+    mixes = {f"{b}{PROBE_SUFFIX}": ProbeMix(None, pv.view, None) for b in bases}  # type: ignore[arg-type]
+    for m in mixes:
+        if m in {r.name for r in loaded} or m in (methods or {}):
+            raise EvaluateError(f"method name {m!r} is taken: {PROBE_SUFFIX!r} names the probe-mixed rows")
+    return mixes, {"path": str(pv.path), "meta": asdict(pv.meta)}
+
+
+def _choose_probe_weights(mixes: dict[str, ProbeMix], store: Any, spaces_fit: dict[str, Space], bodies: np.ndarray,
+                          train_idx: np.ndarray, fit_idx: np.ndarray, sel_idx: np.ndarray, sel_task: Task,
+                          last_x: np.ndarray | None, ridge_last: RidgeFit | None, shrinkage: float, say: Log) -> None:
+    """Each mix's weight on the selection split, scored in the whitened space where it mixes."""
+    white = spaces_fit.get("whitened") or fit_space("whitened", bodies[train_idx], shrinkage=shrinkage)
+    sel_c = unit_rows(white.apply(bodies[sel_task.cand_idx]), inplace=True)
+
+    def mrr_of(q: np.ndarray) -> float:
+        return _mrr(DenseScorer(white.apply(q), sel_c, normalized=True), sel_task)
+
+    rl_name = f"ridge+last{PROBE_SUFFIX}"
+    if rl_name in mixes and ridge_last is not None and last_x is not None:
+        # ridge+last's λ for the mix: the whitened space's, where the mix is made.
+        sc = {a: mrr_of(ridge_last.predict(last_x[sel_idx], a)) for a in RIDGE_ALPHAS}
+        alpha = max(sc, key=lambda a: (sc[a], a))
+        mixes[rl_name].base = lambda _s, idx: ridge_last.predict(last_x[idx], alpha)
+    for name, mix in mixes.items():
+        say(f"choosing the probe weight of {name} on the selection split")
+        mix.whitened = white
+        mix.choose(store, sel_idx, mrr_of)
 
 
 def _flag(rows: list[MethodRow]) -> list[str]:

@@ -1,0 +1,85 @@
+"""``NAME+probe`` methods: a method's prediction mixed with the record's probe view.
+
+The probe view (``codejepa embed probe``, :mod:`codejepa.embed.probe`) is the teacher's own
+reading of a body position after the query's context and signature. It is mixed into a
+method's query vector in the whitened space, where both are comparable directions::
+
+    q' = |q| · unit((1 − w) · unit(q) + w · unit(probe)),   q and probe whitened,
+
+and mapped back to teacher space, so that every space and correction of the evaluation (the
+canonical map, CSLS, the BM25 fusion, the sibling softmax) applies to ``NAME+probe`` as to
+``NAME``. The weight ``w`` is chosen on the selection (val) split's MRR, like every other
+setting; ``w = 0`` is on the grid, so the probe is only used where it helps on val.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from codejepa.evaluate.spaces import Space
+
+SUFFIX = "+probe"
+PROBE_WEIGHTS = tuple(round(0.05 * k, 2) for k in range(13))  # 0 … 0.6
+
+
+def _unit(a: np.ndarray) -> np.ndarray:
+    return a / (np.linalg.norm(a, axis=1, keepdims=True) + 1e-12)
+
+
+def mix_probe(queries: np.ndarray, probes: np.ndarray, weight: float, whitened: Space) -> np.ndarray:
+    """Raw query vectors with the probe view mixed in at ``weight`` (pure; ``weight = 0``
+    returns the queries unchanged up to float rounding)."""
+    if weight == 0:
+        return queries.astype(np.float32, copy=True)
+    q = whitened.apply(queries).astype(np.float64)
+    norm = np.linalg.norm(q, axis=1, keepdims=True)
+    m = _unit((1.0 - weight) * _unit(q) + weight * _unit(whitened.apply(probes).astype(np.float64))) * norm
+    # Back to teacher space through the whitening map's inverse (ZCA: symmetric, full rank).
+    assert whitened.transform is not None and whitened.mean is not None
+    raw = np.linalg.solve(whitened.transform.astype(np.float64).T, m.T).T + whitened.mean
+    return raw.astype(np.float32)
+
+
+@dataclass
+class ProbeMix:
+    """``base(store, idx)`` mixed with the probe view at a weight chosen on val."""
+
+    base: Callable[[Any, np.ndarray], np.ndarray] | None  # set once the predictors are loaded
+    probes: np.ndarray  # [n_records, d] raw probe view of the store
+    whitened: Space | None  # set once the train split's whitening is fitted
+    weight: float = 0.0
+    selection_mrr: dict[str, float] | None = None
+
+    def choose(self, store: Any, sel_idx: np.ndarray, mrr_of: Callable[[np.ndarray], float]) -> None:
+        """Pick ``weight`` on the selection split: ``mrr_of(raw queries of sel_idx)``."""
+        assert self.base is not None and self.whitened is not None
+        base = np.asarray(self.base(store, sel_idx), np.float32)
+        scores = {w: mrr_of(mix_probe(base, self.probes[sel_idx], w, self.whitened)) for w in PROBE_WEIGHTS}
+        self.weight = max(scores, key=lambda w: (scores[w], -w))  # ties: the smaller weight
+        self.selection_mrr = {str(w): float(v) for w, v in scores.items()}
+
+    def __call__(self, store: Any, idx: np.ndarray) -> np.ndarray:
+        assert self.base is not None and self.whitened is not None
+        return mix_probe(np.asarray(self.base(store, idx), np.float32), self.probes[idx], self.weight, self.whitened)
+
+
+class Memo:
+    """A predictor whose ``predict_pooled`` results are kept per index set: a run mixed with
+    the probe view is predicted once for its own rows and its ``+probe`` rows."""
+
+    def __init__(self, predictor: Any) -> None:
+        self.predictor = predictor
+        self._cache: dict[bytes, np.ndarray] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.predictor, name)
+
+    def predict_pooled(self, store: Any, idx: np.ndarray) -> np.ndarray:
+        key = np.asarray(idx, np.int64).tobytes()
+        if key not in self._cache:
+            self._cache[key] = np.asarray(self.predictor.predict_pooled(store, idx), np.float32)
+        return self._cache[key]

@@ -1,0 +1,141 @@
+"""`embed probe`: the teacher's states over a fixed train body read after each record's inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from _embed_fixtures import make_tiny_bert, make_tiny_qwen2, sample_records, write_corpus
+from codejepa.cli import app
+from codejepa.embed.probe import (
+    ProbeError,
+    ProbeSettings,
+    choose_probes,
+    compute_probe_view,
+    default_probe_path,
+    probe_sequence,
+    read_probe_view,
+)
+from codejepa.embed.run import EmbedSettings, embed_corpus
+from codejepa.embed.store import open_store
+from codejepa.embed.teacher import Teacher, resolve_teacher
+
+# The sample bodies are short: any train body may be a probe.
+ANY = ProbeSettings(n_probes=2, min_tokens=1, max_tokens=10_000, chunk_records=4)
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Teacher]:
+    tmp = tmp_path_factory.mktemp("teachers")
+    return {
+        "causal": Teacher(resolve_teacher(str(make_tiny_qwen2(tmp / "q"))), device="cpu", dtype="float32"),
+        "bidirectional": Teacher(resolve_teacher(str(make_tiny_bert(tmp / "b"))), device="cpu", dtype="float32"),
+    }
+
+
+def _store(tmp: Path, teacher: Teacher, records=None) -> Path:
+    corpus = write_corpus(tmp / "c", records or sample_records(14))
+    embed_corpus(corpus, tmp / "s.h5", EmbedSettings(store_dtype="float32", batch_tokens=600), teacher=teacher)
+    return tmp / "s.h5"
+
+
+def test_probe_sequence_puts_the_probe_where_the_body_would_be() -> None:
+    ids, special = np.array([101, 5, 6, 7, 102]), np.array([True, False, False, False, True])
+    seq, a, b = probe_sequence(ids, special, np.array([40, 41, 42]), window=512)
+    assert seq.tolist() == [101, 5, 6, 7, 40, 41, 42, 102] and (a, b) == (4, 7)
+    seq, a, b = probe_sequence(ids[:4], special[:4], np.array([40, 41, 42]), window=6)  # causal: no [end]
+    assert seq.tolist() == [101, 5, 6, 7, 40, 41] and (a, b) == (4, 6)  # cut to the window
+    with pytest.raises(ProbeError, match="no room"):
+        probe_sequence(ids, special, np.array([40]), window=5)
+
+
+@pytest.mark.parametrize("kind", ["causal", "bidirectional"])
+def test_view_is_the_mean_over_the_probes_tokens_after_the_records_inputs(kind: str, teachers, tmp_path: Path) -> None:
+    teacher = teachers[kind]
+    store_path = _store(tmp_path, teacher)
+    res = compute_probe_view(store_path, settings=ANY, teacher=teacher)
+    assert res.path == default_probe_path(store_path) == tmp_path / "s.probe.h5"
+    with open_store(store_path) as s:
+        pick, probes = choose_probes(s, ANY)
+        assert len(pick) == 2 and set(s.splits[pick]) == {"train"}
+        for i, p in zip(pick, probes):
+            assert p.tolist() == s.body(int(i)).token_ids.tolist()
+        pv = read_probe_view(res.path, s)
+        assert pv.committed == len(s) == res.written and pv.meta.probe_records == [str(s.ids[i]) for i in pick]
+        for i in range(len(s)):
+            x = s.inputs(i)
+            tail = 1 if kind == "bidirectional" else 0
+            want = []
+            for p in probes:
+                ids = x.token_ids.tolist()
+                seq = ids[: len(ids) - tail] + p.tolist() + ids[len(ids) - tail:]
+                t = torch.tensor([seq])
+                h = teacher.forward(t, torch.ones_like(t))[0]
+                want.append(h[len(ids) - tail: len(ids) - tail + len(p)].mean(0).numpy())
+            np.testing.assert_allclose(pv.view[i], np.mean(want, 0), atol=2e-5)
+
+
+def test_a_records_own_body_never_reaches_its_view(teachers, tmp_path: Path) -> None:
+    teacher = teachers["bidirectional"]
+    recs = sample_records(14)
+    test_rec = next(k for k, r in enumerate(recs) if r.split == "test")
+    changed = list(recs)
+    changed[test_rec] = dataclasses.replace(recs[test_rec], body="    return completely_different(x, y, z) * 1000\n")
+    views = []
+    for name, rs in (("a", recs), ("b", changed)):
+        sp = _store(tmp_path / name, teacher, rs)
+        compute_probe_view(sp, settings=ANY, teacher=teacher)
+        with open_store(sp) as s:
+            views.append(read_probe_view(default_probe_path(sp), s).view[s.index_of()[recs[test_rec].id]])
+            body_len = len(s.body(s.index_of()[recs[test_rec].id]).token_ids)
+        views[-1] = (views[-1], body_len)
+    assert views[0][1] != views[1][1]  # the body (and its length) did change ...
+    # ... and the view did not (up to float rounding: the store's record order, and so the
+    # batches the record shares, follow the bodies' lengths)
+    np.testing.assert_allclose(views[0][0], views[1][0], atol=1e-6, rtol=0)
+
+
+def test_a_killed_run_resumes_to_the_same_view_and_refuses_other_settings(teachers, tmp_path: Path) -> None:
+    teacher = teachers["causal"]
+    store_path = _store(tmp_path, teacher)
+    whole = compute_probe_view(store_path, tmp_path / "whole.h5", ANY, teacher=teacher)
+    part = compute_probe_view(store_path, tmp_path / "part.h5", ANY, teacher=teacher, max_chunks=1)
+    assert part.written == 4 and part.records == 4
+    with open_store(store_path) as s:
+        assert read_probe_view(part.path, s).committed == 4
+    rest = compute_probe_view(store_path, tmp_path / "part.h5", ANY, teacher=teacher)
+    assert rest.already == 4 and rest.written == whole.written - 4
+    with open_store(store_path) as s:
+        np.testing.assert_array_equal(read_probe_view(part.path, s).view, read_probe_view(whole.path, s).view)
+    with pytest.raises(ProbeError, match="other settings.*n_probes"):
+        compute_probe_view(store_path, tmp_path / "part.h5", dataclasses.replace(ANY, n_probes=3), teacher=teacher)
+    with pytest.raises(ProbeError, match="not the one"):
+        compute_probe_view(store_path, tmp_path / "x.h5", ANY, teacher=teachers["bidirectional"])
+
+
+def test_cli_probes_with_the_default_teacher_and_fails_in_one_line(tmp_path: Path) -> None:
+    runner = CliRunner()
+    # The default probes are train bodies of 40–80 tokens: give the train records such bodies.
+    body = "".join(f"    acc = acc + item_{j} * {j}\n" for j in range(5)) + "    return acc\n"
+    recs = [dataclasses.replace(r, body=body + f"    # {r.id}\n") if r.split == "train" else r for r in sample_records(15)]
+    corpus = write_corpus(tmp_path / "corpus", recs)
+    store = tmp_path / "store.h5"
+    assert runner.invoke(app, ["embed", "run", str(corpus), "--out", str(store), "--device", "cpu"]).exit_code == 0
+    r = runner.invoke(app, ["embed", "probe", str(store), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "15 records probed this run" in r.output
+    with open_store(store) as s:
+        pv = read_probe_view(default_probe_path(store), s)
+        assert pv.committed == 15 and pv.meta.n_probes == 4 and pv.meta.layer == 3
+        assert all(40 <= n <= 80 for n in pv.meta.probe_lengths) and np.isfinite(pv.view).all()
+    r = runner.invoke(app, ["embed", "probe", str(store), "--probes", "40"])
+    assert r.exit_code == 1 and "fewer than the 40 probes" in r.output and "Traceback" not in r.output
+    bad = tmp_path / "bad.probe.h5"
+    bad.write_bytes(b"not hdf5 at all")
+    r = runner.invoke(app, ["embed", "probe", str(store), "--out", str(bad)])
+    assert r.exit_code == 1 and "not a readable probe view" in r.output and "Traceback" not in r.output

@@ -1,0 +1,120 @@
+"""``evaluate retrieval --probe``: NAME+probe rows mix a store's probe view into each method."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _evaluate_fixtures import make_dataset  # noqa: E402
+
+import codejepa.evaluate.probe as probe_mod  # noqa: E402
+from codejepa.embed.probe import ProbeMeta, _commit, _writer  # noqa: E402
+from codejepa.embed.store import open_store  # noqa: E402
+from codejepa.evaluate.errors import EvaluateError  # noqa: E402
+from codejepa.evaluate.probe import mix_probe  # noqa: E402
+from codejepa.evaluate.retrieval import evaluate_retrieval  # noqa: E402
+from codejepa.evaluate.spaces import fit_space  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory: pytest.TempPathFactory):
+    return make_dataset(tmp_path_factory.mktemp("probe"), duplicate_test_bodies=0, text_ids=False)
+
+
+def write_view(store_path: Path, out: Path, view: np.ndarray, upto: int | None = None) -> Path:
+    """A probe view file for a synthetic store (no teacher: the rows are given)."""
+    with open_store(store_path) as s:
+        meta = ProbeMeta(store_fingerprint=s.meta.fingerprint(), teacher=s.meta.teacher, weights_hash="",
+                         layer=s.meta.layer, hidden_size=s.meta.hidden_size, n_probes=1, min_tokens=1,
+                         max_tokens=80, seed=0, probe_records=[str(s.ids[0])], probe_lengths=[2])
+        f = _writer(out, meta, s)
+        n = len(s) if upto is None else upto
+        _commit(f, s.ids[:n], view[:n].astype(np.float32), 0)
+        f.close()
+    return out
+
+
+def _class_prototype(ds):
+    train = ds.splits == "train"
+    protos = np.stack([ds.bodies[train & (ds.classes == c)].mean(0) for c in range(ds.classes.max() + 1)])
+    return lambda store, idx: protos[ds.classes[idx]]
+
+
+def test_mix_is_a_rotation_towards_the_probe_in_the_whitened_space() -> None:
+    rng = np.random.default_rng(0)
+    bodies = rng.standard_normal((200, 6)).astype(np.float32) * np.arange(1, 7) + 5
+    white = fit_space("whitened", bodies)
+    q, p = rng.standard_normal((4, 6)).astype(np.float32), rng.standard_normal((4, 6)).astype(np.float32)
+    np.testing.assert_array_equal(mix_probe(q, p, 0.0, white), q)
+    qw, pw, mw = white.apply(q), white.apply(p), white.apply(mix_probe(q, p, 1.0, white))
+    np.testing.assert_allclose(np.linalg.norm(mw, axis=1), np.linalg.norm(qw, axis=1), rtol=1e-4)  # |q| kept
+    cos = (mw * pw).sum(1) / np.linalg.norm(mw, axis=1) / np.linalg.norm(pw, axis=1)
+    np.testing.assert_allclose(cos, 1.0, atol=1e-5)  # weight 1: the probe's direction
+    half = white.apply(mix_probe(q, p, 0.5, white))
+    u = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(u(half), u(u(qw) + u(pw)), atol=1e-5)
+
+
+def test_probe_rows_find_what_the_probe_knows_with_every_correction(ds, tmp_path: Path) -> None:
+    # A probe view that knows each record's instance (its body, noisy): mixed into the seed's
+    # category prototype it must find bodies the prototype alone cannot.
+    rng = np.random.default_rng(3)
+    view = ds.bodies + 0.6 * rng.standard_normal(ds.bodies.shape).astype(np.float32)
+    path = write_view(ds.store_path, tmp_path / "v.probe.h5", view)
+    res = evaluate_retrieval(ds.store_path, spaces="whitened,canonical", baselines="ridge+last,bm25", n_boot=100,
+                             plots=False, methods={"classproto": _class_prototype(ds)}, probe=path)
+    methods = {r.method for r in res.rows}
+    for m in ("classproto+probe", "ridge+last+probe", "classproto+probe+csls", "classproto+probe+bm25",
+              "classproto+probe+csls+bm25+sib", "ridge+last+probe+csls+bm25+sib"):
+        assert m in methods, m
+    base, mixed = res.row("classproto", "whitened"), res.row("classproto+probe", "whitened")
+    assert mixed.metrics["rank@1"].value > base.metrics["rank@1"].value + 0.2
+    assert mixed.kind == "run" and res.row("ridge+last+probe", "whitened").kind == "baseline"
+    assert res.row("ridge+last+probe+csls+bm25+sib", "canonical").kind == "baseline"
+    w = res.settings["probe"]["weights"]
+    assert set(w) == {"classproto+probe", "ridge+last+probe"} and w["classproto+probe"] > 0
+    sel = res.settings["probe"]["selection_mrr"]["classproto+probe"]
+    assert sel[str(w["classproto+probe"])] == max(sel.values())  # the weight is val's best
+    assert mixed.settings["probe_weight"] == w["classproto+probe"] and mixed.settings["base"] == "classproto"
+    # Runs are compared with the best baseline, the probe-mixed ridge+last among them.
+    assert any(c["b"].startswith("ridge+last+probe") for c in res.comparisons if c["a"] == "classproto+probe@canonical")
+
+
+def test_weight_zero_reproduces_the_method_exactly(ds, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(4)
+    path = write_view(ds.store_path, tmp_path / "v.probe.h5", rng.standard_normal(ds.bodies.shape).astype(np.float32))
+    monkeypatch.setattr(probe_mod, "PROBE_WEIGHTS", (0.0,))
+    res = evaluate_retrieval(ds.store_path, spaces="whitened,canonical", baselines="ridge+last,bm25", n_boot=50,
+                             plots=False, methods={"classproto": _class_prototype(ds)}, probe=path)
+    for base, suffixes, spaces in (
+        ("classproto", ("", "+csls", "+csls+bm25+sib"), ("whitened", "canonical")),
+        # ridge+last+probe is one method with the whitened space's λ, where the mix is made
+        # (the baseline re-chooses λ per space) and the plain baseline has no BM25 hybrid.
+        ("ridge+last", ("", "+csls"), ("whitened",)),
+    ):
+        for suffix in suffixes:
+            for space in spaces:
+                a, b = res.row(f"{base}{suffix}", space), res.row(f"{base}+probe{suffix}", space)
+                np.testing.assert_array_equal(a.ranks, b.ranks)
+
+
+def test_probe_view_errors_are_one_clear_line(ds, tmp_path: Path) -> None:
+    view = np.zeros_like(ds.bodies)
+    partial = write_view(ds.store_path, tmp_path / "part.probe.h5", view, upto=10)
+    with pytest.raises(EvaluateError, match=r"covers 10 of \d+ records"):
+        evaluate_retrieval(ds.store_path, baselines="ridge+last", plots=False, probe=partial)
+    with pytest.raises(EvaluateError, match="no probe view"):
+        evaluate_retrieval(ds.store_path, baselines="ridge+last", plots=False, probe=tmp_path / "none.h5")
+    whole = write_view(ds.store_path, tmp_path / "whole.probe.h5", view)
+    with pytest.raises(EvaluateError, match="none is being evaluated"):
+        evaluate_retrieval(ds.store_path, baselines="bm25", plots=False, probe=whole)
+    other = make_dataset(tmp_path / "other", seed=1, name="other")
+    with pytest.raises(EvaluateError, match="another store|not the first"):
+        evaluate_retrieval(other.store_path, baselines="ridge+last", plots=False, probe=whole)
