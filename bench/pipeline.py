@@ -1,7 +1,7 @@
 """The python-40 benchmark: the whole pipeline on 40 real projects, stage by stage, timed.
 
     python bench/pipeline.py [--out ~/.cache/codejepa/bench40] [--layer N] [--targets in-context]
-                             [--stages corpus,embed,train,evaluate,ceilings]
+                             [--stages corpus,embed,train,evaluate,ceilings]  (+ probe: opt-in)
                              [--models seed-mlp,ridge-residual,ridge-residual-files,transformer-residual,transformer-residual-files]
                              [--extra-train bench/extra-train.txt] [--folds 5]
 
@@ -12,6 +12,11 @@ background (``nohup python bench/pipeline.py &``) and again in a later session; 
 continues where it stopped. Held-out splits are embedded first, so a partial store can already
 be evaluated against the baselines. Writes OUT/timings.json (wall seconds per stage, machine)
 and the evaluation's table under OUT/eval-*/.
+
+The ``probe`` stage (opt-in: ``--stages corpus,embed,probe,train,evaluate,ceilings``) runs
+``codejepa embed probe`` after the embedding (four more teacher passes per record: about twice
+the embedding's time) and gives the evaluations ``--probe``, so that every run and ridge+last
+also get a ``NAME+probe`` row.
 
 ``--extra-train LIST`` is the data-scaling variant: the projects of LIST (pinned like
 python-40's) join the corpus in the train split only (``corpus build --train-only-file``), so
@@ -104,6 +109,10 @@ def main() -> None:
         run(base + ["--split", "test,val"], timings, "embed_s")
         run(base + ["--split", "train,val,test"], timings, "embed_s")
 
+    probe = store.with_name(store.stem + ".probe.h5")  # embed probe's default beside the store
+    if "probe" in stages:
+        run([exe, "embed", "probe", str(store)], timings, "probe_s")
+
     presets = [m for m in args.models.split(",") if m]
     if args.folds:
         cross_validate(args, exe, out, corpus, store, tag, presets, stages, timings)
@@ -119,6 +128,7 @@ def main() -> None:
     if "evaluate" in stages:
         for pool in ("split", "all"):
             cmd = [exe, "evaluate", "retrieval", str(store), "--pool", pool, "--out", str(out / f"eval-{tag}-{pool}")]
+            cmd += ["--probe", str(probe)] if "probe" in stages else []
             for r in runs:
                 if (r / "best.pt").is_file():
                     cmd += ["--run", str(r)]

@@ -114,6 +114,8 @@ def probe_cmd(
     out: Path = typer.Option(None, "--out", help="The probe view (default: STORE with .probe.h5); resumed when it exists."),
     probes: int = typer.Option(4, "--probes", help="How many fixed train bodies to read after each record's inputs."),
     seed: int = typer.Option(7, "--seed", help="Which train bodies (of 40–80 tokens) are the probes."),
+    splits: Path = typer.Option(None, "--splits", help="A split file of `codejepa corpus folds`: probes from its train part "
+                                                       "(one view per fold, each with its own --out)."),
     teacher: str = typer.Option(None, "--teacher", help="The store's teacher, if its recorded name no longer resolves (checked by weight hash)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto | float32 | bfloat16 | float16."),
@@ -125,7 +127,7 @@ def probe_cmd(
         from codejepa.embed.probe import ProbeSettings, compute_probe_view
 
         settings = ProbeSettings(n_probes=probes, seed=seed, teacher=teacher, device=device, dtype=dtype,
-                                 batch_tokens=batch_tokens)
+                                 batch_tokens=batch_tokens, splits=str(splits) if splits else None)
         prog = _progress()
         state: dict[str, Any] = {}
 

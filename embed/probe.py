@@ -45,6 +45,7 @@ class ProbeSettings:
     max_tokens: int = 80
     seed: int = 7
     teacher: str | None = None  # None: the store's own teacher
+    splits: str | None = None  # a split file (`corpus folds`): probes from its train part
     device: str = "auto"
     dtype: str = "auto"
     batch_tokens: int | None = None  # padded tokens per model batch; None: as `embed run`
@@ -66,6 +67,7 @@ class ProbeMeta:
     seed: int
     probe_records: list[str]  # the record ids whose bodies are the probes
     probe_lengths: list[int]
+    splits: str = ""  # the split file's key when the probes were drawn from one
     compute_dtype: str = ""
     code_version: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -224,6 +226,14 @@ def compute_probe_view(
         raise ProbeError(str(e)) from None
     try:
         smeta = store.meta
+        split_key = ""
+        if settings.splits is not None:
+            from codejepa.embed.store import use_split_file
+
+            try:
+                split_key = use_split_file(store, settings.splits)[0].key
+            except StoreError as e:
+                raise ProbeError(str(e)) from None
         pick, probes = choose_probes(store, settings)
         if teacher is None:
             teacher = open_teacher(settings.teacher or smeta.teacher, layer=smeta.layer,
@@ -235,7 +245,7 @@ def compute_probe_view(
             store_fingerprint=smeta.fingerprint(), teacher=smeta.teacher, weights_hash=smeta.weights_hash,
             layer=smeta.layer, hidden_size=smeta.hidden_size, n_probes=settings.n_probes,
             min_tokens=settings.min_tokens, max_tokens=settings.max_tokens, seed=settings.seed,
-            probe_records=[str(store.ids[i]) for i in pick], probe_lengths=[len(p) for p in probes],
+            probe_records=[str(store.ids[i]) for i in pick], probe_lengths=[len(p) for p in probes], splits=split_key,
             compute_dtype=teacher.compute_dtype, code_version=code_version(),
         )
         f = _writer(path, meta, store)

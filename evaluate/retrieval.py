@@ -521,7 +521,7 @@ def evaluate_retrieval(
         if probe is not None:
             mixes, probe_info = _probe_mixes(probe, store, names, loaded, methods)
             loaded = [replace(r, predictor=Memo(r.predictor)) for r in loaded]  # predicted once for both rows
-            methods = {**{m: Memo(_FnPredictor(fn)).predict_pooled for m, fn in (methods or {}).items()}}
+            methods = {m: Memo(_FnPredictor(fn)).predict_pooled for m, fn in (methods or {}).items()}
             for bname, mix in mixes.items():
                 if mix.base is None and bname != f"ridge+last{PROBE_SUFFIX}":
                     base = next((r for r in loaded if f"{r.name}{PROBE_SUFFIX}" == bname), None)
@@ -824,6 +824,12 @@ def _probe_mixes(probe: str | os.PathLike[str], store: Any, names: Sequence[str]
     if pv.committed < len(store):
         raise EvaluateError(f"{probe}: the probe view covers {pv.committed} of {len(store)} records; "
                             f"finish it first (`codejepa embed probe {store.path}` resumes it)")
+    where = store.index_of()
+    outside = [r for r in pv.meta.probe_records if r not in where or store.splits[where[r]] != "train"]
+    if outside:
+        # A probe is read after every query: a probe body that is a query's own would be a leak.
+        raise EvaluateError(f"{probe}: probe record(s) {', '.join(outside)} are not in this split's train part; "
+                            "compute a view for this split (`codejepa embed probe STORE --splits FILE --out …`)")
     bases = [r.name for r in loaded] + list(methods or {}) + (["ridge+last"] if "ridge+last" in names else [])
     if not bases:
         raise EvaluateError("--probe mixes the probe view into runs, methods or ridge+last: none is being evaluated")

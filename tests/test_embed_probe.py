@@ -118,6 +118,26 @@ def test_a_killed_run_resumes_to_the_same_view_and_refuses_other_settings(teache
         compute_probe_view(store_path, tmp_path / "x.h5", ANY, teacher=teachers["bidirectional"])
 
 
+def test_probes_of_a_fold_come_from_its_train_part(teachers, tmp_path: Path) -> None:
+    from codejepa.corpus.folds import SplitAssignment, _key, read_splits, write_fold
+
+    teacher = teachers["bidirectional"]
+    recs = sample_records(20, repos=5)
+    store_path = _store(tmp_path, teacher, recs)
+    with open_store(store_path) as s:
+        fp = s.meta.corpus_manifest_hash
+    # A fold whose test repository is a train repository of the store's own split.
+    role = {"repo0": "test", "repo1": "val"}
+    splits = {r.id: role.get(r.repo, "train") for r in recs}
+    fold = write_fold(SplitAssignment(splits, {}, 0, 5, 0, fp, _key(fp, splits)), tmp_path / "folds")
+    res = compute_probe_view(store_path, tmp_path / "fold.probe.h5", dataclasses.replace(ANY, n_probes=3, splits=str(fold)),
+                             teacher=teacher)
+    with open_store(store_path) as s:
+        meta = read_probe_view(res.path, s).meta
+    assert meta.splits == read_splits(fold).key
+    assert all(splits[r] == "train" for r in meta.probe_records)
+
+
 def test_cli_probes_with_the_default_teacher_and_fails_in_one_line(tmp_path: Path) -> None:
     runner = CliRunner()
     # The default probes are train bodies of 40–80 tokens: give the train records such bodies.

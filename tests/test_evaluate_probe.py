@@ -28,12 +28,12 @@ def ds(tmp_path_factory: pytest.TempPathFactory):
     return make_dataset(tmp_path_factory.mktemp("probe"), duplicate_test_bodies=0, text_ids=False)
 
 
-def write_view(store_path: Path, out: Path, view: np.ndarray, upto: int | None = None) -> Path:
+def write_view(store_path: Path, out: Path, view: np.ndarray, upto: int | None = None, probe_record: int = 0) -> Path:
     """A probe view file for a synthetic store (no teacher: the rows are given)."""
     with open_store(store_path) as s:
         meta = ProbeMeta(store_fingerprint=s.meta.fingerprint(), teacher=s.meta.teacher, weights_hash="",
                          layer=s.meta.layer, hidden_size=s.meta.hidden_size, n_probes=1, min_tokens=1,
-                         max_tokens=80, seed=0, probe_records=[str(s.ids[0])], probe_lengths=[2])
+                         max_tokens=80, seed=0, probe_records=[str(s.ids[probe_record])], probe_lengths=[2])
         f = _writer(out, meta, s)
         n = len(s) if upto is None else upto
         _commit(f, s.ids[:n], view[:n].astype(np.float32), 0)
@@ -115,6 +115,18 @@ def test_probe_view_errors_are_one_clear_line(ds, tmp_path: Path) -> None:
     whole = write_view(ds.store_path, tmp_path / "whole.probe.h5", view)
     with pytest.raises(EvaluateError, match="none is being evaluated"):
         evaluate_retrieval(ds.store_path, baselines="bm25", plots=False, probe=whole)
+    # Under another split (a fold), a probe that is now a query would read its own body: refused.
+    from codejepa.corpus.folds import SplitAssignment, _key, write_fold
+
+    probe_at = int(np.flatnonzero(ds.splits == "train")[0])  # a train record's body as the probe ...
+    role = {ds.repos[probe_at]: "test", "val_repo0": "val"}  # ... in a fold that tests its repository
+    splits = {str(r): role.get(repo, "train") for r, repo in zip(ds.ids, ds.repos)}
+    fp = ds.meta.corpus_manifest_hash
+    fold = write_fold(SplitAssignment(splits, {}, 0, 3, 0, fp, _key(fp, splits)), tmp_path / "folds")
+    leaky = write_view(ds.store_path, tmp_path / "leaky.probe.h5", view, probe_record=probe_at)
+    evaluate_retrieval(ds.store_path, baselines="ridge+last", plots=False, probe=leaky, n_boot=20)  # own split: fine
+    with pytest.raises(EvaluateError, match="not in this split's train part"):
+        evaluate_retrieval(ds.store_path, baselines="ridge+last", plots=False, probe=leaky, splits=fold)
     other = make_dataset(tmp_path / "other", seed=1, name="other")
     with pytest.raises(EvaluateError, match="another store|not the first"):
         evaluate_retrieval(other.store_path, baselines="ridge+last", plots=False, probe=whole)
