@@ -130,3 +130,27 @@ def test_probe_view_errors_are_one_clear_line(ds, tmp_path: Path) -> None:
     other = make_dataset(tmp_path / "other", seed=1, name="other")
     with pytest.raises(EvaluateError, match="another store|not the first"):
         evaluate_retrieval(other.store_path, baselines="ridge+last", plots=False, probe=whole)
+
+
+def test_cli_adds_probe_rows_and_reports_a_bad_view_in_one_line(ds, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from codejepa.cli import app
+
+    runner = CliRunner()
+    rng = np.random.default_rng(5)
+    path = write_view(ds.store_path, tmp_path / "v.probe.h5",
+                      ds.bodies + 0.6 * rng.standard_normal(ds.bodies.shape).astype(np.float32))
+    out = tmp_path / "eval"
+    r = runner.invoke(app, ["evaluate", "retrieval", str(ds.store_path), "--baselines", "ridge+last", "--space", "whitened",
+                            "--no-hubness", "--probe", str(path), "--out", str(out), "--n-boot", "50", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    data = json.loads((out / "retrieval.json").read_text())
+    assert {row["method"] for row in data["rows"]} == {"ridge+last", "ridge+last+probe"}
+    assert data["settings"]["probe"]["path"] == str(path) and "ridge+last+probe" in r.output
+    bad = tmp_path / "bad.probe.h5"
+    bad.write_text("no")
+    r = runner.invoke(app, ["evaluate", "retrieval", str(ds.store_path), "--baselines", "ridge+last", "--probe", str(bad)])
+    assert r.exit_code == 1 and "not a readable probe view" in r.output and "Traceback" not in r.output
