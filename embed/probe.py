@@ -17,6 +17,7 @@ that grew since (a resumed ``embed run``) gets its new records probed on the nex
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +51,7 @@ class ProbeSettings:
     dtype: str = "auto"
     batch_tokens: int | None = None  # padded tokens per model batch; None: as `embed run`
     chunk_records: int = 256  # records committed at a time: what a kill can lose
+    share_prefix: bool = True  # causal teachers: one pass per record for all probes (see below)
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class ProbeResult:
     already: int
     model_tokens: int = 0
     seconds: float = 0.0
+    shared_prefix: bool = False  # one pass per record (causal teacher) instead of one per probe
 
 
 def default_probe_path(store_path: str | Path) -> Path:
@@ -139,6 +142,57 @@ def probe_sequence(inputs_ids: np.ndarray, inputs_special: np.ndarray, probe: np
         raise ProbeError(f"a record's inputs fill the teacher's window of {window} tokens: no room for a probe")
     ids = np.concatenate([inputs_ids[:head], p, inputs_ids[head:]]).astype(np.int64)
     return ids, head, head + len(p)
+
+
+@dataclass(frozen=True)
+class ProbeSeq:
+    """One teacher pass: a record's inputs followed by one probe, or (shared prefix) by all."""
+
+    rec: int  # the record's row in its chunk
+    ids: np.ndarray
+    spans: tuple[tuple[int, int], ...]  # the probes' positions
+    segments: np.ndarray | None = None  # shared prefix: 0 = the inputs, k + 1 = probe k
+
+
+def shared_prefix_sequence(prefix: np.ndarray, probes: Sequence[np.ndarray], window: int) -> ProbeSeq:
+    """A causal record's inputs once, then every probe. With :func:`shared_prefix_mask` each
+    probe attends to the inputs and to itself only, at the positions it would have right
+    after the inputs, so its states equal those of its own pass ``inputs + probe`` — the
+    inputs are run once instead of once per probe."""
+    n = len(prefix)
+    parts, spans, segs = [np.asarray(prefix, np.int64)], [], [np.zeros(n, np.int64)]
+    at = n
+    for k, p in enumerate(probes):
+        p = np.asarray(p[: max(window - n, 0)], np.int64)
+        if len(p) == 0:
+            raise ProbeError(f"a record's inputs fill the teacher's window of {window} tokens: no room for a probe")
+        parts.append(p)
+        segs.append(np.full(len(p), k + 1, np.int64))
+        spans.append((at, at + len(p)))
+        at += len(p)
+    return ProbeSeq(-1, np.concatenate(parts), tuple(spans), np.concatenate(segs))
+
+
+def shared_prefix_mask(batch: Sequence[ProbeSeq], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[B, 1, T, T]`` boolean attention (True = attend) and ``[B, T]`` position ids for a
+    right-padded batch of :func:`shared_prefix_sequence` passes. A padding row attends to
+    itself only, so that no row is empty (an empty row gives NaN states)."""
+    allowed = np.zeros((len(batch), 1, length, length), dtype=bool)
+    positions = np.zeros((len(batch), length), dtype=np.int64)
+    causal = np.tril(np.ones((length, length), dtype=bool))
+    for j, s in enumerate(batch):
+        assert s.segments is not None
+        n = len(s.ids)
+        seg = s.segments
+        same = (seg[None, :] == 0) | (seg[None, :] == seg[:, None])
+        allowed[j, 0, :n, :n] = causal[:n, :n] & same
+        pad = np.arange(n, length)
+        allowed[j, 0, pad, pad] = True
+        prefix = int((seg == 0).sum())
+        positions[j, :prefix] = np.arange(prefix)
+        for a, b in s.spans:
+            positions[j, a:b] = np.arange(prefix, prefix + b - a)
+    return allowed, positions
 
 
 # -- the sidecar file -------------------------------------------------------------------------
@@ -214,7 +268,7 @@ def compute_probe_view(
     after that many chunks (tests of resumption)."""
     import torch
 
-    from codejepa.embed.run import DEFAULT_BATCH_TOKENS, Seq, pad_batch, plan_batches
+    from codejepa.embed.run import DEFAULT_BATCH_TOKENS, pad_batch, plan_batches
     from codejepa.embed.teacher import open_teacher
 
     t0 = time.perf_counter()
@@ -260,31 +314,42 @@ def compute_probe_view(
             pad_id = _pad_id(teacher.tokenizer)
             all_ids, all_sp = store.tokens("inputs")
             off = np.concatenate([[0], np.cumsum(store.lengths("inputs"))])
+            mask_kind = teacher.custom_mask_kind() if settings.share_prefix else None
+            result.shared_prefix = mask_kind is not None
             chunks = 0
             for a in range(already, len(store), settings.chunk_records):
                 if max_chunks is not None and chunks >= max_chunks:
                     break
                 b = min(a + settings.chunk_records, len(store))
-                seqs: list[Seq] = []
+                seqs: list[ProbeSeq] = []
                 for r in range(a, b):
-                    lo, hi = int(off[r]), int(off[r + 1])
+                    x, sp = all_ids[int(off[r]):int(off[r + 1])], all_sp[int(off[r]):int(off[r + 1])]
+                    if mask_kind is not None:  # a causal pass: its inputs have no trailing sink token
+                        seqs.append(dataclasses.replace(shared_prefix_sequence(x, probes, window), rec=r - a))
+                        continue
                     for p in probes:
-                        ids, s0, s1 = probe_sequence(all_ids[lo:hi], all_sp[lo:hi], p, window)
-                        seqs.append(Seq(r - a, ids, (s0, s1), None, 0))
+                        ids, s0, s1 = probe_sequence(x, sp, p, window)
+                        seqs.append(ProbeSeq(r - a, ids, ((s0, s1),)))
                 feats = np.zeros((b - a, smeta.hidden_size), np.float64)
                 for batch_ix in plan_batches([len(s.ids) for s in seqs], [0] * len(seqs), batch_tokens):
                     batch = [seqs[i] for i in batch_ix]
-                    ids, mask = pad_batch(batch, pad_id)
+                    ids, mask = pad_batch(batch, pad_id)  # type: ignore[arg-type]
                     weights = np.zeros(ids.shape, np.float32)
                     for j, s in enumerate(batch):
-                        s0, s1 = s.inputs  # type: ignore[misc]
-                        weights[j, s0:s1] = 1.0 / (s1 - s0)
-                    hidden = teacher.forward(torch.from_numpy(ids).to(teacher.device),
-                                             torch.from_numpy(mask).to(teacher.device))
+                        for s0, s1 in s.spans:  # the mean over each probe, averaged over the probes
+                            weights[j, s0:s1] = 1.0 / (s1 - s0) / len(probes)
+                    ids_t, mask_t, pos_t = torch.from_numpy(ids), torch.from_numpy(mask), None
+                    if batch[0].segments is not None:
+                        allowed, positions = shared_prefix_mask(batch, ids.shape[1])
+                        mask_t, pos_t = torch.from_numpy(allowed), torch.from_numpy(positions).to(teacher.device)
+                        if mask_kind == "additive":
+                            dt = teacher.model.dtype
+                            mask_t = torch.zeros(allowed.shape, dtype=dt).masked_fill_(~mask_t, torch.finfo(dt).min)
+                    hidden = teacher.forward(ids_t.to(teacher.device), mask_t.to(teacher.device), pos_t)
                     w = torch.from_numpy(weights).to(hidden.device)
                     means = torch.einsum("bt,btd->bd", w, hidden.float()).cpu().numpy()
                     for j, s in enumerate(batch):
-                        feats[s.rec] += means[j] / len(probes)
+                        feats[s.rec] += means[j]
                     result.model_tokens += int(mask.sum())
                 _commit(f, store.ids[a:b], feats.astype(np.float32), a)
                 result.written += b - a

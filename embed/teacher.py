@@ -288,16 +288,29 @@ class Teacher:
             return torch.autocast("cpu", dtype=getattr(torch, self.compute_dtype))
         return contextlib.nullcontext()
 
-    def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-        """States at ``hidden_states[layer]`` for a right-padded batch: ``[B, T, d]``."""
+    def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any = None) -> Any:
+        """States at ``hidden_states[layer]`` for a right-padded batch: ``[B, T, d]``.
+
+        ``attention_mask`` may also be a prepared 4D mask ``[B, 1, T, T]`` (boolean for SDPA,
+        additive for eager attention: see :meth:`custom_mask_kind`), with ``position_ids``."""
         import torch
 
+        extra = {} if position_ids is None else {"position_ids": position_ids}
         with torch.inference_mode(), self.autocast():
             if self.cut or self.layer == self.num_hidden_layers:
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)
                 return out.last_hidden_state
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
             return out.hidden_states[self.layer]
+
+    def custom_mask_kind(self) -> str | None:
+        """How a prepared 4D attention mask must look for this model's attention: ``"bool"``
+        (SDPA), ``"additive"`` (eager), or None where custom masks are not supported (flash
+        attention kernels, bidirectional encoders)."""
+        if self.kind != "causal":
+            return None
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        return {"sdpa": "bool", "eager": "additive"}.get(str(impl))
 
     def describe(self) -> dict[str, Any]:
         return {

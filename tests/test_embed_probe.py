@@ -80,6 +80,27 @@ def test_view_is_the_mean_over_the_probes_tokens_after_the_records_inputs(kind: 
             np.testing.assert_allclose(pv.view[i], np.mean(want, 0), atol=2e-5)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_causal_teacher_reads_the_inputs_once_for_all_probes_with_the_same_result(attn: str, teachers, tmp_path: Path) -> None:
+    teacher = teachers["causal"]
+    store_path = _store(tmp_path, teacher)
+    before = teacher.model.config._attn_implementation
+    teacher.model.config._attn_implementation = attn
+    try:
+        assert teacher.custom_mask_kind() == {"sdpa": "bool", "eager": "additive"}[attn]
+        settings = dataclasses.replace(ANY, n_probes=3)
+        shared = compute_probe_view(store_path, tmp_path / "shared.h5", settings, teacher=teacher)
+        naive = compute_probe_view(store_path, tmp_path / "naive.h5", dataclasses.replace(settings, share_prefix=False),
+                                   teacher=teacher)
+    finally:
+        teacher.model.config._attn_implementation = before
+    assert shared.shared_prefix and not naive.shared_prefix
+    with open_store(store_path) as s:
+        assert naive.model_tokens - shared.model_tokens == 2 * int(s.lengths("inputs").sum())  # inputs once, not 3×
+        np.testing.assert_allclose(read_probe_view(shared.path, s).view, read_probe_view(naive.path, s).view, atol=2e-5)
+    assert teachers["bidirectional"].custom_mask_kind() is None  # an encoder's inputs see the probe: no sharing
+
+
 def test_a_records_own_body_never_reaches_its_view(teachers, tmp_path: Path) -> None:
     teacher = teachers["bidirectional"]
     recs = sample_records(14)
