@@ -9,6 +9,10 @@ signature the teacher saw before them; the probe view measures that echo directl
 a body the query does not own. On python-40 it lifted retrieval with every correction by
 1.7 points for the transformer and 4.0 for ridge (bench/RESULTS.md, "Predictor ablations").
 
+A bidirectional teacher needs a pass per probe (the inputs attend to the probe). A causal one
+reads the inputs once per record: the probes follow them in one pass, each attending to the
+inputs and to itself only (:func:`shared_prefix_mask`), with the same states.
+
 The view lives in a sidecar HDF5 file beside the store (``STORE.probe.h5``): the store itself
 is never opened for writing. Rows follow the store's record order; a run commits them chunk
 by chunk, so a kill loses at most one chunk and a rerun continues where it stopped. A store
