@@ -32,7 +32,7 @@ def _unit(a: np.ndarray) -> np.ndarray:
 
 def mix_probe(queries: np.ndarray, probes: np.ndarray, weight: float, whitened: Space) -> np.ndarray:
     """Raw query vectors with the probe view mixed in at ``weight`` (pure; ``weight = 0``
-    returns the queries unchanged up to float rounding)."""
+    returns a copy of the queries, so that a zero weight reproduces the method exactly)."""
     if weight == 0:
         return queries.astype(np.float32, copy=True)
     q = whitened.apply(queries).astype(np.float64)
