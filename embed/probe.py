@@ -34,6 +34,7 @@ import numpy as np
 
 from codejepa.core import CodejepaError, code_version
 from codejepa.embed.store import Store, StoreError, open_store
+from codejepa.embed.template import pad_token_id
 
 PROBE_FORMAT = "codejepa-probe-view"
 PROBE_FORMAT_VERSION = 1
@@ -315,7 +316,7 @@ def compute_probe_view(
             window = smeta.max_tokens or teacher.max_positions or 2048
             dev_kind = "cuda" if str(teacher.device).startswith("cuda") else "cpu"
             batch_tokens = settings.batch_tokens or DEFAULT_BATCH_TOKENS[dev_kind]
-            pad_id = _pad_id(teacher.tokenizer)
+            pad_id = pad_token_id(teacher.tokenizer)
             all_ids, all_sp = store.tokens("inputs")
             off = np.concatenate([[0], np.cumsum(store.lengths("inputs"))])
             mask_kind = teacher.custom_mask_kind() if settings.share_prefix else None
@@ -367,13 +368,6 @@ def compute_probe_view(
     result.seconds = time.perf_counter() - t0
     emit("done", {"records": result.records, "written": result.written})
     return result
-
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id
-    return int(pad) if pad is not None else 0
 
 
 def _writer(path: Path, meta: ProbeMeta, store: Store) -> h5py.File:

@@ -195,6 +195,15 @@ class Skipped:
     id: str
     reason: str
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that fills padded positions: the tokenizer's pad token, else its end of text
+    (Qwen2's tokenizers have no pad token of their own), else 0. Padded positions are
+    masked out, so the choice never reaches a state."""
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id
+    return int(pad) if pad is not None else 0
+
 
 @dataclass(frozen=True)
 class SegmentTokenizer:
@@ -240,10 +249,7 @@ class SegmentTokenizer:
 
     @property
     def pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        if pad is None:
-            pad = self.tokenizer.eos_token_id
-        return int(pad) if pad is not None else 0
+        return pad_token_id(self.tokenizer)
 
     def fingerprint(self) -> str:
         """Hash of everything that decides the ids: the tokenizer itself and the specials."""

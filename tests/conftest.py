@@ -1,9 +1,10 @@
-"""Shared pytest setup: opt-in slow tests, offline model hub, quiet threads."""
+"""Shared pytest setup: opt-in slow tests, offline model hub, quiet threads, tiny teachers."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from typing import Any
 
 import pytest
 
@@ -29,3 +30,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A tiny causal (Qwen2) and a tiny bidirectional (BERT) teacher, built once per session:
+    the embed tests only read them."""
+    from _embed_fixtures import make_tiny_bert, make_tiny_qwen2
+    from codejepa.embed.teacher import Teacher, resolve_teacher
+
+    tmp = tmp_path_factory.mktemp("teachers")
+    return {
+        "causal": Teacher(resolve_teacher(str(make_tiny_qwen2(tmp / "q"))), device="cpu", dtype="float32"),
+        "bidirectional": Teacher(resolve_teacher(str(make_tiny_bert(tmp / "b"))), device="cpu", dtype="float32"),
+    }

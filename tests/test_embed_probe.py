@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from _embed_fixtures import make_tiny_bert, make_tiny_qwen2, sample_records, write_corpus
+from _embed_fixtures import sample_records, write_corpus
 from codejepa.cli import app
 from codejepa.embed.probe import (
     ProbeError,
@@ -23,19 +23,10 @@ from codejepa.embed.probe import (
 )
 from codejepa.embed.run import EmbedSettings, embed_corpus
 from codejepa.embed.store import open_store
-from codejepa.embed.teacher import Teacher, resolve_teacher
+from codejepa.embed.teacher import Teacher
 
 # The sample bodies are short: any train body may be a probe.
 ANY = ProbeSettings(n_probes=2, min_tokens=1, max_tokens=10_000, chunk_records=4)
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Teacher]:
-    tmp = tmp_path_factory.mktemp("teachers")
-    return {
-        "causal": Teacher(resolve_teacher(str(make_tiny_qwen2(tmp / "q"))), device="cpu", dtype="float32"),
-        "bidirectional": Teacher(resolve_teacher(str(make_tiny_bert(tmp / "b"))), device="cpu", dtype="float32"),
-    }
 
 
 def _store(tmp: Path, teacher: Teacher, records=None) -> Path:

@@ -8,20 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from _embed_fixtures import make_tiny_bert, make_tiny_qwen2, sample_records, write_corpus
+from _embed_fixtures import sample_records, write_corpus
 from codejepa.embed.run import EmbedError, EmbedSettings, embed_corpus, parse_shard, plan_batches, shard_of
 from codejepa.embed.store import open_store
-from codejepa.embed.teacher import Teacher, resolve_teacher
+from codejepa.embed.teacher import Teacher
 from codejepa.embed.template import SegmentTokenizer, Tokenized
-
-
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Teacher]:
-    tmp = tmp_path_factory.mktemp("teachers")
-    return {
-        "causal": Teacher(resolve_teacher(str(make_tiny_qwen2(tmp / "q"))), device="cpu", dtype="float32"),
-        "bidirectional": Teacher(resolve_teacher(str(make_tiny_bert(tmp / "b"))), device="cpu", dtype="float32"),
-    }
 
 
 @pytest.mark.parametrize("kind", ["causal", "bidirectional"])
