@@ -33,7 +33,7 @@ import h5py
 import numpy as np
 
 from codejepa.core import CodejepaError, code_version
-from codejepa.embed.store import Store, StoreError, open_store
+from codejepa.embed.store import Store, StoreError, open_format_file, open_store
 from codejepa.embed.template import pad_token_id
 
 PROBE_FORMAT = "codejepa-probe-view"
@@ -203,19 +203,8 @@ def shared_prefix_mask(batch: Sequence[ProbeSeq], length: int) -> tuple[np.ndarr
 # -- the sidecar file -------------------------------------------------------------------------
 
 def _open_probe_file(path: Path, mode: str) -> h5py.File:
-    try:
-        f = h5py.File(path, mode)
-    except OSError as e:
-        if "lock" in str(e).lower():
-            raise ProbeError(f"{path}: open for writing in another process (an `embed probe` still going?)") from None
-        raise ProbeError(f"{path}: not a readable probe view (corrupt or foreign file: {e})") from None
-    if mode != "w" and f.attrs.get("format") != PROBE_FORMAT:
-        f.close()
-        raise ProbeError(f"{path}: an HDF5 file, but not a codejepa probe view")
-    if mode != "w" and int(f.attrs.get("format_version", -1)) != PROBE_FORMAT_VERSION:
-        f.close()
-        raise ProbeError(f"{path}: probe view format {f.attrs.get('format_version')} is not supported; delete it and rerun")
-    return f
+    return open_format_file(path, mode, fmt=PROBE_FORMAT, version=PROBE_FORMAT_VERSION, what="probe view",
+                            writer="embed probe", error=ProbeError, redo="delete it and rerun `codejepa embed probe`")
 
 
 def _check_ids(f: h5py.File, store: Store, path: Path) -> int:

@@ -331,27 +331,35 @@ class StoreWriter:
         self.close()
 
 
+def open_format_file(path: Path, mode: str, *, fmt: str, version: int, what: str, writer: str,
+                     error: type[CodejepaError], redo: str) -> h5py.File:
+    """Open one of codejepa's HDF5 files (``what``: "store", "probe view"), turning each way
+    it can be unusable into one ``error`` line: locked by a running ``writer`` command,
+    unreadable, another kind of HDF5 file, or another format version (``redo`` says what to do)."""
+    try:
+        f = h5py.File(path, mode)
+    except OSError as e:
+        if "lock" in str(e).lower():
+            raise error(f"{path}: the {what} is open for writing in another process (an `{writer}` still going?)") from None
+        raise error(f"{path}: not a readable {what} (corrupt or foreign file: {e})") from None
+    if mode == "w":
+        return f
+    if f.attrs.get("format") != fmt:
+        f.close()
+        raise error(f"{path}: an HDF5 file, but not a codejepa {what}")
+    found = int(f.attrs.get("format_version", -1))
+    if found != version:
+        f.close()
+        raise error(f"{path}: {what} format version {found} is not supported (this codejepa reads version {version}); {redo}")
+    return f
+
+
 def _open_h5(path: str | os.PathLike[str], mode: str = "r") -> h5py.File:
     p = Path(path)
     if not p.is_file():
         raise StoreError(f"{p}: no such store (run `codejepa embed run` first)")
-    try:
-        f = h5py.File(p, mode)
-    except OSError as e:
-        if "lock" in str(e).lower():
-            raise StoreError(f"{p}: the store is open for writing in another process (an `embed run` still going?)") from None
-        raise StoreError(f"{p}: not a readable HDF5 store (corrupt or foreign file: {e})") from None
-    if f.attrs.get("format") != STORE_FORMAT:
-        f.close()
-        raise StoreError(f"{p}: an HDF5 file, but not a codejepa store")
-    version = int(f.attrs.get("format_version", -1))
-    if version != STORE_FORMAT_VERSION:
-        f.close()
-        raise StoreError(
-            f"{p}: store format version {version} is not supported (this codejepa reads "
-            f"version {STORE_FORMAT_VERSION}); re-run `codejepa embed run` into a new store"
-        )
-    return f
+    return open_format_file(p, mode, fmt=STORE_FORMAT, version=STORE_FORMAT_VERSION, what="store", writer="embed run",
+                            error=StoreError, redo="re-run `codejepa embed run` into a new store")
 
 
 def read_meta(path: str | os.PathLike[str]) -> StoreMeta:

@@ -171,3 +171,23 @@ def test_cli_probes_with_the_default_teacher_and_fails_in_one_line(tmp_path: Pat
     bad.write_bytes(b"not hdf5 at all")
     r = runner.invoke(app, ["embed", "probe", str(store), "--out", str(bad)])
     assert r.exit_code == 1 and "not a readable probe view" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("attrs, message", [
+    ({"format": "something-else", "format_version": 1}, "an HDF5 file, but not a codejepa probe view"),
+    ({"format": "codejepa-probe-view", "format_version": 99}, "probe view format version 99 is not supported"),
+])
+def test_a_foreign_or_newer_view_is_refused_in_one_line(attrs: dict, message: str, teachers: dict[str, Teacher],
+                                                        tmp_path: Path) -> None:
+    import h5py
+
+    store = _store(tmp_path, teachers["bidirectional"])
+    path = tmp_path / "x.probe.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs.update(attrs)
+    with open_store(store) as s, pytest.raises(ProbeError, match=message):
+        read_probe_view(path, s)
+    with pytest.raises(ProbeError, match=message):  # and computing into it leaves it as it is
+        compute_probe_view(store, path, ANY, teacher=teachers["bidirectional"])
+    with h5py.File(path, "r") as f:
+        assert dict(f.attrs) == attrs and not list(f)
