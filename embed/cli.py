@@ -120,14 +120,18 @@ def probe_cmd(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]"),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto | float32 | bfloat16 | float16."),
     batch_tokens: int = typer.Option(None, "--batch-tokens", help="Padded tokens per model batch (default 8192 on CPU, 32768 on CUDA)."),
+    shard: str = typer.Option(None, "--shard", help="I/N: the I-th of N contiguous shares of the records into OUT.shard-I-of-N.h5 "
+                                                    "(default RANK/WORLD_SIZE when set); join them with `embed merge`."),
 ) -> None:
     """The probe view: the teacher's reading of a fixed body placed after each record's inputs
     (`evaluate retrieval --probe` mixes it into the predictions)."""
     try:
         from codejepa.embed.probe import ProbeSettings, compute_probe_view
+        from codejepa.embed.run import parse_shard
 
         settings = ProbeSettings(n_probes=probes, seed=seed, teacher=teacher, device=device, dtype=dtype,
-                                 batch_tokens=batch_tokens, splits=str(splits) if splits else None)
+                                 batch_tokens=batch_tokens, splits=str(splits) if splits else None,
+                                 shard=parse_shard(shard) if shard else None)
         prog = _progress()
         state: dict[str, Any] = {}
 
@@ -160,14 +164,25 @@ def probe_cmd(
 
 @app.command("merge")
 def merge_cmd(
-    shards: list[Path] = typer.Argument(..., help="Shard stores from `embed run --shard I/N`."),
-    out: Path = typer.Option(..., "--out", help="The merged store."),
-    allow_partial: bool = typer.Option(False, "--allow-partial", help="Merge even if shards are missing or unfinished."),
+    shards: list[Path] = typer.Argument(..., help="Shard stores from `embed run --shard I/N`, or shard probe views from `embed probe --shard I/N`."),
+    out: Path = typer.Option(..., "--out", help="The merged store (or probe view)."),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="Merge even if shards are missing or unfinished (stores only)."),
 ) -> None:
-    """Join shard stores into one store (a copy; resumable)."""
+    """Join shard stores into one store (a copy; resumable), or the shards of a probe view into one view."""
     try:
         from codejepa.embed.merge import merge_stores
+        from codejepa.embed.probe import is_probe_view, merge_probe_views
         from codejepa.embed.store import open_store
+
+        views = [is_probe_view(p) for p in shards]
+        if any(views):
+            if not all(views):
+                raise CodejepaError(f"{shards[views.index(False)]}: not a probe view shard, unlike {shards[views.index(True)]}")
+            if allow_partial:
+                raise CodejepaError("--allow-partial: probe view shards are merged only when all are finished")
+            pres = merge_probe_views(shards, out)
+            print(f"{pres.path}: probe view of {pres.records} records from {pres.shards} shards", file=sys.stderr)
+            return
 
         total = 0
         for p in shards:

@@ -17,6 +17,12 @@ The view lives in a sidecar HDF5 file beside the store (``STORE.probe.h5``): the
 is never opened for writing. Rows follow the store's record order; a run commits them chunk
 by chunk, so a kill loses at most one chunk and a rerun continues where it stopped. A store
 that grew since (a resumed ``embed run``) gets its new records probed on the next run.
+
+Past one machine: ``torchrun … embed probe STORE`` (or ``--shard I/N``) gives each rank a
+contiguous share of the store's records, written to ``STORE.probe.shard-I-of-N.h5``;
+``codejepa embed merge`` joins the shards into the one view ``evaluate`` reads. Each shard
+resumes like the whole view; a shard's range is fixed by the store's size when it was
+started, so shard a finished store.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class ProbeSettings:
     batch_tokens: int | None = None  # padded tokens per model batch; None: as `embed run`
     chunk_records: int = 256  # records committed at a time: what a kill can lose
     share_prefix: bool = True  # causal teachers: one pass per record for all probes (see below)
+    shard: tuple[int, int] | None = None  # (I, N): the I-th of N contiguous shares; None: RANK/WORLD_SIZE or all
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,9 @@ class ProbeMeta:
     probe_records: list[str]  # the record ids whose bodies are the probes
     probe_lengths: list[int]
     splits: str = ""  # the split file's key when the probes were drawn from one
+    shard: str = ""  # "I/N" for a shard's file, "" for a whole view
+    start: int = 0  # the store records this file holds: start .. stop (-1: to the store's end)
+    stop: int = -1
     compute_dtype: str = ""
     code_version: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -207,11 +217,11 @@ def _open_probe_file(path: Path, mode: str) -> h5py.File:
                             writer="embed probe", error=ProbeError, redo="delete it and rerun `codejepa embed probe`")
 
 
-def _check_ids(f: h5py.File, store: Store, path: Path) -> int:
+def _check_ids(f: h5py.File, store: Store, path: Path, start: int = 0) -> int:
     n = int(f.attrs["committed"])
     ids = np.array([x.decode() if isinstance(x, bytes) else x for x in f["ids"][:n]], dtype=object)
-    if n > len(store) or not np.array_equal(ids, store.ids[:n].astype(object)):
-        raise ProbeError(f"{path}: its records are not the first {n} of {store.path} "
+    if start + n > len(store) or not np.array_equal(ids, store.ids[start:start + n].astype(object)):
+        raise ProbeError(f"{path}: its records are not records {start}..{start + n - 1} of {store.path} "
                          "(made from another store or a re-embedded one); delete it or pass another --out")
     return n
 
@@ -234,6 +244,8 @@ def read_probe_view(path: str | Path, store: Store) -> ProbeView:
     with _open_probe_file(path, "r") as f:
         try:
             meta = ProbeMeta.from_json(f.attrs["meta"])
+            if meta.shard:
+                raise ProbeError(f"{path}: shard {meta.shard} of a probe view; join the shards with `codejepa embed merge`")
             n = _check_ids(f, store, path)
             view = np.zeros((len(store), meta.hidden_size), np.float32)
             view[:n] = f["view"][:n]
@@ -262,12 +274,17 @@ def compute_probe_view(
     after that many chunks (tests of resumption)."""
     import torch
 
-    from codejepa.embed.run import DEFAULT_BATCH_TOKENS, pad_batch, plan_batches
+    from codejepa.embed.run import DEFAULT_BATCH_TOKENS, EmbedError, pad_batch, parse_shard, plan_batches, shard_path
     from codejepa.embed.teacher import open_teacher
 
     t0 = time.perf_counter()
     emit = progress or (lambda _e, _i: None)
     path = Path(out) if out is not None else default_probe_path(store_path)
+    try:
+        shard = settings.shard or parse_shard(None) or (0, 1)
+    except EmbedError as e:  # RANK/WORLD_SIZE set to nonsense
+        raise ProbeError(str(e)) from None
+    path = shard_path(path, *shard)
     try:
         store = open_store(store_path)
     except StoreError as e:
@@ -283,6 +300,9 @@ def compute_probe_view(
             except StoreError as e:
                 raise ProbeError(str(e)) from None
         pick, probes = choose_probes(store, settings)
+        # A shard's share is fixed by the store's size now; a whole view follows the store as it grows.
+        start, stop = (0, -1) if shard[1] == 1 else (shard[0] * len(store) // shard[1], (shard[0] + 1) * len(store) // shard[1])
+        end = len(store) if stop < 0 else stop
         if teacher is None:
             teacher = open_teacher(settings.teacher or smeta.teacher, layer=smeta.layer,
                                    device=settings.device, dtype=settings.dtype)
@@ -294,13 +314,14 @@ def compute_probe_view(
             layer=smeta.layer, hidden_size=smeta.hidden_size, n_probes=settings.n_probes,
             min_tokens=settings.min_tokens, max_tokens=settings.max_tokens, seed=settings.seed,
             probe_records=[str(store.ids[i]) for i in pick], probe_lengths=[len(p) for p in probes], splits=split_key,
+            shard="" if shard[1] == 1 else f"{shard[0]}/{shard[1]}", start=start, stop=stop,
             compute_dtype=teacher.compute_dtype, code_version=code_version(),
         )
         f = _writer(path, meta, store)
         try:
             already = int(f.attrs["committed"])
             result = ProbeResult(path, already, 0, already)
-            emit("start", {"path": str(path), "records": len(store), "already": already,
+            emit("start", {"path": str(path), "records": end - start, "already": already,
                            "teacher": teacher.describe(), "probes": meta.probe_records})
             window = smeta.max_tokens or teacher.max_positions or 2048
             dev_kind = "cuda" if str(teacher.device).startswith("cuda") else "cpu"
@@ -311,10 +332,10 @@ def compute_probe_view(
             mask_kind = teacher.custom_mask_kind() if settings.share_prefix else None
             result.shared_prefix = mask_kind is not None
             chunks = 0
-            for a in range(already, len(store), settings.chunk_records):
+            for a in range(start + already, end, settings.chunk_records):
                 if max_chunks is not None and chunks >= max_chunks:
                     break
-                b = min(a + settings.chunk_records, len(store))
+                b = min(a + settings.chunk_records, end)
                 seqs: list[ProbeSeq] = []
                 for r in range(a, b):
                     x, sp = all_ids[int(off[r]):int(off[r + 1])], all_sp[int(off[r]):int(off[r + 1])]
@@ -345,9 +366,9 @@ def compute_probe_view(
                     for j, s in enumerate(batch):
                         feats[s.rec] += means[j]
                     result.model_tokens += int(mask.sum())
-                _commit(f, store.ids[a:b], feats.astype(np.float32), a)
+                _commit(f, store.ids[a:b], feats.astype(np.float32), a - start)
                 result.written += b - a
-                result.records = b
+                result.records = b - start
                 chunks += 1
                 emit("commit", {"records": b - a, "tokens": result.model_tokens})
         finally:
@@ -369,7 +390,7 @@ def _writer(path: Path, meta: ProbeMeta, store: Store) -> h5py.File:
                 diff = sorted(k for k in meta.key() if old.key().get(k) != meta.key()[k])
                 raise ProbeError(f"{path}: computed with other settings ({', '.join(diff)} differ); "
                                  "delete it or pass another --out")
-            _check_ids(f, store, path)
+            _check_ids(f, store, path, meta.start)
         except ProbeError:
             f.close()
             raise
@@ -377,6 +398,10 @@ def _writer(path: Path, meta: ProbeMeta, store: Store) -> h5py.File:
             f.close()
             raise ProbeError(f"{path}: damaged probe view ({e}); delete it and rerun") from None
         return f
+    return _create(path, meta)
+
+
+def _create(path: Path, meta: ProbeMeta) -> h5py.File:
     path.parent.mkdir(parents=True, exist_ok=True)
     f = _open_probe_file(path, "w")
     f.attrs["format"] = PROBE_FORMAT
@@ -401,3 +426,80 @@ def _commit(f: h5py.File, ids: Sequence[str], view: np.ndarray, at: int) -> None
     f.flush()
     f.attrs["committed"] = n
     f.flush()
+
+
+# -- shards -----------------------------------------------------------------------------------
+
+def is_probe_view(path: str | Path) -> bool:
+    """Whether ``path`` is a probe view file (whole or shard); False for anything else."""
+    try:
+        with h5py.File(path, "r") as f:
+            return f.attrs.get("format") == PROBE_FORMAT
+    except OSError:
+        return False
+
+
+@dataclass
+class ProbeMergeResult:
+    path: Path
+    shards: int
+    records: int
+
+
+def merge_probe_views(shards: Sequence[str | Path], out: str | Path) -> ProbeMergeResult:
+    """Join the shard files of one ``embed probe --shard I/N`` job (all N, each finished)
+    into one whole view. The output is written beside ``out`` and renamed into place, so a
+    crash never leaves half a view; an existing ``out`` is refused, not overwritten."""
+    paths, out = [Path(p) for p in shards], Path(out)
+    if not paths:
+        raise ProbeError("no shard files given")
+    if out.exists():
+        raise ProbeError(f"{out} exists; delete it or pass another --out")
+    parts: list[tuple[ProbeMeta, Path, int]] = []
+    for p in paths:
+        if not p.is_file():
+            raise ProbeError(f"{p}: no such probe view shard")
+        with _open_probe_file(p, "r") as f:
+            try:
+                parts.append((ProbeMeta.from_json(f.attrs["meta"]), p, int(f.attrs["committed"])))
+            except (KeyError, TypeError, ValueError) as e:
+                raise ProbeError(f"{p}: damaged probe view ({e})") from None
+    whole = [str(p) for m, p, _ in parts if not m.shard]
+    if whole:
+        raise ProbeError(f"{whole[0]}: a whole probe view, not a shard of one")
+
+    def common(m: ProbeMeta) -> dict[str, Any]:
+        return {k: v for k, v in m.key().items() if k not in ("shard", "start", "stop")}
+
+    first = parts[0][0]
+    for m, p, _ in parts[1:]:
+        if common(m) != common(first):
+            diff = sorted(k for k in common(first) if common(m).get(k) != common(first)[k])
+            raise ProbeError(f"{p}: computed with other settings than {parts[0][1]} ({', '.join(diff)} differ)")
+    count = int(first.shard.split("/")[1])
+    by_index = {int(m.shard.split("/")[0]): (m, p, n) for m, p, n in parts}
+    if any(int(m.shard.split("/")[1]) != count for m, _, _ in parts) or len(by_index) != len(parts):
+        raise ProbeError("the shards are not one job's: each I of N once, with one N")
+    missing = sorted(set(range(count)) - set(by_index))
+    if missing:
+        raise ProbeError(f"shard(s) {', '.join(f'{i}/{count}' for i in missing)} missing")
+    ordered = [by_index[i] for i in range(count)]
+    at = 0
+    for m, p, n in ordered:
+        if m.start != at:
+            raise ProbeError(f"{p}: starts at record {m.start}, not {at} (shards of stores of different sizes?)")
+        if n != m.stop - m.start:
+            raise ProbeError(f"{p}: {n} of its {m.stop - m.start} records done; finish it (rerun its `embed probe`) first")
+        at = m.stop
+    tmp = out.with_name(out.name + ".part")
+    # A whole view again: a later `embed probe` continues it as the store grows.
+    f = _create(tmp, dataclasses.replace(first, shard="", start=0, stop=-1))
+    try:
+        for m, p, n in ordered:
+            with _open_probe_file(p, "r") as g:
+                ids = [x.decode() if isinstance(x, bytes) else x for x in g["ids"][:n]]
+                _commit(f, ids, g["view"][:n], m.start)
+    finally:
+        f.close()
+    tmp.replace(out)
+    return ProbeMergeResult(out, count, at)

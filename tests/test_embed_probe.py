@@ -130,6 +130,47 @@ def test_a_killed_run_resumes_to_the_same_view_and_refuses_other_settings(teache
         compute_probe_view(store_path, tmp_path / "x.h5", ANY, teacher=teachers["bidirectional"])
 
 
+def test_shards_resume_and_merge_into_the_whole_view(teachers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from codejepa.embed.probe import merge_probe_views
+
+    teacher = teachers["causal"]
+    store_path = _store(tmp_path, teacher)
+    whole = compute_probe_view(store_path, tmp_path / "whole.h5", ANY, teacher=teacher)
+    out = tmp_path / "v.h5"
+    # Shard 0 of 3 is killed after one chunk; shard 2 comes from RANK/WORLD_SIZE, as under torchrun.
+    part = compute_probe_view(store_path, out, dataclasses.replace(ANY, shard=(0, 3), chunk_records=2), teacher=teacher,
+                              max_chunks=1)
+    assert part.path == tmp_path / "v.shard-0-of-3.h5" and part.records == 2
+    shard_files = [part.path, compute_probe_view(store_path, out, dataclasses.replace(ANY, shard=(1, 3)), teacher=teacher).path]
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    shard_files.append(compute_probe_view(store_path, out, ANY, teacher=teacher).path)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert shard_files[2] == tmp_path / "v.shard-2-of-3.h5"
+    with pytest.raises(ProbeError, match="2 of its 4 records done; finish it"):
+        merge_probe_views(shard_files, out)  # shard 0 is unfinished
+    assert not out.exists()
+    rest = compute_probe_view(store_path, out, dataclasses.replace(ANY, shard=(0, 3)), teacher=teacher)
+    assert rest.already == 2 and rest.records == 14 // 3 == 4
+    with pytest.raises(ProbeError, match="1/3 missing"):
+        merge_probe_views([shard_files[0], shard_files[2]], out)
+    with open_store(store_path) as s, pytest.raises(ProbeError, match="shard 1/3 of a probe view"):
+        read_probe_view(shard_files[1], s)
+    res = merge_probe_views(shard_files[::-1], out)
+    assert (res.records, res.shards) == (14, 3)
+    with open_store(store_path) as s:
+        merged, ref = read_probe_view(out, s), read_probe_view(whole.path, s)
+        assert merged.committed == 14 and merged.meta.key() == ref.meta.key()
+        np.testing.assert_allclose(merged.view, ref.view, atol=1e-6)
+    with pytest.raises(ProbeError, match="exists"):
+        merge_probe_views(shard_files, out)
+    with pytest.raises(ProbeError, match="whole probe view"):
+        merge_probe_views([whole.path], tmp_path / "w2.h5")
+    # The merged view is a whole one: a rerun finds nothing left to do.
+    assert compute_probe_view(store_path, out, ANY, teacher=teacher).written == 0
+
+
 def test_probes_of_a_fold_come_from_its_train_part(teachers, tmp_path: Path) -> None:
     from codejepa.corpus.folds import SplitAssignment, _key, read_splits, write_fold
 
@@ -171,6 +212,19 @@ def test_cli_probes_with_the_default_teacher_and_fails_in_one_line(tmp_path: Pat
     bad.write_bytes(b"not hdf5 at all")
     r = runner.invoke(app, ["embed", "probe", str(store), "--out", str(bad)])
     assert r.exit_code == 1 and "not a readable probe view" in r.output and "Traceback" not in r.output
+    for i in (0, 1):
+        r = runner.invoke(app, ["embed", "probe", str(store), "--device", "cpu", "--shard", f"{i}/2", "--out", str(tmp_path / "v.h5")])
+        assert r.exit_code == 0, r.output
+    shards = [str(tmp_path / f"v.shard-{i}-of-2.h5") for i in (0, 1)]
+    r = runner.invoke(app, ["embed", "merge", *shards, "--out", str(tmp_path / "v.h5")])
+    assert r.exit_code == 0 and "probe view of 15 records from 2 shards" in r.output, r.output
+    with open_store(store) as s:
+        # bfloat16 where the CPU has it: other batches round differently (float32: the test above)
+        np.testing.assert_allclose(read_probe_view(tmp_path / "v.h5", s).view, pv.view, atol=3e-3)
+    r = runner.invoke(app, ["embed", "merge", shards[0], str(store), "--out", str(tmp_path / "w.h5")])
+    assert r.exit_code == 1 and "not a probe view shard" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["embed", "probe", str(store), "--shard", "2/2"])
+    assert r.exit_code == 1 and "need 0 <= I < N" in r.output and "Traceback" not in r.output
 
 
 @pytest.mark.parametrize("attrs, message", [
