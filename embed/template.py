@@ -195,6 +195,7 @@ class Skipped:
     id: str
     reason: str
 
+
 def pad_token_id(tokenizer: Any) -> int:
     """The id that fills padded positions: the tokenizer's pad token, else its end of text
     (Qwen2's tokenizers have no pad token of their own), else 0. Padded positions are

@@ -34,8 +34,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def teachers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A tiny causal (Qwen2) and a tiny bidirectional (BERT) teacher, built once per session:
-    the embed tests only read them."""
+    """A tiny causal (Qwen2) and a tiny bidirectional (BERT) teacher, built once per session
+    (a test that changes one puts it back)."""
     from _embed_fixtures import make_tiny_bert, make_tiny_qwen2
     from codejepa.embed.teacher import Teacher, resolve_teacher
 
