@@ -217,9 +217,13 @@ def _open_probe_file(path: Path, mode: str) -> h5py.File:
                             writer="embed probe", error=ProbeError, redo="delete it and rerun `codejepa embed probe`")
 
 
+def _ids(f: h5py.File, n: int) -> np.ndarray:
+    return np.array(f["ids"].asstr()[:n], dtype=object)
+
+
 def _check_ids(f: h5py.File, store: Store, path: Path, start: int = 0) -> int:
     n = int(f.attrs["committed"])
-    ids = np.array([x.decode() if isinstance(x, bytes) else x for x in f["ids"][:n]], dtype=object)
+    ids = _ids(f, n)
     if start + n > len(store) or not np.array_equal(ids, store.ids[start:start + n].astype(object)):
         raise ProbeError(f"{path}: its records are not records {start}..{start + n - 1} of {store.path} "
                          "(made from another store or a re-embedded one); delete it or pass another --out")
@@ -476,9 +480,10 @@ def merge_probe_views(shards: Sequence[str | Path], out: str | Path) -> ProbeMer
         if common(m) != common(first):
             diff = sorted(k for k in common(first) if common(m).get(k) != common(first)[k])
             raise ProbeError(f"{p}: computed with other settings than {parts[0][1]} ({', '.join(diff)} differ)")
-    count = int(first.shard.split("/")[1])
-    by_index = {int(m.shard.split("/")[0]): (m, p, n) for m, p, n in parts}
-    if any(int(m.shard.split("/")[1]) != count for m, _, _ in parts) or len(by_index) != len(parts):
+    specs = [tuple(int(x) for x in m.shard.split("/")) for m, _, _ in parts]  # (I, N)
+    count = specs[0][1]
+    by_index = {i: part for (i, _), part in zip(specs, parts)}
+    if any(n != count for _, n in specs) or len(by_index) != len(parts):
         raise ProbeError("the shards are not one job's: each I of N once, with one N")
     missing = sorted(set(range(count)) - set(by_index))
     if missing:
@@ -497,8 +502,7 @@ def merge_probe_views(shards: Sequence[str | Path], out: str | Path) -> ProbeMer
     try:
         for m, p, n in ordered:
             with _open_probe_file(p, "r") as g:
-                ids = [x.decode() if isinstance(x, bytes) else x for x in g["ids"][:n]]
-                _commit(f, ids, g["view"][:n], m.start)
+                _commit(f, _ids(g, n), g["view"][:n], m.start)
     finally:
         f.close()
     tmp.replace(out)

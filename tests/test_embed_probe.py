@@ -155,6 +155,8 @@ def test_shards_resume_and_merge_into_the_whole_view(teachers, tmp_path: Path, m
     assert rest.already == 2 and rest.records == 14 // 3 == 4
     with pytest.raises(ProbeError, match="1/3 missing"):
         merge_probe_views([shard_files[0], shard_files[2]], out)
+    with pytest.raises(ProbeError, match="each I of N once"):
+        merge_probe_views([*shard_files, shard_files[1]], out)
     with open_store(store_path) as s, pytest.raises(ProbeError, match="shard 1/3 of a probe view"):
         read_probe_view(shard_files[1], s)
     res = merge_probe_views(shard_files[::-1], out)
