@@ -17,38 +17,31 @@ from typing import Any
 import numpy as np
 
 from codejepa.core import CodejepaError, cached_sha256_file, code_version, sha256_file
-from codejepa.evaluate.baselines import (
-    FUSION_WEIGHTS,
-    RIDGE_ALPHAS,
-    BM25Scorer,
-    ReverseFit,
-    RidgeFit,
-    nearest_rows,
-    noisy_oracle,
-    parse_baselines,
-)
-from codejepa.evaluate.diagnostics import collapse_warning, hubness, target_statistics, vector_diagnostics
+from codejepa.evaluate.baselines import FUSION_WEIGHTS, RIDGE_ALPHAS, BM25Scorer, RidgeFit, parse_baselines
+from codejepa.evaluate.diagnostics import collapse_warning
 from codejepa.evaluate.errors import EvaluateError
-from codejepa.evaluate.hubness import CSLS_BETAS, CSLS_KS, HubScorer, hub_penalties
+from codejepa.evaluate.hubness import CSLS_BETAS, CSLS_KS
 from codejepa.evaluate.hubness import SUFFIX as CSLS_SUFFIX
-from codejepa.evaluate.metrics import (
-    MetricCI,
-    PairedComparison,
-    bootstrap_cis,
-    chance_metrics,
-    compute_metrics,
-    paired_bootstrap,
-)
+from codejepa.evaluate.metrics import MetricCI, PairedComparison, paired_bootstrap
+from codejepa.evaluate.pools import PoolSpec, Task, build_task, parse_pool, search_task
 from codejepa.evaluate.probe import Memo, ProbeMix
 from codejepa.evaluate.probe import SUFFIX as PROBE_SUFFIX
-from codejepa.evaluate.pools import PoolSpec, Task, build_task, parse_pool, search_task
-from codejepa.evaluate.search import DenseScorer, FusedScorer, ScoreSampleStats, SearchResult, materialized, unit_rows
-from codejepa.evaluate.siblings import SIB_BETAS, SIB_TEMPERATURES, SiblingScorer, score_spread
+from codejepa.evaluate.rows import (
+    FUSED_SUFFIX,
+    NO_SPACE,
+    RESERVED_SUFFIXES,
+    MethodRow,
+    RowWriter,
+    reverse_rows,
+    selection_mrr,
+)
+from codejepa.evaluate.search import DenseScorer, SearchResult, materialized, unit_rows
+from codejepa.evaluate.siblings import SIB_BETAS, SIB_TEMPERATURES
 from codejepa.evaluate.siblings import SUFFIX as SIB_SUFFIX
 from codejepa.evaluate.spaces import SPACE_NAMES, Space, fit_space
+from codejepa.evaluate.vector_rows import VectorInputs, space_rows
 
 Log = Callable[[str], None]
-NO_SPACE = "-"  # methods that do not depend on the vector space (random, BM25)
 REFERENCE_BASELINES = ("prototype", "random")
 NOT_FLAGGED = ("prototype", "random", "oracle")
 
@@ -126,36 +119,6 @@ def load_corpus_view(store: Any, corpus_dir: str | os.PathLike[str] | None = Non
 
 # -- results ----------------------------------------------------------------------------------
 @dataclass
-class MethodRow:
-    method: str
-    kind: str  # "run" | "baseline"
-    space: str
-    pool: str
-    metrics: dict[str, MetricCI]
-    chance: dict[str, float]
-    n_queries: int
-    ranks: np.ndarray
-    clusters: np.ndarray
-    diagnostics: dict[str, float | None] | None = None
-    hubness: dict[str, float] | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
-    warning: str | None = None
-
-    @property
-    def key(self) -> str:
-        return f"{self.method}@{self.space}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "method": self.method, "kind": self.kind, "space": self.space, "pool": self.pool,
-            "n_queries": self.n_queries,
-            "metrics": {k: v.to_json() for k, v in self.metrics.items()},
-            "chance": self.chance, "diagnostics": self.diagnostics, "hubness": self.hubness,
-            "settings": self.settings, "warning": self.warning,
-        }
-
-
-@dataclass
 class RetrievalResult:
     rows: list[MethodRow]
     comparisons: list[dict[str, Any]]
@@ -201,11 +164,6 @@ def _checkpoint_hashes(run_dir: Path) -> dict[str, str]:
         if p.is_file() and p.suffix in (".pt", ".safetensors", ".bin", ".ckpt"):
             out[str(p.relative_to(run_dir))] = sha256_file(p)
     return out
-
-
-FUSED_SUFFIX = "+bm25"  # a run's scores fused with BM25's: NAME+bm25
-# NAME+csls: its scores hubness-corrected; NAME+sib: its scores with the sibling softmax
-RESERVED_SUFFIXES = (FUSED_SUFFIX, CSLS_SUFFIX, SIB_SUFFIX)
 
 
 def load_runs(run_dirs: Sequence[str | os.PathLike[str]], store: Any) -> list[LoadedRun]:
@@ -291,153 +249,6 @@ def _selection_split(store: Any, train_idx: np.ndarray, val_idx: np.ndarray, not
     return train_idx, train_idx
 
 
-def _mrr(scorer: Any, task: Task) -> float:
-    return compute_metrics(search_task(scorer, task).ranks)["mrr"]
-
-
-def _pool_sizes(task: Task) -> np.ndarray:
-    k = task.pool.kind
-    if k in ("split", "all"):
-        return np.full(task.n_queries, task.groups.n_groups)
-    if k == "random":
-        return np.tile(np.full(task.n_queries, min(task.pool.size, task.groups.n_groups)), len(task.pool.seeds))
-    sizes = np.empty(task.n_queries, dtype=np.int64)
-    for qsel, g, _ in task.repo_groups.values():
-        sizes[qsel] = g.n_groups
-    return sizes
-
-
-@dataclass
-class _RowWriter:
-    """The rows of one evaluation, and the variants any scorer can get: ``+bm25`` (fused with
-    BM25's scores), ``+sib`` (the sibling softmax) and the CSLS correction behind ``+csls``;
-    each variant's setting is chosen on the selection split's MRR, never on the queries'."""
-
-    task: Task
-    sel_task: Task | None
-    pool_label: str
-    n_boot: int
-    seed: int
-    expected: int  # rows the progress bar expects
-    say: Log
-    progress: Callable[[int, int], None] | None
-    sibling_softmax: bool
-    files_q: np.ndarray  # source file of each query
-    files_sel: np.ndarray | None  # … and of each selection query
-    repos: np.ndarray  # repository of every store record
-    fit_idx: np.ndarray  # the train records the hubness references come from
-    bm25_test: Any = None
-    bm25_sel: Any = None
-    rows: list[MethodRow] = field(default_factory=list)
-    sizes: np.ndarray = field(init=False)
-    clusters: np.ndarray = field(init=False)
-    chance: dict[str, float] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.sizes = _pool_sizes(self.task)
-        self.clusters = np.tile(self.task.query_repos.astype(str), len(self.sizes) // self.task.n_queries)
-        self.chance = chance_metrics(self.sizes)
-
-    @property
-    def fusing(self) -> bool:
-        return self.sel_task is not None and self.bm25_test is not None and self.bm25_sel is not None
-
-    def add(self, method: str, kind: str, space: str, res: SearchResult, settings: dict | None = None,
-            diag: dict | None = None) -> MethodRow:
-        task = self.task
-        cis = bootstrap_cis(res.ranks, self.clusters, n_boot=self.n_boot, seed=self.seed)
-        row = MethodRow(method, kind, space, self.pool_label, cis, self.chance, task.n_queries, res.ranks,
-                        self.clusters, diag, hubness(res.top1_group, task.groups.n_groups), settings or {})
-        self.rows.append(row)
-        if self.progress is not None:
-            self.progress(len(self.rows), max(self.expected, len(self.rows)))
-        self.say(f"{method:>14} {space:>9}: rank@1 {cis['rank@1'].value:.1%}  MRR {cis['mrr'].value:.3f}")
-        return row
-
-    def siblings(self, name: str, kind: str, space: str, sel_scorer: Any, test_scorer: Any, settings: dict) -> None:
-        """``name+sib``: a scorer with the sibling softmax over each query's file; T (in units of
-        the scores' spread on the selection pool) and β chosen on selection MRR."""
-        sel_task = self.sel_task
-        if not self.sibling_softmax or sel_task is None:
-            return
-        n_c = len(sel_task.cand_idx)
-        base = materialized(sel_scorer, n_c)
-        spread = score_spread(base, n_c)
-        grid = {(t, b): _mrr(SiblingScorer(base, self.files_sel, t * spread, b), sel_task)
-                for t in SIB_TEMPERATURES for b in SIB_BETAS if b > 0 or t == SIB_TEMPERATURES[0]}
-        t, beta = max(grid, key=lambda tb: (grid[tb], -tb[1]))
-        self.say(f"searching {name}{SIB_SUFFIX} in {space} space (T {t} × {spread:.3g}, β {beta})")
-        self.add(f"{name}{SIB_SUFFIX}", kind, space,
-                 search_task(SiblingScorer(test_scorer, self.files_q, t * spread, beta), self.task),
-                 {**settings, "temperature": t, "spread": spread, "beta": beta,
-                  "siblings": "the query split's functions of the query's own source file, itself included",
-                  "selection_mrr": {f"T={a},beta={b}": v for (a, b), v in grid.items()}})
-
-    def fuse(self, name: str, kind: str, space: str, dense_sel: Any, dense_test: Any, settings: dict) -> None:
-        """``name``: a dense scorer fused with BM25's scores, the weight chosen on selection MRR
-        (``dense_sel`` scores the selection split, ``dense_test`` the task); then its ``+sib`` row."""
-        assert self.sel_task is not None and self.bm25_sel is not None
-        cols_sel = np.arange(len(self.sel_task.cand_idx))
-        dense_sel = materialized(dense_sel, len(cols_sel))
-        st = (ScoreSampleStats(dense_sel, cols_sel), ScoreSampleStats(self.bm25_sel, cols_sel))
-        wsc = {w: _mrr(FusedScorer(dense_sel, self.bm25_sel, w, cols_sel, stats=st), self.sel_task)
-               for w in FUSION_WEIGHTS}
-        w = max(wsc, key=lambda k: (wsc[k], -abs(k - 0.5)))
-        fused = FusedScorer(dense_test, self.bm25_test, w, np.arange(len(self.task.cand_idx)))
-        self.say(f"searching {name} in {space} space (weight {w})")
-        self.add(name, kind, space, search_task(fused, self.task),
-                 {"dense_weight": w, **settings, "selection_mrr": {str(k): v for k, v in wsc.items()},
-                  "normalisation": "per-query z-score over a fixed sample of 2048 pool candidates"})
-        self.siblings(name, kind, space, FusedScorer(dense_sel, self.bm25_sel, w, cols_sel, stats=st), fused,
-                      {"dense_weight": w, **settings})
-
-    def hub_corrected(self, dense_sel: DenseScorer, dense_test: DenseScorer, refs: Any) -> tuple[HubScorer, HubScorer, dict, dict]:
-        """CSLS of a dense scorer: its cosines minus β × each candidate's mean cosine to its k
-        nearest ``refs`` (unit rows of train-split vectors, the candidate's own repository left
-        out); k and β chosen on selection MRR, ties to the smaller correction. Returns the
-        corrected selection and test scorers, {k, beta} and the selection grid."""
-        assert self.sel_task is not None
-        sel_task, ref_groups = self.sel_task, self.repos[self.fit_idx]
-        pen_sel = hub_penalties(dense_sel.c, refs, CSLS_KS, cand_groups=self.repos[sel_task.cand_idx], ref_groups=ref_groups)
-        base = materialized(dense_sel, len(sel_task.cand_idx))
-        grid = {(k, b): _mrr(HubScorer(base, pen_sel[k], b), sel_task) for k in CSLS_KS for b in CSLS_BETAS}
-        k, beta = max(grid, key=lambda kb: (grid[kb], -kb[1]))
-        pen = hub_penalties(dense_test.c, refs, [k], cand_groups=self.repos[self.task.cand_idx], ref_groups=ref_groups)[k]
-        return (HubScorer(base, pen_sel[k], beta), HubScorer(dense_test, pen, beta), {"k": k, "beta": beta},
-                {f"k={a},beta={b}": v for (a, b), v in grid.items()})
-
-
-def _reverse_rows(out: _RowWriter, last_x: np.ndarray, bodies: np.ndarray, cand_raw: np.ndarray, fit_idx: np.ndarray,
-                  sel_idx: np.ndarray, q_idx: np.ndarray, shrinkage: float, *, fuse: bool, hubness_correction: bool) -> None:
-    """``reverse`` (each candidate body mapped to the signature views it implies, ridge fitted
-    on train, λ on selection) and its ``+bm25``, ``+csls`` and ``+csls+bm25`` rows."""
-    out.say("reverse: ridge from whitened bodies to the whitened signature views")
-    sel_task = out.sel_task
-    assert sel_task is not None
-    rev = ReverseFit.fit(last_x[fit_idx], bodies[fit_idx], shrinkage=shrinkage)
-    rev_q_sel = unit_rows(rev.queries(last_x[sel_idx]))
-    sel_bodies = bodies[sel_task.cand_idx]
-    rev_sc = {a: _mrr(DenseScorer(rev_q_sel, rev.candidates(sel_bodies, a)), sel_task) for a in RIDGE_ALPHAS}
-    a_rev = max(rev_sc, key=lambda a: (rev_sc[a], a))
-    rev_sel = DenseScorer(rev_q_sel, rev.candidates(sel_bodies, a_rev))
-    rev_test = DenseScorer(rev.queries(last_x[q_idx]), rev.candidates(cand_raw, a_rev))
-    rev_info = {"alpha": a_rev, "direction": "candidate body → signature mean + last token, whitened (train)",
-                "selection_mrr": {str(k): v for k, v in rev_sc.items()}, "n_fit": len(fit_idx)}
-    out.add("reverse", "baseline", NO_SPACE, search_task(rev_test, out.task), rev_info)
-    if out.fusing and fuse:
-        out.fuse(f"reverse{FUSED_SUFFIX}", "baseline", NO_SPACE, rev_sel, rev_test, {"alpha": a_rev})
-    if hubness_correction and len(np.unique(out.repos[fit_idx].astype(str))) > 1:
-        # Space-free like the row itself, so no --space choice turns it off. The reference:
-        # the train split's own signature views, what the queries are made of.
-        out.say("hubness of the reverse candidates against the train signatures")
-        hub_sel, hub_test, kb, grid = out.hub_corrected(rev_sel, rev_test, unit_rows(rev.queries(last_x[fit_idx]), inplace=True))
-        info = {**kb, "alpha": a_rev, "reference": f"signature views of {len(fit_idx)} train "
-                "records, those of the candidate's own repository left out"}
-        out.add(f"reverse{CSLS_SUFFIX}", "baseline", NO_SPACE, search_task(hub_test, out.task), {**info, "selection_mrr": grid})
-        if out.fusing and fuse:
-            out.fuse(f"reverse{CSLS_SUFFIX}{FUSED_SUFFIX}", "baseline", NO_SPACE, hub_sel, hub_test, info)
-
-
 def evaluate_retrieval(
     store_path: str | os.PathLike[str],
     runs: Sequence[str | os.PathLike[str]] = (),
@@ -487,7 +298,7 @@ def evaluate_retrieval(
     then also gets a ``NAME+probe`` method: its predictions mixed with the probe view at a weight
     chosen on val (see :mod:`codejepa.evaluate.probe`), with every correction the others get.
     """
-    from codejepa.embed.store import StoreError, open_store, use_split_file
+    from codejepa.embed.store import open_store
 
     say = log or (lambda _m: None)
     space_names = list(SPACE_NAMES) if spaces in ("all", None) else (
@@ -508,26 +319,19 @@ def evaluate_retrieval(
     try:
         meta = store.meta
         if splits is not None:
-            try:
-                assignment, missing = use_split_file(store, splits)
-            except StoreError as e:
-                raise EvaluateError(str(e)) from None
-            notes.append(f"split from {splits}: {assignment.label}"
-                         + (f"; {missing} of its records are not in the store" if missing else ""))
+            _use_split_file(store, splits, notes)
         loaded = load_runs(runs, store)
         mixes: dict[str, ProbeMix] = {}
         method_kinds: dict[str, str] = {}  # methods that are baselines (ridge+last+probe)
         probe_info: dict[str, Any] = {}
         if probe is not None:
-            mixes, probe_info = _probe_mixes(probe, store, names, loaded, methods)
-            loaded = [replace(r, predictor=Memo(r.predictor)) for r in loaded]  # predicted once for both rows
-            methods = {m: Memo(_FnPredictor(fn)).predict_pooled for m, fn in (methods or {}).items()}
-            for bname, mix in mixes.items():
-                if mix.base is None and bname != f"ridge+last{PROBE_SUFFIX}":
-                    base = next((r for r in loaded if f"{r.name}{PROBE_SUFFIX}" == bname), None)
-                    mix.base = base.predictor.predict_pooled if base is not None else methods[bname[: -len(PROBE_SUFFIX)]]
-            methods.update(mixes)
+            loaded, methods, mixes, probe_info = _with_probe_mixes(probe, store, names, loaded, methods)
             method_kinds = {f"ridge+last{PROBE_SUFFIX}": "baseline"}
+        method_runs = [LoadedRun(m, f"method {m}", _FnPredictor(fn), {}) for m, fn in (methods or {}).items()]
+        for r in method_runs:
+            if r.name in {x.name for x in loaded} or r.name in parse_baselines("all") or r.name.endswith(RESERVED_SUFFIXES):
+                raise EvaluateError(f"method name {r.name!r} is already taken (or ends in {FUSED_SUFFIX!r}, {CSLS_SUFFIX!r} "
+                                    f"or {SIB_SUFFIX!r}, which name the fusion, hubness-corrected and sibling rows)")
         say(f"reading corpus texts and pooling {len(store)} stored records")
         cv = load_corpus_view(store, corpus_dir)
         if not cv.verified:
@@ -572,12 +376,7 @@ def evaluate_retrieval(
         space_warnings = [w for sp_ in spaces_fit.values() if (w := sp_.settings.get("warning"))]
         for w in space_warnings:
             say(f"warning: {w}")
-        # float64 mean as the spaces compute it, so that centring maps the prototype to exact 0.
-        prototype = (bodies[train_idx].astype(np.float64).mean(0).astype(np.float32) if len(train_idx)
-                     else np.zeros(meta.hidden_size, np.float32))
-        targets_raw = bodies[q_idx]
         whole = len(task.cand_idx) == len(bodies) and np.array_equal(task.cand_idx, all_idx)
-        cand_raw = bodies if whole else bodies[task.cand_idx]  # no copy of a whole-corpus pool
 
         ridge_last = RidgeFit.fit(last_x[fit_idx], bodies[fit_idx]) if "ridge+last" in names else None
         if mixes:
@@ -586,43 +385,31 @@ def evaluate_retrieval(
                                   ridge_last, whitening_shrinkage, say)
             probe_info["weights"] = {k: m.weight for k, m in mixes.items()}
             probe_info["selection_mrr"] = {k: m.selection_mrr for k, m in mixes.items()}
-        run_preds = {r.name: _predict(r, store, q_idx) for r in loaded}
-        for mname, fn in (methods or {}).items():
-            if mname in run_preds or mname in parse_baselines("all") or mname.endswith(RESERVED_SUFFIXES):
-                raise EvaluateError(f"method name {mname!r} is already taken (or ends in {FUSED_SUFFIX!r}, {CSLS_SUFFIX!r} "
-                                    f"or {SIB_SUFFIX!r}, which name the fusion, hubness-corrected and sibling rows)")
-            run_preds[mname] = _predict(LoadedRun(mname, f"method {mname}", _FnPredictor(fn), {}), store, q_idx)
+        run_preds = {r.name: _predict(r, store, q_idx) for r in [*loaded, *method_runs]}
         sel_preds: dict[str, np.ndarray] = {}
         ref_preds: dict[str, np.ndarray] = {}  # train-split predictions: the hubness reference
-        method_runs = [LoadedRun(m, f"method {m}", _FnPredictor(fn), {}) for m, fn in (methods or {}).items()]
         if fuse_runs or hub_methods:  # fusion weights and CSLS settings are chosen on the selection split
             say("predicting the selection split" + (" and the train split (hubness reference)" if hub_methods else ""))
             sel_preds = {r.name: _predict(r, store, sel_idx) for r in [*loaded, *method_runs]}
         if hub_methods:
             ref_preds = {r.name: _predict(r, store, fit_idx) for r in [*loaded, *method_runs]}
-        ridge = RidgeFit.fit(ridge_x[fit_idx], bodies[fit_idx]) if need_ridge else None
-        bm25_test = bm25_sel = None
-        bm25_settings: dict[str, Any] = {}
-        if need_bm25:
-            say("indexing body texts for BM25")
-            query_sets = {"signature": cv.signature_texts, "signature+context": cv.query_texts}
-            sel_docs = [cv.body_texts[i] for i in sel_task.cand_idx] if sel_task is not None else []
-            mode = bm25_query
-            if bm25_query == "auto":
-                # The query text is a hyper-parameter like any other: chosen on val. (On real
-                # code the whole file context mostly adds noise to a signature's words.)
-                sel_mrr = {m: _mrr(BM25Scorer([t[i] for i in sel_idx], sel_docs), sel_task) for m, t in query_sets.items()}
-                mode = max(sel_mrr, key=lambda m: sel_mrr[m])
-                bm25_settings["selection_mrr"] = sel_mrr
-            bm25_settings.update(query=mode, k1=1.2, b=0.75, tokens="identifiers split at snake_case/CamelCase")
-            texts = query_sets[mode]
-            # BM25 is held to twice the budget of the others: recomputing it costs a Python loop
-            # per query, a dense score a matrix product (python-40's whole corpus: 1.1 GB).
-            bm25_test = materialized(BM25Scorer([texts[i] for i in q_idx], [cv.body_texts[i] for i in task.cand_idx]),
-                                     len(task.cand_idx), budget_factor=2)
-            if ("ridge+bm25" in names or fuse_runs or ("reverse" in names and fuse_bm25)
-                    or (sibling_softmax and "bm25" in names)) and sel_task is not None:
-                bm25_sel = materialized(BM25Scorer([texts[i] for i in sel_idx], sel_docs), len(sel_docs))
+        inp = VectorInputs(
+            names=names, bodies=bodies, sigs=sigs, ridge_x=ridge_x, ridge_input=ridge_input, last_x=last_x,
+            train_idx=train_idx, fit_idx=fit_idx, sel_idx=sel_idx, q_idx=q_idx, task=task, sel_task=sel_task,
+            repos=store.repos,
+            # float64 mean as the spaces compute it, so that centring maps the prototype to exact 0.
+            prototype=(bodies[train_idx].astype(np.float64).mean(0).astype(np.float32) if len(train_idx)
+                       else np.zeros(meta.hidden_size, np.float32)),
+            targets_raw=bodies[q_idx],
+            cand_raw=bodies if whole else bodies[task.cand_idx],  # no copy of a whole-corpus pool
+            ridge=RidgeFit.fit(ridge_x[fit_idx], bodies[fit_idx]) if need_ridge else None, ridge_last=ridge_last,
+            run_preds=run_preds, sel_preds=sel_preds, ref_preds=ref_preds, mixes=mixes, method_kinds=method_kinds,
+            hub_methods=hub_methods, fuse_runs=fuse_runs, shrinkage=whitening_shrinkage, noisy_of=noisy_of,
+            seed=seed, notes=notes)
+        bm25_test, bm25_sel, bm25_settings = (
+            _bm25_scorers(cv, bm25_query, task, sel_task, q_idx, sel_idx, need_sel_scores=(
+                "ridge+bm25" in names or fuse_runs or ("reverse" in names and fuse_bm25) or (sibling_softmax and "bm25" in names)),
+                say=say) if need_bm25 else (None, None, {}))
 
         vector_baselines = [n for n in names if n in ("prototype", "signature", "ridge", "ridge+last", "nn", "oracle",
                                                       "noisy_oracle")]
@@ -632,143 +419,27 @@ def evaluate_retrieval(
         expected = (("random" in names) + ("bm25" in names) * (1 + sibling_softmax) + ("reverse" in names) * (1 + hubness_correction)
                     + len(space_names) * (len(run_preds) + len(vector_baselines)) + len(hub_spaces) * len(hub_methods)
                     + n_fused * (1 + sibling_softmax))
-        out = _RowWriter(task, sel_task, pspec.label, n_boot, seed, expected, say, progress, sibling_softmax,
-                         cv.files[q_idx], cv.files[sel_idx] if sel_task is not None else None, store.repos, fit_idx,
-                         bm25_test, bm25_sel)
-        rows, sizes = out.rows, out.sizes
+        out = RowWriter(task, sel_task, pspec.label, n_boot, seed, expected, say, progress, sibling_softmax,
+                        cv.files[q_idx], cv.files[sel_idx] if sel_task is not None else None, store.repos, fit_idx,
+                        bm25_test, bm25_sel)
 
-        projections: dict[str, dict[str, np.ndarray]] = {}
         if "random" in names:
             rng = np.random.default_rng(seed)
-            out.add("random", "baseline", NO_SPACE, SearchResult(rng.integers(1, sizes + 1), sizes, None))
+            out.add("random", "baseline", NO_SPACE, SearchResult(rng.integers(1, out.sizes + 1), out.sizes, None))
         if bm25_test is not None and "bm25" in names:
             say("BM25 search")
             out.add("bm25", "baseline", NO_SPACE, search_task(bm25_test, task), bm25_settings)
             if bm25_sel is not None:
                 out.siblings("bm25", "baseline", NO_SPACE, bm25_sel, bm25_test, {"query": bm25_settings["query"]})
         if "reverse" in names and sel_task is not None and last_x is not None:
-            _reverse_rows(out, last_x, bodies, cand_raw, fit_idx, sel_idx, q_idx, whitening_shrinkage,
-                          fuse=fuse_bm25, hubness_correction=hubness_correction)
-
+            reverse_rows(out, last_x, bodies, inp.cand_raw, fit_idx, sel_idx, q_idx, whitening_shrinkage,
+                         fuse=fuse_bm25, hubness_correction=hubness_correction)
+        projections: dict[str, dict[str, np.ndarray]] = {}
         for sname in space_names:
-            sp = spaces_fit[sname]
-            # One unit-norm candidate matrix shared by every method; a centred/whitened one is a
-            # fresh array that can be normalised in place (raw space returns the bodies themselves).
-            cand_unit = unit_rows(sp.apply(cand_raw), inplace=sname != "raw")
-            targ_s = sp.apply(targets_raw)
-            targ_stats = target_statistics(targets_raw, targ_s, prototype)
-            vec: dict[str, tuple[str, np.ndarray, np.ndarray, dict]] = {}  # name → (kind, raw, space, settings)
+            space_rows(inp, out, sname, spaces_fit[sname], hubness=sname in hub_spaces and bool(hub_methods),
+                       projections=projections)
 
-            def put(name: str, kind: str, raw: np.ndarray, settings: dict | None = None,
-                    in_space: np.ndarray | None = None) -> None:
-                vec[name] = (kind, raw, sp.apply(raw) if in_space is None else in_space, settings or {})
-
-            for rname, pr in run_preds.items():
-                put(rname, method_kinds.get(rname, "run"), pr,
-                    {"probe_weight": mixes[rname].weight, "base": rname[: -len(PROBE_SUFFIX)]} if rname in mixes else None)
-            if "prototype" in names:
-                put("prototype", "baseline", np.repeat(prototype[None, :], len(q_idx), 0))
-            if "signature" in names:
-                put("signature", "baseline", sigs[q_idx])
-            ridge_alpha = None
-            sel_c = sp.apply(bodies[sel_task.cand_idx]) if sel_task is not None else None
-
-            def select_alpha(fit: RidgeFit, x: np.ndarray) -> tuple[float, dict[float, float]]:
-                # λ per space: multi-output ridge commutes with the space's linear map, so one
-                # fit serves all spaces; only the retrieval-optimal λ differs.
-                sc = {a: _mrr(DenseScorer(sp.apply(fit.predict(x[sel_idx], a)), sel_c), sel_task) for a in RIDGE_ALPHAS}
-                return max(sc, key=lambda a: (sc[a], a)), sc
-
-            if ridge is not None and sel_task is not None:
-                ridge_alpha, scores = select_alpha(ridge, ridge_x)
-                if "ridge" in names or "ridge+bm25" in names or "noisy_oracle" in names:
-                    put("ridge", "baseline", ridge.predict(ridge_x[q_idx], ridge_alpha),
-                        {"alpha": ridge_alpha, "lambda": ridge_alpha * ridge.scale, "input": ridge_input,
-                         "selection_mrr": {str(k): v for k, v in scores.items()}, "n_fit": len(fit_idx)})
-            if ridge_last is not None and sel_task is not None and last_x is not None:
-                a_last, sc_last = select_alpha(ridge_last, last_x)
-                put("ridge+last", "baseline", ridge_last.predict(last_x[q_idx], a_last),
-                    {"alpha": a_last, "input": "signature mean + signature's last token",
-                     "selection_mrr": {str(k): v for k, v in sc_last.items()}, "n_fit": len(fit_idx)})
-            if "nn" in names:
-                # Signatures are searched among signatures: the canonical map is a body-side one.
-                sig_space = fit_space("whitened" if sname == "canonical" else sname, sigs[train_idx],
-                                      shrinkage=whitening_shrinkage)
-                nn = nearest_rows(sig_space.apply(sigs[q_idx]), sig_space.apply(sigs[train_idx]))
-                put("nn", "baseline", bodies[train_idx][nn], {"searched": "train signatures"})
-            if "oracle" in names:
-                put("oracle", "baseline", targets_raw)
-            if "noisy_oracle" in names:
-                ref = noisy_of or next(iter(run_preds), None) or ("ridge" if "ridge" in vec else None)
-                if ref is not None and ref not in vec:
-                    raise EvaluateError(f"noisy oracle: no method {ref!r} to take the error level from "
-                                        f"(available: {', '.join(sorted(vec))})")
-                if ref is not None:
-                    kind_r, raw_r, sp_r, _ = vec[ref]
-                    noisy = noisy_oracle(targ_s, sp_r, seed)
-                    vec["noisy_oracle"] = ("baseline", noisy if sname == "raw" else raw_r, noisy, {"error_of": ref, "noise": "isotropic, in this space"})
-                else:
-                    notes.append("noisy_oracle skipped: no run and no ridge to take the error level from")
-
-            for name, (kind, raw, qs, settings) in vec.items():
-                if name == "ridge" and "ridge" not in names:
-                    continue
-                say(f"searching {name} in {sname} space")
-                res = search_task(DenseScorer(qs, cand_unit, normalized=True), task)
-                diag = vector_diagnostics(raw, targets_raw, qs, targ_s, prototype, sp.mean, targ_stats).to_json()
-                if name == "noisy_oracle" and sname != "raw":
-                    for k in ("cosine_raw", "cosine_to_prototype_raw"):
-                        diag[k] = None  # the noise lives in this space; it has no raw vector
-                out.add(name, kind, sname, res, settings, diag)
-                if kind == "run" or name in ("prototype", "ridge", "oracle"):
-                    projections.setdefault(sname, {})[name] = qs
-            projections.setdefault(sname, {})["__targets__"] = targ_s
-
-            sel_unit: Any = None
-
-            def csls(name: str, ref_raw: np.ndarray, sel_raw: np.ndarray) -> None:
-                """``name+csls``: the method's cosines minus β × each candidate's hubness against the
-                method's train-split predictions; k and β chosen on selection MRR."""
-                nonlocal sel_unit
-                kind, _, test_space, _ = vec[name]
-                if sel_unit is None:
-                    sel_unit = unit_rows(sel_c)
-                if len(np.unique(store.repos[fit_idx].astype(str))) < 2:
-                    note = f"{name}{CSLS_SUFFIX} left out: its penalty needs train predictions from more than one repository"
-                    notes.extend([note] if note not in notes else [])
-                    return
-                say(f"hubness of the candidates against {name}'s train predictions ({sname} space)")
-                hub_sel, hub_test, kb, grid = out.hub_corrected(DenseScorer(sp.apply(sel_raw), sel_unit, normalized=True),
-                                                                DenseScorer(test_space, cand_unit, normalized=True),
-                                                                unit_rows(sp.apply(ref_raw), inplace=True))
-                info = {**kb, "reference": f"{name}'s predictions for {len(fit_idx)} train records, "
-                                           "those of the candidate's own repository left out"}
-                out.add(f"{name}{CSLS_SUFFIX}", kind, sname, search_task(hub_test, task), {**info, "selection_mrr": grid})
-                if out.fusing and ((name in run_preds and fuse_runs) or (name == "ridge" and "ridge+bm25" in names)):
-                    # The hybrid of the corrected scores, as ridge+bm25 / RUN+bm25 are of the plain ones.
-                    out.fuse(f"{name}{CSLS_SUFFIX}{FUSED_SUFFIX}", kind, sname, hub_sel, hub_test, info)
-
-            if sname in hub_spaces and sel_task is not None:
-                for hname in hub_methods:
-                    if hname == "ridge" and ridge is not None and "ridge" in vec:
-                        csls("ridge", ridge.predict(ridge_x[fit_idx], ridge_alpha), ridge.predict(ridge_x[sel_idx], ridge_alpha))
-                    elif hname == "ridge+last" and ridge_last is not None and "ridge+last" in vec:
-                        a_last = vec["ridge+last"][3]["alpha"]
-                        csls("ridge+last", ridge_last.predict(last_x[fit_idx], a_last), ridge_last.predict(last_x[sel_idx], a_last))
-                    elif hname in ref_preds:
-                        csls(hname, ref_preds[hname], sel_preds[hname])
-
-            if out.fusing:
-                def dense(q_sel: np.ndarray, q_test: np.ndarray) -> tuple[DenseScorer, DenseScorer]:
-                    return DenseScorer(sp.apply(q_sel), sel_c), DenseScorer(q_test, cand_unit, normalized=True)
-
-                if "ridge+bm25" in names and ridge is not None:
-                    out.fuse("ridge+bm25", "baseline", sname, *dense(ridge.predict(ridge_x[sel_idx], ridge_alpha), vec["ridge"][2]),
-                             {"alpha": ridge_alpha})
-                for rname, pr_sel in sel_preds.items() if fuse_runs else ():
-                    out.fuse(f"{rname}{FUSED_SUFFIX}", method_kinds.get(rname, "run"), sname, *dense(pr_sel, vec[rname][2]),
-                             {"run": rname})
-
+        rows = out.rows
         warnings = space_warnings + _flag(rows)
         comparisons = _auto_comparisons(rows, n_boot, seed) + [
             _compare_rows(rows, a, b, n_boot, seed) for a, b in compare
@@ -795,7 +466,7 @@ def evaluate_retrieval(
         pool_stats = {
             "label": pspec.label, "n_queries": int(task.n_queries), "n_query_repos": int(len(np.unique(task.query_repos.astype(str)))),
             "n_candidates": int(len(task.cand_idx)), "n_distinct_bodies": int(task.groups.n_groups),
-            "mean_pool_size": float(np.mean(sizes)), "chance": out.chance,
+            "mean_pool_size": float(np.mean(out.sizes)), "chance": out.chance,
         }
         result = RetrievalResult(rows, comparisons, warnings, notes, settings, store_info,
                                  [r.info for r in loaded], pool_stats, projections=projections,
@@ -807,6 +478,61 @@ def evaluate_retrieval(
 
         write_outputs(result, Path(out_dir), plots=plots)
     return result
+
+
+def _use_split_file(store: Any, splits: str | os.PathLike[str], notes: list[str]) -> None:
+    """Replace the store's split by a ``corpus folds`` split file's, with a note saying so."""
+    from codejepa.embed.store import StoreError, use_split_file
+
+    try:
+        assignment, missing = use_split_file(store, splits)
+    except StoreError as e:
+        raise EvaluateError(str(e)) from None
+    notes.append(f"split from {splits}: {assignment.label}"
+                 + (f"; {missing} of its records are not in the store" if missing else ""))
+
+
+def _bm25_scorers(cv: CorpusView, bm25_query: str, task: Task, sel_task: Task | None, q_idx: np.ndarray,
+                  sel_idx: np.ndarray, *, need_sel_scores: bool, say: Log) -> tuple[Any, Any, dict[str, Any]]:
+    """BM25's scores of the queries against the pool, and of the selection split against its own
+    pool when a fusion or the sibling softmax needs them; with the query text chosen on selection
+    MRR when ``bm25_query`` is auto."""
+    say("indexing body texts for BM25")
+    query_sets = {"signature": cv.signature_texts, "signature+context": cv.query_texts}
+    sel_docs = [cv.body_texts[i] for i in sel_task.cand_idx] if sel_task is not None else []
+    mode = bm25_query
+    settings: dict[str, Any] = {}
+    if bm25_query == "auto":
+        # The query text is a hyper-parameter like any other: chosen on val. (On real
+        # code the whole file context mostly adds noise to a signature's words.)
+        sel_mrr = {m: selection_mrr(BM25Scorer([t[i] for i in sel_idx], sel_docs), sel_task) for m, t in query_sets.items()}
+        mode = max(sel_mrr, key=lambda m: sel_mrr[m])
+        settings["selection_mrr"] = sel_mrr
+    settings.update(query=mode, k1=1.2, b=0.75, tokens="identifiers split at snake_case/CamelCase")
+    texts = query_sets[mode]
+    # BM25 is held to twice the budget of the others: recomputing it costs a Python loop
+    # per query, a dense score a matrix product (python-40's whole corpus: 1.1 GB).
+    test = materialized(BM25Scorer([texts[i] for i in q_idx], [cv.body_texts[i] for i in task.cand_idx]),
+                        len(task.cand_idx), budget_factor=2)
+    sel = None
+    if need_sel_scores and sel_task is not None:
+        sel = materialized(BM25Scorer([texts[i] for i in sel_idx], sel_docs), len(sel_docs))
+    return test, sel, settings
+
+
+def _with_probe_mixes(probe: str | os.PathLike[str], store: Any, names: Sequence[str], loaded: list[LoadedRun],
+                      methods: Mapping[str, Any] | None
+                      ) -> tuple[list[LoadedRun], dict[str, Any], dict[str, ProbeMix], dict[str, Any]]:
+    """The runs and methods with a ``NAME+probe`` mix of each (and of ridge+last) among the
+    methods; each predictor memoised, since its plain row and its mix ask for the same records."""
+    mixes, probe_info = _probe_mixes(probe, store, names, loaded, methods)
+    loaded = [replace(r, predictor=Memo(r.predictor)) for r in loaded]
+    memo = {m: Memo(_FnPredictor(fn)).predict_pooled for m, fn in (methods or {}).items()}
+    for bname, mix in mixes.items():
+        if mix.base is None and bname != f"ridge+last{PROBE_SUFFIX}":
+            base = next((r for r in loaded if f"{r.name}{PROBE_SUFFIX}" == bname), None)
+            mix.base = base.predictor.predict_pooled if base is not None else memo[bname[: -len(PROBE_SUFFIX)]]
+    return loaded, {**memo, **mixes}, mixes, probe_info
 
 
 def _probe_mixes(probe: str | os.PathLike[str], store: Any, names: Sequence[str], loaded: list[LoadedRun],
@@ -848,7 +574,7 @@ def _choose_probe_weights(mixes: dict[str, ProbeMix], store: Any, spaces_fit: di
     sel_c = unit_rows(white.apply(bodies[sel_task.cand_idx]), inplace=True)
 
     def mrr_of(q: np.ndarray) -> float:
-        return _mrr(DenseScorer(white.apply(q), sel_c, normalized=True), sel_task)
+        return selection_mrr(DenseScorer(white.apply(q), sel_c, normalized=True), sel_task)
 
     rl_name = f"ridge+last{PROBE_SUFFIX}"
     if rl_name in mixes and ridge_last is not None and last_x is not None:

@@ -1,0 +1,214 @@
+"""The rows of one evaluation: each method's ranks with CIs, and the variants any scorer can get.
+
+A :class:`RowWriter` turns a scorer's search into a :class:`MethodRow` (bootstrap CIs over the
+query repositories, hubness of its top-1 wins) and derives the corrected rows from it:
+``NAME+bm25`` (fused with BM25's scores), ``NAME+csls`` (the hubness correction) and
+``NAME+sib`` (the sibling softmax), each setting chosen on the selection split's MRR, never on
+the queries'. :func:`reverse_rows` adds the ``reverse`` baseline (bodies mapped to the
+signature views they imply) with its variants.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from codejepa.evaluate.baselines import FUSION_WEIGHTS, RIDGE_ALPHAS, ReverseFit
+from codejepa.evaluate.diagnostics import hubness
+from codejepa.evaluate.hubness import CSLS_KS, CSLS_BETAS, HubScorer, hub_penalties
+from codejepa.evaluate.hubness import SUFFIX as CSLS_SUFFIX
+from codejepa.evaluate.metrics import MetricCI, bootstrap_cis, chance_metrics, compute_metrics
+from codejepa.evaluate.pools import Task, search_task
+from codejepa.evaluate.search import DenseScorer, FusedScorer, ScoreSampleStats, SearchResult, materialized, unit_rows
+from codejepa.evaluate.siblings import SIB_BETAS, SIB_TEMPERATURES, SiblingScorer, score_spread
+from codejepa.evaluate.siblings import SUFFIX as SIB_SUFFIX
+
+Log = Callable[[str], None]
+NO_SPACE = "-"  # methods that do not depend on the vector space (random, BM25)
+FUSED_SUFFIX = "+bm25"  # a run's scores fused with BM25's: NAME+bm25
+# NAME+csls: its scores hubness-corrected; NAME+sib: its scores with the sibling softmax
+RESERVED_SUFFIXES = (FUSED_SUFFIX, CSLS_SUFFIX, SIB_SUFFIX)
+
+
+@dataclass
+class MethodRow:
+    method: str
+    kind: str  # "run" | "baseline"
+    space: str
+    pool: str
+    metrics: dict[str, MetricCI]
+    chance: dict[str, float]
+    n_queries: int
+    ranks: np.ndarray
+    clusters: np.ndarray
+    diagnostics: dict[str, float | None] | None = None
+    hubness: dict[str, float] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    warning: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}@{self.space}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method, "kind": self.kind, "space": self.space, "pool": self.pool,
+            "n_queries": self.n_queries,
+            "metrics": {k: v.to_json() for k, v in self.metrics.items()},
+            "chance": self.chance, "diagnostics": self.diagnostics, "hubness": self.hubness,
+            "settings": self.settings, "warning": self.warning,
+        }
+
+
+def selection_mrr(scorer: Any, task: Task) -> float:
+    """The MRR a scorer reaches on a task: what every setting is chosen by (on the selection split)."""
+    return compute_metrics(search_task(scorer, task).ranks)["mrr"]
+
+
+def pool_sizes(task: Task) -> np.ndarray:
+    """Each query's number of distinct candidate bodies (per random-pool seed, tiled)."""
+    k = task.pool.kind
+    if k in ("split", "all"):
+        return np.full(task.n_queries, task.groups.n_groups)
+    if k == "random":
+        return np.tile(np.full(task.n_queries, min(task.pool.size, task.groups.n_groups)), len(task.pool.seeds))
+    sizes = np.empty(task.n_queries, dtype=np.int64)
+    for qsel, g, _ in task.repo_groups.values():
+        sizes[qsel] = g.n_groups
+    return sizes
+
+
+@dataclass
+class RowWriter:
+    """The rows of one evaluation, and the variants any scorer can get: ``+bm25`` (fused with
+    BM25's scores), ``+sib`` (the sibling softmax) and the CSLS correction behind ``+csls``;
+    each variant's setting is chosen on the selection split's MRR, never on the queries'."""
+
+    task: Task
+    sel_task: Task | None
+    pool_label: str
+    n_boot: int
+    seed: int
+    expected: int  # rows the progress bar expects
+    say: Log
+    progress: Callable[[int, int], None] | None
+    sibling_softmax: bool
+    files_q: np.ndarray  # source file of each query
+    files_sel: np.ndarray | None  # … and of each selection query
+    repos: np.ndarray  # repository of every store record
+    fit_idx: np.ndarray  # the train records the hubness references come from
+    bm25_test: Any = None
+    bm25_sel: Any = None
+    rows: list[MethodRow] = field(default_factory=list)
+    sizes: np.ndarray = field(init=False)
+    clusters: np.ndarray = field(init=False)
+    chance: dict[str, float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sizes = pool_sizes(self.task)
+        self.clusters = np.tile(self.task.query_repos.astype(str), len(self.sizes) // self.task.n_queries)
+        self.chance = chance_metrics(self.sizes)
+
+    @property
+    def fusing(self) -> bool:
+        return self.sel_task is not None and self.bm25_test is not None and self.bm25_sel is not None
+
+    def add(self, method: str, kind: str, space: str, res: SearchResult, settings: dict | None = None,
+            diag: dict | None = None) -> MethodRow:
+        task = self.task
+        cis = bootstrap_cis(res.ranks, self.clusters, n_boot=self.n_boot, seed=self.seed)
+        row = MethodRow(method, kind, space, self.pool_label, cis, self.chance, task.n_queries, res.ranks,
+                        self.clusters, diag, hubness(res.top1_group, task.groups.n_groups), settings or {})
+        self.rows.append(row)
+        if self.progress is not None:
+            self.progress(len(self.rows), max(self.expected, len(self.rows)))
+        self.say(f"{method:>14} {space:>9}: rank@1 {cis['rank@1'].value:.1%}  MRR {cis['mrr'].value:.3f}")
+        return row
+
+    def siblings(self, name: str, kind: str, space: str, sel_scorer: Any, test_scorer: Any, settings: dict) -> None:
+        """``name+sib``: a scorer with the sibling softmax over each query's file; T (in units of
+        the scores' spread on the selection pool) and β chosen on selection MRR."""
+        sel_task = self.sel_task
+        if not self.sibling_softmax or sel_task is None:
+            return
+        n_c = len(sel_task.cand_idx)
+        base = materialized(sel_scorer, n_c)
+        spread = score_spread(base, n_c)
+        grid = {(t, b): selection_mrr(SiblingScorer(base, self.files_sel, t * spread, b), sel_task)
+                for t in SIB_TEMPERATURES for b in SIB_BETAS if b > 0 or t == SIB_TEMPERATURES[0]}
+        t, beta = max(grid, key=lambda tb: (grid[tb], -tb[1]))
+        self.say(f"searching {name}{SIB_SUFFIX} in {space} space (T {t} × {spread:.3g}, β {beta})")
+        self.add(f"{name}{SIB_SUFFIX}", kind, space,
+                 search_task(SiblingScorer(test_scorer, self.files_q, t * spread, beta), self.task),
+                 {**settings, "temperature": t, "spread": spread, "beta": beta,
+                  "siblings": "the query split's functions of the query's own source file, itself included",
+                  "selection_mrr": {f"T={a},beta={b}": v for (a, b), v in grid.items()}})
+
+    def fuse(self, name: str, kind: str, space: str, dense_sel: Any, dense_test: Any, settings: dict) -> None:
+        """``name``: a dense scorer fused with BM25's scores, the weight chosen on selection MRR
+        (``dense_sel`` scores the selection split, ``dense_test`` the task); then its ``+sib`` row."""
+        assert self.sel_task is not None and self.bm25_sel is not None
+        cols_sel = np.arange(len(self.sel_task.cand_idx))
+        dense_sel = materialized(dense_sel, len(cols_sel))
+        st = (ScoreSampleStats(dense_sel, cols_sel), ScoreSampleStats(self.bm25_sel, cols_sel))
+        wsc = {w: selection_mrr(FusedScorer(dense_sel, self.bm25_sel, w, cols_sel, stats=st), self.sel_task)
+               for w in FUSION_WEIGHTS}
+        w = max(wsc, key=lambda k: (wsc[k], -abs(k - 0.5)))
+        fused = FusedScorer(dense_test, self.bm25_test, w, np.arange(len(self.task.cand_idx)))
+        self.say(f"searching {name} in {space} space (weight {w})")
+        self.add(name, kind, space, search_task(fused, self.task),
+                 {"dense_weight": w, **settings, "selection_mrr": {str(k): v for k, v in wsc.items()},
+                  "normalisation": "per-query z-score over a fixed sample of 2048 pool candidates"})
+        self.siblings(name, kind, space, FusedScorer(dense_sel, self.bm25_sel, w, cols_sel, stats=st), fused,
+                      {"dense_weight": w, **settings})
+
+    def hub_corrected(self, dense_sel: DenseScorer, dense_test: DenseScorer, refs: Any) -> tuple[HubScorer, HubScorer, dict, dict]:
+        """CSLS of a dense scorer: its cosines minus β × each candidate's mean cosine to its k
+        nearest ``refs`` (unit rows of train-split vectors, the candidate's own repository left
+        out); k and β chosen on selection MRR, ties to the smaller correction. Returns the
+        corrected selection and test scorers, {k, beta} and the selection grid."""
+        assert self.sel_task is not None
+        sel_task, ref_groups = self.sel_task, self.repos[self.fit_idx]
+        pen_sel = hub_penalties(dense_sel.c, refs, CSLS_KS, cand_groups=self.repos[sel_task.cand_idx], ref_groups=ref_groups)
+        base = materialized(dense_sel, len(sel_task.cand_idx))
+        grid = {(k, b): selection_mrr(HubScorer(base, pen_sel[k], b), sel_task) for k in CSLS_KS for b in CSLS_BETAS}
+        k, beta = max(grid, key=lambda kb: (grid[kb], -kb[1]))
+        pen = hub_penalties(dense_test.c, refs, [k], cand_groups=self.repos[self.task.cand_idx], ref_groups=ref_groups)[k]
+        return (HubScorer(base, pen_sel[k], beta), HubScorer(dense_test, pen, beta), {"k": k, "beta": beta},
+                {f"k={a},beta={b}": v for (a, b), v in grid.items()})
+
+
+
+def reverse_rows(out: RowWriter, last_x: np.ndarray, bodies: np.ndarray, cand_raw: np.ndarray, fit_idx: np.ndarray,
+                  sel_idx: np.ndarray, q_idx: np.ndarray, shrinkage: float, *, fuse: bool, hubness_correction: bool) -> None:
+    """``reverse`` (each candidate body mapped to the signature views it implies, ridge fitted
+    on train, λ on selection) and its ``+bm25``, ``+csls`` and ``+csls+bm25`` rows."""
+    out.say("reverse: ridge from whitened bodies to the whitened signature views")
+    sel_task = out.sel_task
+    assert sel_task is not None
+    rev = ReverseFit.fit(last_x[fit_idx], bodies[fit_idx], shrinkage=shrinkage)
+    rev_q_sel = unit_rows(rev.queries(last_x[sel_idx]))
+    sel_bodies = bodies[sel_task.cand_idx]
+    rev_sc = {a: selection_mrr(DenseScorer(rev_q_sel, rev.candidates(sel_bodies, a)), sel_task) for a in RIDGE_ALPHAS}
+    a_rev = max(rev_sc, key=lambda a: (rev_sc[a], a))
+    rev_sel = DenseScorer(rev_q_sel, rev.candidates(sel_bodies, a_rev))
+    rev_test = DenseScorer(rev.queries(last_x[q_idx]), rev.candidates(cand_raw, a_rev))
+    rev_info = {"alpha": a_rev, "direction": "candidate body → signature mean + last token, whitened (train)",
+                "selection_mrr": {str(k): v for k, v in rev_sc.items()}, "n_fit": len(fit_idx)}
+    out.add("reverse", "baseline", NO_SPACE, search_task(rev_test, out.task), rev_info)
+    if out.fusing and fuse:
+        out.fuse(f"reverse{FUSED_SUFFIX}", "baseline", NO_SPACE, rev_sel, rev_test, {"alpha": a_rev})
+    if hubness_correction and len(np.unique(out.repos[fit_idx].astype(str))) > 1:
+        # Space-free like the row itself, so no --space choice turns it off. The reference:
+        # the train split's own signature views, what the queries are made of.
+        out.say("hubness of the reverse candidates against the train signatures")
+        hub_sel, hub_test, kb, grid = out.hub_corrected(rev_sel, rev_test, unit_rows(rev.queries(last_x[fit_idx]), inplace=True))
+        info = {**kb, "alpha": a_rev, "reference": f"signature views of {len(fit_idx)} train "
+                "records, those of the candidate's own repository left out"}
+        out.add(f"reverse{CSLS_SUFFIX}", "baseline", NO_SPACE, search_task(hub_test, out.task), {**info, "selection_mrr": grid})
+        if out.fusing and fuse:
+            out.fuse(f"reverse{CSLS_SUFFIX}{FUSED_SUFFIX}", "baseline", NO_SPACE, hub_sel, hub_test, info)
+
