@@ -25,6 +25,19 @@ class CodejepaError(Exception):
     """An expected failure with one clear, user-facing line (no traceback at the CLI)."""
 
 
+# What the commands turn into one line besides their own errors: the operating system's and
+# HDF5's I/O errors (a full disk, a file damaged in the middle that no header check can see).
+CLI_ERRORS: tuple[type[BaseException], ...] = (CodejepaError, OSError)
+
+
+def error_line(e: BaseException) -> str:
+    """The one line a command prints for one of :data:`CLI_ERRORS`."""
+    if isinstance(e, CodejepaError):
+        return str(e)
+    where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+    return f"{where}I/O error ({getattr(e, 'strerror', None) or e}); a damaged file, a full disk or a missing permission?"
+
+
 def code_version() -> str:
     """Package version plus the git commit of the source tree when there is one.
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from codejepa.core import CodejepaError
+from codejepa.core import CLI_ERRORS, CodejepaError, error_line
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
@@ -96,8 +96,8 @@ def run_cmd(
             result = embed_corpus(corpus_dir, out, settings, progress=on_event)
         finally:
             prog.stop()
-    except CodejepaError as e:
-        _fail(str(e))
+    except CLI_ERRORS as e:
+        _fail(error_line(e))
         return
     skipped = sum(result.skipped.values())
     print(
@@ -155,8 +155,8 @@ def probe_cmd(
             result = compute_probe_view(store, out, settings, progress=on_event)
         finally:
             prog.stop()
-    except CodejepaError as e:
-        _fail(str(e))
+    except CLI_ERRORS as e:
+        _fail(error_line(e))
         return
     print(f"{result.path}: {result.written} records probed this run, {result.already} before; "
           f"{result.model_tokens:,} teacher tokens in {result.seconds:.0f} s", file=sys.stderr)
@@ -191,8 +191,8 @@ def merge_cmd(
         with _progress() as prog:
             task = prog.add_task("merging", total=total, rate="")
             res = merge_stores(shards, out, allow_partial=allow_partial, progress=lambda n: prog.advance(task, n))
-    except CodejepaError as e:
-        _fail(str(e))
+    except CLI_ERRORS as e:
+        _fail(error_line(e))
         return
     print(f"{res.path}: {res.records} records from {res.shards} stores ({res.copied} copied now); "
           f"{'complete' if res.complete else 'INCOMPLETE'}", file=sys.stderr)
@@ -212,13 +212,15 @@ def info_cmd(
 
             counts = {sp: int(np.count_nonzero(s.splits == sp)) for sp in ("train", "val", "test")}
             info = {
-                "path": str(store), "records": len(s), "per_split": counts,
+                "path": str(store), "records": len(s),
+                "complete": s.complete,
+                "per_split": counts,
                 "truncated": int(s.truncated.sum()),
                 "input_tokens": int(s.lengths("inputs").sum()), "body_tokens": int(s.lengths("targets").sum()),
                 "meta": json.loads(s.meta.to_json()),
             }
-    except CodejepaError as e:
-        _fail(str(e))
+    except CLI_ERRORS as e:
+        _fail(error_line(e))
         return
     if as_json:
         print(json.dumps(info, indent=2))
@@ -229,6 +231,8 @@ def info_cmd(
     t = Table(title=str(store), show_header=False)
     m = info.pop("meta")
     for k, v in info.items():
+        if k == "complete":
+            v = {True: "yes", False: "NO: its `embed run` stopped early or is still going", None: "not recorded"}[v]
         if k != "path":
             t.add_row(k, str(v))
     for k, v in m.items():

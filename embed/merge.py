@@ -104,6 +104,7 @@ def merge_stores(
         meta = StoreMeta(**base)
         copied = 0
         with StoreWriter(out, meta) as w:
+            w.set_extra(complete=False)  # until every record is copied: a killed merge is marked unfinished
             for s in stores:
                 for a in range(0, len(s), block_records):
                     b = min(a + block_records, len(s))

@@ -278,15 +278,26 @@ def compute_probe_view(
     after that many chunks (tests of resumption)."""
     import torch
 
-    from codejepa.embed.run import DEFAULT_BATCH_TOKENS, EmbedError, pad_batch, parse_shard, plan_batches, shard_path
+    from codejepa.embed.run import (
+        DEFAULT_BATCH_TOKENS,
+        EmbedError,
+        check_sizes,
+        pad_batch,
+        parse_shard,
+        plan_batches,
+        shard_path,
+    )
     from codejepa.embed.teacher import open_teacher
 
     t0 = time.perf_counter()
     emit = progress or (lambda _e, _i: None)
     path = Path(out) if out is not None else default_probe_path(store_path)
+    if settings.seed < 0:
+        raise ProbeError(f"--seed {settings.seed}: expected a non-negative integer")
     try:
+        check_sizes(None, settings.batch_tokens)
         shard = settings.shard or parse_shard(None) or (0, 1)
-    except EmbedError as e:  # RANK/WORLD_SIZE set to nonsense
+    except EmbedError as e:  # a bad batch size, or RANK/WORLD_SIZE set to nonsense
         raise ProbeError(str(e)) from None
     path = shard_path(path, *shard)
     try:
@@ -329,7 +340,7 @@ def compute_probe_view(
                            "teacher": teacher.describe(), "probes": meta.probe_records})
             window = smeta.max_tokens or teacher.max_positions or 2048
             dev_kind = "cuda" if str(teacher.device).startswith("cuda") else "cpu"
-            batch_tokens = settings.batch_tokens or DEFAULT_BATCH_TOKENS[dev_kind]
+            batch_tokens = settings.batch_tokens if settings.batch_tokens is not None else DEFAULT_BATCH_TOKENS[dev_kind]
             pad_id = pad_token_id(teacher.tokenizer)
             all_ids, all_sp = store.tokens("inputs")
             off = np.concatenate([[0], np.cumsum(store.lengths("inputs"))])

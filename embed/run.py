@@ -72,6 +72,17 @@ class EmbedSettings:
     max_padding: float = 0.1  # a batch is closed before its padding exceeds this fraction
 
 
+MIN_MAX_TOKENS = 16  # a sink, an end token and room for a signature and a body
+
+
+def check_sizes(max_tokens: int | None, batch_tokens: int | None) -> None:
+    """Refuse a window or batch size that cannot work, before any model is loaded (None: the default)."""
+    if max_tokens is not None and max_tokens < MIN_MAX_TOKENS:
+        raise EmbedError(f"--max-tokens {max_tokens}: the window needs at least {MIN_MAX_TOKENS} tokens")
+    if batch_tokens is not None and batch_tokens < 1:
+        raise EmbedError(f"--batch-tokens {batch_tokens}: a batch needs at least one token (omit it for the default)")
+
+
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     """``"I/N"`` → ``(I, N)``; ``None`` → from ``RANK``/``WORLD_SIZE`` when set, else None."""
     if text is None:
@@ -438,6 +449,7 @@ def embed_corpus(
     t_start = time.perf_counter()
     corpus_dir = Path(corpus_dir)
     read_manifest(corpus_dir)  # a clear error for a non-corpus before any model is loaded
+    check_sizes(settings.max_tokens, settings.batch_tokens)
     if settings.target_mode not in TARGET_MODES:
         raise EmbedError(f"target mode {settings.target_mode!r}: expected one of {TARGET_MODES}")
     if settings.store_dtype not in ("float16", "float32"):
@@ -450,16 +462,17 @@ def embed_corpus(
     if teacher is None:
         teacher = open_teacher(settings.teacher, layer=settings.layer, device=settings.device, dtype=settings.dtype)
     window_max = teacher.max_positions or DEFAULT_MAX_TOKENS
-    max_tokens = settings.max_tokens or min(window_max, DEFAULT_MAX_TOKENS)
+    max_tokens = settings.max_tokens if settings.max_tokens is not None else min(window_max, DEFAULT_MAX_TOKENS)
     if max_tokens > window_max:
         raise EmbedError(f"--max-tokens {max_tokens} exceeds the teacher's window of {window_max} positions")
     seg = SegmentTokenizer(teacher.tokenizer, teacher.kind, max_tokens)
     dev_kind = "cuda" if teacher.device.startswith("cuda") else "cpu"
-    batch_tokens = settings.batch_tokens or DEFAULT_BATCH_TOKENS[dev_kind]
+    batch_tokens = settings.batch_tokens if settings.batch_tokens is not None else DEFAULT_BATCH_TOKENS[dev_kind]
     meta = make_meta(teacher, seg, corpus_dir, settings, shard, batch_tokens)
 
     selected = sum(1 for _ in select_records(corpus_dir, settings.splits, shard))
     writer = StoreWriter(path, meta)
+    writer.set_extra(complete=False)  # until this run ends: a killed run leaves the store marked unfinished
     result = EmbedResult(path=path, selected=selected, meta=writer.meta)
     result.already = sum(
         1 for r in select_records(corpus_dir, settings.splits, shard) if writer.has(r.id)

@@ -339,15 +339,23 @@ def open_format_file(path: Path, mode: str, *, fmt: str, version: int, what: str
     try:
         f = h5py.File(path, mode)
     except OSError as e:
-        if "lock" in str(e).lower():
+        # HDF5 says "unable to lock file" for a file another process holds; a bare "lock"
+        # would also match the "sblock" of a truncated file's message.
+        if "unable to lock file" in str(e).lower():
             raise error(f"{path}: the {what} is open for writing in another process (an `{writer}` still going?)") from None
+        if "truncated file" in str(e).lower():
+            raise error(f"{path}: a truncated {what} (cut short by a full disk or an interrupted copy?); {redo}") from None
         raise error(f"{path}: not a readable {what} (corrupt or foreign file: {e})") from None
     if mode == "w":
         return f
-    if f.attrs.get("format") != fmt:
+    try:
+        fmt_found, found = f.attrs.get("format"), int(f.attrs.get("format_version", -1))
+    except (OSError, TypeError, ValueError) as e:
+        f.close()
+        raise error(f"{path}: a damaged {what} (its attributes cannot be read: {e}); {redo}") from None
+    if fmt_found != fmt:
         f.close()
         raise error(f"{path}: an HDF5 file, but not a codejepa {what}")
-    found = int(f.attrs.get("format_version", -1))
     if found != version:
         f.close()
         raise error(f"{path}: {what} format version {found} is not supported (this codejepa reads version {version}); {redo}")
@@ -396,6 +404,20 @@ class Store:
 
     def __len__(self) -> int:
         return self.n
+
+    @property
+    def complete(self) -> bool | None:
+        """Whether the `embed run` (or `embed merge`) that wrote the store finished: False for a
+        killed or partial one, whose records are a subset of the corpus; None when not recorded."""
+        done = self.meta.extra.get("complete")
+        return None if done is None else bool(done)
+
+    def incomplete_note(self) -> str | None:
+        """One line for the commands that read an unfinished store, or None."""
+        if self.complete is not False:
+            return None
+        return (f"{self.path}: an unfinished store ({self.n} records; its `embed run` was stopped or is still going): "
+                "results cover only the records it holds; rerun `codejepa embed run` to complete it")
 
     def use_splits(self, splits: Mapping[str, str], key: str) -> int:
         """Replace the stored split by another assignment (record id → split), for this

@@ -45,7 +45,7 @@ def train_cmd(
         None, "--splits", help="A split file of `codejepa corpus folds` (one fold) instead of the store's own split."),
 ) -> None:
     """Train a predictor; model selection on validation retrieval (MRR)."""
-    from codejepa.core import CodejepaError
+    from codejepa.core import CLI_ERRORS, error_line
     from codejepa.predict.config import ConfigError, parse_set, resolve_config
 
     try:
@@ -55,17 +55,18 @@ def train_cmd(
         has_run = (out / "config.json").exists()
         if resume and has_run and model is None and config is None and preset is None:
             # Continue with the run's own config; only settings that may change on resume are applied.
-            from codejepa.predict.config import from_dict, apply_overrides
-            import json
+            from codejepa.predict.config import apply_overrides, read_run_config
 
-            cfg = apply_overrides(from_dict(json.loads((out / "config.json").read_text())), overrides).validate()
+            cfg = apply_overrides(read_run_config(out / "config.json"), overrides).validate()
+        elif resume and not has_run and model is None:
+            raise ConfigError(f"{out}: no run to resume here (no config.json); start one with --model")
         else:
             if model is None:
                 raise ConfigError("--model is required (mlp or transformer)")
             cfg = resolve_config(model, preset=preset, file=config, overrides=overrides)
         _run(store, cfg, out, resume, device, splits)
-    except CodejepaError as e:
-        _fail(str(e))
+    except CLI_ERRORS as e:
+        _fail(error_line(e))
     except KeyboardInterrupt:
         _fail(f"interrupted; continue with: codejepa predict train {store} --out {out} --resume", 130)
 
@@ -80,13 +81,13 @@ def config_cmd(
     """Print the resolved config (every key --set and TOML files accept), as JSON."""
     import json
 
-    from codejepa.core import CodejepaError
+    from codejepa.core import CLI_ERRORS, error_line
     from codejepa.predict.config import parse_set, resolve_config
 
     try:
         cfg = resolve_config(model, preset=preset, file=config, overrides=parse_set(set_))
-    except CodejepaError as e:
-        _fail(str(e))
+    except CLI_ERRORS as e:
+        _fail(error_line(e))
     typer.echo(json.dumps(cfg.to_dict(), indent=2))
 
 
@@ -123,6 +124,8 @@ def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str, splits: Pa
                 f"cos {e['val_cos']:.3f} raw {e['val_cos_raw']:.3f}  eff.rank {e['pred_eff_rank']:.1f}/"
                 f"{e['target_eff_rank']:.1f}  best@{e['best_epoch']}", soft_wrap=True
             )
+        elif ev == "warning":
+            progress.console.print(f"[yellow]warning:[/] {e['message']}", soft_wrap=True)
         elif ev == "splits":
             progress.console.print(f"split from {e['file']}: {e['label']}"
                                    + (f" ({e['listed_records_not_in_store']} of its records are not in the store)"

@@ -8,6 +8,7 @@ silently ignored setting. The resolved config is written to the run directory as
 from __future__ import annotations
 
 import difflib
+import json
 import tomllib
 import types
 import typing
@@ -174,7 +175,8 @@ class PredictConfig:
              "model.input_views needs model.kind = mlp or a model.linear_skip (the transformer reads views only there)"),
             (0.0 <= m.dropout < 1.0 and 0.0 <= m.input_dropout < 1.0, "dropouts must be in [0, 1)"),
             (m.width % m.heads == 0, f"model.width ({m.width}) must be divisible by model.heads ({m.heads})"),
-            (m.body_slots >= 1 and m.max_input_tokens >= 1 and m.depth >= 1, "model sizes must be positive"),
+            (m.body_slots >= 1 and m.max_input_tokens >= 1 and m.depth >= 1 and all(h >= 1 for h in m.mlp_hidden),
+             "model sizes must be positive"),
             (self.mask.strategy in ("full", "multiblock"), f"mask.strategy {self.mask.strategy!r} unknown"),
             (self.norm.pooled_space in ("standardized", "whitened", "raw"), f"norm.pooled_space {self.norm.pooled_space!r} unknown"),
             (0.0 <= self.norm.whiten_shrink <= 1.0, "norm.whiten_shrink must be in [0, 1]"),
@@ -189,6 +191,7 @@ class PredictConfig:
              "loss.lexical_weight offsets InfoNCE's logits: it needs loss.infonce_weight > 0"),
             (t.batch_groups in ("none", "file", "repo"), f"train.batch_groups must be none, file or repo, not {t.batch_groups!r}"),
             (t.group_size >= 1, "train.group_size must be positive"),
+            (t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be ≥ 0 (0: at epoch ends only)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -388,13 +391,27 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return _flatten(tomllib.load(f))
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such config file") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: not valid TOML ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read the config file ({e.strerror or e})") from None
 
 
 def from_dict(d: dict[str, Any]) -> PredictConfig:
     """Rebuild a config from :meth:`PredictConfig.to_dict` output (e.g. a run's config.json)."""
     return apply_overrides(PredictConfig(), _flatten(d)).validate()
+
+
+def read_run_config(path: str | Path) -> PredictConfig:
+    """A run's ``config.json``; a damaged or foreign one is refused in one line."""
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{p}: a damaged run config ({e}); the run cannot be resumed, start a new --out") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{p}: a damaged run config (not a JSON object); the run cannot be resumed, start a new --out")
+    return from_dict(d)
 
 
 def resolve_config(
@@ -411,9 +428,17 @@ def resolve_config(
             raise ConfigError(f"--model must be mlp or transformer, not {model!r}")
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    kind = PRESETS[preset].get("model.kind")
+    if model is not None and kind not in (None, model):
+        raise ConfigError(f"preset {preset!r} is a {kind} preset: use --model {kind}, or a preset of the {model}")
+    file_keys = load_toml(file) if file is not None else {}
+    for where, keys in (("the config file", file_keys), ("--set", overrides or {})):
+        # --model decides the kind; a second, silently overruled answer would mislead.
+        if model is not None and keys.get("model.kind", model) != model:
+            raise ConfigError(f"model.kind = {keys['model.kind']!r} in {where} contradicts --model {model}")
     cfg = apply_overrides(PredictConfig(name=preset), PRESETS[preset])
-    if file is not None:
-        cfg = apply_overrides(cfg, load_toml(file))
+    if file_keys:
+        cfg = apply_overrides(cfg, file_keys)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
     if model is not None:

@@ -26,6 +26,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -44,7 +45,7 @@ from codejepa.embed.store import Store, StoreError, open_store, use_split_file
 from codejepa.predict import losses
 from codejepa.predict.batching import corpus_columns, epoch_order
 from codejepa.predict.canonical import init_score_map
-from codejepa.predict.config import PredictConfig, from_dict
+from codejepa.predict.config import PredictConfig, read_run_config
 from codejepa.predict.data import (FeatureSpec, FeatureTable, RevealSpec, StreamingTable, batch_loader,
                                    estimate_cache_bytes, valid_records)
 from codejepa.predict.lexical import LexicalOffsets
@@ -74,6 +75,8 @@ class DivergedError(TrainingError):
 
 # -- small helpers ------------------------------------------------------------------------
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    if device not in ("auto", "cpu") and re.fullmatch(r"cuda(:\d+)?", device) is None:
+        raise TrainingError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
     if device == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -101,8 +104,9 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict[str,
     except FileNotFoundError:
         raise TrainingError(f"{path}: no such checkpoint") from None
     except Exception as e:  # unpickling refused (code in it), truncated or foreign file
-        raise TrainingError(f"{path}: not a loadable codejepa checkpoint (weights_only load refused: "
-                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        # torch's own message advises weights_only=False, the one thing never to do with a foreign file.
+        raise TrainingError(f"{path}: not a loadable codejepa checkpoint ({type(e).__name__}: a damaged, "
+                            "truncated or foreign file, or one holding code, which a weights_only load never runs)") from None
     if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
         raise TrainingError(f"{path}: not a codejepa predictor checkpoint")
     if int(ck.get("format_version", -1)) != CKPT_VERSION:
@@ -288,6 +292,16 @@ def _store_check(run: dict[str, Any], store: Store, store_path: Path) -> None:
         )
 
 
+def _read_run_json(path: Path) -> dict[str, Any]:
+    try:
+        run = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TrainingError(f"{path}: a damaged run record ({e}); the run cannot be resumed, start a new --out") from None
+    if not isinstance(run, dict):
+        raise TrainingError(f"{path}: a damaged run record (not a JSON object); start a new --out")
+    return run
+
+
 def _read_log(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -356,6 +370,8 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                                           log="log.jsonl", curves="curves.png").items()}
     store = open_store(store_path)
     try:
+        if main and (note := store.incomplete_note()) is not None:
+            emit({"event": "warning", "message": note})
         split_info = None
         if splits is not None:
             assignment, missing = use_split_file(store, splits)
@@ -368,9 +384,9 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
             raise TrainingError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
         ckpt = None
         if resume and existing:
-            run = json.loads(paths["run"].read_text()) if paths["run"].exists() else {}
+            run = _read_run_json(paths["run"]) if paths["run"].exists() else {}
             _store_check(run, store, store_path)
-            stored_cfg = from_dict(json.loads(paths["config"].read_text()))
+            stored_cfg = read_run_config(paths["config"])
             if config is None:
                 config = stored_cfg
             else:
@@ -379,6 +395,11 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                 if diff:
                     raise TrainingError(f"--resume with a config that differs from the run's in {sorted(diff)}; "
                                         "resume without --config/--set, or start a new --out")
+            if not paths["last"].exists() and any(e.get("event") == "epoch" for e in _read_log(paths["log"])):
+                # An epoch end writes last.pt before its log line: trained epochs without it mean
+                # it was lost, and starting again would overwrite best.pt with an untrained start.
+                raise TrainingError(f"{paths['last']} is missing, but {paths['log'].name} records trained epochs; "
+                                    "restore it to resume, or start a new --out")
             if paths["last"].exists():
                 ckpt = load_checkpoint(paths["last"])
                 if ckpt.get("store_fingerprint") != store.fingerprint():
@@ -456,7 +477,7 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                 "format": "codejepa-predict-run", "name": cfg.name or cfg.model.kind,
                 "model_kind": cfg.model.kind, "parameters": n_params, "hidden_size": d,
                 "store": str(store_path.resolve()), "store_fingerprint": store.fingerprint(),
-                "store_meta": asdict(store.meta), "code_version": code_version(),
+                "store_meta": asdict(store.meta), "store_complete": store.complete, "code_version": code_version(),
                 "torch": torch.__version__, "world_size": world, "device": str(dev),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "train_records": int(len(train_idx)), "val_records": int(len(val_idx)), "dropped": dropped,

@@ -36,7 +36,9 @@ def test_run_info_shards_and_merge_with_the_default_teacher(tmp_path: Path) -> N
     r = runner.invoke(app, ["embed", "info", str(out), "--json"])
     assert r.exit_code == 0
     info = json.loads(r.stdout)
-    assert info["records"] == 8 and info["meta"]["extra"]["complete"] is True
+    assert info["records"] == 8 and info["meta"]["extra"]["complete"] is True and info["complete"] is True
+    r = runner.invoke(app, ["embed", "info", str(out)])
+    assert r.exit_code == 0 and "complete" in r.stdout and "yes" in r.stdout
     # rerun: nothing to do; then add the missing split to the same store
     r = runner.invoke(app, ["embed", "run", str(corpus), "--out", str(out), "--device", "cpu"])
     assert r.exit_code == 0, r.output
@@ -66,8 +68,13 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
                  ["embed", "run", str(corpus), "--out", str(tmp_path / "bad.h5")],
                  ["embed", "run", str(tmp_path), "--out", str(tmp_path / "x.h5")],
                  ["embed", "run", str(corpus), "--out", str(tmp_path / "x.h5"), "--shard", "3/2"],
-                 ["embed", "run", str(corpus), "--out", str(tmp_path / "x.h5"), "--split", "dev"]):
+                 ["embed", "run", str(corpus), "--out", str(tmp_path / "x.h5"), "--split", "dev"],
+                 ["embed", "run", str(corpus), "--out", str(tmp_path / "x.h5"), "--max-tokens", "3"],
+                 ["embed", "run", str(corpus), "--out", str(tmp_path / "x.h5"), "--batch-tokens", "0"],
+                 ["embed", "probe", str(tmp_path / "bad.h5"), "--seed", "-1"],
+                 ["embed", "probe", str(tmp_path / "bad.h5"), "--batch-tokens", "-5"]):
         r = runner.invoke(app, args)
         assert r.exit_code == 1, (args, r.output)
         assert len(_lines(r.stderr)) == 1, r.stderr
         assert "Traceback" not in r.output
+    assert not (tmp_path / "x.h5").exists()

@@ -79,8 +79,9 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(kind: str, tmp_path: Path
     script.write_text(CHILD)
     ref, out = tmp_path / "ref.h5", tmp_path / "out.h5"
     assert _run_child(script, corpus, out, teacher, kill_after=2)
-    with open_store(out) as s:  # the killed store opens, and holds part of the work
+    with open_store(out) as s:  # the killed store opens, holds part of the work, and says it is unfinished
         first = len(s)
+        assert s.complete is False and "unfinished store" in (s.incomplete_note() or "")
     assert 0 < first < 90
     if kind == "causal":
         assert _run_child(script, corpus, out, teacher, kill_after=2)  # killed again, later on
@@ -100,7 +101,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(kind: str, tmp_path: Path
     for k in a:
         assert np.array_equal(a[k], b[k]), k
     with open_store(out) as s:
-        assert s.meta.extra["complete"] is True
+        assert s.meta.extra["complete"] is True and s.complete is True and s.incomplete_note() is None
 
 
 WRITER_CHILD = textwrap.dedent("""

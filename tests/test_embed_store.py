@@ -183,3 +183,23 @@ def test_other_format_version_gets_one_clear_line(tmp_path: Path) -> None:
         f.attrs["format_version"] = 1
     with pytest.raises(StoreError, match="format version 1 is not supported"):
         open_store(path)
+
+
+def test_truncated_or_damaged_files_are_named_so_not_locked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = tmp_path / "s.h5"
+    with StoreWriter(p, meta()) as w:
+        w.append([rec(0), rec(1)])
+    data = p.read_bytes()
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(data[: len(data) // 2])  # a copy cut short: HDF5's message mentions "sblock"
+    with pytest.raises(StoreError, match="truncated store") as e:
+        open_store(cut)
+    assert "another process" not in str(e.value)
+
+    def unreadable(self: object, *a: object, **k: object) -> None:
+        raise OSError("Can't synchronously read data (bad global heap collection signature)")
+
+    monkeypatch.setattr(h5py.AttributeManager, "get", unreadable)  # the header opens, its attributes do not
+    with pytest.raises(StoreError, match="damaged store .*attributes cannot be read") as e:
+        open_store(p)
+    assert "\n" not in str(e.value)

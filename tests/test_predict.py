@@ -332,3 +332,19 @@ def test_whitened_pooled_space_round_trips_and_learns(store_path: Path, tmp_path
     cov = torch.cov(z.T)  # whitened train bodies: near-identity covariance (shrinkage 0.1 keeps it below 1)
     assert float((cov - torch.diag(torch.diag(cov))).abs().max()) < 0.2
     assert 0.5 < float(torch.diag(cov).mean()) < 1.5
+
+
+def test_an_unfinished_store_trains_with_a_warning_and_the_run_records_it(tmp_path: Path) -> None:
+    import h5py
+
+    path = make_store(tmp_path / "s.h5")
+    with h5py.File(path, "r+") as f:  # as a killed `embed run` leaves it
+        m = json.loads(f.attrs["meta"])
+        m["extra"] = {**m.get("extra", {}), "complete": False}
+        f.attrs["meta"] = json.dumps(m)
+    events: list[dict] = []
+    train(path, resolve_config("mlp", overrides={**TINY_MLP, "train.epochs": 1}), tmp_path / "r", device="cpu",
+          on_event=events.append)
+    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    assert len(warnings) == 1 and "unfinished store" in warnings[0]
+    assert json.loads((tmp_path / "r" / "run.json").read_text())["store_complete"] is False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -34,12 +35,34 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in log if e["event"] == "epoch"] == [1, 2, 3]
     # mistakes: one line on stderr, non-zero exit, no traceback
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(bytes(range(256)))
+    damaged, lost = tmp_path / "damaged", tmp_path / "lost"
+    for d in (damaged, lost):
+        shutil.copytree(out, d)
+    (damaged / "config.json").write_text("{bad")
+    (lost / "last.pt").unlink()
+    best_before = (lost / "best.pt").read_bytes()
     for args, msg in [
         (["--model", "mlp", "--set", "optim.lrr=1", "--out", str(tmp_path / "x")], "unknown config key 'optim.lrr'"),
         (["--model", "mlp", "--out", str(out)], "already holds a run"),
         (["--model", "cnn", "--out", str(tmp_path / "y")], "--model must be mlp or transformer"),
+        (["--model", "mlp", "--device", "foo", "--out", str(tmp_path / "y")], "expected auto, cpu, cuda or cuda:N"),
+        (["--model", "mlp", "--preset", "transformer-residual", "--out", str(tmp_path / "y")],
+         "is a transformer preset: use --model transformer"),
+        (["--model", "mlp", "--set", "model.kind=transformer", "--out", str(tmp_path / "y")],
+         "model.kind = 'transformer' in --set contradicts --model mlp"),
+        (["--model", "mlp", "--set", "train.checkpoint_every_steps=-5", "--out", str(tmp_path / "y")],
+         "train.checkpoint_every_steps must be ≥ 0"),
+        (["--model", "mlp", "--set", "model.mlp_hidden=0", "--out", str(tmp_path / "y")], "model sizes must be positive"),
+        (["--model", "mlp", "--config", str(binary), "--out", str(tmp_path / "y")], "not valid TOML"),
+        (["--out", str(tmp_path / "empty"), "--resume"], "no run to resume here"),
+        (["--out", str(damaged), "--resume"], "a damaged run config"),
+        (["--out", str(lost), "--resume"], "last.pt is missing, but log.jsonl records trained epochs"),
     ]:
         r = runner.invoke(app, ["predict", "train", str(store), *args])
         assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "y").exists()  # refused before anything is written
+    assert (lost / "best.pt").read_bytes() == best_before  # the trained best.pt was not overwritten
     r = runner.invoke(app, ["predict", "train", str(tmp_path / "nope.h5"), "--model", "mlp", "--out", str(tmp_path / "z")])
     assert r.exit_code == 1 and "no such store" in r.output
