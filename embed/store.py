@@ -364,6 +364,8 @@ def open_format_file(path: Path, mode: str, *, fmt: str, version: int, what: str
 
 def _open_h5(path: str | os.PathLike[str], mode: str = "r") -> h5py.File:
     p = Path(path)
+    if p.is_dir():
+        raise StoreError(f"{p}: a folder, not a store file (name the .h5 file)")
     if not p.is_file():
         raise StoreError(f"{p}: no such store (run `codejepa embed run` first)")
     return open_format_file(p, mode, fmt=STORE_FORMAT, version=STORE_FORMAT_VERSION, what="store", writer="embed run",

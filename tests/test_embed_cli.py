@@ -78,3 +78,5 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
         assert len(_lines(r.stderr)) == 1, r.stderr
         assert "Traceback" not in r.output
     assert not (tmp_path / "x.h5").exists()
+    r = runner.invoke(app, ["embed", "run", str(corpus), "--out", str(tmp_path)])
+    assert r.exit_code == 1 and "a folder, not a store file" in r.stderr
