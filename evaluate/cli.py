@@ -52,8 +52,9 @@ def retrieval(
     split: str = typer.Option("test", help="Query split: train, val or test."),
     pool: str = typer.Option("split", help="split | all | repo | N (random pools of N, averaged over seeds)."),
     space: str = typer.Option("all", help="raw | centered | whitened | canonical | all, or a comma list."),
-    baselines: str = typer.Option("all", help="all | none | comma list of random,prototype,signature,ridge,ridge+last,nn,"
-                                              "bm25,ridge+bm25,reverse,oracle,noisy_oracle."),
+    # The names are spaced so that a narrow terminal's help wraps them instead of cutting them short.
+    baselines: str = typer.Option("all", help="all | none | a comma list of: random, prototype, signature, ridge, "
+                                              "ridge+last, nn, bm25, ridge+bm25, reverse, oracle, noisy_oracle."),
     out: Optional[Path] = typer.Option(None, help="Output folder (retrieval.json, table.txt, ranks.npz, PNGs)."),
     corpus: Optional[Path] = typer.Option(None, help="Corpus folder, when it moved since the store was built."),
     compare: Optional[str] = typer.Option(None, help="Paired bootstrap of A,B (METHOD@SPACE); ';' separates pairs."),
@@ -84,7 +85,7 @@ def retrieval(
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from codejepa.core import CodejepaError
+    from codejepa.core import CLI_ERRORS, error_line
     from codejepa.evaluate.report import render
     from codejepa.evaluate.retrieval import evaluate_retrieval
 
@@ -107,8 +108,8 @@ def retrieval(
                 log=lambda m: bar.update(job, description=escape(m[:70])),
                 progress=lambda done, total: bar.update(job, completed=done, total=total),
             )
-    except CodejepaError as e:
-        _fail(str(e))
+    except CLI_ERRORS as e:
+        _fail(error_line(e))
         return
     render(result.to_json(), _out_console())
     if result.out_dir is not None:
@@ -123,13 +124,13 @@ def compare_cmd(
     n_boot: int = typer.Option(2000, help="Bootstrap resamples."),
 ) -> None:
     """Paired bootstrap (over the same queries, resampling repositories): does A beat B?"""
-    from codejepa.core import CodejepaError
+    from codejepa.core import CLI_ERRORS, error_line
     from codejepa.evaluate.report import compare_saved, comparison_lines
 
     try:
         c = compare_saved(out_dir, a, b, n_boot=n_boot)
-    except CodejepaError as e:
-        _fail(str(e))
+    except CLI_ERRORS as e:
+        _fail(error_line(e))
         return
     for line in comparison_lines({"comparisons": [c]}):
         _out_console().print(line, markup=False, highlight=False, soft_wrap=True)
@@ -143,14 +144,17 @@ def folds_cmd(
     n_boot: int = typer.Option(1000, help="Bootstrap resamples for the CIs."),
 ) -> None:
     """Pool a cross-validation's folds: one table over every fold's test repositories."""
-    from codejepa.core import CodejepaError
+    from codejepa.core import CLI_ERRORS, error_line
     from codejepa.evaluate.folds import pool_folds, render_folds, write_folds_result
+    from codejepa.evaluate.report import check_out_dir
 
     try:
+        if out is not None:
+            check_out_dir(out)  # before pooling, not after it
         res = pool_folds(eval_dirs, compare=_parse_compare(compare), n_boot=n_boot)
         files = write_folds_result(res, out) if out is not None else {}
-    except CodejepaError as e:
-        _fail(str(e))
+    except CLI_ERRORS as e:
+        _fail(error_line(e))
         return
     render_folds(res, _out_console())
     if files:

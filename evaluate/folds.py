@@ -22,8 +22,17 @@ from rich.table import Table
 
 from codejepa.core import atomic_write_bytes, atomic_write_json
 from codejepa.evaluate.errors import EvaluateError
-from codejepa.evaluate.metrics import MetricCI, bootstrap_cis, paired_bootstrap
-from codejepa.evaluate.report import RANKS_FILE, add_columns, add_row, fit_width, load_result
+from codejepa.evaluate.metrics import MetricCI, bootstrap_cis, check_n_boot, paired_bootstrap
+from codejepa.evaluate.report import (
+    JSON_FILE,
+    add_columns,
+    add_row,
+    check_out_dir,
+    damaged_error,
+    fit_width,
+    load_ranks,
+    load_result,
+)
 
 FOLDS_JSON = "folds.json"
 FOLDS_TABLE = "folds.txt"
@@ -56,15 +65,11 @@ class PooledResult:
 
 def _load_fold(d: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
     data = load_result(d)
-    p = d / RANKS_FILE
-    if not p.is_file():
-        raise EvaluateError(f"{p}: no saved ranks here (run `codejepa evaluate retrieval ... --out {d}`)")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            ranks = {k: z[k] for k in z.files if k != "__clusters__"}
-            clusters = z["__clusters__"].astype(str)
-    except (OSError, ValueError, KeyError) as e:
-        raise EvaluateError(f"{p}: unreadable ranks ({e})") from None
+    pool = data["pool"]
+    # The fields pooling reads: a hand-edited or truncated-but-valid file fails here, not later.
+    if not isinstance(pool.get("mean_pool_size"), (int, float)) or "label" not in pool or "split" not in data["settings"]:
+        raise damaged_error(d / JSON_FILE, d, "no pool size, pool or split")
+    ranks, clusters = load_ranks(d)
     return data, ranks, clusters
 
 
@@ -79,6 +84,7 @@ def pool_folds(eval_dirs: Sequence[str | Path], *, compare: Sequence[tuple[str, 
     """
     if len(eval_dirs) < 2:
         raise EvaluateError("pooling needs the evaluations of at least two folds")
+    check_n_boot(n_boot)
     folds, all_ranks, all_clusters, notes = [], [], [], []
     seen_repos: dict[str, str] = {}
     kinds: set[tuple[str, str]] = set()
@@ -167,10 +173,15 @@ def render_folds(res: PooledResult, console: Console) -> None:
 
 
 def write_folds_result(res: PooledResult, out_dir: str | Path) -> dict[str, str]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / FOLDS_JSON, res.to_json())
+    """Write folds.json and folds.txt into ``out_dir`` (callers check it with :func:`check_out_dir`
+    before pooling, so that a bad folder is refused first)."""
+    out = check_out_dir(out_dir)
     sio = io.StringIO()
     render_folds(res, Console(file=sio, width=200, color_system=None))
-    atomic_write_bytes(out / FOLDS_TABLE, sio.getvalue().encode())
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / FOLDS_JSON, res.to_json())
+        atomic_write_bytes(out / FOLDS_TABLE, sio.getvalue().encode())
+    except OSError as e:  # a full disk or a folder removed meanwhile: one line, not a traceback
+        raise EvaluateError(f"{out}: cannot write the pooled result ({e})") from None
     return {"json": str(out / FOLDS_JSON), "table": str(out / FOLDS_TABLE)}

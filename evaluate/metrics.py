@@ -77,8 +77,16 @@ def _cluster_index(clusters: Sequence[str] | np.ndarray) -> tuple[np.ndarray, in
     return inv, int(inv.max()) + 1
 
 
+def check_n_boot(n_boot: int) -> int:
+    """Refuse a resample count that is not a positive integer (numpy would fail deep inside)."""
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise EvaluateError(f"--n-boot (bootstrap resamples) must be a positive integer, not {n_boot!r}")
+    return int(n_boot)
+
+
 def _resample_counts(n_clusters: int, n_boot: int, seed: int) -> np.ndarray:
     """[n_boot, n_clusters] multiplicities of a with-replacement resample of clusters."""
+    n_boot = check_n_boot(n_boot)
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n_clusters, size=(n_boot, n_clusters))
     counts = np.zeros((n_boot, n_clusters), dtype=np.float64)

@@ -53,7 +53,12 @@ def parse_pool(spec: str | int, seeds: tuple[int, ...] = DEFAULT_SEEDS) -> PoolS
         raise EvaluateError(f"unknown pool {spec!r}; expected split, all, repo or a pool size N") from None
     if n < 2:
         raise EvaluateError(f"a random pool needs N >= 2 candidates, not {n}")
-    return PoolSpec("random", n, tuple(seeds))
+    seeds = tuple(seeds)
+    # No seed would score no query at all; a negative one is refused by numpy's generator.
+    if not seeds or any(isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 0 for x in seeds):
+        raise EvaluateError(f"--seeds takes one or more comma-separated integers >= 0 for a random pool, "
+                            f"not {','.join(map(str, seeds))!r}")
+    return PoolSpec("random", n, tuple(int(x) for x in seeds))
 
 
 @dataclass

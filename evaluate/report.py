@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from rich.table import Table
 
 from codejepa.core import atomic_write_bytes, atomic_write_json
 from codejepa.evaluate.errors import EvaluateError
-from codejepa.evaluate.metrics import paired_bootstrap
+from codejepa.evaluate.metrics import check_n_boot, paired_bootstrap
 
 RANKS_FILE = "ranks.npz"
 JSON_FILE = "retrieval.json"
@@ -140,8 +141,31 @@ def render(data: dict[str, Any], console: Console) -> None:
         console.print(w, style="bold red", **plain)
 
 
+def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Refuse an output folder that cannot be made or written, before any work is done: the
+    evaluation it would hold is lost when writing fails at the end."""
+    out = Path(out_dir)
+    near = out
+    while not (near.exists() or near.is_symlink()) and near != near.parent:
+        near = near.parent
+    if not near.is_dir():
+        where = "exists and is not a folder" if near == out else f"cannot be made: {near} is not a folder"
+        raise EvaluateError(f"--out {out} {where}; give a new or an existing folder")
+    if not os.access(near, os.W_OK | os.X_OK):
+        raise EvaluateError(f"--out {out}: {near} is not writable; give a folder you can write to")
+    return out
+
+
 def write_outputs(result: Any, out_dir: Path, *, plots: bool = True) -> dict[str, str]:
     """Write retrieval.json, ranks.npz, table.txt and the plots into ``out_dir``."""
+    try:
+        return _write_outputs(result, out_dir, plots=plots)
+    except OSError as e:  # a full disk or a folder removed meanwhile: one line, not a traceback
+        raise EvaluateError(f"{out_dir}: cannot write the results ({e})") from None
+
+
+def _write_outputs(result: Any, out_dir: Path, *, plots: bool) -> dict[str, str]:
+    check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = result.to_json()
     files = {"json": str(out_dir / JSON_FILE), "ranks": str(out_dir / RANKS_FILE), "table": str(out_dir / TABLE_FILE)}
@@ -165,27 +189,59 @@ def write_outputs(result: Any, out_dir: Path, *, plots: bool = True) -> dict[str
     return files
 
 
+def damaged_error(p: Path, out_dir: str | Path, why: str) -> EvaluateError:
+    """The one line for a damaged or foreign file of an evaluation's folder."""
+    return EvaluateError(f"{p}: damaged or not an evaluation's file ({why}); re-run "
+                         f"`codejepa evaluate retrieval ... --out {out_dir}`")
+
+
 def load_result(out_dir: str | Path) -> dict[str, Any]:
+    """``retrieval.json`` of an evaluation's folder; a damaged or foreign file is refused."""
     p = Path(out_dir) / JSON_FILE
     if not p.is_file():
         raise EvaluateError(f"{p}: no retrieval result here (run `codejepa evaluate retrieval ... --out {out_dir}`)")
     try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise EvaluateError(f"{p}: unreadable result ({e})") from None
+        data = json.loads(p.read_text())
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise damaged_error(p, out_dir, f"unreadable JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("format") != "codejepa-retrieval":
+        raise damaged_error(p, out_dir, "not a codejepa-retrieval result")
+    missing = [k for k in ("settings", "store", "pool") if not isinstance(data.get(k), dict)]
+    if missing:
+        raise damaged_error(p, out_dir, f"no {', '.join(missing)} section")
+    return data
+
+
+def load_ranks(out_dir: str | Path) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The saved per-query ranks of every ``METHOD@SPACE`` row of an evaluation, and each
+    query's repository; a damaged or foreign ``ranks.npz`` is refused in one line."""
+    p = Path(out_dir) / RANKS_FILE
+    if not p.is_file():
+        raise EvaluateError(f"{p}: no saved ranks here (run `codejepa evaluate retrieval ... --out {out_dir}`)")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    # A damaged zip fails in many ways (BadZipFile, zlib.error, ValueError, OSError); an empty
+    # file raises EOFError, which click would turn into a bare "Aborted."; a plain .npy has no
+    # context manager (AttributeError/TypeError).
+    except Exception as e:
+        raise damaged_error(p, out_dir, f"{type(e).__name__}: {e}") from None
+    clusters = arrays.pop("__clusters__", None)
+    if clusters is None or clusters.ndim != 1 or clusters.dtype.kind not in "US":
+        raise damaged_error(p, out_dir, "no repository of each query")
+    for k, r in arrays.items():
+        if r.shape != clusters.shape or r.dtype.kind not in "iu" or (len(r) and r.min() < 1):
+            raise damaged_error(p, out_dir, f"{k!r} is not one 1-based rank per query")
+    return arrays, clusters.astype(str)
 
 
 def compare_saved(out_dir: str | Path, a: str, b: str, *, n_boot: int = 2000, seed: int = 0,
                   metrics: tuple[str, ...] = ("rank@1", "mrr")) -> dict[str, Any]:
     """Paired bootstrap of two saved methods (``METHOD@SPACE`` keys) of one evaluation."""
-    p = Path(out_dir) / RANKS_FILE
-    if not p.is_file():
-        raise EvaluateError(f"{p}: no saved ranks here (run `codejepa evaluate retrieval ... --out {out_dir}`)")
-    with np.load(p, allow_pickle=False) as z:
-        keys = [k for k in z.files if k != "__clusters__"]
-        for k in (a, b):
-            if k not in keys:
-                raise EvaluateError(f"no saved result {k!r}; available: {', '.join(sorted(keys))}")
-        ra, rb, cl = z[a], z[b], z["__clusters__"]
-    comps = paired_bootstrap(ra, rb, cl, metrics=metrics, n_boot=n_boot, seed=seed)
+    check_n_boot(n_boot)
+    ranks, cl = load_ranks(out_dir)
+    for k in (a, b):
+        if k not in ranks:
+            raise EvaluateError(f"no saved result {k!r}; available: {', '.join(sorted(ranks))}")
+    comps = paired_bootstrap(ranks[a], ranks[b], cl, metrics=metrics, n_boot=n_boot, seed=seed)
     return {"a": a, "b": b, "results": [c.to_json() for c in comps]}

@@ -22,7 +22,7 @@ from codejepa.evaluate.diagnostics import collapse_warning
 from codejepa.evaluate.errors import EvaluateError
 from codejepa.evaluate.hubness import CSLS_BETAS, CSLS_KS
 from codejepa.evaluate.hubness import SUFFIX as CSLS_SUFFIX
-from codejepa.evaluate.metrics import MetricCI, PairedComparison, paired_bootstrap
+from codejepa.evaluate.metrics import MetricCI, PairedComparison, check_n_boot, paired_bootstrap
 from codejepa.evaluate.pools import PoolSpec, Task, build_task, parse_pool, search_task
 from codejepa.evaluate.probe import Memo, ProbeMix
 from codejepa.evaluate.probe import SUFFIX as PROBE_SUFFIX
@@ -313,11 +313,19 @@ def evaluate_retrieval(
     if bm25_query not in ("auto", "signature", "signature+context"):
         raise EvaluateError(f"BM25 query must be auto, signature or signature+context, not {bm25_query!r}")
     pspec: PoolSpec = parse_pool(pool, pool_seeds)
+    check_n_boot(n_boot)
+    if out_dir is not None:
+        from codejepa.evaluate.report import check_out_dir
+
+        check_out_dir(out_dir)  # now, not after the whole evaluation has run
     notes: list[str] = []
 
     store = open_store(store_path)
     try:
         meta = store.meta
+        if (unfinished := store.incomplete_note()) is not None:
+            notes.append(unfinished)
+            say(f"warning: {unfinished}")
         if splits is not None:
             _use_split_file(store, splits, notes)
         loaded = load_runs(runs, store)
@@ -325,7 +333,7 @@ def evaluate_retrieval(
         method_kinds: dict[str, str] = {}  # methods that are baselines (ridge+last+probe)
         probe_info: dict[str, Any] = {}
         if probe is not None:
-            loaded, methods, mixes, probe_info = _with_probe_mixes(probe, store, names, loaded, methods)
+            loaded, methods, mixes, probe_info = _with_probe_mixes(probe, store, split, names, loaded, methods)
             method_kinds = {f"ridge+last{PROBE_SUFFIX}": "baseline"}
         method_runs = [LoadedRun(m, f"method {m}", _FnPredictor(fn), {}) for m, fn in (methods or {}).items()]
         for r in method_runs:
@@ -520,12 +528,12 @@ def _bm25_scorers(cv: CorpusView, bm25_query: str, task: Task, sel_task: Task | 
     return test, sel, settings
 
 
-def _with_probe_mixes(probe: str | os.PathLike[str], store: Any, names: Sequence[str], loaded: list[LoadedRun],
-                      methods: Mapping[str, Any] | None
+def _with_probe_mixes(probe: str | os.PathLike[str], store: Any, split: str, names: Sequence[str],
+                      loaded: list[LoadedRun], methods: Mapping[str, Any] | None
                       ) -> tuple[list[LoadedRun], dict[str, Any], dict[str, ProbeMix], dict[str, Any]]:
     """The runs and methods with a ``NAME+probe`` mix of each (and of ridge+last) among the
     methods; each predictor memoised, since its plain row and its mix ask for the same records."""
-    mixes, probe_info = _probe_mixes(probe, store, names, loaded, methods)
+    mixes, probe_info = _probe_mixes(probe, store, split, names, loaded, methods)
     loaded = [replace(r, predictor=Memo(r.predictor)) for r in loaded]
     memo = {m: Memo(_FnPredictor(fn)).predict_pooled for m, fn in (methods or {}).items()}
     for bname, mix in mixes.items():
@@ -535,10 +543,12 @@ def _with_probe_mixes(probe: str | os.PathLike[str], store: Any, names: Sequence
     return loaded, {**memo, **mixes}, mixes, probe_info
 
 
-def _probe_mixes(probe: str | os.PathLike[str], store: Any, names: Sequence[str], loaded: list[LoadedRun],
-                 methods: Mapping[str, Any] | None) -> tuple[dict[str, ProbeMix], dict[str, Any]]:
+def _probe_mixes(probe: str | os.PathLike[str], store: Any, split: str, names: Sequence[str],
+                 loaded: list[LoadedRun], methods: Mapping[str, Any] | None
+                 ) -> tuple[dict[str, ProbeMix], dict[str, Any]]:
     """Read the probe view and name a ``+probe`` mix for each run, method and ridge+last; their
-    bases and weights are filled in once the predictors and the selection split are ready."""
+    bases and weights are filled in once the predictors and the selection split are ready.
+    Refuses probe records outside the train part or among the queries of ``split``."""
     from dataclasses import asdict
 
     from codejepa.embed.probe import ProbeError, read_probe_view
@@ -556,6 +566,12 @@ def _probe_mixes(probe: str | os.PathLike[str], store: Any, names: Sequence[str]
         # A probe is read after every query: a probe body that is a query's own would be a leak.
         raise EvaluateError(f"{probe}: probe record(s) {', '.join(outside)} are not in this split's train part; "
                             "compute a view for this split (`codejepa embed probe STORE --splits FILE --out …`)")
+    queries = set(store.ids[store.indices(split)].tolist())
+    asked = [r for r in pv.meta.probe_records if r in queries]
+    if asked:
+        # Evaluating train itself: the probe bodies are then queries, each answered by its own body.
+        raise EvaluateError(f"{probe}: probe record(s) {', '.join(asked)} are queries of the evaluated {split} split "
+                            "(a leak of their own bodies); evaluate val or test with this view")
     bases = [r.name for r in loaded] + list(methods or {}) + (["ridge+last"] if "ridge+last" in names else [])
     if not bases:
         raise EvaluateError("--probe mixes the probe view into runs, methods or ridge+last: none is being evaluated")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -90,3 +93,133 @@ def test_trained_predictor_run_is_evaluated(ds, tmp_path: Path) -> None:
         evaluate_retrieval(other.store_path, [run], baselines="none")
     r = runner.invoke(app, ["evaluate", "retrieval", str(other.store_path), "--run", str(run), "--baselines", "none"])
     assert r.exit_code == 1 and "trained against store fingerprint" in r.output
+
+
+def one_error_line(r, *needles: str) -> str:
+    """The CLI's answer to bad input: exit 1 and one ``error:`` line saying each needle."""
+    text = r.output.strip()
+    assert r.exit_code == 1 and (r.exception is None or isinstance(r.exception, SystemExit)), (r.exception, text)
+    assert text.startswith("error:") and len(text.splitlines()) == 1, text
+    assert "Traceback" not in text and "Aborted" not in text
+    for n in needles:
+        assert n in text, (n, text)
+    return text
+
+
+def fold_eval(d: Path, repos: list[str], k: int) -> Path:
+    """A fold's saved evaluation as `evaluate retrieval --splits FILE --out d` writes it: the
+    parts that pooling reads, five queries per repository."""
+    d.mkdir(parents=True)
+    data = {"format": "codejepa-retrieval", "format_version": 1, "settings": {"split": "test"},
+            "store": {"splits": f"fold-{k}", "file_sha256": "0" * 64},
+            "pool": {"label": "split", "mean_pool_size": 20.0}, "notes": []}
+    (d / "retrieval.json").write_text(json.dumps(data))
+    clusters = np.repeat(repos, 5)
+    np.savez_compressed(d / "ranks.npz", __clusters__=clusters,
+                        **{"a@raw": np.random.default_rng(k).integers(1, 21, len(clusters))})
+    return d
+
+
+def test_out_is_checked_before_any_work(ds, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import codejepa.embed.store as store_mod
+    import codejepa.evaluate.folds as folds_mod
+    from codejepa.evaluate.folds import write_folds_result
+    from codejepa.evaluate.report import write_outputs
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+
+    def no_work(*_a, **_k):
+        raise AssertionError("the evaluation started although its --out cannot be written")
+
+    with monkeypatch.context() as m:
+        m.setattr(store_mod, "open_store", no_work)  # an evaluation's work starts by opening the store
+        for out, why in ((afile, "exists and is not a folder"), (afile / "sub", "cannot be made")):
+            with pytest.raises(EvaluateError, match=why):
+                evaluate_retrieval(ds.store_path, baselines="prototype", out_dir=out)
+        with pytest.raises(EvaluateError, match="--n-boot"):
+            evaluate_retrieval(ds.store_path, baselines="prototype", n_boot=-1)
+        r = runner.invoke(app, ["evaluate", "retrieval", str(ds.store_path), "--out", str(afile)])
+        one_error_line(r, str(afile), "not a folder")
+        r = runner.invoke(app, ["evaluate", "retrieval", str(ds.store_path), "--n-boot", "-1"])
+        one_error_line(r, "--n-boot", "-1")
+        r = runner.invoke(app, ["evaluate", "retrieval", str(ds.store_path), "--pool", "10", "--seeds", ""])
+        one_error_line(r, "--seeds")
+    res = evaluate_retrieval(ds.store_path, baselines="prototype", spaces="raw", n_boot=10, plots=False)
+    with pytest.raises(EvaluateError, match="not a folder"):
+        write_outputs(res, afile)
+
+    folds = [fold_eval(tmp_path / f"k{k}", [f"r{k}a", f"r{k}b"], k) for k in range(3)]
+    pooled = []
+    real_pool = folds_mod.pool_folds
+    monkeypatch.setattr(folds_mod, "pool_folds", lambda *a, **k: pooled.append(1) or real_pool(*a, **k))
+    for args in (["--out", str(afile)], ["--out", str(afile / "sub")]):
+        r = runner.invoke(app, ["evaluate", "folds", *map(str, folds), *args])
+        one_error_line(r, "not a folder")
+    assert not pooled  # refused before pooling
+    for n_boot in ("-1", "0"):
+        one_error_line(runner.invoke(app, ["evaluate", "folds", *map(str, folds), "--n-boot", n_boot]), "--n-boot")
+    with pytest.raises(EvaluateError, match="not a folder"):
+        write_folds_result(real_pool(folds, n_boot=10), afile)
+    r = runner.invoke(app, ["evaluate", "folds", *map(str, folds), "--n-boot", "20", "--out", str(tmp_path / "pooled")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "pooled" / "folds.json").read_text())["rows"][0]["n_queries"] == 30
+
+
+def test_damaged_outputs_are_one_line_naming_the_file(ds, tmp_path: Path) -> None:
+    from codejepa.evaluate.folds import pool_folds
+    from codejepa.evaluate.report import compare_saved
+
+    good = tmp_path / "good"
+    evaluate_retrieval(ds.store_path, baselines="prototype,random", spaces="raw", n_boot=10, plots=False, out_dir=good,
+                       hubness_correction=False, sibling_softmax=False)
+    r = runner.invoke(app, ["evaluate", "compare", str(good), "prototype@raw", "random@-", "--n-boot", "20"])
+    assert r.exit_code == 0, r.output
+    for n_boot in ("0", "-5"):
+        r = runner.invoke(app, ["evaluate", "compare", str(good), "prototype@raw", "random@-", "--n-boot", n_boot])
+        one_error_line(r, "--n-boot", n_boot)
+    saved = good / "ranks.npz"
+    with np.load(saved) as z:
+        arrays = {k: z[k] for k in z.files}
+    npy, pickled, no_clusters, short = io.BytesIO(), io.BytesIO(), io.BytesIO(), io.BytesIO()
+    np.save(npy, arrays["prototype@raw"])
+    np.savez(pickled, **arrays, extra=np.array([{"a": 1}], dtype=object))
+    np.savez(no_clusters, **{k: v for k, v in arrays.items() if k != "__clusters__"})
+    np.savez(short, **arrays | {"prototype@raw": arrays["prototype@raw"][:-1]})
+    damaged_ranks = {
+        "truncated": saved.read_bytes()[:200], "random": np.random.default_rng(0).bytes(3000),
+        "empty": b"",  # np.load raises EOFError, which click turns into a bare "Aborted."
+        "npy": npy.getvalue(), "pickled": pickled.getvalue(), "no_clusters": no_clusters.getvalue(),
+        "short": short.getvalue(),
+    }
+    folds = [fold_eval(tmp_path / f"k{k}", [f"r{k}"], k) for k in range(3)]
+    for name, blob in damaged_ranks.items():
+        d = tmp_path / f"ranks-{name}"
+        shutil.copytree(good, d)
+        (d / "ranks.npz").write_bytes(blob)
+        with pytest.raises(EvaluateError, match="damaged"):
+            compare_saved(d, "prototype@raw", "random@-")
+        r = runner.invoke(app, ["evaluate", "compare", str(d), "prototype@raw", "random@-"])
+        one_error_line(r, str(d / "ranks.npz"), "damaged", f"--out {d}")
+        (folds[1] / "ranks.npz").write_bytes(blob)
+        r = runner.invoke(app, ["evaluate", "folds", *map(str, folds)])
+        one_error_line(r, str(folds[1] / "ranks.npz"), "damaged")
+    shutil.rmtree(folds[1])
+    fold_eval(folds[1], ["r1"], 1)
+    for blob in (b"[]", b'{"format": "codejepa-retr', b"\xff\xfe\x00", b'{"format": "other"}',
+                 b'{"format": "codejepa-retrieval", "settings": [], "store": {}, "pool": {}}',
+                 b'{"format": "codejepa-retrieval", "settings": {}, "store": {}, "pool": {}}'):
+        (folds[1] / "retrieval.json").write_bytes(blob)
+        with pytest.raises(EvaluateError, match="damaged"):
+            pool_folds(folds)
+        r = runner.invoke(app, ["evaluate", "folds", *map(str, folds)])
+        one_error_line(r, str(folds[1] / "retrieval.json"), "damaged")
+
+
+def test_help_lists_every_baseline_on_a_narrow_terminal() -> None:
+    from codejepa.evaluate.baselines import BASELINE_NAMES
+
+    r = runner.invoke(app, ["evaluate", "retrieval", "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert r.exit_code == 0, r.output
+    assert max(map(len, r.output.splitlines())) <= 80
+    assert set(BASELINE_NAMES) <= set(re.findall(r"[\w+]+", r.output)), r.output

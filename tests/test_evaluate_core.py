@@ -120,6 +120,11 @@ def test_paired_bootstrap() -> None:
     assert close.p_value > 0.05
     with pytest.raises(EvaluateError):
         paired_bootstrap(good, bad[:-1], repos)
+    for n_boot in (0, -5, 2.5):  # numpy would fail deep inside (negative dimensions, empty quantile)
+        with pytest.raises(EvaluateError, match="--n-boot"):
+            paired_bootstrap(good, bad, repos, n_boot=n_boot)  # type: ignore[arg-type]
+        with pytest.raises(EvaluateError, match="--n-boot"):
+            bootstrap_cis(good, repos, n_boot=n_boot)  # type: ignore[arg-type]
 
 
 def test_bad_ranks_are_refused() -> None:
@@ -207,6 +212,11 @@ def test_pool_tasks_and_repo_pools() -> None:
     with pytest.raises(EvaluateError):
         parse_pool("1")
     assert parse_pool("1000") == PoolSpec("random", 1000)
+    # No seed scores no query; a negative one fails in numpy's generator: both refused, naming --seeds.
+    for seeds in ((), (-1,), (0, 1.5)):
+        with pytest.raises(EvaluateError, match="--seeds"):
+            parse_pool("10", seeds)  # type: ignore[arg-type]
+    assert parse_pool("split", ()).kind == "split"  # seeds matter to random pools only
     all_task = build_task("test", parse_pool("all"), q_idx, repos, labels, np.arange(n))
     assert all_task.groups.n_groups == n and len(all_task.cand_idx) == n
 

@@ -127,6 +127,9 @@ def test_probe_view_errors_are_one_clear_line(ds, tmp_path: Path) -> None:
     evaluate_retrieval(ds.store_path, baselines="ridge+last", plots=False, probe=leaky, n_boot=20)  # own split: fine
     with pytest.raises(EvaluateError, match="not in this split's train part"):
         evaluate_retrieval(ds.store_path, baselines="ridge+last", plots=False, probe=leaky, splits=fold)
+    # Evaluating train itself: the probe records are queries there, each reading its own body.
+    with pytest.raises(EvaluateError, match="queries of the evaluated train split"):
+        evaluate_retrieval(ds.store_path, split="train", baselines="ridge+last", plots=False, probe=leaky)
     other = make_dataset(tmp_path / "other", seed=1, name="other")
     with pytest.raises(EvaluateError, match="another store|not the first"):
         evaluate_retrieval(other.store_path, baselines="ridge+last", plots=False, probe=whole)

@@ -288,3 +288,19 @@ def test_reverse_maps_bodies_onto_their_signatures() -> None:
     assert cos.min() > 0.99
     # whitened on train (with shrinkage): far closer to isotropic than the raw views
     assert np.linalg.cond(np.cov(fit.queries(sigs[:300]).T)) < 0.1 * np.linalg.cond(np.cov(sigs[:300].T))
+
+
+def test_an_unfinished_store_is_evaluated_with_a_note(ds, tmp_path: Path) -> None:
+    import h5py
+
+    store = tmp_path / "unfinished.h5"
+    shutil.copy(ds.store_path, store)
+    with h5py.File(store, "r+") as f:  # as a killed `embed run` leaves it
+        m = json.loads(f.attrs["meta"])
+        m["extra"] = {**m.get("extra", {}), "complete": False}
+        f.attrs["meta"] = json.dumps(m)
+    res = evaluate_retrieval(store, corpus_dir=ds.corpus_dir, baselines="prototype,random", spaces="raw", n_boot=20,
+                             plots=False)
+    assert any("unfinished store" in n for n in res.notes)
+    assert not any("unfinished" in n for n in evaluate_retrieval(ds.store_path, baselines="random", spaces="raw",
+                                                                 n_boot=20, plots=False).notes)
