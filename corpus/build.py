@@ -28,8 +28,15 @@ from typing import Any
 from codejepa.core import CodejepaError, atomic_write_json, code_version, sha256_json
 from codejepa.corpus import sources as src
 from codejepa.corpus.extract import EXTRACTOR_VERSION, ExtractSettings, extract_file, is_trivial_hash
-from codejepa.corpus.records import CORPUS_FORMAT, CORPUS_FORMAT_VERSION, read_manifest
-from codejepa.corpus.split import RepoIndex, assign_split, compute_dropped, read_index
+from codejepa.corpus.records import (
+    CORPUS_FORMAT,
+    CORPUS_FORMAT_VERSION,
+    REBUILD,
+    read_manifest,
+    read_records,
+    recorded_functions,
+)
+from codejepa.corpus.split import RepoIndex, assign_split, compute_dropped, load_index, read_index
 
 STATE_FILE = ".build-state.json"
 CHUNK_BYTES = 512 * 1024  # files are sent to workers in chunks of about this many bytes
@@ -235,6 +242,24 @@ def _reusable(prev: dict[str, Any] | None, entry: dict[str, Any], out: Path) -> 
     )
 
 
+def _damage(prev: dict[str, Any], out: Path) -> str | None:
+    """Why a finished repo's files cannot be reused (None when intact).
+
+    Files are written atomically, so damage comes from outside (a truncated copy, a full
+    disk, a hand edit); a resumed repo must read back as the records the build wrote, else
+    every later stage would silently see fewer functions.
+    """
+    expected = recorded_functions(prev)
+    try:
+        n = sum(1 for _ in read_records(out / prev["records_file"]))
+        load_index(out / prev["index_file"], expected)
+    except CodejepaError as e:
+        return str(e).removesuffix(f"; {REBUILD}")  # the build is what rebuilds it
+    if expected is not None and n != expected:
+        return f"{out / prev['records_file']}: {n} records, the build wrote {expected}"
+    return None
+
+
 def _peek_commit(source: src.Source) -> str | None:
     if source.kind == "pypi":
         name, version = source.url[len("pypi:"):].split("==", 1)
@@ -365,6 +390,13 @@ def build_corpus(
     previous = _previous_entries(out)
     # Carried forward, so that a run interrupted twice still remembers what the first finished.
     state: dict[str, dict[str, Any]] = {n: e for n, e in previous.items() if e.get("status") == "ok"}
+    for source, entry in todo:
+        prev = previous.get(source.name)
+        why = _damage(prev, out) if _reusable(prev, entry, out) else None
+        if why:
+            say(f"note: {source.spec}: finished output is damaged, rebuilding it ({why})")
+            del previous[source.name]
+            state.pop(source.name, None)
     ex = settings.extract_settings()
     work_dir = settings.work_dir or tempfile.gettempdir()
 

@@ -130,7 +130,7 @@ def build(
     ),
 ) -> None:
     """Clone repositories, extract every function with exact spans, split by repository."""
-    from codejepa.core import CodejepaError
+    from codejepa.core import CLI_ERRORS, CodejepaError, error_line
     from codejepa.corpus.build import BuildSettings, build_corpus
     from codejepa.corpus.split import parse_ratios
 
@@ -151,8 +151,8 @@ def build(
         with _RichObserver() as obs:
             result = build_corpus(sources or [], out, settings, repos_file=repos_file,
                                   train_only_file=train_only_file, observer=obs)
-    except CodejepaError as e:
-        typer.echo(f"error: {e}", err=True)
+    except CLI_ERRORS as e:
+        typer.echo(f"error: {error_line(e)}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("interrupted: finished repositories are kept; run the same command again to resume", err=True)
@@ -167,13 +167,13 @@ def build(
 @app.command()
 def info(corpus: Path = typer.Argument(..., help="A corpus folder.")) -> None:
     """Summary of a built corpus (per-repo table and totals)."""
-    from codejepa.core import CodejepaError
+    from codejepa.core import CLI_ERRORS, error_line
     from codejepa.corpus.records import read_manifest
 
     try:
-        manifest = read_manifest(corpus)
-    except CodejepaError as e:
-        typer.echo(f"error: {e}", err=True)
+        manifest = read_manifest(corpus, require=("repos", "totals"))
+    except CLI_ERRORS as e:
+        typer.echo(f"error: {error_line(e)}", err=True)
         raise typer.Exit(1) from None
     _summary(manifest)
 
@@ -191,7 +191,7 @@ def folds(
     from rich.console import Console
     from rich.table import Table
 
-    from codejepa.core import CodejepaError
+    from codejepa.core import CLI_ERRORS, error_line
     from codejepa.corpus.folds import make_folds, write_fold
 
     try:
@@ -205,6 +205,6 @@ def folds(
             table.add_row(p.name, *(str(repos.count(s)) for s in ("test", "val", "train")),
                           *(f"{recs.count(s):,}" for s in ("train", "val", "test")))
         Console().print(table)
-    except CodejepaError as e:
-        typer.echo(f"error: {e}", err=True)
+    except CLI_ERRORS as e:
+        typer.echo(f"error: {error_line(e)}", err=True)
         raise typer.Exit(1) from None

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from codejepa.core import CodejepaError, atomic_write_json, sha256_json
-from codejepa.corpus.records import SPLITS, corpus_fingerprint, read_manifest
-from codejepa.corpus.split import RepoIndex, compute_dropped, read_index, split_point
+from codejepa.corpus.records import SPLITS, corpus_fingerprint, read_manifest, recorded_functions
+from codejepa.corpus.split import RepoIndex, compute_dropped, load_index, split_point
 
 SPLITS_FORMAT = "codejepa-splits"
 
@@ -84,10 +84,8 @@ def make_folds(corpus_dir: str | os.PathLike[str], folds: int, seed: int | None 
     pinned = {r["name"] for r in entries if r.get("train_only")}
     groups = fold_groups([r["name"] for r in entries if r["name"] not in pinned], folds, seed)
     fp = corpus_fingerprint(manifest)
-    try:  # each index file is read once, not once per fold
-        entries_of = {r["name"]: list(read_index(str(Path(corpus_dir) / r["index_file"]))) for r in entries}
-    except OSError as e:
-        raise CodejepaError(f"{corpus_dir}: unreadable index file ({e}); rebuild the corpus") from None
+    # Each index file is read once, not once per fold.
+    entries_of = {r["name"]: load_index(Path(corpus_dir) / r["index_file"], recorded_functions(r)) for r in entries}
     out = []
     for k in range(folds):
         repo_split = {**fold_repo_splits(groups, k), **{n: "train" for n in pinned}}
@@ -129,6 +127,8 @@ def read_splits(path: str | os.PathLike[str]) -> SplitAssignment:
         raise CodejepaError(f"{p}: not a codejepa split file")
     try:
         splits = {rid: s for s in SPLITS for rid in d["records"].get(s, [])}
+        if not all(isinstance(rid, str) for rid in splits):  # the key sorts them: ints would not compare
+            raise TypeError("record ids must be strings")
         a = SplitAssignment(splits, dict(d["repos"]), int(d["fold"]), int(d["folds"]), int(d["seed"]),
                             str(d["corpus_fingerprint"]), str(d["key"]))
     except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -28,6 +28,11 @@ from codejepa.core import CodejepaError, sha256_json
 CORPUS_FORMAT = "codejepa-corpus"
 CORPUS_FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+REBUILD = "rebuild with `codejepa corpus build`"
+
+
+class CorpusError(CodejepaError):
+    """A corpus that cannot be read as it is; the message is one line for the user."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,25 +171,61 @@ def write_records(path: str | os.PathLike[str], records: Iterable[FunctionRecord
 
 
 def read_records(path: str | os.PathLike[str]) -> Iterator[FunctionRecord]:
-    """Stream the records of one JSON Lines file."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield FunctionRecord.from_json(line)
+    """Stream the records of one JSON Lines file; a missing or damaged file is a
+    :class:`CorpusError` naming the file (and the line)."""
+    lineno = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    yield FunctionRecord.from_json(line)
+    except FileNotFoundError:
+        raise CorpusError(f"{path}: records file missing; {REBUILD}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorpusError(f"{path}: unreadable records file ({e}); {REBUILD}") from None
+    except (ValueError, KeyError, TypeError, IndexError) as e:  # JSONDecodeError is a ValueError
+        raise CorpusError(f"{path}:{lineno}: damaged records file ({type(e).__name__}: {e}); {REBUILD}") from None
 
 
-def read_manifest(corpus_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest of a corpus directory, or a :class:`CodejepaError` saying why not."""
+def read_manifest(corpus_dir: str | os.PathLike[str], *, require: Iterable[str] = ("repos",)) -> dict[str, Any]:
+    """The manifest of a corpus directory, or a :class:`CorpusError` saying why not.
+
+    ``require``: the top-level keys the caller needs (``corpus info`` also needs ``totals``).
+    """
     p = Path(corpus_dir) / "manifest.json"
     if not p.is_file():
-        raise CodejepaError(f"{corpus_dir}: not a corpus directory (no manifest.json); run `codejepa corpus build` first")
+        raise CorpusError(f"{corpus_dir}: not a corpus directory (no manifest.json); run `codejepa corpus build` first")
     try:
         manifest = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CodejepaError(f"{p}: unreadable corpus manifest ({e})") from None
-    if manifest.get("format") != CORPUS_FORMAT:
-        raise CodejepaError(f"{p}: not a codejepa corpus manifest")
+        raise CorpusError(f"{p}: unreadable corpus manifest ({e})") from None
+    if isinstance(manifest, dict) and manifest.get("format") != CORPUS_FORMAT:
+        raise CorpusError(f"{p}: not a codejepa corpus manifest")
+    why = _manifest_damage(manifest, require)
+    if why:
+        raise CorpusError(f"{p}: damaged corpus manifest ({why}); {REBUILD}")
     return manifest
+
+
+# The manifest's parts and their JSON types. Only "repos" is needed by every reader; the
+# others are checked when present (a hand-written corpus may leave them out).
+_MANIFEST_PARTS: dict[str, type] = {"repos": list, "dropped": dict, "settings": dict, "totals": dict}
+
+
+def _manifest_damage(manifest: Any, require: Iterable[str]) -> str | None:
+    """Why a parsed manifest cannot be used (None when it can): readers index into it
+    without further checks, so a wrong shape must be refused here, in one line."""
+    if not isinstance(manifest, dict):
+        return f"a JSON {type(manifest).__name__}, not an object"
+    for key in require:
+        if key not in manifest:
+            return f"no {key!r}"
+    for key, kind in _MANIFEST_PARTS.items():
+        if key in manifest and not isinstance(manifest[key], kind):
+            return f"{key!r} is not a JSON {'array' if kind is list else 'object'}"
+    if not all(isinstance(r, dict) for r in manifest.get("repos", [])):
+        return "a 'repos' entry is not an object"
+    return None
 
 
 # Build settings that change what records a corpus holds; the others (workers, clone jobs,
@@ -213,6 +254,13 @@ def corpus_fingerprint(manifest: dict[str, Any]) -> str:
     })
 
 
+def recorded_functions(entry: dict[str, Any]) -> int | None:
+    """The number of records the build wrote for a manifest repo entry (None when a
+    hand-made manifest does not say)."""
+    n = entry.get("functions")
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
 def load_records(
     corpus_dir: str | os.PathLike[str],
     splits: Iterable[str] | None = None,
@@ -233,6 +281,12 @@ def load_records(
             continue
         if wanted is not None and repo.get("split") not in wanted:
             continue
-        for rec in read_records(Path(corpus_dir) / repo["records_file"]):
+        path = Path(corpus_dir) / repo["records_file"]
+        n = 0
+        for n, rec in enumerate(read_records(path), 1):
             if rec.id not in dropped:
                 yield rec
+        # A file cut at a line boundary still parses: only the count the build recorded shows it.
+        expected = recorded_functions(repo)
+        if expected is not None and n != expected:
+            raise CorpusError(f"{path}: damaged records file ({n} records, the build wrote {expected}); {REBUILD}")

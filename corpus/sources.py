@@ -239,11 +239,18 @@ def git_env() -> dict[str, str]:
 
 
 def _git_error(source: Source, e: Exception) -> SourceError:
+    return SourceError(f"{source.spec}: git failed: {_git_reason(e)}")
+
+
+def _git_reason(e: Exception) -> str:
+    """The line of a failed git command's stderr that says why."""
     msg = getattr(e, "stderr", None) or str(e)
-    lines = [ln.strip() for ln in str(msg).splitlines() if ln.strip() and not ln.strip().startswith("stderr:")]
+    # GitPython prefixes git's first stderr line with "stderr: '": strip the prefix, not the
+    # line, which is often the only one and so the only reason.
+    lines = [ln.strip().removeprefix("stderr:").strip("'\" ") for ln in str(msg).splitlines()]
+    lines = [ln for ln in lines if ln]
     last = next((ln for ln in reversed(lines) if "fatal" in ln or "error" in ln.lower()), lines[-1] if lines else "")
-    last = last.replace("stderr: ", "").strip("'\" ")
-    return SourceError(f"{source.spec}: git failed: {last[:200]}")
+    return last[:200] or "no reason given"
 
 
 def remote_commit(source: Source) -> str | None:
@@ -312,10 +319,14 @@ def git_snapshot(source: Source, repo: "git.Repo", max_file_bytes: int) -> Snaps
         commit = repo.git.rev_parse("--verify", "--end-of-options", f"{rev}^{{commit}}", env=git_env()).strip()
     except git.exc.GitCommandError:
         if source.ref is None:
-            raise EmptyRepository(f"{source.spec}: empty repository (no commits)") from None
+            raise _no_head_commit(source, repo) from None
         raise SourceError(f"{source.spec}: ref {source.ref!r} not found") from None
     snap = Snapshot(source, commit)
-    listing = repo.git.ls_tree("-r", "-z", "-l", "--full-tree", commit, env=git_env(), stdout_as_string=False)
+    try:
+        listing = repo.git.ls_tree("-r", "-z", "-l", "--full-tree", commit, env=git_env(), stdout_as_string=False)
+    except git.exc.GitCommandError as e:  # a tree object of the commit is missing or corrupt
+        raise SourceError(f"{source.spec}: broken repository: cannot list the files of {commit[:12]} "
+                          f"({_git_reason(e)}; try `git fsck`)") from None
     blobs: list[tuple[str, str]] = []
     for entry in listing.split(b"\0"):
         if not entry:
@@ -328,17 +339,54 @@ def git_snapshot(source: Source, repo: "git.Repo", max_file_bytes: int) -> Snaps
             continue
         if not path.endswith(".py"):
             continue
+        if not size.isdigit():  # ls-tree prints a size it cannot read as "BAD"
+            snap.skipped.append((path, _unreadable_blob(sha.decode())))
+            continue
         if mode == b"120000":
-            target = repo.odb.stream(bytes.fromhex(sha.decode())).read().decode("utf-8", "replace")
-            snap.skipped.append((path, _symlink_reason(path, target)))
+            target = _read_blob(repo, sha.decode())
+            if target is None:
+                snap.skipped.append((path, _unreadable_blob(sha.decode())))
+            else:
+                snap.skipped.append((path, _symlink_reason(path, target.decode("utf-8", "replace"))))
             continue
         if int(size) > max_file_bytes:
             snap.skipped.append((path, f"over size limit ({int(size)} > {max_file_bytes} bytes)"))
             continue
         blobs.append((path, sha.decode()))
     for path, sha in sorted(blobs):
-        snap.files.append((path, repo.odb.stream(bytes.fromhex(sha)).read()))
+        data = _read_blob(repo, sha)
+        if data is None:
+            snap.skipped.append((path, _unreadable_blob(sha)))
+        else:
+            snap.files.append((path, data))
     return snap
+
+
+def _no_head_commit(source: Source, repo: "git.Repo") -> SourceError:  # noqa: F821
+    """Why HEAD has no commit: none was ever made (an empty repository), or HEAD names an
+    object the repository does not have (a damaged one, which must not read as empty)."""
+    import git
+
+    try:
+        head = repo.git.rev_parse("--verify", "--end-of-options", "HEAD", env=git_env()).strip()
+    except git.exc.GitCommandError:
+        return EmptyRepository(f"{source.spec}: empty repository (no commits)")
+    return SourceError(f"{source.spec}: broken repository: HEAD points to {head[:12]}, a missing or corrupt "
+                       "commit (objects deleted or damaged; try `git fsck`)")
+
+
+def _read_blob(repo: "git.Repo", sha: str) -> bytes | None:  # noqa: F821
+    """A blob's bytes, or None when the object store cannot give them (missing or corrupt)."""
+    import git
+
+    try:
+        return repo.odb.stream(bytes.fromhex(sha)).read()
+    except (ValueError, OSError, git.exc.GitError):  # GitPython: ValueError for a missing object
+        return None
+
+
+def _unreadable_blob(sha: str) -> str:
+    return f"git object {sha[:12]} missing or corrupt (damaged repository; try `git fsck`)"
 
 
 def _symlink_reason(path: str, target: str) -> str:

@@ -14,13 +14,14 @@ which copy of a duplicate survives does not depend on the order sources were giv
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from codejepa.core import CodejepaError
 from codejepa.corpus.extract import is_trivial_hash
-from codejepa.corpus.records import SPLITS
+from codejepa.corpus.records import REBUILD, SPLITS, CorpusError
 
 DROP_TRIVIAL = "trivial body in a held-out split"
 DROP_TRAIN_DUPLICATE = "body also occurs in train"
@@ -125,3 +126,18 @@ def read_index(path: str) -> Iterator[tuple[str, str]]:
             rid, _, h = line.rstrip("\n").partition("\t")
             if rid:
                 yield rid, h
+
+
+def load_index(path: str | os.PathLike[str], rows: int | None) -> list[tuple[str, str]]:
+    """A repo's whole index file, checked against the ``rows`` the build recorded (None: not
+    known); a :class:`CorpusError` naming the file when it is missing, unreadable or cut short
+    (a truncated index would otherwise silently shrink every split made from it)."""
+    try:
+        entries = list(read_index(str(path)))
+    except FileNotFoundError:
+        raise CorpusError(f"{path}: index file missing; {REBUILD}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CorpusError(f"{path}: unreadable index file ({e}); {REBUILD}") from None
+    if rows is not None and len(entries) != rows:
+        raise CorpusError(f"{path}: damaged index file ({len(entries)} rows, the build wrote {rows}); {REBUILD}")
+    return entries

@@ -11,7 +11,7 @@ from _corpus_fixtures import EXPECTED_MAIN, GIT_ENV, fixture_files, make_repo
 from typer.testing import CliRunner
 
 from codejepa.core import CodejepaError
-from codejepa.corpus import load_records, read_manifest
+from codejepa.corpus import CorpusError, load_records, read_manifest
 from codejepa.corpus.records import corpus_fingerprint
 from codejepa.corpus.build import STATE_FILE, BuildObserver, BuildSettings, build_corpus
 from codejepa.corpus.split import DROP_TRAIN_DUPLICATE, DROP_TRIVIAL, assign_split
@@ -178,6 +178,68 @@ def test_resume_skips_done_repos_and_redoes_changed_ones(tmp_path: Path) -> None
     # Different extraction settings: nothing is reused.
     fourth = build_corpus([str(a), b.as_uri()], out, BuildSettings(max_siblings=3))
     assert not any(r.get("resumed") for r in fourth.repos)
+
+
+def _cut(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def test_resume_rebuilds_a_repo_whose_finished_output_is_damaged(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_repo(a, {"a.py": "".join(f"def fa{i}():\n    return {i}\n\n" for i in range(3))})
+    make_repo(b, {"b.py": "def fb():\n    return 'b'\n"})
+    out = tmp_path / "c"
+    first = build_corpus([str(a), str(b)], out)
+    rec_a, idx_a = (out / first.repos[0][k] for k in ("records_file", "index_file"))
+    whole = rec_a.read_bytes()
+    # Cut mid-line, cut at a line boundary (still parses), and an index cut short: each one
+    # is rebuilt with a note; the intact repo is still resumed.
+    for damage in (lambda: _cut(rec_a, 40), lambda: _cut(rec_a, whole.index(b"\n") + 1), lambda: _cut(idx_a, 10)):
+        damage()
+        again = build_corpus([str(a), str(b)], out)
+        assert [r.get("resumed", False) for r in again.repos] == [False, True]
+        assert any(m.startswith(f"note: {a}: finished output is damaged, rebuilding it") for m in again.messages)
+        assert rec_a.read_bytes() == whole
+        assert {r.qualname for r in load_records(out)} == {"fa0", "fa1", "fa2", "fb"}
+
+
+def test_damaged_corpus_files_are_one_clear_error(tmp_path: Path) -> None:
+    repo = tmp_path / "r"
+    make_repo(repo, {"m.py": "".join(f"def f{i}():\n    return {i}\n\n" for i in range(3))})
+    out = tmp_path / "c"
+    entry = build_corpus([str(repo)], out).repos[0]
+    rec = out / entry["records_file"]
+    whole = rec.read_bytes()
+    second_line = whole.index(b"\n") + 1
+    _cut(rec, second_line + 20)  # the second record is cut short
+    with pytest.raises(CorpusError, match=rf"{rec.name}:2: damaged records file"):
+        list(load_records(out))
+    _cut(rec, second_line)  # cut at a line boundary: parses, but is not what the build wrote
+    with pytest.raises(CorpusError, match="1 records, the build wrote 3"):
+        list(load_records(out))
+    rec.write_bytes(b"\xff\xfe" + whole)
+    with pytest.raises(CorpusError, match="unreadable records file"):
+        list(load_records(out))
+    rec.unlink()
+    with pytest.raises(CorpusError, match="records file missing"):
+        list(load_records(out))
+    rec.write_bytes(whole)
+    manifest = out / "manifest.json"
+    good = manifest.read_text()
+    for text, why in (("[1, 2]", "a JSON list, not an object"), ('{"format": "codejepa-corpus"}', "no 'repos'"),
+                      ('{"format": "codejepa-corpus", "repos": {}}', "'repos' is not a JSON array"),
+                      ('{"format": "codejepa-corpus", "repos": [1]}', "a 'repos' entry is not an object")):
+        manifest.write_text(text)
+        with pytest.raises(CorpusError, match=f"damaged corpus manifest \\({why}\\); rebuild"):
+            list(load_records(out))
+        r = run_cli("info", str(out))
+        assert r.exit_code == 1 and "damaged corpus manifest" in r.output and "Traceback" not in r.output
+    m = json.loads(good)
+    del m["totals"]
+    manifest.write_text(json.dumps(m))
+    assert len(list(load_records(out))) == 3  # the readers of records do not need the totals
+    r = run_cli("info", str(out))  # the summary does
+    assert r.exit_code == 1 and "no 'totals'" in r.output
 
 
 class _Interrupt(BuildObserver):

@@ -148,6 +148,44 @@ def test_empty_repository_and_missing_ref(tmp_path: Path) -> None:
         src.snapshot(src.parse_source(f"{repo}@nosuchbranch"), tmp_path, max_file_bytes=10)
 
 
+def _delete_object(repo: Path, sha: str) -> None:
+    (repo / ".git" / "objects" / sha[:2] / sha[2:]).unlink()
+
+
+def test_a_missing_source_repository_says_why(tmp_path: Path) -> None:
+    # git's only stderr line comes prefixed with "stderr:" by GitPython: it is the reason.
+    with pytest.raises(src.SourceError, match=r"git failed: fatal: repository .* does not exist"):
+        src.snapshot(src.parse_source((tmp_path / "nope").as_uri()), tmp_path, max_file_bytes=10)
+
+
+def test_a_repository_whose_objects_are_gone_is_broken_not_empty(tmp_path: Path) -> None:
+    repo = tmp_path / "r"
+    make_repo(repo, {"a.py": "x = 1\n"})
+    for d in (repo / ".git" / "objects").iterdir():
+        if len(d.name) == 2:  # the loose objects, the commit among them
+            for f in d.iterdir():
+                f.unlink()
+    with pytest.raises(src.SourceError, match="broken repository: HEAD points to") as e:
+        src.snapshot(src.parse_source(str(repo)), tmp_path, max_file_bytes=10)
+    assert not isinstance(e.value, src.EmptyRepository)
+
+
+def test_a_missing_blob_skips_its_file_and_keeps_the_rest(tmp_path: Path) -> None:
+    repo = tmp_path / "r"
+    make_repo(repo, {"a.py": "def a():\n    return 1\n", "b.py": "def b():\n    return 2\n",
+                     "c.py": "def c():\n    return 3\n", "link.py": "->gone.py"})
+    _delete_object(repo, git(repo, "rev-parse", "HEAD:b.py"))
+    _delete_object(repo, git(repo, "rev-parse", "HEAD:link.py"))
+    snap = src.snapshot(src.parse_source(str(repo)), tmp_path, max_file_bytes=10_000)
+    assert [p for p, _ in snap.files] == ["a.py", "c.py"]
+    reasons = dict(snap.skipped)
+    assert "missing or corrupt" in reasons["b.py"] and "missing or corrupt" in reasons["link.py"]
+    # Through a build, the repository is kept with the file listed as skipped.
+    res = build_corpus([str(repo)], tmp_path / "c")
+    assert res.repos[0]["status"] == "ok" and res.repos[0]["functions"] == 2
+    assert {s["path"] for s in res.repos[0]["skipped"]} == {"b.py", "link.py"}
+
+
 # --------------------------------------------------------------------------- archives
 
 

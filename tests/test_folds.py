@@ -128,6 +128,29 @@ def test_each_fold_has_its_own_leak_filter_and_pinned_repos_stay_in_train(tmp_pa
     assert read_splits(tmp_path / "cli" / "fold-2.json").key == folds[2].key
 
 
+def test_a_damaged_index_or_split_file_is_one_clear_error(tmp_path: Path) -> None:
+    corpus = _index_corpus(tmp_path)
+    idx = corpus / "repos" / "c.index.tsv"
+    whole = idx.read_bytes()
+    idx.write_bytes(whole[:whole.index(b"\n") + 1])  # cut short: every fold would silently shrink
+    with pytest.raises(CodejepaError, match="c.index.tsv: damaged index file .1 rows, the build wrote 4."):
+        make_folds(corpus, 3)
+    idx.write_bytes(whole + b"\xbb\n")
+    with pytest.raises(CodejepaError, match="c.index.tsv: unreadable index file"):
+        make_folds(corpus, 3)
+    r = runner.invoke(app, ["corpus", "folds", str(corpus), "--out", str(tmp_path / "f"), "--folds", "3"])
+    assert r.exit_code == 1 and "unreadable index file" in r.output
+    assert not (tmp_path / "f").exists()
+    idx.write_bytes(whole)
+    # Record ids that are not strings: refused in one line, not a TypeError when sorting them.
+    d = make_folds(corpus, 3)[0].to_json()
+    d["records"]["train"][:1] = [1, 2]
+    bad = tmp_path / "ints.json"
+    bad.write_text(json.dumps(d))
+    with pytest.raises(CodejepaError, match="damaged split file .*record ids must be strings"):
+        read_splits(bad)
+
+
 @pytest.fixture(scope="module")
 def cv(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("folds")
