@@ -35,7 +35,19 @@ def error_line(e: BaseException) -> str:
     if isinstance(e, CodejepaError):
         return str(e)
     where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-    return f"{where}I/O error ({getattr(e, 'strerror', None) or e}); a damaged file, a full disk or a missing permission?"
+    for kind, what in _OS_ERROR_WORDS:
+        if isinstance(e, kind):
+            return f"{where}{what}"
+    return f"{where}I/O error ({getattr(e, 'strerror', None) or e}); a damaged file or a full disk?"
+
+
+_OS_ERROR_WORDS: tuple[tuple[type[OSError], str], ...] = (
+    (FileExistsError, "a file is in the way (a folder was to be made here)"),
+    (NotADirectoryError, "a file where a folder is needed"),
+    (IsADirectoryError, "a folder where a file is needed"),
+    (FileNotFoundError, "no such file or folder"),
+    (PermissionError, "permission denied"),
+)
 
 
 def code_version() -> str:

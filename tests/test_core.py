@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,32 @@ def test_cached_sha256_keeps_what_a_concurrent_run_added_meanwhile(tmp_path: Pat
     assert core.cached_sha256_file(f) == hashlib.sha256(b"abc").hexdigest()
     cache = core._read_hash_cache(cache_file)
     assert cache["other|1|1"] == "feed" and hashlib.sha256(b"abc").hexdigest() in cache.values()
+
+
+def test_error_line_names_the_file_and_the_kind_of_os_error(tmp_path: Path) -> None:
+    from codejepa.core import CodejepaError, error_line
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(FileExistsError) as e:
+        blocker.mkdir()
+    assert error_line(e.value) == f"{blocker}: a file is in the way (a folder was to be made here)"
+    assert error_line(OSError("Can't synchronously read data")) == \
+        "I/O error (Can't synchronously read data); a damaged file or a full disk?"
+    assert error_line(CodejepaError("one line")) == "one line"
+
+
+def test_a_file_in_the_way_of_an_output_folder_is_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from codejepa.cli import app
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _predict_fixtures import make_store
+
+    store = make_store(tmp_path / "s.h5")
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    r = CliRunner().invoke(app, ["predict", "train", str(store), "--model", "mlp", "--out", str(blocker)])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert r.output.strip() == f"error: {blocker}: a file is in the way (a folder was to be made here)"
