@@ -25,6 +25,18 @@ class CodejepaError(Exception):
     """An expected failure with one clear, user-facing line (no traceback at the CLI)."""
 
 
+def read_json_object(path: Path, what: str, error: type[CodejepaError], redo: str) -> dict[str, Any]:
+    """A JSON file that must hold an object (``what`` names it in the message); unreadable,
+    not JSON or another shape: one ``error`` line ending in what to do (``redo``)."""
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: a damaged {what} ({e}); {redo}") from None
+    if not isinstance(d, dict):
+        raise error(f"{path}: a damaged {what} (not a JSON object); {redo}")
+    return d
+
+
 # What the commands turn into one line besides their own errors: the operating system's and
 # HDF5's I/O errors (a full disk, a file damaged in the middle that no header check can see).
 CLI_ERRORS: tuple[type[BaseException], ...] = (CodejepaError, OSError)

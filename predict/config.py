@@ -8,7 +8,6 @@ silently ignored setting. The resolved config is written to the run directory as
 from __future__ import annotations
 
 import difflib
-import json
 import tomllib
 import types
 import typing
@@ -16,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from codejepa.core import CodejepaError
+from codejepa.core import CodejepaError, read_json_object
 
 
 class ConfigError(CodejepaError):
@@ -402,16 +401,12 @@ def from_dict(d: dict[str, Any]) -> PredictConfig:
     return apply_overrides(PredictConfig(), _flatten(d)).validate()
 
 
+RESUME_REFUSED = "the run cannot be resumed, start a new --out"
+
+
 def read_run_config(path: str | Path) -> PredictConfig:
     """A run's ``config.json``; a damaged or foreign one is refused in one line."""
-    p = Path(path)
-    try:
-        d = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{p}: a damaged run config ({e}); the run cannot be resumed, start a new --out") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{p}: a damaged run config (not a JSON object); the run cannot be resumed, start a new --out")
-    return from_dict(d)
+    return from_dict(read_json_object(Path(path), "run config", ConfigError, RESUME_REFUSED))
 
 
 def resolve_config(

@@ -39,13 +39,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from codejepa.core import CodejepaError, atomic_write_bytes, atomic_write_json
+from codejepa.core import CodejepaError, atomic_write_bytes, atomic_write_json, read_json_object
 from codejepa.core import code_version as _code_version
 from codejepa.embed.store import Store, StoreError, open_store, use_split_file
 from codejepa.predict import losses
 from codejepa.predict.batching import corpus_columns, epoch_order
 from codejepa.predict.canonical import init_score_map
-from codejepa.predict.config import PredictConfig, read_run_config
+from codejepa.predict.config import RESUME_REFUSED, PredictConfig, read_run_config
 from codejepa.predict.data import (FeatureSpec, FeatureTable, RevealSpec, StreamingTable, batch_loader,
                                    estimate_cache_bytes, valid_records)
 from codejepa.predict.lexical import LexicalOffsets
@@ -292,16 +292,6 @@ def _store_check(run: dict[str, Any], store: Store, store_path: Path) -> None:
         )
 
 
-def _read_run_json(path: Path) -> dict[str, Any]:
-    try:
-        run = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TrainingError(f"{path}: a damaged run record ({e}); the run cannot be resumed, start a new --out") from None
-    if not isinstance(run, dict):
-        raise TrainingError(f"{path}: a damaged run record (not a JSON object); start a new --out")
-    return run
-
-
 def _read_log(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -384,7 +374,7 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
             raise TrainingError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
         ckpt = None
         if resume and existing:
-            run = _read_run_json(paths["run"]) if paths["run"].exists() else {}
+            run = read_json_object(paths["run"], "run record", TrainingError, RESUME_REFUSED) if paths["run"].exists() else {}
             _store_check(run, store, store_path)
             stored_cfg = read_run_config(paths["config"])
             if config is None:
