@@ -327,7 +327,9 @@ def build_corpus(
     that also occurs in them.
 
     Bad sources, failed clones and bad files are recorded with one line each and the run
-    goes on; :class:`CodejepaError` is raised only when the output folder cannot be made.
+    goes on; :class:`CodejepaError` is raised when the output folder cannot be made or a list
+    file cannot be read (a corpus built without its list would replace the one there). When
+    no repository could be built, an existing corpus's manifest is left as it was.
     """
     obs = observer or BuildObserver()
     out = Path(out_dir)
@@ -338,6 +340,13 @@ def build_corpus(
     if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").exists() and not (out / STATE_FILE).exists():
         if not (out / "repos").is_dir():
             raise CodejepaError(f"--out {out}: folder exists, is not empty and is not a corpus; choose another")
+    listed: list[tuple[str, bool]] = []
+    for path, pinned in ((repos_file, False), (train_only_file, True)):
+        if path is not None:
+            try:
+                listed += [(spec, pinned) for spec in src.read_repos_file(path)]
+            except src.SourceError as e:
+                raise CodejepaError(f"{e}; nothing was built") from None
     (out / "repos").mkdir(parents=True, exist_ok=True)
 
     messages: list[str] = []
@@ -346,18 +355,8 @@ def build_corpus(
         messages.append(line)
         obs.on_message(line)
 
-    specs = [(spec, False) for spec in sources]
-    if repos_file is not None:
-        try:
-            specs += [(spec, False) for spec in src.read_repos_file(repos_file)]
-        except src.SourceError as e:
-            say(str(e))
-    specs += [(spec, True) for spec in train_only]
-    if train_only_file is not None:
-        try:
-            specs += [(spec, True) for spec in src.read_repos_file(train_only_file)]
-        except src.SourceError as e:
-            say(str(e))
+    specs = [(spec, False) for spec in sources] + [s for s in listed if not s[1]]
+    specs += [(spec, True) for spec in train_only] + [s for s in listed if s[1]]
 
     entries: list[dict[str, Any]] = []
     todo: list[tuple[src.Source, dict[str, Any]]] = []
@@ -566,6 +565,8 @@ def _write_manifest(out: Path, entries: list[dict[str, Any]], settings: BuildSet
         "totals": totals,
         "dropped": drop.dropped,
     }
-    atomic_write_json(out / "manifest.json", manifest)
+    # A run where every source failed (a typo in a list) must not replace a built corpus.
+    if ok or not (out / "manifest.json").exists():
+        atomic_write_json(out / "manifest.json", manifest)
     return manifest
 

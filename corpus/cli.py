@@ -158,10 +158,10 @@ def build(
         typer.echo("interrupted: finished repositories are kept; run the same command again to resume", err=True)
         raise typer.Exit(130) from None
     _summary(result.manifest)
-    typer.echo(f"wrote {result.out_dir / 'manifest.json'}", err=True)
     if not result.ok:
-        typer.echo("error: no repository could be built", err=True)
+        typer.echo("error: no repository could be built (a corpus already there is kept as it was)", err=True)
         raise typer.Exit(1)
+    typer.echo(f"wrote {result.out_dir / 'manifest.json'}", err=True)
 
 
 @app.command()

@@ -325,8 +325,16 @@ def test_cli_build_and_exit_codes(fixture_repo: tuple[Path, str], tmp_path: Path
     # Missing --out parent and missing repos file.
     r = run_cli("build", str(repo), "--out", str(tmp_path / "no" / "parent"))
     assert r.exit_code == 1 and "parent folder" in r.output
-    r = run_cli("build", str(repo), "--repos-file", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "c2"))
-    assert r.exit_code == 0 and "does not exist" in r.output  # the other source was built
+    # A list that cannot be read stops the build before anything is written: built without its
+    # list, the corpus would replace the one there.
+    before = (out / "manifest.json").read_bytes()
+    for flag in ("--repos-file", "--train-only-file"):
+        r = run_cli("build", str(repo), flag, str(tmp_path / "nope.txt"), "--out", str(out))
+        assert r.exit_code == 1 and "does not exist; nothing was built" in r.output, r.output
+    r = run_cli("build", "/no/such/repo", "--out", str(out))  # every source fails: the corpus there is kept
+    assert r.exit_code == 1 and "kept as it was" in r.output
+    assert (out / "manifest.json").read_bytes() == before
+    assert run_cli("info", str(out)).exit_code == 0 and any(load_records(out))  # and its records still read
     r = run_cli("build", "--out", str(tmp_path / "c3"))
     assert r.exit_code == 1 and "nothing to build" in r.output
     assert "Traceback" not in r.output
