@@ -449,9 +449,12 @@ def evaluate_retrieval(
 
         rows = out.rows
         warnings = space_warnings + _flag(rows)
-        comparisons = _auto_comparisons(rows, n_boot, seed) + [
-            _compare_rows(rows, a, b, n_boot, seed) for a, b in compare
-        ]
+        comparisons = _auto_comparisons(rows, n_boot, seed)
+        for a, b in compare:
+            try:
+                comparisons.append(_compare_rows(rows, a, b, n_boot, seed))
+            except EvaluateError as e:  # a typo in a pair must not throw the whole evaluation away
+                warnings.append(f"--compare {a},{b} skipped: {e} (`codejepa evaluate compare` reads the saved ranks)")
         settings = {
             "split": split, "pool": pspec.to_json(), "spaces": space_names, "baselines": list(names),
             "ridge_input": ridge_input, "ridge_alphas": list(RIDGE_ALPHAS), "fusion_weights": list(FUSION_WEIGHTS),

@@ -223,3 +223,14 @@ def test_help_lists_every_baseline_on_a_narrow_terminal() -> None:
     assert r.exit_code == 0, r.output
     assert max(map(len, r.output.splitlines())) <= 80
     assert set(BASELINE_NAMES) <= set(re.findall(r"[\w+]+", r.output)), r.output
+
+
+def test_a_compare_typo_keeps_the_evaluation(ds, tmp_path: Path) -> None:
+    out = tmp_path / "ev"
+    r = runner.invoke(app, ["evaluate", "retrieval", str(ds.store_path), "--baselines", "prototype,random",
+                            "--space", "raw", "--n-boot", "10", "--no-plots", "--out", str(out),
+                            "--compare", "prototype@raw,random@-;prototype@rwa,random@-"])
+    assert r.exit_code == 0, r.output
+    data = json.loads((out / "retrieval.json").read_text())
+    assert [(c["a"], c["b"]) for c in data["comparisons"]] == [("prototype@raw", "random@-")]
+    assert any("--compare prototype@rwa,random@- skipped: no result 'prototype@rwa'" in w for w in data["warnings"])
