@@ -19,11 +19,11 @@ def _callback() -> None:
     """embed stage: per-token teacher states in an HDF5 store."""
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str, code: int = 1) -> None:
     from rich.console import Console
 
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {msg}", markup=True)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 def _progress() -> Any:
@@ -99,6 +99,9 @@ def run_cmd(
     except CLI_ERRORS as e:
         _fail(error_line(e))
         return
+    except KeyboardInterrupt:
+        _fail("interrupted: every committed batch is kept; run the same command again to continue", 130)
+        return
     skipped = sum(result.skipped.values())
     print(
         f"{result.path}: {result.written} records written this run, {result.already} before; "
@@ -158,6 +161,9 @@ def probe_cmd(
     except CLI_ERRORS as e:
         _fail(error_line(e))
         return
+    except KeyboardInterrupt:
+        _fail("interrupted: every committed batch is kept; run the same command again to continue", 130)
+        return
     print(f"{result.path}: {result.written} records probed this run, {result.already} before; "
           f"{result.model_tokens:,} teacher tokens in {result.seconds:.0f} s", file=sys.stderr)
 
@@ -193,6 +199,9 @@ def merge_cmd(
             res = merge_stores(shards, out, allow_partial=allow_partial, progress=lambda n: prog.advance(task, n))
     except CLI_ERRORS as e:
         _fail(error_line(e))
+        return
+    except KeyboardInterrupt:
+        _fail("interrupted: every committed batch is kept; run the same command again to continue", 130)
         return
     print(f"{res.path}: {res.records} records from {res.shards} stores ({res.copied} copied now); "
           f"{'complete' if res.complete else 'INCOMPLETE'}", file=sys.stderr)

@@ -15,11 +15,11 @@ def _callback() -> None:
     """Instance-level retrieval against honest baselines."""
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str, code: int = 1) -> None:
     from rich.console import Console
 
     Console(stderr=True).print(f"error: {msg}", style="bold red", soft_wrap=True, markup=False, highlight=False)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 def _out_console():
@@ -110,6 +110,9 @@ def retrieval(
             )
     except CLI_ERRORS as e:
         _fail(error_line(e))
+        return
+    except KeyboardInterrupt:
+        _fail("interrupted: the results were not saved (or only in part); run the same command again", 130)
         return
     render(result.to_json(), _out_console())
     if result.out_dir is not None:

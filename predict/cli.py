@@ -98,7 +98,7 @@ def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str, splits: Pa
     from codejepa.predict.train import train
 
     console = Console(stderr=True)
-    quiet = int(os.environ.get("RANK", "0")) != 0
+    quiet = os.environ.get("RANK", "0").strip() not in ("0", "")  # a bad RANK is refused by train()
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=console, disable=quiet, transient=False)

@@ -87,8 +87,18 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def _dist_env() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as torchrun sets them; nonsense is one line, not a crash."""
+    try:
+        rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", "0"), ("WORLD_SIZE", "1"),
+                                                                    ("LOCAL_RANK", "0")))
+    except ValueError:
+        raise TrainingError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (torchrun sets them)") from None
+    if world < 1 or not 0 <= rank < world or local < 0:
+        raise TrainingError(f"RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local}: need 0 <= RANK < WORLD_SIZE, "
+                            "LOCAL_RANK >= 0 (torchrun sets them)")
+    if world > 1 and not dist.is_initialized() and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+        raise TrainingError(f"WORLD_SIZE={world} without MASTER_ADDR/MASTER_PORT: start several ranks with torchrun")
+    return rank, world, local
 
 
 def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from _embed_fixtures import sample_records, write_corpus
@@ -80,3 +81,17 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "x.h5").exists()
     r = runner.invoke(app, ["embed", "run", str(corpus), "--out", str(tmp_path)])
     assert r.exit_code == 1 and "a folder, not a store file" in r.stderr
+
+
+def test_ctrl_c_says_the_work_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import codejepa.embed.probe as probe_mod
+    import codejepa.embed.run as run_mod
+
+    def interrupted(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_mod, "embed_corpus", interrupted)
+    monkeypatch.setattr(probe_mod, "compute_probe_view", interrupted)
+    for args in (["embed", "run", str(tmp_path), "--out", str(tmp_path / "s.h5")], ["embed", "probe", str(tmp_path / "s.h5")]):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 130 and "interrupted: every committed batch is kept" in r.stderr, r.output

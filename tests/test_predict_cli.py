@@ -55,12 +55,19 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
         (["--model", "mlp", "--set", "train.checkpoint_every_steps=-5", "--out", str(tmp_path / "y")],
          "train.checkpoint_every_steps must be ≥ 0"),
         (["--model", "mlp", "--set", "model.mlp_hidden=0", "--out", str(tmp_path / "y")], "model sizes must be positive"),
+        (["--model", "mlp", "--set", "optim.betas=[2,3]", "--out", str(tmp_path / "y")], "optim.betas must be two"),
+        (["--model", "mlp", "--set", "optim.weight_decay=-1", "--out", str(tmp_path / "y")], "optim.weight_decay"),
+        (["--model", "mlp", "--set", "loss.smoothl1_beta=-1", "--out", str(tmp_path / "y")], "loss.smoothl1_beta"),
         (["--model", "mlp", "--config", str(binary), "--out", str(tmp_path / "y")], "not valid TOML"),
         (["--out", str(tmp_path / "empty"), "--resume"], "no run to resume here"),
         (["--out", str(damaged), "--resume"], "a damaged run config"),
         (["--out", str(lost), "--resume"], "last.pt is missing, but log.jsonl records trained epochs"),
     ]:
         r = runner.invoke(app, ["predict", "train", str(store), *args])
+        assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output, r.output
+    for env, msg in (({"RANK": "abc", "WORLD_SIZE": "2"}, "must be integers"), ({"WORLD_SIZE": "0"}, "need 0 <= RANK"),
+                     ({"RANK": "0", "WORLD_SIZE": "2"}, "without MASTER_ADDR")):
+        r = runner.invoke(app, ["predict", "train", str(store), "--model", "mlp", "--out", str(tmp_path / "y")], env=env)
         assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "y").exists()  # refused before anything is written
     assert (lost / "best.pt").read_bytes() == best_before  # the trained best.pt was not overwritten
