@@ -39,7 +39,7 @@ import h5py
 import numpy as np
 
 from codejepa.core import CodejepaError, code_version
-from codejepa.embed.store import Store, StoreError, open_format_file, open_store
+from codejepa.embed.store import Store, StoreError, ensure_free_space, open_format_file, open_store
 from codejepa.embed.template import pad_token_id
 
 PROBE_FORMAT = "codejepa-probe-view"
@@ -432,6 +432,10 @@ def _create(path: Path, meta: ProbeMeta) -> h5py.File:
 
 def _commit(f: h5py.File, ids: Sequence[str], view: np.ndarray, at: int) -> None:
     """Rows first, then the committed count: a kill in between leaves the rows unread."""
+    try:
+        ensure_free_space(Path(f.filename), view.nbytes)
+    except StoreError as e:
+        raise ProbeError(str(e)) from None
     n = at + len(ids)
     for name in ("ids", "view"):
         if f[name].shape[0] < n:

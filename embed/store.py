@@ -256,6 +256,8 @@ class StoreWriter:
         batch = [p for p in batch if p.id not in self._ids]
         if not batch:
             return self.committed
+        need = sum((p.input_states.shape[0] + p.body_states.shape[0]) * p.input_states.shape[1] for p in batch)
+        ensure_free_space(self.path, need * np.dtype(self.meta.state_dtype).itemsize)
         n0 = self.committed
         n1 = n0 + len(batch)
         r = self.f["records"]
@@ -331,6 +333,22 @@ class StoreWriter:
         self.close()
 
 
+FREE_SPACE_MARGIN = 256 << 20  # bytes kept free beyond the batch itself (HDF5 metadata, other writers)
+
+
+def ensure_free_space(path: Path, need: int) -> None:
+    """Refuse to write ``need`` more bytes beside ``path`` when the disk cannot hold them: HDF5
+    does not always report a full disk, and a chunk it failed to write reads back as zeros in
+    a store that looks whole. The batches committed before are kept."""
+    import shutil
+
+    free = shutil.disk_usage(path.parent if path.parent.exists() else Path(".")).free
+    if free < 2 * need + FREE_SPACE_MARGIN:
+        raise StoreError(f"{path}: only {free / 1e6:,.0f} MB free on its disk, too little for the next batch "
+                         f"({need / 1e6:,.1f} MB and a margin); the committed batches are kept: free space and "
+                         "run the same command again")
+
+
 def open_format_file(path: Path, mode: str, *, fmt: str, version: int, what: str, writer: str,
                      error: type[CodejepaError], redo: str) -> h5py.File:
     """Open one of codejepa's HDF5 files (``what``: "store", "probe view"), turning each way
@@ -400,9 +418,9 @@ class Store:
             self.truncated: np.ndarray = r["truncated"][: self.n].astype(bool)
             self._off = {name: self.f[name]["offsets"][: self.n + 1] for name in PASSES}
             self._segments = self.f["inputs/segments"][: self.n]
-        except (KeyError, OSError, ValueError) as e:
+        except (KeyError, OSError, ValueError, IndexError) as e:  # IndexError: a split code out of range
             self.f.close()
-            raise StoreError(f"{self.path}: damaged store ({e})") from None
+            raise StoreError(f"{self.path}: damaged store ({type(e).__name__}: {e})") from None
 
     def __len__(self) -> int:
         return self.n

@@ -346,6 +346,10 @@ def evaluate_retrieval(
             notes.append(f"the store records no corpus manifest hash: {cv.corpus_dir} could not be verified as its corpus")
         all_idx = np.arange(len(store))
         bodies = store.pooled("body", all_idx)
+        if not np.isfinite(bodies).all():  # the writer refuses non-finite states: the file was damaged since
+            bad = int((~np.isfinite(bodies).all(axis=1)).sum())
+            raise EvaluateError(f"{store.path}: damaged store ({bad} records have non-finite body states); "
+                                "re-run `codejepa embed run` into a new store")
         canonical = "canonical" in space_names  # fitted on the ridge+last inputs: signature mean + last token
         need_sig = any(n in names for n in ("signature", "ridge", "ridge+last", "nn", "ridge+bm25", "reverse", "noisy_oracle")) or canonical
         need_last = "ridge+last" in names or "reverse" in names or canonical  # [signature mean, last token]

@@ -203,3 +203,30 @@ def test_truncated_or_damaged_files_are_named_so_not_locked(tmp_path: Path, monk
     with pytest.raises(StoreError, match="damaged store .*attributes cannot be read") as e:
         open_store(p)
     assert "\n" not in str(e.value)
+
+
+def test_a_disk_too_full_for_the_next_batch_stops_before_writing(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    p = tmp_path / "s.h5"
+    with StoreWriter(p, meta()) as w:
+        w.append([rec(0)])
+        usage = namedtuple("usage", "total used free")
+        monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(1 << 30, (1 << 30) - (1 << 20), 1 << 20))
+        with pytest.raises(StoreError, match="MB free on its disk.*committed batches are kept"):
+            w.append([rec(1)])
+    monkeypatch.undo()
+    with open_store(p) as s:
+        assert list(s.ids) == ["id0"]
+
+
+def test_a_damaged_split_code_is_a_damaged_store(tmp_path: Path) -> None:
+    p = tmp_path / "s.h5"
+    with StoreWriter(p, meta()) as w:
+        w.append([rec(0), rec(1)])
+    with h5py.File(p, "r+") as f:
+        f["records/split"][0] = 255  # bytes damaged in place: no split has that code
+    with pytest.raises(StoreError, match="damaged store"):
+        open_store(p)

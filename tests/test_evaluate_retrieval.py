@@ -306,3 +306,14 @@ def test_an_unfinished_store_is_evaluated_with_a_note(ds, tmp_path: Path) -> Non
     assert any("unfinished store" in n for n in res.notes)
     assert not any("unfinished" in n for n in evaluate_retrieval(ds.store_path, baselines="random", spaces="raw",
                                                                  n_boot=20, plots=False).notes)
+
+
+def test_non_finite_states_are_a_damaged_store(ds, tmp_path: Path) -> None:
+    import h5py
+
+    store = tmp_path / "nan.h5"
+    shutil.copy(ds.store_path, store)
+    with h5py.File(store, "r+") as f:  # the writer refuses NaN: only damage puts one there
+        f["targets/states"][0] = np.nan
+    with pytest.raises(EvaluateError, match="damaged store .*non-finite body states"):
+        evaluate_retrieval(store, corpus_dir=ds.corpus_dir, baselines="random", spaces="raw", n_boot=10, plots=False)
