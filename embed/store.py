@@ -187,7 +187,10 @@ class StoreWriter:
             # write" on disk, and after a kill -9 HDF5 refuses to open it at all (h5clear
             # needed). With the old superblock, a killed store reopens and the ``committed``
             # mark says what to trust (tests/test_embed_resume.py kills a real process).
-            self.f = h5py.File(self.path, "w", libver="earliest")
+            try:
+                self.f = h5py.File(self.path, "w", libver="earliest")
+            except OSError as e:
+                raise StoreError(f"{self.path}: cannot create the store ({e})") from None
             self._create(chunk_tokens)
             self._ids = set()
 
@@ -361,6 +364,9 @@ def open_format_file(path: Path, mode: str, *, fmt: str, version: int, what: str
         # would also match the "sblock" of a truncated file's message.
         if "unable to lock file" in str(e).lower():
             raise error(f"{path}: the {what} is open for writing in another process (an `{writer}` still going?)") from None
+        if "permission denied" in str(e).lower():
+            how = "" if mode == "r" else " for writing"
+            raise error(f"{path}: permission denied (the {what} cannot be opened{how})") from None
         if "truncated file" in str(e).lower():
             raise error(f"{path}: a truncated {what} (cut short by a full disk or an interrupted copy?); {redo}") from None
         raise error(f"{path}: not a readable {what} (corrupt or foreign file: {e})") from None

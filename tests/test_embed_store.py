@@ -230,3 +230,24 @@ def test_a_damaged_split_code_is_a_damaged_store(tmp_path: Path) -> None:
         f["records/split"][0] = 255  # bytes damaged in place: no split has that code
     with pytest.raises(StoreError, match="damaged store"):
         open_store(p)
+
+
+def test_permission_denied_is_named_not_called_corrupt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = tmp_path / "s.h5"
+    with StoreWriter(p, meta()) as w:
+        w.append([rec(0)])
+    real = h5py.File
+
+    def denied(path: object, mode: str = "r", **kw: object) -> h5py.File:
+        if mode != "r":  # as a read-only file or folder answers (root ignores chmod, so simulated)
+            raise OSError(f"[Errno 13] Unable to synchronously open file (unable to open file: name = '{path}', "
+                          "errno = 13, error message = 'Permission denied')")
+        return real(path, mode, **kw)
+
+    monkeypatch.setattr(h5py, "File", denied)
+    with pytest.raises(StoreError, match="permission denied .*for writing"):
+        StoreWriter(p, meta())
+    with pytest.raises(StoreError, match="cannot create the store .*Permission denied"):
+        StoreWriter(tmp_path / "new.h5", meta())
+    with open_store(p) as s:  # reading still works
+        assert len(s) == 1
