@@ -113,7 +113,11 @@ def load_predictor(run_dir: str | os.PathLike[str], device: str = "cpu", *, chec
         raise PredictorError(f"{path}: weights do not fit the run's config ({str(e).splitlines()[0]})") from None
     stats = model.norm.stats()
     if (run / "stats.pt").is_file():
-        stats.counts = dict(NormStats.from_plain(torch.load(run / "stats.pt", weights_only=True)).counts)
+        try:  # only the counts are read from it (the statistics themselves live in the checkpoint)
+            stats.counts = dict(NormStats.from_plain(torch.load(run / "stats.pt", weights_only=True)).counts)
+        except Exception as e:  # torch's own message advises an unsafe load
+            raise PredictorError(f"{run / 'stats.pt'}: damaged or foreign statistics file ({type(e).__name__}); "
+                                 "retrain the run, or delete it to evaluate without its counts") from None
     model.to(dev)
     best = next((h for h in ck.get("history", []) if h.get("epoch") == ck.get("best_epoch")), None)
     # The run folder's name: what the user chose to tell runs apart (the preset is in .config.name).

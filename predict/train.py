@@ -448,7 +448,7 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
             except Exception:  # a torn or foreign file: fit again
                 need_stats = True
         if ckpt is not None and need_stats:
-            raise TrainingError(f"{paths['stats']}: missing or fitted on other data; the run cannot be resumed")
+            raise TrainingError(f"{paths['stats']}: missing, damaged or fitted on other data; the run cannot be resumed")
         _barrier(world)
 
         # ---- run directory and train-split statistics ----

@@ -304,6 +304,11 @@ def test_checkpoints_are_data_and_code_is_refused(store_path: Path, tmp_path: Pa
     torch.save(ck, run / "best.pt")
     with pytest.raises(PredictorError, match="weights_only"):
         load_predictor(run)
+    del ck["payload"]
+    torch.save(ck, run / "best.pt")
+    (run / "stats.pt").write_bytes(b"\x80garbage")
+    with pytest.raises(PredictorError, match="stats.pt: damaged or foreign statistics file"):
+        load_predictor(run)
 
 
 def test_every_loss_term_and_norm_option_trains(store_path: Path, tmp_path: Path) -> None:
