@@ -25,6 +25,12 @@ class CodejepaError(Exception):
     """An expected failure with one clear, user-facing line (no traceback at the CLI)."""
 
 
+def printable(name: str) -> str:
+    """A file name fit for a title, a legend or JSON: bytes that are not UTF-8 (kept by Python as
+    lone surrogates, which matplotlib and json refuse) shown as U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def read_json_object(path: Path, what: str, error: type[CodejepaError], redo: str) -> dict[str, Any]:
     """A JSON file that must hold an object (``what`` names it in the message); unreadable,
     not JSON or another shape: one ``error`` line ending in what to do (``redo``)."""

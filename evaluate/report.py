@@ -169,6 +169,15 @@ def _write_outputs(result: Any, out_dir: Path, *, plots: bool) -> dict[str, str]
     out_dir.mkdir(parents=True, exist_ok=True)
     data = result.to_json()
     files = {"json": str(out_dir / JSON_FILE), "ranks": str(out_dir / RANKS_FILE), "table": str(out_dir / TABLE_FILE)}
+    # The figures first, the plots after them, retrieval.json last: an interrupted write leaves
+    # the ranks and the table, and retrieval.json only once everything is there.
+    buf = io.BytesIO()
+    np.savez_compressed(buf, __clusters__=np.asarray(result.rows[0].clusters if result.rows else [], dtype=str),
+                        **{r.key: r.ranks for r in result.rows})
+    atomic_write_bytes(out_dir / RANKS_FILE, buf.getvalue())
+    sio = io.StringIO()
+    render(data, Console(file=sio, width=200, color_system=None))
+    atomic_write_bytes(out_dir / TABLE_FILE, sio.getvalue().encode())
     if plots:
         from codejepa.evaluate.plots import plot_projection, plot_rank_distribution
 
@@ -178,13 +187,6 @@ def _write_outputs(result: Any, out_dir: Path, *, plots: bool) -> dict[str, str]
             files["projection_plot"] = str(proj)
     data["files"] = files
     atomic_write_json(out_dir / JSON_FILE, data)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, __clusters__=np.asarray(result.rows[0].clusters if result.rows else [], dtype=str),
-                        **{r.key: r.ranks for r in result.rows})
-    atomic_write_bytes(out_dir / RANKS_FILE, buf.getvalue())
-    sio = io.StringIO()
-    render(data, Console(file=sio, width=200, color_system=None))
-    atomic_write_bytes(out_dir / TABLE_FILE, sio.getvalue().encode())
     result.out_dir, result.files = out_dir, files
     return files
 

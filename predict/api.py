@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from codejepa.core import CodejepaError
+from codejepa.core import CodejepaError, printable
 from codejepa.embed.store import Store
 from codejepa.predict.config import PredictConfig, from_dict
 from codejepa.predict.data import FeatureTable
@@ -121,6 +121,6 @@ def load_predictor(run_dir: str | os.PathLike[str], device: str = "cpu", *, chec
     model.to(dev)
     best = next((h for h in ck.get("history", []) if h.get("epoch") == ck.get("best_epoch")), None)
     # The run folder's name: what the user chose to tell runs apart (the preset is in .config.name).
-    name = run.resolve().name or str(info.get("name", "predictor"))
+    name = printable(run.resolve().name) or str(info.get("name", "predictor"))
     return Predictor(model, cfg, stats, name=name, store_fingerprint=ck["store_fingerprint"],
                      hidden_size=d, device=dev, run_dir=run, epoch=int(ck.get("epoch", -1)), metrics=best)

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from codejepa.core import CodejepaError, atomic_write_bytes, atomic_write_json, read_json_object
+from codejepa.core import CodejepaError, atomic_write_bytes, atomic_write_json, printable, read_json_object
 from codejepa.core import code_version as _code_version
 from codejepa.embed.store import Store, StoreError, open_store, use_split_file
 from codejepa.predict import losses
@@ -660,7 +660,7 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                 _append_log(paths["log"], entry)
                 pe = cfg.train.plot_every_s
                 if pe >= 0 and (epoch + 1 == cfg.train.epochs or time.monotonic() - last_plot >= pe):
-                    write_curves(history, paths["curves"], f"{cfg.name or cfg.model.kind} — {store_path.name}",
+                    write_curves(history, paths["curves"], f"{cfg.name or cfg.model.kind} — {printable(store_path.name)}",
                                  cfg.norm.pooled_space, start_mrr)
                     last_plot = time.monotonic()
                 emit(entry)

@@ -90,3 +90,16 @@ def test_a_file_in_the_way_of_an_output_folder_is_one_line(tmp_path: Path) -> No
     r = CliRunner().invoke(app, ["predict", "train", str(store), "--model", "mlp", "--out", str(blocker)])
     assert r.exit_code == 1 and "Traceback" not in r.output, r.output
     assert r.output.strip() == f"error: {blocker}: a file is in the way (a folder was to be made here)"
+
+
+def test_printable_shows_non_utf8_file_name_bytes_as_replacement_characters() -> None:
+    name = os.fsdecode(b"bad\xffname.h5")  # how Python hands such a path over: a lone surrogate
+    assert core.printable(name) == "bad\ufffdname.h5" and core.printable("plain.h5") == "plain.h5"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.set_title(core.printable(name))  # the raw name raises TypeError inside matplotlib
+    plt.close(fig)
