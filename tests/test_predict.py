@@ -306,7 +306,7 @@ def test_checkpoints_are_data_and_code_is_refused(store_path: Path, tmp_path: Pa
         load_predictor(run)
     del ck["payload"]
     torch.save(ck, run / "best.pt")
-    (run / "stats.pt").write_bytes(b"\x80garbage")
+    (run / "stats.pt").write_bytes(b"not a torch file")
     with pytest.raises(PredictorError, match="stats.pt: damaged or foreign statistics file"):
         load_predictor(run)
 
