@@ -379,7 +379,8 @@ def open_format_file(path: Path, mode: str, *, fmt: str, version: int, what: str
         raise error(f"{path}: a damaged {what} (its attributes cannot be read: {e}); {redo}") from None
     if fmt_found != fmt:
         f.close()
-        raise error(f"{path}: an HDF5 file, but not a codejepa {what}")
+        other = f" (it is a {fmt_found})" if isinstance(fmt_found, str) and fmt_found.startswith("codejepa") else ""
+        raise error(f"{path}: an HDF5 file, but not a codejepa {what}{other}")
     if found != version:
         f.close()
         raise error(f"{path}: {what} format version {found} is not supported (this codejepa reads version {version}); {redo}")

@@ -179,7 +179,8 @@ def load_runs(run_dirs: Sequence[str | os.PathLike[str]], store: Any) -> list[Lo
     for rd in run_dirs:
         rd = Path(rd)
         if not rd.is_dir():
-            raise EvaluateError(f"{rd}: no such run directory")
+            raise EvaluateError(f"{rd}: a file, not a run directory (--run takes a `predict train --out` folder)"
+                                if rd.is_file() else f"{rd}: no such run directory")
         try:
             p = load_predictor(rd, device="cpu")
         except CodejepaError:

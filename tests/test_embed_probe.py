@@ -231,6 +231,7 @@ def test_cli_probes_with_the_default_teacher_and_fails_in_one_line(tmp_path: Pat
 
 @pytest.mark.parametrize("attrs, message", [
     ({"format": "something-else", "format_version": 1}, "an HDF5 file, but not a codejepa probe view"),
+    ({"format": "codejepa-store", "format_version": 1}, "not a codejepa probe view .it is a codejepa-store."),
     ({"format": "codejepa-probe-view", "format_version": 99}, "probe view format version 99 is not supported"),
 ])
 def test_a_foreign_or_newer_view_is_refused_in_one_line(attrs: dict, message: str, teachers: dict[str, Teacher],

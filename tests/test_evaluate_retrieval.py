@@ -276,6 +276,8 @@ def test_clear_errors(ds, tmp_path: Path) -> None:
     assert any("no result 'ridge@raw'" in w for w in res.warnings) and not res.comparisons
     with pytest.raises(EvaluateError, match="no such run directory"):
         evaluate_retrieval(ds.store_path, runs=[tmp_path / "no-run"])
+    with pytest.raises(EvaluateError, match="a file, not a run directory"):
+        evaluate_retrieval(ds.store_path, runs=[ds.store_path])  # the store given as a run
 
 
 def test_reverse_maps_bodies_onto_their_signatures() -> None:
