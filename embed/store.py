@@ -345,7 +345,7 @@ def ensure_free_space(path: Path, need: int) -> None:
     a store that looks whole. The batches committed before are kept."""
     import shutil
 
-    free = shutil.disk_usage(path.parent if path.parent.exists() else Path(".")).free
+    free = shutil.disk_usage(path.parent).free  # the file exists: its folder does
     if free < 2 * need + FREE_SPACE_MARGIN:
         raise StoreError(f"{path}: only {free / 1e6:,.0f} MB free on its disk, too little for the next batch "
                          f"({need / 1e6:,.1f} MB and a margin); the committed batches are kept: free space and "

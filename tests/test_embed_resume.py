@@ -166,7 +166,15 @@ def test_two_shards_merged_equal_one_unsharded_run(tmp_path: Path) -> None:
         shards.append(r.path)
     with pytest.raises(StoreError, match="missing"):
         merge_stores(shards[:1], tmp_path / "partial.h5")
-    res = merge_stores(shards, tmp_path / "merged.h5")
+
+    def stop(_n: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # a merge stopped after its first block of records
+        merge_stores(shards, tmp_path / "merged.h5", block_records=8, progress=stop)
+    with open_store(tmp_path / "merged.h5") as m:
+        assert 0 < len(m) < 40 and m.complete is False
+    res = merge_stores(shards, tmp_path / "merged.h5")  # resumed
     assert res.records == 40 and res.complete
     with open_store(tmp_path / "full.h5") as f, open_store(tmp_path / "merged.h5") as m:
         assert set(f.ids) == set(m.ids) and m.meta.shard == "0/1" and m.meta.extra["complete"]
