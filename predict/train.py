@@ -404,6 +404,15 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                 ckpt = load_checkpoint(paths["last"])
                 if ckpt.get("store_fingerprint") != store.fingerprint():
                     _store_check({"store_fingerprint": ckpt.get("store_fingerprint")}, store, store_path)
+                if (lost := _best_lost(paths["best"], ckpt)) is not None:
+                    if not (int(ckpt["best_epoch"]) == int(ckpt["epoch"]) and int(ckpt["step_in_epoch"]) == 0):
+                        raise TrainingError(f"{lost}; last.pt (epoch {ckpt['epoch']}) is intact, but the best "
+                                            f"epoch's ({ckpt['best_epoch']}) weights are lost: restore best.pt, "
+                                            "or start a new --out")
+                    if main:  # the best epoch is last.pt's own: its weights are there
+                        save_checkpoint(paths["best"], {k: v for k, v in ckpt.items() if k != "optimizer"})
+                        emit({"event": "warning", "message": f"{lost}; rewritten from last.pt, whose epoch "
+                                                             f"({ckpt['epoch']}) is the best"})
         if config is None:
             raise TrainingError("no config given and no run to resume")
         cfg = config.validate()
@@ -677,6 +686,23 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
         return summary
     finally:
         store.close()
+
+
+def _best_lost(best: Path, ckpt: dict[str, Any]) -> str | None:
+    """Why the best checkpoint that ``ckpt`` (last.pt) records is gone, or None when it is there.
+
+    Without this a resumed run that trains no further epoch ends "done" with the damage in
+    place, and one that does trains on unless an epoch beats the lost best.
+    """
+    if int(ckpt.get("best_epoch", -1)) < 0:
+        return None  # no best yet (a kill in the first epoch of a run without a ridge start)
+    if not best.exists():
+        return f"{best} is missing"
+    try:
+        load_checkpoint(best)
+    except TrainingError:
+        return f"{best} is damaged"
+    return None
 
 
 def _ckpt(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: PredictConfig, store: Store, epoch: int, step: int,

@@ -37,12 +37,16 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
     # mistakes: one line on stderr, non-zero exit, no traceback
     binary = tmp_path / "binary.toml"
     binary.write_bytes(bytes(range(256)))
-    damaged, lost = tmp_path / "damaged", tmp_path / "lost"
-    for d in (damaged, lost):
+    damaged, lost, bad_best, bad_last_best = (tmp_path / n for n in ("damaged", "lost", "bad_best", "bad_last_best"))
+    for d in (damaged, lost, bad_best, bad_last_best):
         shutil.copytree(out, d)
     (damaged / "config.json").write_text("{bad")
     (lost / "last.pt").unlink()
     best_before = (lost / "best.pt").read_bytes()
+    for d, best_epoch in ((bad_best, 1), (bad_last_best, 3)):  # last.pt (epoch 3) names the best epoch
+        ck = torch.load(d / "last.pt", weights_only=True)
+        torch.save({**ck, "best_epoch": best_epoch}, d / "last.pt")
+        (d / "best.pt").write_bytes(b"damaged")
     for args, msg in [
         (["--model", "mlp", "--set", "optim.lrr=1", "--out", str(tmp_path / "x")], "unknown config key 'optim.lrr'"),
         (["--model", "mlp", "--out", str(out)], "already holds a run"),
@@ -62,6 +66,7 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
         (["--out", str(tmp_path / "empty"), "--resume"], "no run to resume here"),
         (["--out", str(damaged), "--resume"], "a damaged run config"),
         (["--out", str(lost), "--resume"], "last.pt is missing, but log.jsonl records trained epochs"),
+        (["--out", str(bad_best), "--resume"], "best.pt is damaged; last.pt (epoch 3) is intact, but the best epoch's (1)"),
     ]:
         r = runner.invoke(app, ["predict", "train", str(store), *args])
         assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output, r.output
@@ -71,5 +76,11 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
         assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "y").exists()  # refused before anything is written
     assert (lost / "best.pt").read_bytes() == best_before  # the trained best.pt was not overwritten
+    assert (bad_best / "best.pt").read_bytes() == b"damaged"  # kept for the user to restore or inspect
+    # a damaged best.pt whose epoch is last.pt's own is rewritten from last.pt, with a warning
+    r = runner.invoke(app, ["predict", "train", str(store), "--out", str(bad_last_best), "--resume"])
+    assert r.exit_code == 0 and "rewritten from last.pt" in r.output, r.output
+    best, last = (torch.load(bad_last_best / n, weights_only=True) for n in ("best.pt", "last.pt"))
+    assert best["epoch"] == 3 and all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
     r = runner.invoke(app, ["predict", "train", str(tmp_path / "nope.h5"), "--model", "mlp", "--out", str(tmp_path / "z")])
     assert r.exit_code == 1 and "no such store" in r.output
