@@ -357,6 +357,9 @@ def open_format_file(path: Path, mode: str, *, fmt: str, version: int, what: str
     """Open one of codejepa's HDF5 files (``what``: "store", "probe view"), turning each way
     it can be unusable into one ``error`` line: locked by a running ``writer`` command,
     unreadable, another kind of HDF5 file, or another format version (``redo`` says what to do)."""
+    if mode != "w" and path.is_file() and path.stat().st_size == 0:
+        # HDF5 opening an empty file for appending makes it an empty HDF5 file: refuse, untouched.
+        raise error(f"{path}: an empty file, not a {what}; {redo}")
     try:
         f = h5py.File(path, mode)
     except OSError as e:

@@ -130,6 +130,24 @@ def test_a_killed_run_resumes_to_the_same_view_and_refuses_other_settings(teache
         compute_probe_view(store_path, tmp_path / "x.h5", ANY, teacher=teachers["bidirectional"])
 
 
+def test_a_disk_too_full_for_the_next_chunk_stops_the_view_and_keeps_what_was_committed(
+        teachers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    teacher = teachers["causal"]
+    store_path = _store(tmp_path, teacher)
+    compute_probe_view(store_path, tmp_path / "part.h5", ANY, teacher=teacher, max_chunks=1)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(1 << 30, (1 << 30) - (1 << 20), 1 << 20))
+    with pytest.raises(ProbeError, match="MB free on its disk.*committed batches are kept"):
+        compute_probe_view(store_path, tmp_path / "part.h5", ANY, teacher=teacher)
+    monkeypatch.undo()
+    with open_store(store_path) as s:
+        assert read_probe_view(tmp_path / "part.h5", s).committed == 4
+    assert compute_probe_view(store_path, tmp_path / "part.h5", ANY, teacher=teacher).already == 4
+
+
 def test_shards_resume_and_merge_into_the_whole_view(teachers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from codejepa.embed.probe import merge_probe_views
 
@@ -214,6 +232,10 @@ def test_cli_probes_with_the_default_teacher_and_fails_in_one_line(tmp_path: Pat
     bad.write_bytes(b"not hdf5 at all")
     r = runner.invoke(app, ["embed", "probe", str(store), "--out", str(bad)])
     assert r.exit_code == 1 and "not a readable probe view" in r.output and "Traceback" not in r.output
+    empty = tmp_path / "empty.probe.h5"
+    empty.touch()  # HDF5 would make an empty file an empty HDF5 file, then refuse that
+    r = runner.invoke(app, ["embed", "probe", str(store), "--out", str(empty)])
+    assert r.exit_code == 1 and "an empty file, not a probe view" in r.output and empty.stat().st_size == 0
     for i in (0, 1):
         r = runner.invoke(app, ["embed", "probe", str(store), "--device", "cpu", "--shard", f"{i}/2", "--out", str(tmp_path / "v.h5")])
         assert r.exit_code == 0, r.output
