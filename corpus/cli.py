@@ -20,7 +20,9 @@ class _RichObserver:
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+        from codejepa.progress import Progress
 
         self.console = Console(stderr=True)
         # No auto-refresh thread: parsing workers are forked, which must not happen while
@@ -75,7 +77,19 @@ class _RichObserver:
         self.progress.refresh()
 
 
-def _summary(manifest: dict[str, Any]) -> None:
+def _missing_files(manifest: dict[str, Any], corpus: Path) -> dict[str, list[str]]:
+    """repo name → the files a built repository's manifest entry names that are not there."""
+    missing = {}
+    for r in manifest["repos"]:
+        if r.get("status") == "ok":
+            gone = [r[k] for k in ("records_file", "index_file")
+                    if isinstance(r.get(k), str) and not (corpus / r[k]).is_file()]
+            if gone:
+                missing[r["name"]] = gone
+    return missing
+
+
+def _summary(manifest: dict[str, Any], missing: dict[str, list[str]] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -90,6 +104,8 @@ def _summary(manifest: dict[str, Any]) -> None:
     table.add_column("skipped files", justify="right", footer=f"{t['files_skipped']:,}")
     for r in manifest["repos"]:
         status = r["status"] + (" (resumed)" if r.get("resumed") else "")
+        if missing and r["name"] in missing:
+            status = "[red]files missing[/red]"
         table.add_row(
             r["name"], (r.get("split") or "-") + (" (pinned)" if r.get("train_only") else ""), status, f"{r['files']:,}", f"{r['functions']:,}",
             f"{r.get('test_functions', 0):,}", str(len(r.get("skipped", []))),
@@ -168,14 +184,20 @@ def build(
 def info(corpus: Path = typer.Argument(..., help="A corpus folder.")) -> None:
     """Summary of a built corpus (per-repo table and totals)."""
     from codejepa.core import CLI_ERRORS, error_line
-    from codejepa.corpus.records import read_manifest
+    from codejepa.corpus.records import REBUILD, read_manifest
 
     try:
         manifest = read_manifest(corpus, require=("repos", "totals"))
     except CLI_ERRORS as e:
         typer.echo(f"error: {error_line(e)}", err=True)
         raise typer.Exit(1) from None
-    _summary(manifest)
+    missing = _missing_files(manifest, corpus)
+    _summary(manifest, missing)
+    if missing:
+        files = ", ".join(f for gone in missing.values() for f in gone)
+        typer.echo(f"error: {len(missing)} built repositories have lost their files ({files}); "
+                   f"{REBUILD} (the same sources and --out: it rebuilds only those)", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -317,6 +317,13 @@ def test_cli_build_and_exit_codes(fixture_repo: tuple[Path, str], tmp_path: Path
     assert read_manifest(out)["repos"][0]["status"] == "ok"
     r = run_cli("info", str(out))
     assert r.exit_code == 0 and repo.name in r.output
+    entry = read_manifest(out)["repos"][0]
+    for key in ("records_file", "index_file"):  # a lost file is shown, and the build brings it back
+        (out / entry[key]).unlink()
+        r = run_cli("info", str(out))
+        assert r.exit_code == 1 and "files missing" in r.output and entry[key] in r.output, r.output
+        r = run_cli("build", "--repos-file", str(repos_file), "--out", str(out), "--workers", "2", "--seed", "0")
+        assert r.exit_code == 0 and run_cli("info", str(out)).exit_code == 0, r.output
 
     # Nothing could be built: non-zero, one line per bad source.
     r = run_cli("build", "ext::sh -c id", "/no/such/repo", "--out", str(tmp_path / "bad"))
