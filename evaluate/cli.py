@@ -83,11 +83,12 @@ def retrieval(
     """Rank each query's true body among the pool's distinct bodies, for every method and space."""
     from rich.console import Console
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
     from codejepa.core import CLI_ERRORS, error_line
     from codejepa.evaluate.report import render
     from codejepa.evaluate.retrieval import evaluate_retrieval
+    from codejepa.progress import Progress
 
     err = Console(stderr=True)
     try:

@@ -93,7 +93,9 @@ def config_cmd(
 
 def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str, splits: Path | None = None) -> None:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from codejepa.progress import Progress
 
     from codejepa.predict.train import train
 

@@ -103,3 +103,22 @@ def test_printable_shows_non_utf8_file_name_bytes_as_replacement_characters() ->
     fig, ax = plt.subplots()
     ax.set_title(core.printable(name))  # the raw name raises TypeError inside matplotlib
     plt.close(fig)
+
+
+@pytest.mark.parametrize("task, transient, expected", [
+    (False, False, ""), (True, True, ""), (True, False, "step"),
+])
+def test_progress_to_a_pipe_prints_no_stray_blank_line(task: bool, transient: bool, expected: str) -> None:
+    # A command refused before its first step prints its error line right after its output.
+    import io
+
+    from rich.console import Console
+    from rich.progress import TextColumn
+
+    from codejepa.progress import Progress
+
+    out = io.StringIO()
+    with Progress(TextColumn("{task.description}"), console=Console(file=out, width=40), transient=transient) as bar:
+        if task:
+            bar.add_task("step", total=3)
+    assert out.getvalue() == (f"{expected}\n" if expected else "")
