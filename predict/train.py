@@ -29,7 +29,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -362,6 +362,26 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
+@dataclass
+class _Position:
+    """Where training stands: what last.pt records besides the weights and the optimizer."""
+
+    epoch: int = 0  # epochs finished
+    step: int = 0  # steps done in the epoch after them
+    global_step: int = 0
+    loss_sum: float = 0.0  # that epoch's train loss so far, and over how many steps
+    loss_steps: int = 0
+    best_mrr: float = -1.0
+    best_epoch: int = -1  # 0: the ridge start; -1: none yet
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, ckpt: dict[str, Any]) -> _Position:
+        return cls(int(ckpt["epoch"]), int(ckpt["step_in_epoch"]), int(ckpt["global_step"]),
+                   float(ckpt["epoch_loss_sum"]), int(ckpt["epoch_loss_steps"]), float(ckpt["best_mrr"]),
+                   int(ckpt["best_epoch"]), list(ckpt["history"]))
+
+
 def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bool, dev: torch.device,
            rank: int, world: int, emit: Event, splits: Path | None = None) -> dict[str, Any]:
     main = rank == 0
@@ -384,56 +404,16 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
             raise TrainingError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
         ckpt = None
         if resume and existing:
-            run = read_json_object(paths["run"], "run record", TrainingError, RESUME_REFUSED) if paths["run"].exists() else {}
-            _store_check(run, store, store_path)
-            stored_cfg = read_run_config(paths["config"])
-            if config is None:
-                config = stored_cfg
-            else:
-                diff = {k: v for k, v in _config_diff(stored_cfg.to_dict(), config.to_dict()).items()
-                        if k not in RESUMABLE_CHANGES}
-                if diff:
-                    raise TrainingError(f"--resume with a config that differs from the run's in {sorted(diff)}; "
-                                        "resume without --config/--set, or start a new --out")
-            if not paths["last"].exists() and any(e.get("event") == "epoch" for e in _read_log(paths["log"])):
-                # An epoch end writes last.pt before its log line: trained epochs without it mean
-                # it was lost, and starting again would overwrite best.pt with an untrained start.
-                raise TrainingError(f"{paths['last']} is missing, but {paths['log'].name} records trained epochs; "
-                                    "restore it to resume, or start a new --out")
-            if paths["last"].exists():
-                ckpt = load_checkpoint(paths["last"])
-                if ckpt.get("store_fingerprint") != store.fingerprint():
-                    _store_check({"store_fingerprint": ckpt.get("store_fingerprint")}, store, store_path)
-                if (lost := _best_lost(paths["best"], ckpt)) is not None:
-                    if not (int(ckpt["best_epoch"]) == int(ckpt["epoch"]) and int(ckpt["step_in_epoch"]) == 0):
-                        raise TrainingError(f"{lost}; last.pt (epoch {ckpt['epoch']}) is intact, but the best "
-                                            f"epoch's ({ckpt['best_epoch']}) weights are lost: restore best.pt, "
-                                            "or start a new --out")
-                    if main:  # the best epoch is last.pt's own: its weights are there
-                        save_checkpoint(paths["best"], {k: v for k, v in ckpt.items() if k != "optimizer"})
-                        emit({"event": "warning", "message": f"{lost}; rewritten from last.pt, whose epoch "
-                                                             f"({ckpt['epoch']}) is the best"})
+            config, ckpt = _resume_point(paths, store, store_path, config, main, emit)
         if config is None:
             raise TrainingError("no config given and no run to resume")
         cfg = config.validate()
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
-        train_idx, val_idx = store.indices("train"), store.indices("val")
-        for split, idx in (("train", train_idx), ("val", val_idx)):
-            if len(idx) == 0:
-                raise TrainingError(f"{store_path}: the {split} split is empty "
-                                    f"({len(store)} records); training needs train and val records")
-        train_ok, val_ok = valid_records(store, train_idx), valid_records(store, val_idx)
-        train_idx, val_idx = train_idx[train_ok], val_idx[val_ok]
-        dropped = {"train_empty_body": int((~train_ok).sum()), "val_empty_body": int((~val_ok).sum())}
-        if len(train_idx) == 0 or len(val_idx) == 0:
-            raise TrainingError(f"{store_path}: no train or val record has a body token to predict")
-        B = cfg.train.batch_size
-        if len(train_idx) < B:
-            B = len(train_idx) - len(train_idx) % world
-        if B <= 0 or B % world:
-            raise TrainingError(f"train.batch_size ({B}) must be a positive multiple of the {world} DDP ranks")
+        train_idx, val_idx, dropped = _usable_records(store, store_path)
+        B = _global_batch(cfg.train.batch_size, len(train_idx), world)
         steps_per_epoch = len(train_idx) // B
+        total_steps = steps_per_epoch * cfg.train.epochs
         group_keys = columns = None
         if cfg.train.batch_groups == "file" or cfg.loss.lexical_weight:
             why = ("train.batch_groups = 'file' (or 'repo', which needs no corpus)" if cfg.train.batch_groups == "file"
@@ -444,18 +424,10 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
             group_keys = columns["file"][train_idx]
         elif cfg.train.batch_groups == "repo":
             group_keys = store.repos[train_idx]
-        total_steps = steps_per_epoch * cfg.train.epochs
-        d = store.meta.hidden_size
         stats_key = {"store_fingerprint": store.fingerprint(), "train_records": int(len(train_idx)),
                      "outlier_factor": cfg.norm.outlier_factor, "eps": cfg.norm.eps,
                      "whiten_shrink": cfg.norm.whiten_shrink}
-        need_stats = True  # statistics left by an earlier start are reused only if they were fitted the same way
-        if paths["stats"].exists():
-            try:
-                old = torch.load(paths["stats"], weights_only=True)
-                need_stats = {k: old.get(k) for k in stats_key} != stats_key
-            except Exception:  # a torn or foreign file: fit again
-                need_stats = True
+        need_stats = not _stats_fitted(paths["stats"], stats_key)
         if ckpt is not None and need_stats:
             raise TrainingError(f"{paths['stats']}: missing, damaged or fitted on other data; the run cannot be resumed")
         _barrier(world)
@@ -477,14 +449,14 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
         stats = NormStats.from_plain(torch.load(paths["stats"], weights_only=True))
 
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg, d)
+        model = build_model(cfg, store.meta.hidden_size)
         model.norm.load(stats)
         model.to(dev)
         n_params = count_parameters(model)
         if main and not paths["run"].exists():
             atomic_write_json(paths["run"], {
                 "format": "codejepa-predict-run", "name": cfg.name or cfg.model.kind,
-                "model_kind": cfg.model.kind, "parameters": n_params, "hidden_size": d,
+                "model_kind": cfg.model.kind, "parameters": n_params, "hidden_size": store.meta.hidden_size,
                 "store": str(store_path.resolve()), "store_fingerprint": store.fingerprint(),
                 "store_meta": asdict(store.meta), "store_complete": store.complete, "code_version": code_version(),
                 "torch": torch.__version__, "world_size": world, "device": str(dev),
@@ -495,64 +467,30 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
         o = cfg.optim
         opt_cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
         opt = opt_cls(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-
-        start_epoch = start_step = global_step = 0
-        loss_sum, loss_steps = 0.0, 0
-        best_mrr, best_epoch = -1.0, -1
-        history: list[dict[str, Any]] = []
+        pos = _Position()
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             torch.set_rng_state(ckpt["torch_rng"].cpu())
-            start_epoch, start_step, global_step = int(ckpt["epoch"]), int(ckpt["step_in_epoch"]), int(ckpt["global_step"])
-            loss_sum, loss_steps = float(ckpt["epoch_loss_sum"]), int(ckpt["epoch_loss_steps"])
-            best_mrr, best_epoch = float(ckpt["best_mrr"]), int(ckpt["best_epoch"])
-            history = list(ckpt["history"])
-            if main:  # drop log lines written after the checkpoint (a kill between the two)
-                kept = [e for e in _read_log(paths["log"]) if not (e.get("event") == "epoch" and e["epoch"] > start_epoch)]
-                logged = {e["epoch"] for e in kept if e.get("event") == "epoch"}
-                kept += [h for h in history if h["epoch"] not in logged]
-                atomic_write_bytes(paths["log"], "".join(json.dumps(e) + "\n" for e in kept).encode())
-                _append_log(paths["log"], {"event": "resume", "epoch": start_epoch, "step_in_epoch": start_step,
-                                           "time": time.time()})
+            pos = _Position.of(ckpt)
+            if main:
+                _trim_log(paths["log"], pos)
 
-        # ---- data ----
+        # ---- data, and the linear start (rank 0 only: DDP broadcasts rank 0's parameters and
+        # buffers when it wraps the model) ----
         spec = feature_spec(cfg, stats)
         emit({"event": "cache", "split": "train", "done": 0, "total": len(train_idx)})
         train_tab = make_table(store, train_idx, spec, cfg.data.cache_gb,
                                progress=lambda a, b: emit({"event": "cache", "split": "train", "done": a, "total": b}))
         val_tab = make_table(store, val_idx, spec, cfg.data.cache_gb) if main else None
-        if ckpt is None and getattr(model, "view_mu", None) is not None and main:
-            init_input_stats(model, train_tab)  # rank 0 only, as the ridge below (DDP broadcasts buffers)
-        if ckpt is None and cfg.model.linear_skip == "ridge" and main:
-            # Fitted on rank 0 only: DDP broadcasts rank 0's parameters when it wraps the model.
-            ridge_info = init_linear_path(model, train_tab, val_tab, cfg.model.ridge_alpha,
-                                          select_views=cfg.model.ridge_views == "select")
-            _append_log(paths["log"], {"event": "ridge_init", **ridge_info, "time": time.time()})
-            emit({"event": "ridge_init", **ridge_info})
-        if ckpt is None and cfg.loss.space == "canonical" and main:
-            # Fitted on rank 0 only, as the ridge above: DDP broadcasts buffers when it wraps the model.
-            score_info = init_score_map(model, train_tab)
-            _append_log(paths["log"], {"event": "score_map", **score_info, "time": time.time()})
-            emit({"event": "score_map", **score_info})
-
         lex_train = lex_val = None
         if cfg.loss.lexical_weight:
             assert columns is not None
             lex_train = LexicalOffsets(columns["signature"][train_idx], columns["body"][train_idx], seed=cfg.train.seed)
             if main:
                 lex_val = LexicalOffsets(columns["signature"][val_idx], columns["body"][val_idx], seed=cfg.train.seed)
-        if ckpt is None and cfg.model.linear_skip == "ridge" and main:
-            # The ridge start competes for best.pt as "epoch 0": a residual that only loses on
-            # val (on the demo's 2,000 records it overfits from the first epoch) falls back to
-            # the linear map it started from, not to its least bad epoch.
-            start_entry = {"event": "start_val", "epoch": 0, **evaluate_table(model, val_tab, cfg, dev, lex_val),
-                           "time": time.time()}
-            best_mrr, best_epoch = start_entry["val_mrr"], 0
-            save_checkpoint(paths["best"], {k: v for k, v in _ckpt(model, opt, cfg, store, 0, 0, 0, 0.0, 0, best_mrr, 0, []).items()
-                                            if k != "optimizer"})
-            _append_log(paths["log"], start_entry)
-            emit(start_entry)
+        if ckpt is None and main:
+            _fit_start(model, opt, cfg, store, train_tab, val_tab, lex_val, pos, paths, dev, emit)
         # The start's validation (this run's or, after a resume, the log's): the curves draw it,
         # and the summary reports it when no epoch beat it.
         start_val = next((e for e in reversed(_read_log(paths["log"])) if e.get("event") == "start_val"),
@@ -560,15 +498,7 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
         start_mrr = float(start_val["val_mrr"]) if start_val else None
 
         multiblock = cfg.mask.strategy == "multiblock" and cfg.model.kind == "transformer"
-        net: torch.nn.Module = model
-        if world > 1:
-            lo = cfg.loss
-            slot_loss = multiblock or (lo.regression != "none" and lo.regression_weight != 0 and lo.regression_on == "auto")
-            # A transformer whose loss reads only the pooled prediction leaves its slot head without
-            # gradients; DDP must be told, or it waits for them forever.
-            net = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[dev.index] if dev.type == "cuda" else None,
-                find_unused_parameters=cfg.model.kind == "transformer" and not slot_loss)
+        net = _wrap_ddp(model, cfg, dev, multiblock) if world > 1 else model
         per_rank = B // world
         lex_ref = None
         if lex_train is not None:  # after DDP has broadcast rank 0's fitted buffers (the canonical map)
@@ -576,11 +506,10 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                 ref_bodies = to_device(train_tab.batch(lex_train.ref), dev)["body"]
                 lex_ref = F.normalize(model.norm.to_score(model.norm.body_to_norm(ref_bodies)).float(), dim=-1)
         amp = cfg.train.amp and dev.type == "cuda"
-
         reveal_spec = (RevealSpec(cfg.train.seed, cfg.model.body_slots, cfg.mask.num_blocks, cfg.mask.block_frac)
                        if multiblock else None)
 
-        if main and start_epoch == 0 and start_step == 0:
+        if main and pos.epoch == 0 and pos.step == 0:
             _append_log(paths["log"], {"event": "start", "parameters": n_params, "steps_per_epoch": steps_per_epoch,
                                        "batch_size": B, "world_size": world, "train_records": int(len(train_idx)),
                                        "val_records": int(len(val_idx)), "stats": stats.summary(),
@@ -589,25 +518,25 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
         model.train()
         wait_s = step_s = 0.0
         last_plot = time.monotonic()
-        ckpt_at = (f"epoch {start_epoch} + {start_step} steps" if start_step else f"after epoch {start_epoch}") if ckpt else ""
-        for epoch in range(start_epoch, cfg.train.epochs):
+        ckpt_at = (f"epoch {pos.epoch} + {pos.step} steps" if pos.step else f"after epoch {pos.epoch}") if ckpt else ""
+        for epoch in range(pos.epoch, cfg.train.epochs):
             perm = epoch_order(len(train_idx), np.random.default_rng([cfg.train.seed, epoch]), group_keys,
                                cfg.train.group_size)
             shards = [perm[s * B + rank * per_rank: s * B + (rank + 1) * per_rank]
-                      for s in range(start_step, steps_per_epoch)]
+                      for s in range(pos.step, steps_per_epoch)]
             loader = batch_loader(train_tab, shards, reveal=reveal_spec, epoch=epoch, prefetch=cfg.data.prefetch,
                                   workers=cfg.data.workers)
             t_epoch = time.perf_counter()
-            for step, b in enumerate(loader, start=start_step):
-                lr = lr_at(global_step, total_steps, cfg)
+            for i, b in enumerate(loader):  # the loader runs to its end: it joins its threads there
+                shard, step = shards[i], pos.step
+                lr = lr_at(pos.global_step, total_steps, cfg)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 reveal = torch.from_numpy(b.pop("reveal")).to(dev) if "reveal" in b else None
                 bt = to_device(b, dev)
                 lex = None
                 if lex_train is not None and lex_ref is not None:
-                    rows = shards[step - start_step]
-                    lex = (lex_train.z(rows, rows).to(dev), lex_ref)
+                    lex = (lex_train.z(shard, shard).to(dev), lex_ref)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                     loss, parts, _ = batch_loss(net, model.norm, bt, cfg, reveal, lex)
                 bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=dev)
@@ -618,10 +547,10 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                             else "no checkpoint had been written yet")
                     if main:
                         _append_log(paths["log"], {"event": "diverged", "epoch": epoch + 1, "step": step,
-                                                   "global_step": global_step, "lr": lr, "time": time.time()})
+                                                   "global_step": pos.global_step, "lr": lr, "time": time.time()})
                         if cfg.train.plot_every_s >= 0:
-                            write_curves(history, paths["curves"], cfg.name or cfg.model.kind, cfg.norm.pooled_space,
-                                         start_mrr)
+                            write_curves(pos.history, paths["curves"], cfg.name or cfg.model.kind,
+                                         cfg.norm.pooled_space, start_mrr)
                     raise DivergedError(f"loss became non-finite at epoch {epoch + 1}, step {step + 1} (lr {lr:.3g}); "
                                         f"{kept}; lower optim.lr or set optim.grad_clip")
                 opt.zero_grad(set_to_none=True)
@@ -629,63 +558,89 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                 if o.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
                 opt.step()
-                global_step += 1
+                pos.step += 1
+                pos.global_step += 1
                 loss_v = float(loss.detach())
-                loss_sum += loss_v
-                loss_steps += 1
-                emit({"event": "step", "epoch": epoch + 1, "epochs": cfg.train.epochs, "step": step + 1,
-                      "steps": steps_per_epoch, "global_step": global_step, "loss": loss_v, "lr": lr,
+                pos.loss_sum += loss_v
+                pos.loss_steps += 1
+                emit({"event": "step", "epoch": epoch + 1, "epochs": cfg.train.epochs, "step": pos.step,
+                      "steps": steps_per_epoch, "global_step": pos.global_step, "loss": loss_v, "lr": lr,
                       **{k: float(v) for k, v in parts.items()}})
                 every = cfg.train.checkpoint_every_steps
-                if every and global_step % every == 0 and step + 1 < steps_per_epoch and main:
-                    save_checkpoint(paths["last"], _ckpt(model, opt, cfg, store, epoch, step + 1, global_step,
-                                                         loss_sum, loss_steps, best_mrr, best_epoch, history))
-                    ckpt_at = f"epoch {epoch} + {step + 1} steps"
+                if every and pos.global_step % every == 0 and pos.step < steps_per_epoch and main:
+                    save_checkpoint(paths["last"], _ckpt(model, opt, cfg, store, pos))
+                    ckpt_at = f"epoch {epoch} + {pos.step} steps"
             epoch_s = time.perf_counter() - t_epoch
             wait_s += loader.wait_s
             step_s += epoch_s
-            start_step = 0
             # ---- epoch end: mean train loss over ranks, validation and checkpoints on rank 0 ----
-            tl = torch.tensor([loss_sum, float(loss_steps)], dtype=torch.float64)
+            tl = torch.tensor([pos.loss_sum, float(pos.loss_steps)], dtype=torch.float64)
             if world > 1:
                 dist.all_reduce(tl)
-            train_loss = float(tl[0] / max(1.0, float(tl[1])))
-            loss_sum, loss_steps = 0.0, 0
+            pos.epoch, pos.step, pos.loss_sum, pos.loss_steps = epoch + 1, 0, 0.0, 0
             if main:
-                m = evaluate_table(model, val_tab, cfg, dev, lex_val)
-                entry = {"event": "epoch", "epoch": epoch + 1, "global_step": global_step, "lr": lr_at(global_step, total_steps, cfg),
-                         "train_loss": train_loss, **m, "data_wait_share": loader.wait_s / max(1e-9, epoch_s),
-                         "time": time.time()}
-                improved = m["val_mrr"] > best_mrr
-                if improved:
-                    best_mrr, best_epoch = m["val_mrr"], epoch + 1
-                entry["best_epoch"] = best_epoch
-                history.append(entry)
-                ck = _ckpt(model, opt, cfg, store, epoch + 1, 0, global_step, 0.0, 0, best_mrr, best_epoch, history)
-                if improved:  # best first: a kill between the two leaves last.pt behind best.pt, never ahead
-                    save_checkpoint(paths["best"], {k: v for k, v in ck.items() if k != "optimizer"})
-                save_checkpoint(paths["last"], ck)
-                ckpt_at = f"after epoch {epoch + 1}"
-                _append_log(paths["log"], entry)
+                entry = _end_epoch(model, opt, cfg, store, val_tab, lex_val, pos, paths, dev,
+                                   train_loss=float(tl[0] / max(1.0, float(tl[1]))),
+                                   lr=lr_at(pos.global_step, total_steps, cfg),
+                                   data_wait_share=loader.wait_s / max(1e-9, epoch_s))
+                ckpt_at = f"after epoch {pos.epoch}"
                 pe = cfg.train.plot_every_s
-                if pe >= 0 and (epoch + 1 == cfg.train.epochs or time.monotonic() - last_plot >= pe):
-                    write_curves(history, paths["curves"], f"{cfg.name or cfg.model.kind} — {printable(store_path.name)}",
+                if pe >= 0 and (pos.epoch == cfg.train.epochs or time.monotonic() - last_plot >= pe):
+                    write_curves(pos.history, paths["curves"],
+                                 f"{cfg.name or cfg.model.kind} — {printable(store_path.name)}",
                                  cfg.norm.pooled_space, start_mrr)
                     last_plot = time.monotonic()
                 emit(entry)
-            start_epoch = epoch + 1
             _barrier(world)
-        summary = {"run_dir": str(out), "best_epoch": best_epoch, "best_val_mrr": best_mrr,
+        summary = {"run_dir": str(out), "best_epoch": pos.best_epoch, "best_val_mrr": pos.best_mrr,
                    "epochs": cfg.train.epochs, "parameters": n_params,
-                   "best": next((h for h in history if h["epoch"] == best_epoch), None) if best_epoch else start_val,
+                   "best": (next((h for h in pos.history if h["epoch"] == pos.best_epoch), None) if pos.best_epoch
+                            else start_val),
                    "data_wait_share": wait_s / max(1e-9, step_s)}
         if main:
-            _append_log(paths["log"], {"event": "done", "best_epoch": best_epoch, "best_val_mrr": best_mrr, "time": time.time()})
+            _append_log(paths["log"], {"event": "done", "best_epoch": pos.best_epoch, "best_val_mrr": pos.best_mrr,
+                                       "time": time.time()})
             emit({"event": "done", **summary})
         _barrier(world)  # every rank leaves together: none tears the group down under another
         return summary
     finally:
         store.close()
+
+
+def _resume_point(paths: dict[str, Path], store: Store, store_path: Path, config: PredictConfig | None,
+                  main: bool, emit: Event) -> tuple[PredictConfig, dict[str, Any] | None]:
+    """The config to continue with and last.pt, once the run there is checked resumable."""
+    run = read_json_object(paths["run"], "run record", TrainingError, RESUME_REFUSED) if paths["run"].exists() else {}
+    _store_check(run, store, store_path)
+    stored_cfg = read_run_config(paths["config"])
+    if config is None:
+        config = stored_cfg
+    else:
+        diff = {k: v for k, v in _config_diff(stored_cfg.to_dict(), config.to_dict()).items()
+                if k not in RESUMABLE_CHANGES}
+        if diff:
+            raise TrainingError(f"--resume with a config that differs from the run's in {sorted(diff)}; "
+                                "resume without --config/--set, or start a new --out")
+    if not paths["last"].exists():
+        if any(e.get("event") == "epoch" for e in _read_log(paths["log"])):
+            # An epoch end writes last.pt before its log line: trained epochs without it mean
+            # it was lost, and starting again would overwrite best.pt with an untrained start.
+            raise TrainingError(f"{paths['last']} is missing, but {paths['log'].name} records trained epochs; "
+                                "restore it to resume, or start a new --out")
+        return config, None
+    ckpt = load_checkpoint(paths["last"])
+    if ckpt.get("store_fingerprint") != store.fingerprint():
+        _store_check({"store_fingerprint": ckpt.get("store_fingerprint")}, store, store_path)
+    if (lost := _best_lost(paths["best"], ckpt)) is not None:
+        if not (int(ckpt["best_epoch"]) == int(ckpt["epoch"]) and int(ckpt["step_in_epoch"]) == 0):
+            raise TrainingError(f"{lost}; last.pt (epoch {ckpt['epoch']}) is intact, but the best "
+                                f"epoch's ({ckpt['best_epoch']}) weights are lost: restore best.pt, "
+                                "or start a new --out")
+        if main:  # the best epoch is last.pt's own: its weights are there
+            save_checkpoint(paths["best"], _without_optimizer(ckpt))
+            emit({"event": "warning", "message": f"{lost}; rewritten from last.pt, whose epoch "
+                                                 f"({ckpt['epoch']}) is the best"})
+    return config, ckpt
 
 
 def _best_lost(best: Path, ckpt: dict[str, Any]) -> str | None:
@@ -705,18 +660,122 @@ def _best_lost(best: Path, ckpt: dict[str, Any]) -> str | None:
     return None
 
 
-def _ckpt(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: PredictConfig, store: Store, epoch: int, step: int,
-          global_step: int, loss_sum: float, loss_steps: int, best_mrr: float, best_epoch: int,
-          history: list[dict[str, Any]]) -> dict[str, Any]:
+def _usable_records(store: Store, store_path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """The train and val records with a body token to predict, and how many of each had none."""
+    train_idx, val_idx = store.indices("train"), store.indices("val")
+    for split, idx in (("train", train_idx), ("val", val_idx)):
+        if len(idx) == 0:
+            raise TrainingError(f"{store_path}: the {split} split is empty "
+                                f"({len(store)} records); training needs train and val records")
+    train_ok, val_ok = valid_records(store, train_idx), valid_records(store, val_idx)
+    dropped = {"train_empty_body": int((~train_ok).sum()), "val_empty_body": int((~val_ok).sum())}
+    train_idx, val_idx = train_idx[train_ok], val_idx[val_ok]
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise TrainingError(f"{store_path}: no train or val record has a body token to predict")
+    return train_idx, val_idx, dropped
+
+
+def _global_batch(batch_size: int, n_train: int, world: int) -> int:
+    """The global batch: ``train.batch_size``, or the largest that a small train split fills."""
+    B = batch_size if n_train >= batch_size else n_train - n_train % world
+    if B <= 0 or B % world:
+        raise TrainingError(f"train.batch_size ({B}) must be a positive multiple of the {world} DDP ranks")
+    return B
+
+
+def _stats_fitted(path: Path, key: dict[str, Any]) -> bool:
+    """Whether statistics left by an earlier start were fitted the same way (then they are reused)."""
+    if not path.exists():
+        return False
+    try:
+        old = torch.load(path, weights_only=True)
+        return {k: old.get(k) for k in key} == key
+    except Exception:  # a torn or foreign file: fit again
+        return False
+
+
+def _trim_log(log: Path, pos: _Position) -> None:
+    """Drop log lines written after the checkpoint (a kill between the two) and mark the resume."""
+    kept = [e for e in _read_log(log) if not (e.get("event") == "epoch" and e["epoch"] > pos.epoch)]
+    logged = {e["epoch"] for e in kept if e.get("event") == "epoch"}
+    kept += [h for h in pos.history if h["epoch"] not in logged]
+    atomic_write_bytes(log, "".join(json.dumps(e) + "\n" for e in kept).encode())
+    _append_log(log, {"event": "resume", "epoch": pos.epoch, "step_in_epoch": pos.step, "time": time.time()})
+
+
+def _fit_start(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: PredictConfig, store: Store, train_tab: Any,
+               val_tab: Any, lex_val: LexicalOffsets | None, pos: _Position, paths: dict[str, Path],
+               dev: torch.device, emit: Event) -> None:
+    """A new run's fitted start: input statistics, the ridge path, the canonical score map."""
+    if getattr(model, "view_mu", None) is not None:
+        init_input_stats(model, train_tab)
+    if cfg.model.linear_skip == "ridge":
+        ridge_info = init_linear_path(model, train_tab, val_tab, cfg.model.ridge_alpha,
+                                      select_views=cfg.model.ridge_views == "select")
+        _append_log(paths["log"], {"event": "ridge_init", **ridge_info, "time": time.time()})
+        emit({"event": "ridge_init", **ridge_info})
+    if cfg.loss.space == "canonical":
+        score_info = init_score_map(model, train_tab)
+        _append_log(paths["log"], {"event": "score_map", **score_info, "time": time.time()})
+        emit({"event": "score_map", **score_info})
+    if cfg.model.linear_skip == "ridge":
+        # The ridge start competes for best.pt as "epoch 0": a residual that only loses on
+        # val (on the demo's 2,000 records it overfits from the first epoch) falls back to
+        # the linear map it started from, not to its least bad epoch.
+        start_entry = {"event": "start_val", "epoch": 0, **evaluate_table(model, val_tab, cfg, dev, lex_val),
+                       "time": time.time()}
+        pos.best_mrr, pos.best_epoch = start_entry["val_mrr"], 0
+        save_checkpoint(paths["best"], _without_optimizer(_ckpt(model, opt, cfg, store, pos)))
+        _append_log(paths["log"], start_entry)
+        emit(start_entry)
+
+
+def _wrap_ddp(model: torch.nn.Module, cfg: PredictConfig, dev: torch.device, multiblock: bool) -> torch.nn.Module:
+    lo = cfg.loss
+    slot_loss = multiblock or (lo.regression != "none" and lo.regression_weight != 0 and lo.regression_on == "auto")
+    # A transformer whose loss reads only the pooled prediction leaves its slot head without
+    # gradients; DDP must be told, or it waits for them forever.
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[dev.index] if dev.type == "cuda" else None,
+        find_unused_parameters=cfg.model.kind == "transformer" and not slot_loss)
+
+
+def _end_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: PredictConfig, store: Store, val_tab: Any,
+               lex_val: LexicalOffsets | None, pos: _Position, paths: dict[str, Path], dev: torch.device, *,
+               train_loss: float, lr: float, data_wait_share: float) -> dict[str, Any]:
+    """Validate the epoch just finished (``pos.epoch``), checkpoint it and log it; its log entry."""
+    m = evaluate_table(model, val_tab, cfg, dev, lex_val)
+    entry = {"event": "epoch", "epoch": pos.epoch, "global_step": pos.global_step, "lr": lr,
+             "train_loss": train_loss, **m, "data_wait_share": data_wait_share, "time": time.time()}
+    improved = m["val_mrr"] > pos.best_mrr
+    if improved:
+        pos.best_mrr, pos.best_epoch = m["val_mrr"], pos.epoch
+    entry["best_epoch"] = pos.best_epoch
+    pos.history.append(entry)
+    ck = _ckpt(model, opt, cfg, store, pos)
+    if improved:  # best first: a kill between the two leaves last.pt behind best.pt, never ahead
+        save_checkpoint(paths["best"], _without_optimizer(ck))
+    save_checkpoint(paths["last"], ck)
+    _append_log(paths["log"], entry)
+    return entry
+
+
+def _without_optimizer(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """best.pt: what last.pt holds but the optimizer state (nothing resumes from best.pt)."""
+    return {k: v for k, v in ckpt.items() if k != "optimizer"}
+
+
+def _ckpt(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: PredictConfig, store: Store,
+          pos: _Position) -> dict[str, Any]:
     return {
         "format": CKPT_FORMAT, "format_version": CKPT_VERSION, "kind": cfg.model.kind,
         "hidden_size": store.meta.hidden_size, "config": cfg.to_dict(),
         "store_fingerprint": store.fingerprint(), "code_version": code_version(),
         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
-        "epoch": epoch, "step_in_epoch": step, "global_step": global_step,
-        "epoch_loss_sum": loss_sum, "epoch_loss_steps": loss_steps,
-        "best_mrr": best_mrr, "best_epoch": best_epoch, "history": [dict(h) for h in history],
+        "epoch": pos.epoch, "step_in_epoch": pos.step, "global_step": pos.global_step,
+        "epoch_loss_sum": pos.loss_sum, "epoch_loss_steps": pos.loss_steps,
+        "best_mrr": pos.best_mrr, "best_epoch": pos.best_epoch, "history": [dict(h) for h in pos.history],
     }
 
 
