@@ -225,177 +225,182 @@ def extract_file(
         result.skipped = str(e)
         return result
     result.encoding = enc
-    slice_enc = "utf-8" if enc in ("utf-8", "utf-8-sig") else enc
-    if slice_enc == "utf-8":
-        parsed, to_orig = data, None
+    if enc in ("utf-8", "utf-8-sig"):
+        parsed, to_orig, slice_enc = data, None, "utf-8"
     else:
-        parsed = data.decode(enc).encode("utf-8")
-        to_orig = _OffsetMap(data, enc)
+        parsed, to_orig, slice_enc = data.decode(enc).encode("utf-8"), _OffsetMap(data, enc), enc
 
     parser, query = _tools()
-    tree = parser.parse(parsed)
+    tree = parser.parse(parsed)  # held while its nodes are in use
     root = tree.root_node
     result.has_syntax_error = root.has_error
     caps = tree_sitter.QueryCursor(query).captures(root)
-    fns = sorted(caps.get("fn", []), key=lambda n: n.start_byte)
-    comments = sorted((c.start_byte, c.end_byte) for c in caps.get("comment", []))
-    comment_starts = [c[0] for c in comments]
-
-    def ob(off: int) -> int:
-        return off if to_orig is None else to_orig(off)
-
-    def text(start: int, end: int) -> str:
-        return data[ob(start) : ob(end)].decode(slice_enc)
-
-    def span(start_node: tree_sitter.Node, end_node: tree_sitter.Node, *, use_end_of_start: bool = False) -> Span:
-        s_byte = start_node.end_byte if use_end_of_start else start_node.start_byte
-        s_row = (start_node.end_point if use_end_of_start else start_node.start_point).row
-        e_byte, e_row = end_node.end_byte, end_node.end_point.row
-        if e_byte <= s_byte:  # empty span
-            return Span(ob(s_byte), ob(s_byte), s_row + 1, s_row + 1)
-        return Span(ob(s_byte), ob(e_byte), s_row + 1, e_row + 1)
-
-    def without_comments(start: int, end: int) -> str:
-        i = bisect.bisect_left(comment_starts, start)
-        parts, pos = [], start
-        while i < len(comments) and comments[i][0] < end:
-            cs, ce = comments[i]
-            parts.append(text(pos, cs))
-            pos = min(ce, end)
-            i += 1
-        parts.append(text(pos, end))
-        return "".join(parts)
+    src = _FileText(data, parsed, slice_enc, to_orig,
+                    sorted((c.start_byte, c.end_byte) for c in caps.get("comment", [])))
 
     # Module-scope imports: shared by every function of the file.
-    imports: list[ContextPiece] = []
-    for imp in sorted(caps.get("import", []), key=lambda n: n.start_byte):
-        if _scope_of(imp)[0].type == "module" and not imp.has_error:
-            imports.append(ContextPiece("import", text(imp.start_byte, imp.end_byte), span(imp, imp)))
-
+    imports = [ContextPiece("import", src.text(imp.start_byte, imp.end_byte), src.span(imp, imp))
+               for imp in sorted(caps.get("import", []), key=lambda n: n.start_byte)
+               if _scope_of(imp)[0].type == "module" and not imp.has_error]
+    infos, by_scope = _clean_functions(sorted(caps.get("fn", []), key=lambda n: n.start_byte), src, result)
     path_is_test = is_test_path(path)
-    # First pass: which functions survive, their scope, compact signature.
-    infos: list[_FnInfo] = []
-    by_scope: dict[int, list[_FnInfo]] = {}
-    for fn in fns:
-        outer = fn.parent if fn.parent is not None and fn.parent.type == "decorated_definition" else fn
-        scope, chain, broken = _scope_of(outer)
-        if broken or outer.has_error:
-            result.functions_with_errors += 1
-            continue
-        colon = _header_colon(fn)
-        if colon is None:
-            result.functions_with_errors += 1
-            continue
-        info = _FnInfo(fn, outer, colon, chain)
-        info.piece = ContextPiece("sibling", text(outer.start_byte, colon.end_byte), span(outer, colon))
-        infos.append(info)
-        group = by_scope.setdefault(scope.id, [])
-        info.scope_id, info.index = scope.id, len(group)
-        group.append(info)
-
-    class_cache: dict[int, ContextPiece | None | bool] = {}
+    class_cache: dict[int, ContextPiece | None] = {}
     for info in infos:
-        fn, outer, colon, chain = info.fn, info.outer, info.colon, info.chain
-        name = _name(fn)
-        qual: list[str] = []
-        class_pieces: list[ContextPiece] = []
-        in_test_class = False
-        for anc in chain:  # innermost first
-            if anc.type == "function_definition":
-                qual.append("<locals>")
-                qual.append(_name(anc))
-            else:
-                cname = _name(anc)
-                qual.append(cname)
-                in_test_class = in_test_class or cname.startswith("Test")
-                piece = class_cache.get(anc.id, False)
-                if piece is False:
-                    a_outer = anc.parent if anc.parent is not None and anc.parent.type == "decorated_definition" else anc
-                    a_colon = _header_colon(anc)
-                    piece = None
-                    if a_colon is not None:
-                        piece = ContextPiece("class", text(a_outer.start_byte, a_colon.end_byte), span(a_outer, a_colon))
-                    class_cache[anc.id] = piece
-                if piece is not None:
-                    class_pieces.append(piece)
-        qualname = ".".join([*reversed(qual), name])
+        name = _name(info.fn)
+        scopes, class_pieces, in_test_class = _enclosing(info.chain, src, class_cache)
         is_test = path_is_test or name.startswith("test") or in_test_class
         if is_test and settings.exclude_tests:
             result.tests_excluded += 1
             continue
-
-        # Docstring and body boundaries.
-        block = fn.child_by_field_name("body")
-        stmts = [c for c in block.named_children if c.type != "comment"] if block is not None else []
-        doc = stmts[0] if stmts and _is_docstring(stmts[0]) else None
-        sig_end = doc if doc is not None else colon
-        after = sig_end.end_byte
-        # Candidates for the body start: comments after the colon that tree-sitter hangs on
-        # the function node itself, then the block's children.
-        body_first = None
-        for c in fn.children:
-            if c.type == "comment" and c.start_byte >= after:
-                body_first = c
-                break
-        if body_first is None and block is not None:
-            for c in block.named_children:
-                if c.start_byte >= after:
-                    body_first = c
-                    break
-        rest = [s for s in stmts if s.start_byte >= after]
-        if rest and body_first is not None:
-            last = _last_code_node(rest[-1])
-            body_span = span(body_first, last)
-            body_text = text(body_first.start_byte, last.end_byte)
-            first_line_start = parsed.rfind(b"\n", 0, body_first.start_byte) + 1
-            indent_bytes = parsed[first_line_start : body_first.start_byte]
-            first_indent = len(indent_bytes.expandtabs(8)) if not indent_bytes.strip() else 0
-            norm = normalise_body(without_comments(body_first.start_byte, last.end_byte), first_indent)
-        else:
-            body_span = span(sig_end, sig_end, use_end_of_start=True)
-            body_text = ""
-            norm = normalise_body("")
-        sig_span = span(outer, sig_end)
-
+        sig_end, body_span, body_text, norm = _body(info, src)
         # Siblings: the nearest functions of the same scope, compact signature only.
         group, pos, m = by_scope[info.scope_id], info.index, settings.max_siblings
         window = group[max(0, pos - m) : pos] + group[pos + 1 : pos + 1 + m]
         near = sorted(window, key=lambda g: (abs(g.index - pos), g.index))[:m]
-        context = sorted([*imports, *class_pieces, *(g.piece for g in near)], key=_piece_order)
-
-        start = ob(outer.start_byte)
+        context = sorted([*imports, *class_pieces, *(g.piece for g in near if g.piece is not None)], key=_piece_order)
+        outer = info.outer
         result.records.append(
             FunctionRecord(
-                id=record_id(repo, commit, path, start),
+                id=record_id(repo, commit, path, src.ob(outer.start_byte)),
                 repo=repo,
                 url=url,
                 commit=commit,
                 path=path,
-                qualname=qualname,
+                qualname=".".join([*scopes, name]),
                 split=split,
                 is_test=is_test,
-                is_async=fn.children[0].type == "async",
-                signature=text(outer.start_byte, sig_end.end_byte),
+                is_async=info.fn.children[0].type == "async",
+                signature=src.text(outer.start_byte, sig_end.end_byte),
                 body=body_text,
-                signature_span=sig_span,
+                signature_span=src.span(outer, sig_end),
                 body_span=body_span,
                 context=tuple(context),
                 body_hash=hash_normalised(norm),
-                def_line=fn.start_point.row + 1,
+                def_line=info.fn.start_point.row + 1,
             )
         )
     return result
 
 
+@dataclass(frozen=True, slots=True)
+class _FileText:
+    """One file as parsed (UTF-8 bytes) and as stored: text and spans come from the stored bytes."""
+
+    data: bytes  # as stored at the commit
+    parsed: bytes  # what tree-sitter read: ``data`` re-encoded as UTF-8 when it was not
+    encoding: str  # of ``data``
+    to_orig: _OffsetMap | None  # parsed offset → stored offset (None: the same)
+    comments: list[tuple[int, int]]  # the comment nodes' parsed byte ranges, in order
+
+    def ob(self, off: int) -> int:
+        return off if self.to_orig is None else self.to_orig(off)
+
+    def text(self, start: int, end: int) -> str:
+        return self.data[self.ob(start) : self.ob(end)].decode(self.encoding)
+
+    def span(self, start_node: tree_sitter.Node, end_node: tree_sitter.Node, *, use_end_of_start: bool = False) -> Span:
+        s_byte = start_node.end_byte if use_end_of_start else start_node.start_byte
+        s_row = (start_node.end_point if use_end_of_start else start_node.start_point).row
+        e_byte, e_row = end_node.end_byte, end_node.end_point.row
+        if e_byte <= s_byte:  # empty span
+            return Span(self.ob(s_byte), self.ob(s_byte), s_row + 1, s_row + 1)
+        return Span(self.ob(s_byte), self.ob(e_byte), s_row + 1, e_row + 1)
+
+    def without_comments(self, start: int, end: int) -> str:
+        i = bisect.bisect_left(self.comments, (start, -1))
+        parts, pos = [], start
+        while i < len(self.comments) and self.comments[i][0] < end:
+            cs, ce = self.comments[i]
+            parts.append(self.text(pos, cs))
+            pos = min(ce, end)
+            i += 1
+        parts.append(self.text(pos, end))
+        return "".join(parts)
+
+    def indent_of(self, node: tree_sitter.Node) -> int:
+        """The width of the whitespace before ``node`` on its line (0 when code precedes it)."""
+        line_start = self.parsed.rfind(b"\n", 0, node.start_byte) + 1
+        before = self.parsed[line_start : node.start_byte]
+        return len(before.expandtabs(8)) if not before.strip() else 0
+
+
 @dataclass(slots=True, eq=False)
 class _FnInfo:
     fn: tree_sitter.Node
-    outer: tree_sitter.Node
+    outer: tree_sitter.Node  # the decorated_definition around ``fn``, or ``fn``
     colon: tree_sitter.Node
     chain: list[tree_sitter.Node]  # enclosing defs and classes, innermost first
     scope_id: int = 0
     index: int = 0  # position among the functions of its scope, in file order
     piece: ContextPiece | None = None  # its compact signature, as a sibling's context piece
+
+
+def _clean_functions(fns: list[tree_sitter.Node], src: _FileText,
+                     result: FileResult) -> tuple[list[_FnInfo], dict[int, list[_FnInfo]]]:
+    """The functions without syntax errors (the others are counted in ``result``), and each
+    scope's functions in file order: the candidates for each other's sibling context."""
+    infos: list[_FnInfo] = []
+    by_scope: dict[int, list[_FnInfo]] = {}
+    for fn in fns:
+        outer = fn.parent if fn.parent is not None and fn.parent.type == "decorated_definition" else fn
+        scope, chain, broken = _scope_of(outer)
+        colon = None if broken or outer.has_error else _header_colon(fn)
+        if colon is None:
+            result.functions_with_errors += 1
+            continue
+        info = _FnInfo(fn, outer, colon, chain)
+        info.piece = ContextPiece("sibling", src.text(outer.start_byte, colon.end_byte), src.span(outer, colon))
+        infos.append(info)
+        group = by_scope.setdefault(scope.id, [])
+        info.scope_id, info.index = scope.id, len(group)
+        group.append(info)
+    return infos, by_scope
+
+
+def _enclosing(chain: list[tree_sitter.Node], src: _FileText,
+               class_cache: dict[int, ContextPiece | None]) -> tuple[list[str], list[ContextPiece], bool]:
+    """The qualname's enclosing parts (outermost first), the enclosing class headers as
+    context pieces, and whether a class named ``Test…`` encloses the function."""
+    qual: list[str] = []
+    class_pieces: list[ContextPiece] = []
+    in_test_class = False
+    for anc in chain:  # innermost first
+        if anc.type == "function_definition":
+            qual += ["<locals>", _name(anc)]
+            continue
+        cname = _name(anc)
+        qual.append(cname)
+        in_test_class = in_test_class or cname.startswith("Test")
+        if anc.id not in class_cache:
+            a_outer = anc.parent if anc.parent is not None and anc.parent.type == "decorated_definition" else anc
+            a_colon = _header_colon(anc)
+            class_cache[anc.id] = (None if a_colon is None else
+                                   ContextPiece("class", src.text(a_outer.start_byte, a_colon.end_byte),
+                                                src.span(a_outer, a_colon)))
+        if (piece := class_cache[anc.id]) is not None:
+            class_pieces.append(piece)
+    return qual[::-1], class_pieces, in_test_class
+
+
+def _body(info: _FnInfo, src: _FileText) -> tuple[tree_sitter.Node, Span, str, str]:
+    """Where the signature ends (the docstring, or the header's colon), the body's span and
+    text, and its normalised form for the hash."""
+    fn, colon = info.fn, info.colon
+    block = fn.child_by_field_name("body")
+    stmts = [c for c in block.named_children if c.type != "comment"] if block is not None else []
+    sig_end = stmts[0] if stmts and _is_docstring(stmts[0]) else colon
+    after = sig_end.end_byte
+    # Candidates for the body start: comments after the colon that tree-sitter hangs on the
+    # function node itself, then the block's children.
+    body_first = next((c for c in fn.children if c.type == "comment" and c.start_byte >= after), None)
+    if body_first is None and block is not None:
+        body_first = next((c for c in block.named_children if c.start_byte >= after), None)
+    rest = [s for s in stmts if s.start_byte >= after]
+    if not rest or body_first is None:
+        return sig_end, src.span(sig_end, sig_end, use_end_of_start=True), "", normalise_body("")
+    last = _last_code_node(rest[-1])
+    norm = normalise_body(src.without_comments(body_first.start_byte, last.end_byte), src.indent_of(body_first))
+    return sig_end, src.span(body_first, last), src.text(body_first.start_byte, last.end_byte), norm
 
 
 def _piece_order(p: ContextPiece) -> tuple[int, str]:
