@@ -163,10 +163,14 @@ def _chunks(files: list[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:
 
 @dataclass(slots=True, eq=False)
 class _RepoJob:
+    """A cloned repository on its way through the parsing workers."""
+
     source: src.Source
     entry: dict[str, Any]
     started: float
-    pending: int = 0
+    meta: tuple[str, str, str, str] = ("", "", "", "")  # (name, url, commit, split) for the records
+    chunks: list[list[tuple[str, bytes]]] = field(default_factory=list)  # its files, as sent to workers
+    pending: int = 0  # chunks still being parsed
     results: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -331,15 +335,8 @@ def build_corpus(
     file cannot be read (a corpus built without its list would replace the one there). When
     no repository could be built, an existing corpus's manifest is left as it was.
     """
-    obs = observer or BuildObserver()
     out = Path(out_dir)
-    if not out.parent.is_dir():
-        raise CodejepaError(f"--out {out}: the parent folder {out.parent} does not exist")
-    if out.exists() and not out.is_dir():
-        raise CodejepaError(f"--out {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").exists() and not (out / STATE_FILE).exists():
-        if not (out / "repos").is_dir():
-            raise CodejepaError(f"--out {out}: folder exists, is not empty and is not a corpus; choose another")
+    _check_out(out)
     listed: list[tuple[str, bool]] = []
     for path, pinned in ((repos_file, False), (train_only_file, True)):
         if path is not None:
@@ -348,78 +345,200 @@ def build_corpus(
             except src.SourceError as e:
                 raise CodejepaError(f"{e}; nothing was built") from None
     (out / "repos").mkdir(parents=True, exist_ok=True)
-
-    messages: list[str] = []
-
-    def say(line: str) -> None:
-        messages.append(line)
-        obs.on_message(line)
-
     specs = [(spec, False) for spec in sources] + [s for s in listed if not s[1]]
     specs += [(spec, True) for spec in train_only] + [s for s in listed if s[1]]
 
-    entries: list[dict[str, Any]] = []
-    todo: list[tuple[src.Source, dict[str, Any]]] = []
-    seen: dict[str, str] = {}
-    for spec, pinned in specs:
+    build = _Build(out, settings, observer or BuildObserver())
+    entries, todo = build.plan(specs)
+    build.run(todo)
+    manifest = _write_manifest(out, entries, settings)
+    build.state_path.unlink(missing_ok=True)
+    n_splits = Counter(r["split"] for r in entries if r["status"] == "ok")
+    empty = [s for s in ("train", "val", "test") if n_splits[s] == 0]
+    if entries and any(r["status"] == "ok" for r in entries) and empty:
+        build.say(f"note: no repository landed in {', '.join(empty)} "
+                  "(split is per repo, from --seed; try another seed or more repos)")
+    return BuildResult(out, manifest, build.messages)
+
+
+def _check_out(out: Path) -> None:
+    if not out.parent.is_dir():
+        raise CodejepaError(f"--out {out}: the parent folder {out.parent} does not exist")
+    if out.exists() and not out.is_dir():
+        raise CodejepaError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").exists() and not (out / STATE_FILE).exists():
+        if not (out / "repos").is_dir():
+            raise CodejepaError(f"--out {out}: folder exists, is not empty and is not a corpus; choose another")
+
+
+_Todo = tuple[src.Source, dict[str, Any]]  # a source to build, and its manifest entry
+
+
+class _Build:
+    """One run of :func:`build_corpus`: what it has said, what it has finished (the state
+    file), and the pipeline of clones and parsing workers that gets the rest done."""
+
+    def __init__(self, out: Path, settings: BuildSettings, obs: BuildObserver) -> None:
+        self.out, self.settings, self.obs = out, settings, obs
+        self.messages: list[str] = []
+        self.state_path = out / STATE_FILE
+        self.previous = _previous_entries(out)
+        # Carried forward, so that a run interrupted twice still remembers what the first finished.
+        self.state: dict[str, dict[str, Any]] = {n: e for n, e in self.previous.items() if e.get("status") == "ok"}
+
+    def say(self, line: str) -> None:
+        self.messages.append(line)
+        self.obs.on_message(line)
+
+    def plan(self, specs: list[tuple[str, bool]]) -> tuple[list[dict[str, Any]], list[_Todo]]:
+        """Every source's manifest entry, and the sources to build (bad and duplicate ones are
+        entries already done); finished output that reads back damaged is forgotten."""
+        entries: list[dict[str, Any]] = []
+        todo: list[_Todo] = []
+        seen: dict[str, str] = {}
+        for spec, pinned in specs:
+            try:
+                source = src.parse_source(spec)
+            except src.SourceError as e:
+                entry = _new_entry(spec, None, self.settings)
+                entry.update(status="invalid source", message=str(e))
+                entries.append(entry)
+                self.say(str(e))
+                continue
+            entry = _new_entry(spec, source, self.settings, train_only=pinned)
+            if source.name in seen:
+                entry.update(status="duplicate",
+                             message=f"{spec}: same repository name {source.name!r} as {seen[source.name]}; skipped")
+                entry["name"] = f"{source.name} (duplicate: {spec})"
+                entries.append(entry)
+                self.say(entry["message"])
+                continue
+            seen[source.name] = spec
+            entries.append(entry)
+            todo.append((source, entry))
+        self.obs.on_start(len(entries))
+        for entry in entries:
+            if entry["status"] != "pending":
+                self.obs.on_repo_done(entry)
+        for source, entry in todo:
+            prev = self.previous.get(source.name)
+            why = _damage(prev, self.out) if _reusable(prev, entry, self.out) else None
+            if why:
+                self.say(f"note: {source.spec}: finished output is damaged, rebuilding it ({why})")
+                del self.previous[source.name]
+                self.state.pop(source.name, None)
+        return entries, todo
+
+    def run(self, todo: list[_Todo]) -> None:
+        """Clone (a thread pool) and parse (a process pool, ``workers`` > 1) every source of
+        ``todo``, with at most ``max(2, clone_jobs)`` repositories' files in memory at once."""
+        settings = self.settings
+        ex = settings.extract_settings()
+        pool = _start_pool(settings.workers) if settings.workers > 1 else None
+        clones = cf.ThreadPoolExecutor(max(1, settings.clone_jobs), thread_name_prefix="clone")
+        max_open = max(2, settings.clone_jobs)
+        queue = list(todo)
+        prep: dict[cf.Future[Any], tuple[src.Source, dict[str, Any], float]] = {}
+        parsing: dict[cf.Future[Any], _RepoJob] = {}
+        open_jobs: set[_RepoJob] = set()
         try:
-            source = src.parse_source(spec)
-        except src.SourceError as e:
-            entry = _new_entry(spec, None, settings)
-            entry.update(status="invalid source", message=str(e))
-            entries.append(entry)
-            say(str(e))
-            continue
-        entry = _new_entry(spec, source, settings, train_only=pinned)
-        if source.name in seen:
-            entry.update(status="duplicate", message=f"{spec}: same repository name {source.name!r} as {seen[source.name]}; skipped")
-            entry["name"] = f"{source.name} (duplicate: {spec})"
-            entries.append(entry)
-            say(entry["message"])
-            continue
-        seen[source.name] = spec
-        entries.append(entry)
-        todo.append((source, entry))
+            while queue or prep or parsing:
+                while queue and len(prep) + len(open_jobs) < max_open:
+                    source, entry = queue.pop(0)
+                    prep[clones.submit(self._prepare, source, entry)] = (source, entry, time.perf_counter())
+                done, _ = cf.wait([*prep, *parsing], return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    if fut in prep:
+                        job = self._prepared(fut, *prep.pop(fut))
+                        if job is None:
+                            continue
+                        if pool is None:
+                            for ch in job.chunks:
+                                self._parsed(job, _extract_chunk(ch, job.meta, ex))
+                            self._finish(job)
+                            continue
+                        job.pending = len(job.chunks)
+                        for ch in job.chunks:
+                            parsing[pool.submit(_extract_chunk, ch, job.meta, ex)] = job
+                        if job.chunks:
+                            open_jobs.add(job)
+                        else:
+                            self._finish(job)
+                    else:
+                        job = parsing.pop(fut)
+                        job.pending -= 1
+                        try:
+                            self._parsed(job, fut.result())
+                        except Exception as e:  # noqa: BLE001 - e.g. a worker killed by the OS
+                            job.entry.update(status="error", message=f"{job.source.spec}: a parsing worker "
+                                                                     f"failed: {type(e).__name__}: {e}")
+                        if job.pending == 0:
+                            open_jobs.discard(job)
+                            if job.entry["status"] == "error":
+                                self._fail(job.entry, "error", job.entry["message"])
+                            else:
+                                self._finish(job)
+        finally:
+            clones.shutdown(wait=True, cancel_futures=True)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
-    obs.on_start(len(entries))
-    for entry in entries:
-        if entry["status"] != "pending":
-            obs.on_repo_done(entry)
-    state_path = out / STATE_FILE
-    previous = _previous_entries(out)
-    # Carried forward, so that a run interrupted twice still remembers what the first finished.
-    state: dict[str, dict[str, Any]] = {n: e for n, e in previous.items() if e.get("status") == "ok"}
-    for source, entry in todo:
-        prev = previous.get(source.name)
-        why = _damage(prev, out) if _reusable(prev, entry, out) else None
-        if why:
-            say(f"note: {source.spec}: finished output is damaged, rebuilding it ({why})")
-            del previous[source.name]
-            state.pop(source.name, None)
-    ex = settings.extract_settings()
-    work_dir = settings.work_dir or tempfile.gettempdir()
+    def _save_state(self) -> None:
+        atomic_write_json(self.state_path, {"format": "codejepa-corpus-state", "repos": self.state})
 
-    def save_state() -> None:
-        atomic_write_json(state_path, {"format": "codejepa-corpus-state", "repos": state})
-
-    def prepare(source: src.Source, entry: dict[str, Any]) -> src.Snapshot | dict[str, Any]:
-        prev = previous.get(source.name)
-        if _reusable(prev, entry, out):
+    def _prepare(self, source: src.Source, entry: dict[str, Any]) -> src.Snapshot | dict[str, Any]:
+        """(In a clone thread.) The finished entry when the source is unchanged, else its files."""
+        prev = self.previous.get(source.name)
+        if _reusable(prev, entry, self.out):
             commit = _peek_commit(source)
             if commit is not None and commit == prev["commit"]:
                 return prev
-        return src.snapshot(source, work_dir, max_file_bytes=settings.max_file_bytes, depth=settings.depth_for(source))
+        s = self.settings
+        return src.snapshot(source, s.work_dir or tempfile.gettempdir(), max_file_bytes=s.max_file_bytes,
+                            depth=s.depth_for(source))
 
-    def fail(entry: dict[str, Any], status: str, message: str) -> None:
+    def _prepared(self, fut: cf.Future[Any], source: src.Source, entry: dict[str, Any],
+                  started: float) -> _RepoJob | None:
+        """A finished clone: the repository's parsing job, or None when it is already done
+        (failed, or resumed from an earlier run)."""
+        try:
+            got = fut.result()
+        except src.EmptyRepository as e:
+            self._fail(entry, "empty repository", str(e))
+            return None
+        except src.SourceError as e:
+            self._fail(entry, "failed", str(e))
+            return None
+        except Exception as e:  # noqa: BLE001 - a bug in one repo must not stop the run
+            self._fail(entry, "error", f"{source.spec}: {type(e).__name__}: {e}")
+            return None
+        if isinstance(got, dict):  # resumed: identical commit and settings
+            entry.clear()
+            entry.update(got, resumed=True)
+            self.state[entry["name"]] = entry
+            self._save_state()
+            self.obs.on_repo_done(entry)
+            return None
+        entry["commit"] = got.commit
+        entry["skipped"] = [{"path": p, "reason": r} for p, r in got.skipped]
+        self.obs.on_repo_files(source.name, len(got.files))
+        return _RepoJob(source, entry, started, meta=(source.name, source.url, got.commit, entry["split"]),
+                        chunks=_chunks(got.files))
+
+    def _parsed(self, job: _RepoJob, results: list[dict[str, Any]]) -> None:
+        job.results.extend(results)
+        self.obs.on_files_done(len(results), sum(len(r.get("records", ())) for r in results))
+
+    def _fail(self, entry: dict[str, Any], status: str, message: str) -> None:
         entry.update(status=status, message=message)
-        state[entry["name"]] = entry
-        save_state()
-        say(message)
-        obs.on_repo_done(entry)
+        self.state[entry["name"]] = entry
+        self._save_state()
+        self.say(message)
+        self.obs.on_repo_done(entry)
 
-    def finish(job: _RepoJob) -> None:
+    def _finish(self, job: _RepoJob) -> None:
+        """Write a parsed repository's records and index (atomically) and record it as done."""
         entry = job.entry
-        key = job.source.key
         rows: list[tuple[str, int, str, str, str, bool]] = []
         skipped = list(entry["skipped"])
         for f in sorted(job.results, key=lambda r: r["path"]):
@@ -433,10 +552,10 @@ def build_corpus(
             for start, line, rid, h, is_test in f["records"]:
                 rows.append((f["path"], start, line, rid, h, is_test))
         rows.sort(key=lambda r: (r[0], r[1]))
-        records_file = f"repos/{key}.jsonl"
-        index_file = f"repos/{key}.index.tsv"
-        _atomic_lines(out / records_file, [r[2] for r in rows])
-        _atomic_lines(out / index_file, [f"{r[3]}\t{r[4]}" for r in rows])
+        records_file = f"repos/{job.source.key}.jsonl"
+        index_file = f"repos/{job.source.key}.index.tsv"
+        _atomic_lines(self.out / records_file, [r[2] for r in rows])
+        _atomic_lines(self.out / index_file, [f"{r[3]}\t{r[4]}" for r in rows])
         entry.update(
             status="ok",
             records_file=records_file,
@@ -447,92 +566,9 @@ def build_corpus(
             skipped=skipped,
             seconds=round(time.perf_counter() - job.started, 3),
         )
-        state[entry["name"]] = entry
-        save_state()
-        obs.on_repo_done(entry)
-
-    pool = _start_pool(settings.workers) if settings.workers > 1 else None
-    clones = cf.ThreadPoolExecutor(max(1, settings.clone_jobs), thread_name_prefix="clone")
-    max_open = max(2, settings.clone_jobs)  # repos whose files are in memory at once
-    queue = list(todo)
-    prep: dict[cf.Future[Any], tuple[src.Source, dict[str, Any], float]] = {}
-    parsing: dict[cf.Future[Any], _RepoJob] = {}
-    open_jobs: set[_RepoJob] = set()
-    try:
-        while queue or prep or parsing:
-            while queue and len(prep) + len(open_jobs) < max_open:
-                source, entry = queue.pop(0)
-                prep[clones.submit(prepare, source, entry)] = (source, entry, time.perf_counter())
-            done, _ = cf.wait([*prep, *parsing], return_when=cf.FIRST_COMPLETED)
-            for fut in done:
-                if fut in prep:
-                    source, entry, started = prep.pop(fut)
-                    try:
-                        got = fut.result()
-                    except src.EmptyRepository as e:
-                        fail(entry, "empty repository", str(e))
-                        continue
-                    except src.SourceError as e:
-                        fail(entry, "failed", str(e))
-                        continue
-                    except Exception as e:  # noqa: BLE001 - a bug in one repo must not stop the run
-                        fail(entry, "error", f"{source.spec}: {type(e).__name__}: {e}")
-                        continue
-                    if isinstance(got, dict):  # resumed: identical commit and settings
-                        entry.clear()
-                        entry.update(got, resumed=True)
-                        state[entry["name"]] = entry
-                        save_state()
-                        obs.on_repo_done(entry)
-                        continue
-                    entry["commit"] = got.commit
-                    entry["skipped"] = [{"path": p, "reason": r} for p, r in got.skipped]
-                    job = _RepoJob(source, entry, started)
-                    obs.on_repo_files(source.name, len(got.files))
-                    meta = (source.name, source.url, got.commit, entry["split"])
-                    chunks = _chunks(got.files)
-                    if pool is None:
-                        for ch in chunks:
-                            res = _extract_chunk(ch, meta, ex)
-                            job.results.extend(res)
-                            obs.on_files_done(len(res), sum(len(r.get("records", ())) for r in res))
-                        finish(job)
-                    else:
-                        open_jobs.add(job)
-                        job.pending = len(chunks)
-                        for ch in chunks:
-                            parsing[pool.submit(_extract_chunk, ch, meta, ex)] = job
-                        if not chunks:
-                            open_jobs.discard(job)
-                            finish(job)
-                else:
-                    job = parsing.pop(fut)
-                    job.pending -= 1
-                    try:
-                        res = fut.result()
-                        job.results.extend(res)
-                        obs.on_files_done(len(res), sum(len(r.get("records", ())) for r in res))
-                    except Exception as e:  # noqa: BLE001 - e.g. a worker killed by the OS
-                        job.entry["message"] = f"{job.source.spec}: a parsing worker failed: {type(e).__name__}: {e}"
-                        job.entry["status"] = "error"
-                    if job.pending == 0:
-                        open_jobs.discard(job)
-                        if job.entry["status"] == "error":
-                            fail(job.entry, "error", job.entry["message"])
-                        else:
-                            finish(job)
-    finally:
-        clones.shutdown(wait=True, cancel_futures=True)
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-    manifest = _write_manifest(out, entries, settings)
-    state_path.unlink(missing_ok=True)
-    n_splits = Counter(r["split"] for r in entries if r["status"] == "ok")
-    empty = [s for s in ("train", "val", "test") if n_splits[s] == 0]
-    if entries and any(r["status"] == "ok" for r in entries) and empty:
-        say(f"note: no repository landed in {', '.join(empty)} (split is per repo, from --seed; try another seed or more repos)")
-    return BuildResult(out, manifest, messages)
+        self.state[entry["name"]] = entry
+        self._save_state()
+        self.obs.on_repo_done(entry)
 
 
 def _write_manifest(out: Path, entries: list[dict[str, Any]], settings: BuildSettings) -> dict[str, Any]:
