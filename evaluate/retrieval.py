@@ -302,23 +302,8 @@ def evaluate_retrieval(
     from codejepa.embed.store import open_store
 
     say = log or (lambda _m: None)
-    space_names = list(SPACE_NAMES) if spaces in ("all", None) else (
-        [x.strip() for x in spaces.split(",") if x.strip()] if isinstance(spaces, str) else list(spaces))
-    for s in space_names:
-        if s not in SPACE_NAMES:
-            raise EvaluateError(f"unknown space {s!r}; expected raw, centered, whitened, canonical or all")
-    names = parse_baselines(baselines) if isinstance(baselines, str) or baselines is None else tuple(baselines)
-    parse_baselines(",".join(names) or "none")  # validate
-    if ridge_input not in ("signature", "inputs", "context"):
-        raise EvaluateError(f"ridge input view must be signature, inputs or context, not {ridge_input!r}")
-    if bm25_query not in ("auto", "signature", "signature+context"):
-        raise EvaluateError(f"BM25 query must be auto, signature or signature+context, not {bm25_query!r}")
-    pspec: PoolSpec = parse_pool(pool, pool_seeds)
-    check_n_boot(n_boot)
-    if out_dir is not None:
-        from codejepa.evaluate.report import check_out_dir
-
-        check_out_dir(out_dir)  # now, not after the whole evaluation has run
+    space_names, names, pspec = _checked_arguments(spaces, baselines, ridge_input, bm25_query, pool, pool_seeds,
+                                                   n_boot, out_dir)
     notes: list[str] = []
 
     store = open_store(store_path)
@@ -346,20 +331,8 @@ def evaluate_retrieval(
         if not cv.verified:
             notes.append(f"the store records no corpus manifest hash: {cv.corpus_dir} could not be verified as its corpus")
         all_idx = np.arange(len(store))
-        bodies = store.pooled("body", all_idx)
-        if not np.isfinite(bodies).all():  # the writer refuses non-finite states: the file was damaged since
-            bad = int((~np.isfinite(bodies).all(axis=1)).sum())
-            raise EvaluateError(f"{store.path}: damaged store ({bad} records have non-finite body states); "
-                                "re-run `codejepa embed run` into a new store")
-        canonical = "canonical" in space_names  # fitted on the ridge+last inputs: signature mean + last token
-        need_sig = any(n in names for n in ("signature", "ridge", "ridge+last", "nn", "ridge+bm25", "reverse", "noisy_oracle")) or canonical
-        need_last = "ridge+last" in names or "reverse" in names or canonical  # [signature mean, last token]
-        want = (["signature"] if need_sig else []) + (["signature_last"] if need_last else []) + (
-            [ridge_input] if need_sig and ridge_input != "signature" else [])
-        views = store.pooled_views(want, all_idx) if want else {}
-        sigs = views.get("signature")
-        ridge_x = views.get(ridge_input) if need_sig else None
-        last_x = np.concatenate([sigs, views["signature_last"]], axis=1) if need_last else None
+        bodies, sigs, ridge_x, last_x = _pooled_inputs(store, names, space_names, ridge_input)
+        need_sig = sigs is not None
         train_idx, val_idx, q_idx = store.indices("train"), store.indices("val"), store.indices(split)
         if len(q_idx) == 0:
             raise EvaluateError(f"the {split} split has no records in {store.path}")
@@ -426,12 +399,10 @@ def evaluate_retrieval(
 
         vector_baselines = [n for n in names if n in ("prototype", "signature", "ridge", "ridge+last", "nn", "oracle",
                                                       "noisy_oracle")]
-        n_fused = (("reverse" in names) * (1 + hubness_correction) * (need_bm25 and fuse_bm25)
-                   + len(space_names) * (len(run_preds) * fuse_runs + ("ridge+bm25" in names))
-                   + len(hub_spaces) * ((len(run_preds) if fuse_runs else 0) + ("ridge+bm25" in names and "ridge" in hub_methods)))
-        expected = (("random" in names) + ("bm25" in names) * (1 + sibling_softmax) + ("reverse" in names) * (1 + hubness_correction)
-                    + len(space_names) * (len(run_preds) + len(vector_baselines)) + len(hub_spaces) * len(hub_methods)
-                    + n_fused * (1 + sibling_softmax))
+        expected = _expected_rows(names, len(space_names), len(run_preds), len(vector_baselines), fuse_runs=fuse_runs,
+                                  fuse_reverse=need_bm25 and fuse_bm25, hub_spaces=len(hub_spaces),
+                                  hub_methods=hub_methods, hubness_correction=hubness_correction,
+                                  sibling_softmax=sibling_softmax)
         out = RowWriter(task, sel_task, pspec.label, n_boot, seed, expected, say, progress, sibling_softmax,
                         cv.files[q_idx], cv.files[sel_idx] if sel_task is not None else None, store.repos, fit_idx,
                         bm25_test, bm25_sel)
@@ -463,9 +434,9 @@ def evaluate_retrieval(
         settings = {
             "split": split, "pool": pspec.to_json(), "spaces": space_names, "baselines": list(names),
             "ridge_input": ridge_input, "ridge_alphas": list(RIDGE_ALPHAS), "fusion_weights": list(FUSION_WEIGHTS),
-            "whitening_shrinkage": whitening_shrinkage, "n_boot": n_boot, "seed": seed, "noisy_of": noisy_of, "bm25_query": bm25_query,
-            "fuse_bm25": fuse_runs, "hubness": {"spaces": hub_spaces, "methods": hub_methods, "ks": list(CSLS_KS),
-                                                "betas": list(CSLS_BETAS)},
+            "whitening_shrinkage": whitening_shrinkage, "n_boot": n_boot, "seed": seed, "noisy_of": noisy_of,
+            "bm25_query": bm25_query, "fuse_bm25": fuse_runs,
+            "hubness": {"spaces": hub_spaces, "methods": hub_methods, "ks": list(CSLS_KS), "betas": list(CSLS_BETAS)},
             "sibling_softmax": {"on": sibling_softmax, "temperatures": list(SIB_TEMPERATURES), "betas": list(SIB_BETAS),
                                 "temperature_unit": "median per-query score std over 2048 selection candidates"},
             "ci": "95% percentile bootstrap over repositories", "ties": "pessimistic",
@@ -474,18 +445,8 @@ def evaluate_retrieval(
             "probe": probe_info or None,
             "code_version": code_version(),
         }
-        store_info = {
-            "path": str(Path(store.path).resolve()), "fingerprint": store.fingerprint(), "splits": store.split_key,
-            "file_sha256": cached_sha256_file(store.path), "meta": meta.__dict__ | {"extra": dict(meta.extra)},
-            "corpus_dir": cv.corpus_dir, "corpus_fingerprint": cv.corpus_fingerprint,
-        }
-        pool_stats = {
-            "label": pspec.label, "n_queries": int(task.n_queries), "n_query_repos": int(len(np.unique(task.query_repos.astype(str)))),
-            "n_candidates": int(len(task.cand_idx)), "n_distinct_bodies": int(task.groups.n_groups),
-            "mean_pool_size": float(np.mean(out.sizes)), "chance": out.chance,
-        }
-        result = RetrievalResult(rows, comparisons, warnings, notes, settings, store_info,
-                                 [r.info for r in loaded], pool_stats, projections=projections,
+        result = RetrievalResult(rows, comparisons, warnings, notes, settings, _store_record(store, cv),
+                                 [r.info for r in loaded], _pool_record(pspec, task, out), projections=projections,
                                  spaces=spaces_fit)
     finally:
         store.close()
@@ -494,6 +455,83 @@ def evaluate_retrieval(
 
         write_outputs(result, Path(out_dir), plots=plots)
     return result
+
+
+def _checked_arguments(spaces: Sequence[str] | str | None, baselines: Sequence[str] | str | None, ridge_input: str,
+                       bm25_query: str, pool: str | int, pool_seeds: tuple[int, ...], n_boot: int,
+                       out_dir: str | os.PathLike[str] | None) -> tuple[list[str], tuple[str, ...], PoolSpec]:
+    """The spaces, the baselines and the pool, once every argument is checked: before any work."""
+    space_names = list(SPACE_NAMES) if spaces in ("all", None) else (
+        [x.strip() for x in spaces.split(",") if x.strip()] if isinstance(spaces, str) else list(spaces))
+    for s in space_names:
+        if s not in SPACE_NAMES:
+            raise EvaluateError(f"unknown space {s!r}; expected raw, centered, whitened, canonical or all")
+    names = parse_baselines(baselines) if isinstance(baselines, str) or baselines is None else tuple(baselines)
+    parse_baselines(",".join(names) or "none")  # validate
+    if ridge_input not in ("signature", "inputs", "context"):
+        raise EvaluateError(f"ridge input view must be signature, inputs or context, not {ridge_input!r}")
+    if bm25_query not in ("auto", "signature", "signature+context"):
+        raise EvaluateError(f"BM25 query must be auto, signature or signature+context, not {bm25_query!r}")
+    pspec = parse_pool(pool, pool_seeds)
+    check_n_boot(n_boot)
+    if out_dir is not None:
+        from codejepa.evaluate.report import check_out_dir
+
+        check_out_dir(out_dir)  # now, not after the whole evaluation has run
+    return space_names, names, pspec
+
+
+def _pooled_inputs(store: Any, names: Sequence[str], space_names: Sequence[str], ridge_input: str,
+                   ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Every record's pooled body, and the pooled input views the baselines and spaces need:
+    the signature mean (None when none needs it), ridge's input view, and ridge+last's
+    [signature mean, last signature token]."""
+    all_idx = np.arange(len(store))
+    bodies = store.pooled("body", all_idx)
+    if not np.isfinite(bodies).all():  # the writer refuses non-finite states: the file was damaged since
+        bad = int((~np.isfinite(bodies).all(axis=1)).sum())
+        raise EvaluateError(f"{store.path}: damaged store ({bad} records have non-finite body states); "
+                            "re-run `codejepa embed run` into a new store")
+    canonical = "canonical" in space_names  # fitted on the ridge+last inputs: signature mean + last token
+    need_sig = canonical or any(n in names for n in ("signature", "ridge", "ridge+last", "nn", "ridge+bm25", "reverse",
+                                                     "noisy_oracle"))
+    need_last = "ridge+last" in names or "reverse" in names or canonical
+    want = (["signature"] if need_sig else []) + (["signature_last"] if need_last else []) + (
+        [ridge_input] if need_sig and ridge_input != "signature" else [])
+    views = store.pooled_views(want, all_idx) if want else {}
+    sigs = views.get("signature")
+    ridge_x = views.get(ridge_input) if need_sig else None
+    last_x = np.concatenate([sigs, views["signature_last"]], axis=1) if need_last else None
+    return bodies, sigs, ridge_x, last_x
+
+
+def _expected_rows(names: Sequence[str], n_spaces: int, n_runs: int, n_vector_baselines: int, *, fuse_runs: bool,
+                   fuse_reverse: bool, hub_spaces: int, hub_methods: Sequence[str], hubness_correction: bool,
+                   sibling_softmax: bool) -> int:
+    """How many rows the evaluation writes (the progress bar's total)."""
+    n_fused = (("reverse" in names) * (1 + hubness_correction) * fuse_reverse
+               + n_spaces * (n_runs * fuse_runs + ("ridge+bm25" in names))
+               + hub_spaces * ((n_runs if fuse_runs else 0) + ("ridge+bm25" in names and "ridge" in hub_methods)))
+    return (("random" in names) + ("bm25" in names) * (1 + sibling_softmax) + ("reverse" in names) * (1 + hubness_correction)
+            + n_spaces * (n_runs + n_vector_baselines) + hub_spaces * len(hub_methods) + n_fused * (1 + sibling_softmax))
+
+
+def _store_record(store: Any, cv: CorpusView) -> dict[str, Any]:
+    meta = store.meta
+    return {
+        "path": str(Path(store.path).resolve()), "fingerprint": store.fingerprint(), "splits": store.split_key,
+        "file_sha256": cached_sha256_file(store.path), "meta": meta.__dict__ | {"extra": dict(meta.extra)},
+        "corpus_dir": cv.corpus_dir, "corpus_fingerprint": cv.corpus_fingerprint,
+    }
+
+
+def _pool_record(pspec: PoolSpec, task: Task, out: RowWriter) -> dict[str, Any]:
+    return {
+        "label": pspec.label, "n_queries": int(task.n_queries),
+        "n_query_repos": int(len(np.unique(task.query_repos.astype(str)))),
+        "n_candidates": int(len(task.cand_idx)), "n_distinct_bodies": int(task.groups.n_groups),
+        "mean_pool_size": float(np.mean(out.sizes)), "chance": out.chance,
+    }
 
 
 def _use_split_file(store: Any, splits: str | os.PathLike[str], notes: list[str]) -> None:
