@@ -276,15 +276,12 @@ def compute_probe_view(
     ``teacher`` may be passed pre-loaded (tests); otherwise the store's own teacher is
     loaded at its layer and checked against the store's weight hash. ``max_chunks`` stops
     after that many chunks (tests of resumption)."""
-    import torch
 
     from codejepa.embed.run import (
         DEFAULT_BATCH_TOKENS,
         EmbedError,
         check_sizes,
-        pad_batch,
         parse_shard,
-        plan_batches,
         shard_path,
     )
     from codejepa.embed.teacher import open_teacher
@@ -351,37 +348,12 @@ def compute_probe_view(
                 if max_chunks is not None and chunks >= max_chunks:
                     break
                 b = min(a + settings.chunk_records, end)
-                seqs: list[ProbeSeq] = []
-                for r in range(a, b):
-                    x, sp = all_ids[int(off[r]):int(off[r + 1])], all_sp[int(off[r]):int(off[r + 1])]
-                    if mask_kind is not None:  # a causal pass: its inputs have no trailing sink token
-                        seqs.append(dataclasses.replace(shared_prefix_sequence(x, probes, window), rec=r - a))
-                        continue
-                    for p in probes:
-                        ids, s0, s1 = probe_sequence(x, sp, p, window)
-                        seqs.append(ProbeSeq(r - a, ids, ((s0, s1),)))
-                feats = np.zeros((b - a, smeta.hidden_size), np.float64)
-                for batch_ix in plan_batches([len(s.ids) for s in seqs], [0] * len(seqs), batch_tokens):
-                    batch = [seqs[i] for i in batch_ix]
-                    ids, mask = pad_batch(batch, pad_id)  # type: ignore[arg-type]
-                    weights = np.zeros(ids.shape, np.float32)
-                    for j, s in enumerate(batch):
-                        for s0, s1 in s.spans:  # the mean over each probe, averaged over the probes
-                            weights[j, s0:s1] = 1.0 / (s1 - s0) / len(probes)
-                    ids_t, mask_t, pos_t = torch.from_numpy(ids), torch.from_numpy(mask), None
-                    if batch[0].segments is not None:
-                        allowed, positions = shared_prefix_mask(batch, ids.shape[1])
-                        mask_t, pos_t = torch.from_numpy(allowed), torch.from_numpy(positions).to(teacher.device)
-                        if mask_kind == "additive":
-                            dt = teacher.model.dtype
-                            mask_t = torch.zeros(allowed.shape, dtype=dt).masked_fill_(~mask_t, torch.finfo(dt).min)
-                    hidden = teacher.forward(ids_t.to(teacher.device), mask_t.to(teacher.device), pos_t)
-                    w = torch.from_numpy(weights).to(hidden.device)
-                    means = torch.einsum("bt,btd->bd", w, hidden.float()).cpu().numpy()
-                    for j, s in enumerate(batch):
-                        feats[s.rec] += means[j]
-                    result.model_tokens += int(mask.sum())
-                _commit(f, store.ids[a:b], feats.astype(np.float32), a - start)
+                inputs = [(all_ids[int(off[r]):int(off[r + 1])], all_sp[int(off[r]):int(off[r + 1])]) for r in range(a, b)]
+                seqs = _sequences(inputs, probes, window, shared=mask_kind is not None)
+                feats, tokens = _probe_means(teacher, seqs, (b - a, smeta.hidden_size), len(probes), batch_tokens,
+                                             pad_id, mask_kind)
+                result.model_tokens += tokens
+                _commit(f, store.ids[a:b], feats, a - start)
                 result.written += b - a
                 result.records = b - start
                 chunks += 1
@@ -393,6 +365,55 @@ def compute_probe_view(
     result.seconds = time.perf_counter() - t0
     emit("done", {"records": result.records, "written": result.written})
     return result
+
+
+def _sequences(inputs: Sequence[tuple[np.ndarray, np.ndarray]], probes: Sequence[np.ndarray], window: int, *,
+               shared: bool) -> list[ProbeSeq]:
+    """The teacher passes for a chunk of records (their input ids and special-token flags):
+    one per record and probe, or with ``shared`` one per record that reads its inputs once
+    for all probes (a causal teacher, whose inputs have no trailing sink token)."""
+    seqs: list[ProbeSeq] = []
+    for rec, (x, sp) in enumerate(inputs):
+        if shared:
+            seqs.append(dataclasses.replace(shared_prefix_sequence(x, probes, window), rec=rec))
+            continue
+        for p in probes:
+            ids, s0, s1 = probe_sequence(x, sp, p, window)
+            seqs.append(ProbeSeq(rec, ids, ((s0, s1),)))
+    return seqs
+
+
+def _probe_means(teacher: Any, seqs: Sequence[ProbeSeq], shape: tuple[int, int], n_probes: int, batch_tokens: int,
+                 pad_id: int, mask_kind: str | None) -> tuple[np.ndarray, int]:
+    """Each record's view (the mean of each probe's states, averaged over the probes) from
+    the passes ``seqs``, run in length-planned batches; and the tokens the teacher read."""
+    import torch
+
+    from codejepa.embed.run import pad_batch, plan_batches
+
+    feats = np.zeros(shape, np.float64)  # [records, hidden size]
+    tokens = 0
+    for batch_ix in plan_batches([len(s.ids) for s in seqs], [0] * len(seqs), batch_tokens):
+        batch = [seqs[i] for i in batch_ix]
+        ids, mask = pad_batch(batch, pad_id)  # type: ignore[arg-type]
+        weights = np.zeros(ids.shape, np.float32)
+        for j, s in enumerate(batch):
+            for s0, s1 in s.spans:
+                weights[j, s0:s1] = 1.0 / (s1 - s0) / n_probes
+        ids_t, mask_t, pos_t = torch.from_numpy(ids), torch.from_numpy(mask), None
+        if batch[0].segments is not None:
+            allowed, positions = shared_prefix_mask(batch, ids.shape[1])
+            mask_t, pos_t = torch.from_numpy(allowed), torch.from_numpy(positions).to(teacher.device)
+            if mask_kind == "additive":
+                dt = teacher.model.dtype
+                mask_t = torch.zeros(allowed.shape, dtype=dt).masked_fill_(~mask_t, torch.finfo(dt).min)
+        hidden = teacher.forward(ids_t.to(teacher.device), mask_t.to(teacher.device), pos_t)
+        w = torch.from_numpy(weights).to(hidden.device)
+        means = torch.einsum("bt,btd->bd", w, hidden.float()).cpu().numpy()
+        for j, s in enumerate(batch):
+            feats[s.rec] += means[j]
+        tokens += int(mask.sum())
+    return feats.astype(np.float32), tokens
 
 
 def _writer(path: Path, meta: ProbeMeta, store: Store) -> h5py.File:
