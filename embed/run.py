@@ -524,29 +524,7 @@ def embed_corpus(
                 hidden = teacher.forward(ids_t, mask_t)
                 states = _gather(hidden, batch, settings.store_dtype)  # waits for the device
                 result.model_seconds += time.perf_counter() - t_model
-                done: list[PendingRecord] = []
-                at = 0
-                for s in batch:
-                    for rng, is_body in ((s.inputs, False), (s.body, True)):
-                        if rng is None:
-                            continue
-                        n = rng[1] - rng[0]
-                        part = states[at : at + n]
-                        at += n
-                        if not todo[s.rec]:
-                            continue
-                        if is_body:
-                            got_body[s.rec] = part
-                        else:
-                            special = np.zeros(n, dtype=bool)
-                            special[: len(seg.prefix)] = True
-                            if s.body is None and seg.suffix:  # an inputs-only pass ends in [end]
-                                special[n - len(seg.suffix):] = True
-                            got_inputs[s.rec] = (part, s.ids[rng[0] : rng[1]], special)
-                    remaining[s.rec] -= 1
-                    if remaining[s.rec] == 0 and todo[s.rec]:
-                        done.append(_pending(window[s.rec], got_inputs.pop(s.rec), got_body.pop(s.rec), len(seg.prefix)))
-                bg.put(done)
+                bg.put(_collect(batch, states, window, todo, remaining, got_inputs, got_body, seg))
         bg.close()
     except BaseException:
         # Commit what is finished, then report: a failure never loses finished work.
@@ -573,6 +551,37 @@ def embed_corpus(
     result.seconds = time.perf_counter() - t_start
     emit("done", asdict_light(result))
     return result
+
+
+def _collect(batch: list[Seq], states: np.ndarray, window: list[Tokenized], todo: list[bool], remaining: list[int],
+             got_inputs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]], got_body: dict[int, np.ndarray],
+             seg: SegmentTokenizer) -> list[PendingRecord]:
+    """Hand a batch's states (its sequences' kept ranges, concatenated) to their records;
+    the records whose every pass has now run, ready to store. A record of a body-only store
+    gets its inputs and its body from two passes, which may fall in different batches."""
+    done: list[PendingRecord] = []
+    at = 0
+    for s in batch:
+        for rng, is_body in ((s.inputs, False), (s.body, True)):
+            if rng is None:
+                continue
+            n = rng[1] - rng[0]
+            part = states[at : at + n]
+            at += n
+            if not todo[s.rec]:
+                continue
+            if is_body:
+                got_body[s.rec] = part
+            else:
+                special = np.zeros(n, dtype=bool)
+                special[: len(seg.prefix)] = True
+                if s.body is None and seg.suffix:  # an inputs-only pass ends in [end]
+                    special[n - len(seg.suffix):] = True
+                got_inputs[s.rec] = (part, s.ids[rng[0] : rng[1]], special)
+        remaining[s.rec] -= 1
+        if remaining[s.rec] == 0 and todo[s.rec]:
+            done.append(_pending(window[s.rec], got_inputs.pop(s.rec), got_body.pop(s.rec), len(seg.prefix)))
+    return done
 
 
 def asdict_light(r: EmbedResult) -> dict[str, Any]:
