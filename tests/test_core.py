@@ -122,3 +122,27 @@ def test_progress_to_a_pipe_prints_no_stray_blank_line(task: bool, transient: bo
         if task:
             bar.add_task("step", total=3)
     assert out.getvalue() == (f"{expected}\n" if expected else "")
+
+
+def test_atomic_writes_honour_the_umask_like_files_written_in_place(tmp_path: Path) -> None:
+    # mkstemp makes 0600 files: a shared corpus's manifest would be unreadable to a collaborator
+    old = os.umask(0o022)
+    try:
+        core.atomic_write_json(tmp_path / "a.json", {"x": 1})
+        (tmp_path / "b.txt").write_text("x")
+        os.umask(0o077)
+        core.atomic_write_bytes(tmp_path / "c.bin", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "c.bin").stat().st_mode & 0o777 == 0o600
+
+
+def test_exclusive_refuses_a_second_holder_at_once(tmp_path: Path) -> None:
+    lock = tmp_path / ".lock"
+    with core.exclusive(lock, "the run"):
+        with pytest.raises(core.Busy, match="the run is being written by another process"):
+            with core.exclusive(lock, "the run"):
+                pass
+    with core.exclusive(lock, "the run"):  # released
+        pass
