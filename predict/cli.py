@@ -10,6 +10,7 @@ trains with DDP (``train.batch_size`` is the global batch).
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -68,7 +69,8 @@ def train_cmd(
     except CLI_ERRORS as e:
         _fail(error_line(e))
     except KeyboardInterrupt:
-        _fail(f"interrupted; continue with: codejepa predict train {store} --out {out} --resume", 130)
+        _fail(f"interrupted; continue with: codejepa predict train {shlex.quote(str(store))} "
+              f"--out {shlex.quote(str(out))} --resume", 130)
 
 
 @app.command("config")

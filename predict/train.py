@@ -6,6 +6,7 @@ A run directory holds::
     stats.pt/json  train-split normalisation                  code version, parameter count
     last.pt        model + optimizer + position   best.pt    the best epoch by val MRR
     log.jsonl      one JSON object per epoch      curves.png losses, retrieval, collapse
+    .lock          held by the training writing the folder: a second one is refused
 
 Model selection is on validation retrieval (MRR among the val split's bodies, in the
 normalised pooled space, ``norm.pooled_space``), never on loss or cosine. ``last.pt`` is rewritten at every epoch
@@ -21,6 +22,7 @@ the same step as one process with the whole batch. Rank 0 validates and writes t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -39,7 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from codejepa.core import CodejepaError, atomic_write_bytes, atomic_write_json, printable, read_json_object
+from codejepa.core import CodejepaError, atomic_write_bytes, atomic_write_json, exclusive, printable, read_json_object
 from codejepa.core import code_version as _code_version
 from codejepa.embed.store import Store, StoreError, open_store, use_split_file
 from codejepa.predict import losses
@@ -56,6 +58,7 @@ from codejepa.predict.ridge import init_input_stats, init_linear_path
 
 code_version = functools.lru_cache(maxsize=1)(_code_version)  # a git call, once per process
 
+LOCK_FILE = ".lock"  # held by the training that writes the run folder
 CKPT_FORMAT = "codejepa-predictor"
 CKPT_VERSION = 1
 # Settings that may change when a run is resumed (the rest must match the stored config).
@@ -389,7 +392,10 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                                           stats_json="stats.json", last="last.pt", best="best.pt",
                                           log="log.jsonl", curves="curves.png").items()}
     store = open_store(store_path)
+    lock = contextlib.ExitStack()  # rank 0's lock on the run folder: two trainings into one --out would interleave
     try:
+        if main and out.is_dir():  # taken before the run there is read, so that no other writer changes it
+            lock.enter_context(exclusive(out / LOCK_FILE, f"the run {out}"))
         if main and (note := store.incomplete_note()) is not None:
             emit({"event": "warning", "message": note})
         split_info = None
@@ -427,14 +433,19 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
         stats_key = {"store_fingerprint": store.fingerprint(), "train_records": int(len(train_idx)),
                      "outlier_factor": cfg.norm.outlier_factor, "eps": cfg.norm.eps,
                      "whiten_shrink": cfg.norm.whiten_shrink}
-        need_stats = not _stats_fitted(paths["stats"], stats_key)
-        if ckpt is not None and need_stats:
-            raise TrainingError(f"{paths['stats']}: missing, damaged or fitted on other data; the run cannot be resumed")
+        stale = _stats_stale(paths["stats"], stats_key)
+        need_stats = stale is not None
+        if ckpt is not None and stale is not None:
+            raise TrainingError(f"{paths['stats']}: {stale}; the run cannot be resumed")
         _barrier(world)
 
         # ---- run directory and train-split statistics ----
         if main:
             out.mkdir(parents=True, exist_ok=True)
+            if not existing:  # a new run's folder is locked once made; another may have started there since
+                lock.enter_context(exclusive(out / LOCK_FILE, f"the run {out}"))
+                if paths["run"].exists() or paths["last"].exists():
+                    raise TrainingError(f"{out}: another training started a run here meanwhile; choose another --out")
             atomic_write_json(paths["config"], cfg.to_dict())
         if need_stats:
             if main:
@@ -604,6 +615,7 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
         _barrier(world)  # every rank leaves together: none tears the group down under another
         return summary
     finally:
+        lock.close()
         store.close()
 
 
@@ -631,6 +643,12 @@ def _resume_point(paths: dict[str, Path], store: Store, store_path: Path, config
     ckpt = load_checkpoint(paths["last"])
     if ckpt.get("store_fingerprint") != store.fingerprint():
         _store_check({"store_fingerprint": ckpt.get("store_fingerprint")}, store, store_path)
+    reached, step = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
+    if config.train.epochs < reached + (step > 0):
+        # It would end "done" at once, its config saying fewer epochs than its weights have had.
+        raise TrainingError(f"train.epochs = {config.train.epochs} is below what this run has trained "
+                            f"({reached} epochs{f' and {step} steps of the next' if step else ''}); "
+                            "resume with at least that many, or start a new --out")
     if (lost := _best_lost(paths["best"], ckpt)) is not None:
         if not (int(ckpt["best_epoch"]) == int(ckpt["epoch"]) and int(ckpt["step_in_epoch"]) == 0):
             raise TrainingError(f"{lost}; last.pt (epoch {ckpt['epoch']}) is intact, but the best "
@@ -683,15 +701,24 @@ def _global_batch(batch_size: int, n_train: int, world: int) -> int:
     return B
 
 
-def _stats_fitted(path: Path, key: dict[str, Any]) -> bool:
-    """Whether statistics left by an earlier start were fitted the same way (then they are reused)."""
+def _stats_stale(path: Path, key: dict[str, Any]) -> str | None:
+    """Why statistics left by an earlier start cannot be reused, or None when they were fitted
+    the same way on the same records."""
     if not path.exists():
-        return False
+        return "missing"
     try:
         old = torch.load(path, weights_only=True)
-        return {k: old.get(k) for k in key} == key
+        if not isinstance(old, dict):
+            return "damaged"
     except Exception:  # a torn or foreign file: fit again
-        return False
+        return "damaged"
+    if old.get("store_fingerprint") != key["store_fingerprint"]:
+        return "fitted on another store"
+    if old.get("train_records") != key["train_records"]:
+        return (f"fitted on {old.get('train_records')} train records, and the store now has {key['train_records']} "
+                "(records were embedded since the run started)")
+    diff = sorted(k for k in key if old.get(k) != key[k])
+    return f"fitted with other settings ({', '.join(diff)})" if diff else None
 
 
 def _trim_log(log: Path, pos: _Position) -> None:

@@ -58,7 +58,7 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
          "model.kind = 'transformer' in --set contradicts --model mlp"),
         (["--model", "mlp", "--set", "train.checkpoint_every_steps=-5", "--out", str(tmp_path / "y")],
          "train.checkpoint_every_steps must be ≥ 0"),
-        (["--model", "mlp", "--set", "model.mlp_hidden=0", "--out", str(tmp_path / "y")], "model sizes must be positive"),
+        (["--model", "mlp", "--set", "model.mlp_hidden=0", "--out", str(tmp_path / "y")], "model sizes (model."),
         (["--model", "mlp", "--set", "optim.betas=[2,3]", "--out", str(tmp_path / "y")], "optim.betas must be two"),
         (["--model", "mlp", "--set", "optim.weight_decay=-1", "--out", str(tmp_path / "y")], "optim.weight_decay"),
         (["--model", "mlp", "--set", "loss.smoothl1_beta=-1", "--out", str(tmp_path / "y")], "loss.smoothl1_beta"),
@@ -67,6 +67,9 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
         (["--out", str(damaged), "--resume"], "a damaged run config"),
         (["--out", str(lost), "--resume"], "last.pt is missing, but log.jsonl records trained epochs"),
         (["--out", str(bad_best), "--resume"], "best.pt is damaged; last.pt (epoch 3) is intact, but the best epoch's (1)"),
+        (["--out", str(out), "--resume", "--set", "train.epochs=2"], "train.epochs = 2 is below what this run has trained (3 epochs)"),
+        (["--model", "mlp", "--set", "train.seed=-1", "--out", str(tmp_path / "y")], "train.seed must be ≥ 0"),
+        (["--model", "mlp", "--set", "train.epochs=0", "--out", str(tmp_path / "y")], "train.epochs must be ≥ 1"),
     ]:
         r = runner.invoke(app, ["predict", "train", str(store), *args])
         assert r.exit_code == 1 and msg in r.output and "Traceback" not in r.output, r.output
@@ -82,5 +85,43 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
     assert r.exit_code == 0 and "rewritten from last.pt" in r.output, r.output
     best, last = (torch.load(bad_last_best / n, weights_only=True) for n in ("best.pt", "last.pt"))
     assert best["epoch"] == 3 and all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+    # a run folder another training holds is refused, for a resume and for a new run alike
+    from codejepa.core import exclusive
+
+    (tmp_path / "held").mkdir()
+    for run_dir, args in ((out, ["--resume"]), (tmp_path / "held", ["--model", "mlp", *SMALL])):
+        with exclusive(run_dir / ".lock", "test"):
+            r = runner.invoke(app, ["predict", "train", str(store), "--out", str(run_dir), *args])
+        assert r.exit_code == 1 and "is being written by another process" in r.output, r.output
+    assert not (tmp_path / "held" / "config.json").exists()
     r = runner.invoke(app, ["predict", "train", str(tmp_path / "nope.h5"), "--model", "mlp", "--out", str(tmp_path / "z")])
     assert r.exit_code == 1 and "no such store" in r.output
+
+
+def test_stale_statistics_say_why(tmp_path: Path) -> None:
+    from codejepa.predict.train import _stats_stale
+
+    key = {"store_fingerprint": "f", "train_records": 7, "outlier_factor": 4.0, "eps": 1e-5, "whiten_shrink": 0.1}
+    p = tmp_path / "stats.pt"
+    assert _stats_stale(p, key) == "missing"
+    p.write_bytes(b"junk")
+    assert _stats_stale(p, key) == "damaged"
+    torch.save({**key, "train_records": 5}, p)
+    assert "fitted on 5 train records, and the store now has 7" in _stats_stale(p, key)
+    torch.save({**key, "eps": 1e-3}, p)
+    assert _stats_stale(p, key) == "fitted with other settings (eps)"
+    torch.save(key, p)
+    assert _stats_stale(p, key) is None
+
+
+def test_the_resume_hint_after_an_interrupt_can_be_pasted(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import codejepa.predict.train as train_module
+
+    def interrupted(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    store, out = tmp_path / "my store.h5", tmp_path / "my run"
+    r = CliRunner().invoke(app, ["predict", "train", str(store), "--model", "mlp", "--out", str(out)])
+    assert r.exit_code == 130, r.output
+    assert f"codejepa predict train '{store}' --out '{out}' --resume" in r.output.replace("\n", "")
