@@ -6,6 +6,9 @@ Each stage's ``cli.py`` only parses arguments and calls library functions; heavy
 
 from __future__ import annotations
 
+import signal
+from typing import Any
+
 import typer
 
 from codejepa.corpus.cli import app as corpus_app
@@ -26,7 +29,18 @@ app.add_typer(predict_app, name="predict", help="Train predictors against a stor
 app.add_typer(evaluate_app, name="evaluate", help="Instance-level retrieval against honest baselines.")
 
 
-def main() -> None:  # pragma: no cover - console entry
+def stop_on_term() -> None:
+    """Treat SIGTERM (how schedulers and ``torchrun`` stop a job) as Ctrl-C: every command then
+    keeps what it finished and says how to continue, instead of dying without a word."""
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def main() -> None:
+    stop_on_term()
     app()
 
 

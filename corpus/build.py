@@ -279,6 +279,7 @@ def _noop() -> None:
 def _worker_init(parent: int) -> None:
     # Ctrl-C reaches the whole process group; the parent handles it and shuts the pool down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's "stop as on Ctrl-C": a worker just ends
     # A parent killed outright (SIGKILL, OOM) must not leave workers waiting forever.
     try:
         import ctypes

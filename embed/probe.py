@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -244,7 +245,7 @@ def read_probe_view(path: str | Path, store: Store) -> ProbeView:
     """Read a probe view and check it belongs to ``store`` (same teacher, layer and records)."""
     path = Path(path)
     if not path.is_file():
-        raise ProbeError(f"{path}: no probe view (compute it with `codejepa embed probe {store.path}`)")
+        raise ProbeError(f"{path}: no probe view (compute it with `codejepa embed probe {shlex.quote(str(store.path))}`)")
     with _open_probe_file(path, "r") as f:
         try:
             meta = ProbeMeta.from_json(f.attrs["meta"])

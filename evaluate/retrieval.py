@@ -9,6 +9,7 @@ prototype and a random ranking, with a warning when it does not clear them.
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -605,7 +606,7 @@ def _probe_mixes(probe: str | os.PathLike[str], store: Any, split: str, names: S
         raise EvaluateError(str(e)) from None
     if pv.committed < len(store):
         raise EvaluateError(f"{probe}: the probe view covers {pv.committed} of {len(store)} records; "
-                            f"finish it first (`codejepa embed probe {store.path} --out {probe}` resumes it)")
+                            f"finish it first (`codejepa embed probe {shlex.quote(str(store.path))} --out {shlex.quote(str(probe))}` resumes it)")
     where = store.index_of()
     outside = [r for r in pv.meta.probe_records if r not in where or store.splits[where[r]] != "train"]
     if outside:

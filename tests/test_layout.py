@@ -86,3 +86,20 @@ def test_cli_import_stays_light() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Schedulers preempt with SIGTERM: each command's KeyboardInterrupt path keeps what is
+    # finished and prints how to continue.
+    import os
+    import signal
+
+    import codejepa.cli as cli
+
+    monkeypatch.setattr(cli, "app", lambda: os.kill(os.getpid(), signal.SIGTERM))
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cli.main()
+    finally:
+        signal.signal(signal.SIGTERM, before)
