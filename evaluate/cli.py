@@ -55,7 +55,9 @@ def retrieval(
     # The names are spaced so that a narrow terminal's help wraps them instead of cutting them short.
     baselines: str = typer.Option("all", help="all | none | a comma list of: random, prototype, signature, ridge, "
                                               "ridge+last, nn, bm25, ridge+bm25, reverse, oracle, noisy_oracle."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (retrieval.json, table.txt, ranks.npz, PNGs)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (retrieval.json, table.txt, ranks.npz, PNGs); "
+                                                  "without it the table is printed and nothing is saved "
+                                                  "(`evaluate compare` reads a saved folder)."),
     corpus: Optional[Path] = typer.Option(None, help="Corpus folder, when it moved since the store was built."),
     compare: Optional[str] = typer.Option(None, help="Paired bootstrap of A,B (METHOD@SPACE); ';' separates pairs."),
     ridge_input: str = typer.Option("signature", help="Pooled input view for ridge: signature | inputs | context."),
@@ -143,7 +145,7 @@ def compare_cmd(
 @app.command("folds")
 def folds_cmd(
     eval_dirs: list[Path] = typer.Argument(..., help="The --out folders of each fold's `evaluate retrieval --splits`."),
-    out: Optional[Path] = typer.Option(None, help="Folder for folds.json and folds.txt."),
+    out: Optional[Path] = typer.Option(None, help="Folder for folds.json and folds.txt; without it the table is only printed."),
     compare: Optional[str] = typer.Option(None, help="Paired bootstrap of A,B (METHOD@SPACE); ';' separates pairs."),
     n_boot: int = typer.Option(1000, help="Bootstrap resamples for the CIs."),
 ) -> None:

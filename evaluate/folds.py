@@ -90,6 +90,7 @@ def pool_folds(eval_dirs: Sequence[str | Path], *, compare: Sequence[tuple[str, 
     kinds: set[tuple[str, str]] = set()
     stores: dict[str, str] = {}  # store file sha256 → first fold evaluated on it
     keys: set[str] | None = None
+    cv: dict[tuple[Any, ...], list[int]] = {}  # (folds, seed, corpus) → the fold numbers pooled
     for d in map(Path, eval_dirs):
         data, ranks, clusters = _load_fold(d)
         split_key = (data.get("store") or {}).get("splits")
@@ -106,6 +107,13 @@ def pool_folds(eval_dirs: Sequence[str | Path], *, compare: Sequence[tuple[str, 
                 raise EvaluateError(f"repository {repo} is tested in two folds ({seen_repos[repo]} and {d}): "
                                     "pool the folds of one cross-validation")
             seen_repos[repo] = str(d)
+        sf = data["settings"].get("split_file")  # absent in evaluations older than the record
+        if isinstance(sf, dict):
+            cv.setdefault((sf.get("folds"), sf.get("seed"), sf.get("corpus_fingerprint")), []).append(sf.get("fold"))
+            if len(cv) > 1:
+                got = "; ".join(f"{k[0]} folds, seed {k[1]}" for k in cv)
+                raise EvaluateError(f"{d}: its split file comes from another cross-validation than the folds before "
+                                    f"it ({got}, or another corpus): pool the folds of one `corpus folds`")
         all_ranks.append(ranks)
         all_clusters.append(clusters)
         keys = set(ranks) if keys is None else keys & set(ranks)
@@ -114,6 +122,14 @@ def pool_folds(eval_dirs: Sequence[str | Path], *, compare: Sequence[tuple[str, 
                       "pool": data["pool"].get("label"), "mean_pool_size": data["pool"].get("mean_pool_size")})
     if len(kinds) > 1:
         raise EvaluateError(f"the folds were evaluated differently (query split, pool): {sorted(kinds)}")
+    if len(cv) == 1:
+        (k, _, _), pooled = next(iter(cv.items()))
+        if isinstance(k, int) and (left := sorted(set(range(k)) - set(pooled))):
+            notes.append(f"folds {', '.join(map(str, left))} of the {k} are not pooled: the table covers "
+                         f"{len(pooled)} of {k} folds' test repositories")
+    if len(cv) != 1 or sum(map(len, cv.values())) != len(folds):
+        notes.append("some evaluations do not record their split file's cross-validation (made by an older "
+                     "codejepa): that the folds belong together was checked by their repositories only")
     assert keys is not None
     dropped = sorted(set().union(*map(set, all_ranks)) - keys)
     if dropped:
@@ -130,9 +146,10 @@ def pool_folds(eval_dirs: Sequence[str | Path], *, compare: Sequence[tuple[str, 
     by_key = {r.key: r for r in rows}
     comparisons = []
     for a, b in compare:
-        for k in (a, b):
-            if k not in by_key:
-                raise EvaluateError(f"no pooled row {k!r}; available: {', '.join(sorted(by_key))}")
+        if missing := [k for k in (a, b) if k not in by_key]:  # a typo must not throw the pooled result away
+            notes.append(f"--compare {a},{b} skipped: no pooled row {missing[0]!r} "
+                         f"(rows: {', '.join(sorted(by_key))})")
+            continue
         res = paired_bootstrap(np.concatenate([f[a] for f in all_ranks]), np.concatenate([f[b] for f in all_ranks]),
                                clusters, n_boot=max(n_boot, 2000), seed=seed)
         overlap = {m: by_key[a].metrics[m].low <= by_key[b].metrics[m].high

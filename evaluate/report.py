@@ -76,7 +76,9 @@ def metrics_table(data: dict[str, Any], drop: Collection[str] = ()) -> Table:
     pool = data["pool"]
     title = (f"Retrieval on {data['settings']['split']}: {pool['n_queries']} queries from {pool['n_query_repos']} repos, "
              f"pool {pool['label']} (mean {pool['mean_pool_size']:.0f} distinct bodies)")
-    t = Table(title=title, caption="rank@1 / recall in %, 95% CIs over repositories; ties pessimistic")
+    # One repository leaves nothing to resample at that level: the bootstrap resamples queries.
+    over = "repositories" if pool["n_query_repos"] > 1 else "queries (one repository: optimistic)"
+    t = Table(title=title, caption=f"rank@1 / recall in %, 95% CIs over {over}; ties pessimistic")
     keep = add_columns(t, ("method", "space", "rank@1", "R@5", "R@10", "R@100", "MRR", "med rank", "mean rank",
                             "cos raw", "cos space"), drop)
     ch = pool["chance"]

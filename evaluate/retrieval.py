@@ -8,6 +8,8 @@ prototype and a random ranking, with a warning when it does not clear them.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shlex
 from collections.abc import Callable, Mapping, Sequence
@@ -203,9 +205,41 @@ def load_runs(run_dirs: Sequence[str | os.PathLike[str]], store: Any) -> list[Lo
         names.add(name)
         runs.append(LoadedRun(name, str(rd), p, {
             "name": name, "run_dir": str(rd.resolve()), "store_fingerprint": p.store_fingerprint,
-            "checkpoint_sha256": _checkpoint_hashes(rd),
+            "checkpoint_sha256": _checkpoint_hashes(rd), "notes": _run_notes(rd, name, store),
         }))
     return runs
+
+
+def _run_notes(run_dir: Path, name: str, store: Any) -> list[str]:
+    """What a reader of a run's row must know about how the run came to be: trained while
+    its store was unfinished (it saw fewer train records than the baselines are fitted on),
+    or stopped before its last epoch (its best.pt is the best of the epochs it had)."""
+    notes = []
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        info = {}
+    if isinstance(info, dict) and info.get("store_complete") is False:
+        n_train = int((store.splits == "train").sum())
+        notes.append(f"run {name} was trained while its store was unfinished, on {info.get('train_records', '?')} "
+                     f"train records; the store now has {n_train}, and the baselines are fitted on them")
+    events = []
+    try:
+        for line in (run_dir / "log.jsonl").read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                events.append(json.loads(line))
+    except OSError:
+        return notes
+    events = [e for e in events if isinstance(e, dict)]
+    if events and not any(e.get("event") == "done" for e in events):
+        epochs = [e.get("epoch") for e in events if e.get("event") == "epoch"]
+        try:
+            planned = json.loads((run_dir / "config.json").read_text())["train"]["epochs"]
+        except (OSError, ValueError, KeyError, TypeError):
+            planned = "?"
+        notes.append(f"run {name} stopped before its end (epoch {max(epochs, default=0)} of {planned}; no `done` in "
+                     "its log): its best.pt is the best of the epochs it had (`predict train --resume` finishes it)")
+    return notes
 
 
 class _FnPredictor:
@@ -305,7 +339,10 @@ def evaluate_retrieval(
     say = log or (lambda _m: None)
     space_names, names, pspec = _checked_arguments(spaces, baselines, ridge_input, bm25_query, pool, pool_seeds,
                                                    n_boot, out_dir)
+    if not names and not runs and not methods:
+        raise EvaluateError("nothing to evaluate: no --run and --baselines none")
     notes: list[str] = []
+    split_file: dict[str, Any] | None = None
 
     store = open_store(store_path)
     try:
@@ -314,8 +351,12 @@ def evaluate_retrieval(
             notes.append(unfinished)
             say(f"warning: {unfinished}")
         if splits is not None:
-            _use_split_file(store, splits, notes)
+            split_file = _use_split_file(store, splits, notes)
         loaded = load_runs(runs, store)
+        for r in loaded:
+            for note in r.info["notes"]:
+                notes.append(note)
+                say(f"note: {note}")
         mixes: dict[str, ProbeMix] = {}
         method_kinds: dict[str, str] = {}  # methods that are baselines (ridge+last+probe)
         probe_info: dict[str, Any] = {}
@@ -349,9 +390,15 @@ def evaluate_retrieval(
         need_sel = (need_ridge or "ridge+last" in names or "reverse" in names or fuse_runs or (need_bm25 and bm25_query == "auto")
                     or bool(hub_methods) or bool(mixes))
         fit_idx, sel_idx = _selection_split(store, train_idx, val_idx, notes) if need_sel else (train_idx, val_idx)
-        if split == "val" and need_sel:
-            notes.append("evaluating on val, where ridge's λ, the BM25 query and the fusion weight are chosen: "
-                         "optimistic for them")
+        if split == "val" and (need_sel or loaded):
+            notes.append("evaluating on val, where ridge's λ, the BM25 query and the fusion weights are chosen and "
+                         "each run's best.pt was selected: optimistic for them")
+        if split == "train":
+            notes.append("evaluating on train, where every statistic, ridge and the runs were fitted: in-sample "
+                         "figures, not a held-out result")
+        if len(np.unique(store.repos[q_idx].astype(str))) < 2:
+            notes.append(f"the {split} queries come from one repository: the CIs resample queries, not "
+                         "repositories (narrower than a CI over repositories would be)")
 
         task = build_task(split, pspec, q_idx, store.repos, cv.labels, all_idx)
         sel_task = build_task("selection", PoolSpec("split"), sel_idx, store.repos, cv.labels) if need_sel else None
@@ -444,6 +491,7 @@ def evaluate_retrieval(
             "distinct_bodies": "candidates with equal normalised body hash count once (best member scores)",
             "selection": {"fit_records": int(len(fit_idx)), "selection_records": int(len(sel_idx))},
             "probe": probe_info or None,
+            "split_file": split_file,
             "code_version": code_version(),
         }
         result = RetrievalResult(rows, comparisons, warnings, notes, settings, _store_record(store, cv),
@@ -535,8 +583,9 @@ def _pool_record(pspec: PoolSpec, task: Task, out: RowWriter) -> dict[str, Any]:
     }
 
 
-def _use_split_file(store: Any, splits: str | os.PathLike[str], notes: list[str]) -> None:
-    """Replace the store's split by a ``corpus folds`` split file's, with a note saying so."""
+def _use_split_file(store: Any, splits: str | os.PathLike[str], notes: list[str]) -> dict[str, Any]:
+    """Replace the store's split by a ``corpus folds`` split file's, with a note saying so;
+    which fold of which cross-validation it is (``evaluate folds`` checks that they agree)."""
     from codejepa.embed.store import StoreError, use_split_file
 
     try:
@@ -545,6 +594,8 @@ def _use_split_file(store: Any, splits: str | os.PathLike[str], notes: list[str]
         raise EvaluateError(str(e)) from None
     notes.append(f"split from {splits}: {assignment.label}"
                  + (f"; {missing} of its records are not in the store" if missing else ""))
+    return {"file": str(Path(splits).resolve()), "fold": assignment.fold, "folds": assignment.folds,
+            "seed": assignment.seed, "corpus_fingerprint": assignment.corpus_fingerprint}
 
 
 def _bm25_scorers(cv: CorpusView, bm25_query: str, task: Task, sel_task: Task | None, q_idx: np.ndarray,

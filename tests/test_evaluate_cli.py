@@ -93,6 +93,32 @@ def test_trained_predictor_run_is_evaluated(ds, tmp_path: Path) -> None:
         evaluate_retrieval(other.store_path, [run], baselines="none")
     r = runner.invoke(app, ["evaluate", "retrieval", str(other.store_path), "--run", str(run), "--baselines", "none"])
     assert r.exit_code == 1 and "trained against store fingerprint" in r.output
+    # A run stopped before its end, trained while its store was unfinished, gets notes saying so
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run, stopped)
+    info = json.loads((stopped / "run.json").read_text())
+    (stopped / "run.json").write_text(json.dumps({**info, "store_complete": False}))
+    log = (stopped / "log.jsonl").read_text().splitlines()
+    (stopped / "log.jsonl").write_text("\n".join(x for x in log if '"done"' not in x and '"epoch": 3' not in x) + "\n")
+    notes = " ".join(evaluate_retrieval(ds.store_path, [stopped], baselines="none", spaces="whitened", n_boot=20,
+                                        plots=False).notes)
+    assert f"trained while its store was unfinished, on {info['train_records']} train records" in notes
+    assert "stopped before its end (epoch 2 of 3" in notes
+    assert "stopped" not in " ".join(evaluate_retrieval(ds.store_path, [run], baselines="none", spaces="whitened",
+                                                        n_boot=20, plots=False).notes)
+
+
+def test_in_sample_and_one_repository_figures_say_so(tmp_path: Path) -> None:
+    one = make_dataset(tmp_path, repos={"train": 6, "val": 2, "test": 1}, name="one")
+    res = evaluate_retrieval(one.store_path, baselines="prototype,ridge", spaces="whitened", n_boot=20, plots=False,
+                             split="train", out_dir=tmp_path / "train")
+    assert any("in-sample figures" in n for n in res.notes)
+    r = runner.invoke(app, ["evaluate", "retrieval", str(one.store_path), "--baselines", "prototype", "--space",
+                            "whitened", "--n-boot", "20", "--no-plots"])
+    assert r.exit_code == 0 and "queries come from one repository" in r.output, r.output
+    assert "CIs over queries (one repository" in " ".join(r.output.split())
+    r = runner.invoke(app, ["evaluate", "retrieval", str(one.store_path), "--baselines", "none"])
+    assert one_error_line(r, "nothing to evaluate")
 
 
 def one_error_line(r, *needles: str) -> str:

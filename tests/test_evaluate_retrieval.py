@@ -257,9 +257,9 @@ def test_clear_errors(ds, tmp_path: Path) -> None:
     m["dropped"] = {ds.ids[0]: "held-out duplicate"}
     (other / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(EvaluateError, match="not the one the store was embedded from"):
-        evaluate_retrieval(ds.store_path, corpus_dir=other, baselines="none")
+        evaluate_retrieval(ds.store_path, corpus_dir=other, baselines="random")
     with pytest.raises(EvaluateError, match="corpus of the store not found"):
-        evaluate_retrieval(ds.store_path, corpus_dir=tmp_path / "nowhere", baselines="none")
+        evaluate_retrieval(ds.store_path, corpus_dir=tmp_path / "nowhere", baselines="random")
     with pytest.raises(EvaluateError, match="unknown baseline"):
         evaluate_retrieval(ds.store_path, baselines="ridge,magic")
     with pytest.raises(EvaluateError, match="BM25 query must be"):

@@ -254,3 +254,18 @@ def test_folds_train_evaluate_and_pool_over_every_repository(cv, tmp_path: Path)
         pool_folds([evals[0], foreign, evals[2]])
     r = runner.invoke(app, ["evaluate", "folds", str(evals[0]), str(evals[0])])
     assert r.exit_code == 1 and "tested in two folds" in r.output and "Traceback" not in r.output
+    # Folds of another cross-validation (other K or seed) are refused; missing folds are noted;
+    # a --compare typo is a note, not the loss of the pooled result.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "ranks.npz").write_bytes((evals[1] / "ranks.npz").read_bytes())
+    data = json.loads((evals[1] / "retrieval.json").read_text())
+    assert data["settings"]["split_file"]["fold"] == 1 and data["settings"]["split_file"]["folds"] == 3
+    data["settings"]["split_file"]["seed"] = 5
+    (other / "retrieval.json").write_text(json.dumps(data))
+    with pytest.raises(EvaluateError, match="another cross-validation .*3 folds, seed 0; 3 folds, seed 5"):
+        pool_folds([evals[0], other])
+    two = pool_folds(evals[:2], compare=[("nope@whitened", "prototype@whitened")], n_boot=20)
+    assert "folds 2 of the 3 are not pooled" in " ".join(two.notes)
+    assert "--compare nope@whitened,prototype@whitened skipped: no pooled row 'nope@whitened'" in " ".join(two.notes)
+    assert not two.comparisons and two.rows
