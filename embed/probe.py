@@ -222,12 +222,13 @@ def _ids(f: h5py.File, n: int) -> np.ndarray:
     return np.array(f["ids"].asstr()[:n], dtype=object)
 
 
-def _check_ids(f: h5py.File, store: Store, path: Path, start: int = 0) -> int:
+def _check_ids(f: h5py.File, store: Store, path: Path, start: int = 0, *,
+               advice: str = "delete it or pass another --out") -> int:
     n = int(f.attrs["committed"])
     ids = _ids(f, n)
     if start + n > len(store) or not np.array_equal(ids, store.ids[start:start + n].astype(object)):
         raise ProbeError(f"{path}: its records are not records {start}..{start + n - 1} of {store.path} "
-                         "(made from another store or a re-embedded one); delete it or pass another --out")
+                         f"(made from another store or a re-embedded one); {advice}")
     return n
 
 
@@ -251,7 +252,8 @@ def read_probe_view(path: str | Path, store: Store) -> ProbeView:
             meta = ProbeMeta.from_json(f.attrs["meta"])
             if meta.shard:
                 raise ProbeError(f"{path}: shard {meta.shard} of a probe view; join the shards with `codejepa embed merge`")
-            n = _check_ids(f, store, path)
+            n = _check_ids(f, store, path, advice="pass the probe view made from this store (its own file is "
+                                                  "kept: it is valid for the store it was made from)")
             view = np.zeros((len(store), meta.hidden_size), np.float32)
             view[:n] = f["view"][:n]
         except (KeyError, TypeError, ValueError, OSError) as e:

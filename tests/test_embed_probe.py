@@ -128,6 +128,14 @@ def test_a_killed_run_resumes_to_the_same_view_and_refuses_other_settings(teache
         compute_probe_view(store_path, tmp_path / "part.h5", dataclasses.replace(ANY, n_probes=3), teacher=teacher)
     with pytest.raises(ProbeError, match="not the one"):
         compute_probe_view(store_path, tmp_path / "x.h5", ANY, teacher=teachers["bidirectional"])
+    # another store's view: computing into it is refused with "another --out", reading it as this
+    # store's with "pass the view made from this store" (it is valid for its own store)
+    (tmp_path / "b").mkdir()
+    other = _store(tmp_path / "b", teacher, sample_records(12))
+    with pytest.raises(ProbeError, match="delete it or pass another --out"):
+        compute_probe_view(other, tmp_path / "whole.h5", ANY, teacher=teacher)
+    with open_store(other) as s, pytest.raises(ProbeError, match="pass the probe view made from this store"):
+        read_probe_view(tmp_path / "whole.h5", s)
 
 
 def test_a_disk_too_full_for_the_next_chunk_stops_the_view_and_keeps_what_was_committed(
