@@ -409,7 +409,9 @@ class _Build:
             entry = _new_entry(spec, source, self.settings, train_only=pinned)
             if source.name in seen:
                 entry.update(status="duplicate",
-                             message=f"{spec}: same repository name {source.name!r} as {seen[source.name]}; skipped")
+                             message=f"{spec}: same repository name {source.name!r} as {seen[source.name]}; skipped "
+                                     "(a repository's name keys its split and records: give a local copy a folder "
+                                     "of another name to build both)")
                 entry["name"] = f"{source.name} (duplicate: {spec})"
                 entries.append(entry)
                 self.say(entry["message"])

@@ -345,3 +345,14 @@ def test_cli_build_and_exit_codes(fixture_repo: tuple[Path, str], tmp_path: Path
     r = run_cli("build", "--out", str(tmp_path / "c3"))
     assert r.exit_code == 1 and "nothing to build" in r.output
     assert "Traceback" not in r.output
+
+
+def test_two_sources_of_one_name_build_the_first_and_say_how_to_build_both(fixture_repo: tuple[Path, str],
+                                                                            tmp_path: Path) -> None:
+    repo, _ = fixture_repo
+    other = tmp_path / "fork" / repo.name
+    make_repo(other, {"m.py": "def g(x):\n    return x * 2\n"})
+    res = build_corpus([str(repo), str(other)], tmp_path / "c")
+    statuses = [r["status"] for r in res.manifest["repos"]]
+    assert statuses == ["ok", "duplicate"]
+    assert any("give a local copy a folder of another name" in m for m in res.messages)
