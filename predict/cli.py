@@ -97,9 +97,8 @@ def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str, splits: Pa
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from codejepa.progress import Progress
-
     from codejepa.predict.train import train
+    from codejepa.progress import Progress
 
     console = Console(stderr=True)
     quiet = os.environ.get("RANK", "0").strip() not in ("0", "")  # a bad RANK is refused by train()

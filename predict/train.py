@@ -393,9 +393,11 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                                           log="log.jsonl", curves="curves.png").items()}
     store = open_store(store_path)
     lock = contextlib.ExitStack()  # rank 0's lock on the run folder: two trainings into one --out would interleave
+    locked = False
     try:
         if main and out.is_dir():  # taken before the run there is read, so that no other writer changes it
             lock.enter_context(exclusive(out / LOCK_FILE, f"the run {out}"))
+            locked = True
         if main and (note := store.incomplete_note()) is not None:
             emit({"event": "warning", "message": note})
         split_info = None
@@ -442,7 +444,7 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
         # ---- run directory and train-split statistics ----
         if main:
             out.mkdir(parents=True, exist_ok=True)
-            if not existing:  # a new run's folder is locked once made; another may have started there since
+            if not locked:  # a new folder is locked once made; another training may have started there since
                 lock.enter_context(exclusive(out / LOCK_FILE, f"the run {out}"))
                 if paths["run"].exists() or paths["last"].exists():
                     raise TrainingError(f"{out}: another training started a run here meanwhile; choose another --out")

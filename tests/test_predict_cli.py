@@ -94,6 +94,9 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
             r = runner.invoke(app, ["predict", "train", str(store), "--out", str(run_dir), *args])
         assert r.exit_code == 1 and "is being written by another process" in r.output, r.output
     assert not (tmp_path / "held" / "config.json").exists()
+    r = runner.invoke(app, ["predict", "train", str(store), "--out", str(tmp_path / "held"), "--model", "mlp", *SMALL,
+                            "--set", "train.epochs=1"])  # an existing empty folder, once free: its lock is ours
+    assert r.exit_code == 0 and (tmp_path / "held" / "best.pt").exists(), r.output
     r = runner.invoke(app, ["predict", "train", str(tmp_path / "nope.h5"), "--model", "mlp", "--out", str(tmp_path / "z")])
     assert r.exit_code == 1 and "no such store" in r.output
 
