@@ -25,6 +25,7 @@ from codejepa.evaluate.errors import EvaluateError
 from codejepa.evaluate.metrics import MetricCI, bootstrap_cis, check_n_boot, paired_bootstrap
 from codejepa.evaluate.report import (
     JSON_FILE,
+    RANKS_FILE,
     add_columns,
     add_row,
     check_out_dir,
@@ -35,6 +36,8 @@ from codejepa.evaluate.report import (
 )
 
 FOLDS_JSON = "folds.json"
+# Options that change what a row measures: every pooled fold must have used the same.
+SAME_SETTINGS = ("ridge_input", "whitening_shrinkage", "bm25_query")
 FOLDS_TABLE = "folds.txt"
 
 
@@ -70,6 +73,8 @@ def _load_fold(d: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarr
     if not isinstance(pool.get("mean_pool_size"), (int, float)) or "label" not in pool or "split" not in data["settings"]:
         raise damaged_error(d / JSON_FILE, d, "no pool size, pool or split")
     ranks, clusters = load_ranks(d)
+    if pool.get("n_queries") != len(clusters):  # e.g. the ranks of a later evaluation whose write was cut
+        raise damaged_error(d / RANKS_FILE, d, f"{len(clusters)} queries, and retrieval.json says {pool.get('n_queries')}")
     return data, ranks, clusters
 
 
@@ -90,6 +95,7 @@ def pool_folds(eval_dirs: Sequence[str | Path], *, compare: Sequence[tuple[str, 
     kinds: set[tuple[str, str]] = set()
     stores: dict[str, str] = {}  # store file sha256 → first fold evaluated on it
     keys: set[str] | None = None
+    first_how: tuple[dict[str, Any], str] | None = None
     cv: dict[tuple[Any, ...], list[int]] = {}  # (folds, seed, corpus) → the fold numbers pooled
     for d in map(Path, eval_dirs):
         data, ranks, clusters = _load_fold(d)
@@ -98,6 +104,13 @@ def pool_folds(eval_dirs: Sequence[str | Path], *, compare: Sequence[tuple[str, 
             raise EvaluateError(f"{d}: evaluated on the store's own split; evaluate each fold with --splits "
                                 "(a file of `codejepa corpus folds`)")
         kinds.add((str(data["settings"].get("split")), str(data["pool"].get("label"))))
+        how = {k: data["settings"].get(k) for k in SAME_SETTINGS}
+        if first_how is None:
+            first_how = (how, str(d))
+        elif diff := sorted(k for k in SAME_SETTINGS if how[k] != first_how[0][k]):
+            raise EvaluateError(f"{d} was evaluated with other settings than {first_how[1]} "
+                                f"({', '.join(f'{k}: {how[k]} vs {first_how[0][k]}' for k in diff)}): "
+                                "pool evaluations made with the same options")
         stores.setdefault(str(data["store"].get("file_sha256")), str(d))
         if len(stores) > 1:
             raise EvaluateError(f"{d} was evaluated on another store than {next(iter(stores.values()))}: "

@@ -172,7 +172,9 @@ def _write_outputs(result: Any, out_dir: Path, *, plots: bool) -> dict[str, str]
     data = result.to_json()
     files = {"json": str(out_dir / JSON_FILE), "ranks": str(out_dir / RANKS_FILE), "table": str(out_dir / TABLE_FILE)}
     # The figures first, the plots after them, retrieval.json last: an interrupted write leaves
-    # the ranks and the table, and retrieval.json only once everything is there.
+    # the ranks and the table, and retrieval.json only once everything is there. An earlier
+    # evaluation's retrieval.json goes first, or it would describe the new ranks beside it.
+    (out_dir / JSON_FILE).unlink(missing_ok=True)
     buf = io.BytesIO()
     np.savez_compressed(buf, __clusters__=np.asarray(result.rows[0].clusters if result.rows else [], dtype=str),
                         **{r.key: r.ranks for r in result.rows})

@@ -219,9 +219,18 @@ def _run_notes(run_dir: Path, name: str, store: Any) -> list[str]:
         info = json.loads((run_dir / "run.json").read_text())
     except (OSError, ValueError):
         info = {}
-    if isinstance(info, dict) and info.get("store_complete") is False:
-        n_train = int((store.splits == "train").sum())
-        notes.append(f"run {name} was trained while its store was unfinished, on {info.get('train_records', '?')} "
+    info = info if isinstance(info, dict) else {}
+    n_train, trained_on = int((store.splits == "train").sum()), info.get("train_records", "?")
+    then = info.get("store_meta") if isinstance(info.get("store_meta"), dict) else {}
+    differ = [f"{k} {then[k]} vs {getattr(store.meta, k)}" for k in ("max_tokens", "state_dtype", "shard")
+              if k in then and then[k] != getattr(store.meta, k, None)]
+    if info.get("store") and Path(str(info["store"])) != Path(store.path).resolve() and (differ or trained_on != n_train):
+        # The fingerprint (teacher, layer, template, corpus) agrees, but the window or the records differ.
+        notes.append(f"run {name} was trained on another store ({info['store']}: {trained_on} train records, this "
+                     f"one has {n_train}{'; ' + ', '.join(differ) if differ else ''}): its statistics and inputs "
+                     "are that store's, the baselines are fitted on this one")
+    elif info.get("store_complete") is False:
+        notes.append(f"run {name} was trained while its store was unfinished, on {trained_on} "
                      f"train records; the store now has {n_train}, and the baselines are fitted on them")
     events = []
     try:

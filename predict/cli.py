@@ -69,8 +69,9 @@ def train_cmd(
     except CLI_ERRORS as e:
         _fail(error_line(e))
     except KeyboardInterrupt:
+        with_splits = f" --splits {shlex.quote(str(splits))}" if splits is not None else ""
         _fail(f"interrupted; continue with: codejepa predict train {shlex.quote(str(store))} "
-              f"--out {shlex.quote(str(out))} --resume", 130)
+              f"--out {shlex.quote(str(out))}{with_splits} --resume", 130)
 
 
 @app.command("config")

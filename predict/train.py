@@ -717,8 +717,8 @@ def _stats_stale(path: Path, key: dict[str, Any]) -> str | None:
     if old.get("store_fingerprint") != key["store_fingerprint"]:
         return "fitted on another store"
     if old.get("train_records") != key["train_records"]:
-        return (f"fitted on {old.get('train_records')} train records, and the store now has {key['train_records']} "
-                "(records were embedded since the run started)")
+        return (f"fitted on {old.get('train_records')} train records, and this store has {key['train_records']} "
+                "(another store of the same corpus and teacher, or records embedded since the run started)")
     diff = sorted(k for k in key if old.get(k) != key[k])
     return f"fitted with other settings ({', '.join(diff)})" if diff else None
 

@@ -106,6 +106,15 @@ def test_trained_predictor_run_is_evaluated(ds, tmp_path: Path) -> None:
     assert "stopped before its end (epoch 2 of 3" in notes
     assert "stopped" not in " ".join(evaluate_retrieval(ds.store_path, [run], baselines="none", spaces="whitened",
                                                         n_boot=20, plots=False).notes)
+    moved = tmp_path / "moved"  # trained on another store of the same corpus and teacher (another window)
+    shutil.copytree(run, moved)
+    meta = {**info["store_meta"], "max_tokens": 128}
+    (moved / "run.json").write_text(json.dumps({**info, "store": "/elsewhere/s.h5", "store_meta": meta,
+                                                "train_records": info["train_records"] - 7}))
+    notes = " ".join(evaluate_retrieval(ds.store_path, [moved], baselines="none", spaces="whitened", n_boot=20,
+                                        plots=False).notes)
+    assert f"was trained on another store (/elsewhere/s.h5: {info['train_records'] - 7} train records" in notes
+    assert "max_tokens 128 vs" in notes
 
 
 def test_in_sample_and_one_repository_figures_say_so(tmp_path: Path) -> None:
@@ -136,11 +145,11 @@ def fold_eval(d: Path, repos: list[str], k: int) -> Path:
     """A fold's saved evaluation as `evaluate retrieval --splits FILE --out d` writes it: the
     parts that pooling reads, five queries per repository."""
     d.mkdir(parents=True)
+    clusters = np.repeat(repos, 5)
     data = {"format": "codejepa-retrieval", "format_version": 1, "settings": {"split": "test"},
             "store": {"splits": f"fold-{k}", "file_sha256": "0" * 64},
-            "pool": {"label": "split", "mean_pool_size": 20.0}, "notes": []}
+            "pool": {"label": "split", "mean_pool_size": 20.0, "n_queries": len(clusters)}, "notes": []}
     (d / "retrieval.json").write_text(json.dumps(data))
-    clusters = np.repeat(repos, 5)
     np.savez_compressed(d / "ranks.npz", __clusters__=clusters,
                         **{"a@raw": np.random.default_rng(k).integers(1, 21, len(clusters))})
     return d
@@ -260,3 +269,20 @@ def test_a_compare_typo_keeps_the_evaluation(ds, tmp_path: Path) -> None:
     data = json.loads((out / "retrieval.json").read_text())
     assert [(c["a"], c["b"]) for c in data["comparisons"]] == [("prototype@raw", "random@-")]
     assert any("--compare prototype@rwa,random@- skipped: no result 'prototype@rwa'" in w for w in data["warnings"])
+
+
+def test_a_cut_rewrite_leaves_no_older_result_beside_the_new_ranks(ds, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import codejepa.evaluate.plots as plots
+
+    out = tmp_path / "eval"
+    evaluate_retrieval(ds.store_path, baselines="random", spaces="raw", n_boot=10, out_dir=out, plots=False)
+    assert (out / "retrieval.json").is_file()
+
+    def full_disk(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plots, "plot_rank_distribution", full_disk)
+    with pytest.raises(EvaluateError, match="cannot write the results"):
+        evaluate_retrieval(ds.store_path, baselines="random,prototype", spaces="raw", n_boot=10, out_dir=out)
+    assert (out / "ranks.npz").is_file() and not (out / "retrieval.json").exists()

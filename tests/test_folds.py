@@ -265,6 +265,15 @@ def test_folds_train_evaluate_and_pool_over_every_repository(cv, tmp_path: Path)
     (other / "retrieval.json").write_text(json.dumps(data))
     with pytest.raises(EvaluateError, match="another cross-validation .*3 folds, seed 0; 3 folds, seed 5"):
         pool_folds([evals[0], other])
+    data = json.loads((evals[1] / "retrieval.json").read_text())
+    data["settings"]["ridge_input"] = "context"
+    (other / "retrieval.json").write_text(json.dumps(data))
+    with pytest.raises(EvaluateError, match="other settings than .*ridge_input: context vs signature"):
+        pool_folds([evals[0], other])
+    data["settings"]["ridge_input"], data["pool"]["n_queries"] = "signature", 3  # ranks of another evaluation
+    (other / "retrieval.json").write_text(json.dumps(data))
+    with pytest.raises(EvaluateError, match="ranks.npz: damaged .*queries, and retrieval.json says 3"):
+        pool_folds([evals[0], other])
     two = pool_folds(evals[:2], compare=[("nope@whitened", "prototype@whitened")], n_boot=20)
     assert "folds 2 of the 3 are not pooled" in " ".join(two.notes)
     assert "--compare nope@whitened,prototype@whitened skipped: no pooled row 'nope@whitened'" in " ".join(two.notes)

@@ -110,7 +110,7 @@ def test_stale_statistics_say_why(tmp_path: Path) -> None:
     p.write_bytes(b"junk")
     assert _stats_stale(p, key) == "damaged"
     torch.save({**key, "train_records": 5}, p)
-    assert "fitted on 5 train records, and the store now has 7" in _stats_stale(p, key)
+    assert "fitted on 5 train records, and this store has 7" in _stats_stale(p, key)
     torch.save({**key, "eps": 1e-3}, p)
     assert _stats_stale(p, key) == "fitted with other settings (eps)"
     torch.save(key, p)
@@ -128,3 +128,6 @@ def test_the_resume_hint_after_an_interrupt_can_be_pasted(tmp_path: Path, monkey
     r = CliRunner().invoke(app, ["predict", "train", str(store), "--model", "mlp", "--out", str(out)])
     assert r.exit_code == 130, r.output
     assert f"codejepa predict train '{store}' --out '{out}' --resume" in r.output.replace("\n", "")
+    r = CliRunner().invoke(app, ["predict", "train", str(store), "--model", "mlp", "--out", str(out),
+                                 "--splits", str(tmp_path / "f.json")])  # the fold's file is part of the command
+    assert f"--out '{out}' --splits {tmp_path / 'f.json'} --resume" in r.output.replace("\n", "")
