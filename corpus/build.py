@@ -339,17 +339,22 @@ def build_corpus(
     out = Path(out_dir)
     _check_out(out)
     listed: list[tuple[str, bool]] = []
-    for path, pinned in ((repos_file, False), (train_only_file, True)):
+    for path, pinned, flag in ((repos_file, False, "--repos-file"), (train_only_file, True, "--train-only-file")):
         if path is not None:
             try:
                 listed += [(spec, pinned) for spec in src.read_repos_file(path)]
             except src.SourceError as e:
-                raise CodejepaError(f"{e}; nothing was built") from None
+                raise CodejepaError(f"{flag}: {e}; nothing was built") from None
     (out / "repos").mkdir(parents=True, exist_ok=True)
-    specs = [(spec, False) for spec in sources] + [s for s in listed if not s[1]]
-    specs += [(spec, True) for spec in train_only] + [s for s in listed if s[1]]
-
+    pinned_specs = [spec for spec in train_only] + [s for s, p in listed if p]
     build = _Build(out, settings, observer or BuildObserver())
+    # A source asked for both ways goes to train, as train-only promises; said once.
+    both = sorted({spec for spec in [*sources, *(s for s, p in listed if not p)] if spec in set(pinned_specs)})
+    for spec in both:
+        build.say(f"note: {spec} is given both as a source and as train-only: it goes to the train split")
+    specs = [(spec, False) for spec in [*sources, *(s for s, p in listed if not p)] if spec not in both]
+    specs += [(spec, True) for spec in pinned_specs]
+
     entries, todo = build.plan(specs)
     build.run(todo)
     manifest = _write_manifest(out, entries, settings)

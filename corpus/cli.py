@@ -214,13 +214,18 @@ def folds(
     from rich.table import Table
 
     from codejepa.core import CLI_ERRORS, error_line
-    from codejepa.corpus.folds import make_folds, write_fold
+    from codejepa.core import CodejepaError
+    from codejepa.corpus.folds import make_folds, other_fold_files, write_fold
 
     try:
         table = Table(title=f"{k} folds over repositories, in {out}")
         for col in ("file", "test repos", "val repos", "train repos", "train", "val", "test"):
             table.add_column(col, justify="left" if col == "file" else "right")
-        for a in make_folds(corpus, k, seed):
+        assignments = make_folds(corpus, k, seed)
+        if assignments and (other := other_fold_files(out, assignments[0])):
+            raise CodejepaError(f"{out} holds fold files of another cross-validation ({', '.join(other)}); "
+                                "choose another --out, or delete them")
+        for a in assignments:
             p = write_fold(a, out)
             repos = list(a.repos.values())
             recs = list(a.splits.values())

@@ -108,6 +108,22 @@ def write_fold(a: SplitAssignment, out_dir: str | os.PathLike[str]) -> Path:
     return p
 
 
+def other_fold_files(out_dir: str | os.PathLike[str], a: SplitAssignment) -> list[str]:
+    """The ``fold-K.json`` files in ``out_dir`` that belong to another cross-validation than
+    ``a``'s (other K, seed or corpus): writing beside them would leave a mixed folder."""
+    other = []
+    for p in sorted(Path(out_dir).glob("fold-*.json")):
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+            same = (d.get("folds"), d.get("seed"), d.get("corpus_fingerprint")) == (a.folds, a.seed,
+                                                                                     a.corpus_fingerprint)
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if not same:
+            other.append(p.name)
+    return other
+
+
 def write_folds(corpus_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], folds: int,
                 seed: int | None = None) -> list[Path]:
     """Write ``fold-K.json`` for each fold into ``out_dir``; return the paths."""

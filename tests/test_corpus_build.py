@@ -337,7 +337,7 @@ def test_cli_build_and_exit_codes(fixture_repo: tuple[Path, str], tmp_path: Path
     before = (out / "manifest.json").read_bytes()
     for flag in ("--repos-file", "--train-only-file"):
         r = run_cli("build", str(repo), flag, str(tmp_path / "nope.txt"), "--out", str(out))
-        assert r.exit_code == 1 and "does not exist; nothing was built" in r.output, r.output
+        assert r.exit_code == 1 and f"{flag}: repos file" in r.output and "does not exist; nothing was built" in r.output
     r = run_cli("build", "/no/such/repo", "--out", str(out))  # every source fails: the corpus there is kept
     assert r.exit_code == 1 and "kept as it was" in r.output
     assert (out / "manifest.json").read_bytes() == before
@@ -356,3 +356,12 @@ def test_two_sources_of_one_name_build_the_first_and_say_how_to_build_both(fixtu
     statuses = [r["status"] for r in res.manifest["repos"]]
     assert statuses == ["ok", "duplicate"]
     assert any("give a local copy a folder of another name" in m for m in res.messages)
+
+
+def test_a_source_given_both_ways_goes_to_train(tmp_path: Path) -> None:
+    repo = tmp_path / "src" / names_in("test", 1)[0]  # its hash sends it to test
+    make_repo(repo, fixture_files())
+    res = build_corpus([str(repo)], tmp_path / "c", train_only=[str(repo)])
+    (entry,) = res.manifest["repos"]
+    assert entry["status"] == "ok" and entry["split"] == "train" and entry["train_only"]
+    assert any("given both as a source and as train-only" in m for m in res.messages)

@@ -126,6 +126,11 @@ def test_each_fold_has_its_own_leak_filter_and_pinned_repos_stay_in_train(tmp_pa
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == ["fold-0.json", "fold-1.json", "fold-2.json"]
     assert read_splits(tmp_path / "cli" / "fold-2.json").key == folds[2].key
+    r = runner.invoke(app, ["corpus", "folds", str(corpus), "--out", str(tmp_path / "cli"), "--folds", "3"])
+    assert r.exit_code == 0, r.output  # the same folds again: rewritten
+    r = runner.invoke(app, ["corpus", "folds", str(corpus), "--out", str(tmp_path / "cli"), "--folds", "4"])
+    assert r.exit_code == 1 and "holds fold files of another cross-validation" in r.output, r.output
+    assert not (tmp_path / "cli" / "fold-3.json").exists()
 
 
 def test_a_damaged_index_or_split_file_is_one_clear_error(tmp_path: Path) -> None:
