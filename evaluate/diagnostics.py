@@ -99,7 +99,10 @@ def vector_diagnostics(
     ts = target_stats or target_statistics(target_raw, target_space, prototype_raw)
     p, t = np.asarray(pred_space, np.float64), np.asarray(target_space, np.float64)
     sd_t = t.std(0)
-    ratio = p.std(0) / np.maximum(sd_t, 1e-12)
+    # Only directions where the targets spread: the canonical space weights uncorrelated
+    # directions by ~0, and any prediction's spread there over ~0 would swamp the mean.
+    spread = sd_t > 1e-6 * max(float(sd_t.max(initial=0.0)), 1e-30)
+    ratio = p.std(0)[spread] / sd_t[spread] if spread.any() else np.array([np.nan])
     centre = space_mean if space_mean is not None else np.asarray(prototype_raw, np.float64)
     # In a centered/whitened space the mean is already removed: centring again changes nothing.
     pc = p - (0.0 if space_mean is not None else centre)

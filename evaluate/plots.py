@@ -90,9 +90,9 @@ def plot_rank_distribution(data: dict[str, Any], rows: list[Any], out_dir: Path)
         ax.legend(fontsize=8.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
     axes[0][0].set_ylabel("share of queries with rank ≤ k (recall@k)", fontsize=11)
     pool = data["pool"]
-    fig.suptitle(f"Where the true body ranks — {data['settings']['split']} split, pool {pool['label']}, "
-                 f"{pool['n_queries']} queries, {pool['mean_pool_size']:.0f} distinct bodies\n"
-                 "each method alone and its best corrected row (every row: table.txt)", fontsize=13)
+    fig.suptitle(_fit(fig, f"Where the true body ranks — {data['settings']['split']} split, pool {pool['label']}, "
+                           f"{pool['n_queries']} queries, {pool['mean_pool_size']:.0f} distinct bodies\n"
+                           "each method alone and its best corrected row (every row: table.txt)", 13), fontsize=13)
     fig.tight_layout()
     path = out_dir / RANK_PLOT
     fig.savefig(path, dpi=110)
@@ -142,11 +142,19 @@ def plot_projection(projections: dict[str, dict[str, np.ndarray]], out_dir: Path
             ax.tick_params(labelsize=7)
             if i == 0 and j == 0:
                 ax.legend(fontsize=7, markerscale=2, loc="best")
-    fig.suptitle("Predictions vs targets on the top-2 principal axes of the targets' bulk (the 2% farthest "
-                 "left out; collapse = a tight red blob; axes clipped to the targets' 1st–99th percentiles)",
-                 fontsize=11)
+    fig.suptitle(_fit(fig, "Predictions vs targets on the top-2 principal axes of the targets' bulk (the 2% farthest "
+                           "left out; collapse = a tight red blob; axes clipped to the targets' 1st–99th percentiles)",
+                      11), fontsize=11)
     fig.tight_layout()
     path = out_dir / PROJECTION_PLOT
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _fit(fig: Any, title: str, fontsize: float) -> str:
+    """``title`` wrapped to the figure's width (a one-panel figure cut a long title at both edges)."""
+    import textwrap
+
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.55 * fontsize)))
+    return "\n".join(textwrap.fill(line, chars) for line in title.split("\n"))

@@ -359,6 +359,12 @@ def evaluate_retrieval(
         if (unfinished := store.incomplete_note()) is not None:
             notes.append(unfinished)
             say(f"warning: {unfinished}")
+        skipped = meta.extra.get("skipped") if isinstance(meta.extra.get("skipped"), dict) else {}
+        if n_skipped := sum(v for v in skipped.values() if isinstance(v, int)):
+            # e.g. the longest signatures, which do not fit the window: the figures leave them out
+            notes.append(f"{n_skipped} records of the corpus were not embedded "
+                         f"({', '.join(f'{k}: {v}' for k, v in sorted(skipped.items()))}): they are neither "
+                         "queries nor candidates")
         if splits is not None:
             split_file = _use_split_file(store, splits, notes)
         loaded = load_runs(runs, store)
@@ -410,6 +416,9 @@ def evaluate_retrieval(
                          "repositories (narrower than a CI over repositories would be)")
 
         task = build_task(split, pspec, q_idx, store.repos, cv.labels, all_idx)
+        if pspec.kind == "random" and pspec.size > task.groups.n_groups:
+            notes.append(f"--pool {pspec.size} is more than the {task.groups.n_groups} distinct bodies there are: "
+                         f"each pool holds all of them (as --pool split)")
         sel_task = build_task("selection", PoolSpec("split"), sel_idx, store.repos, cv.labels) if need_sel else None
         say(f"{task.n_queries} queries against {task.groups.n_groups} distinct bodies "
             f"({len(task.cand_idx)} candidates, pool {pspec.label})")

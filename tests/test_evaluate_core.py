@@ -376,3 +376,16 @@ def test_materialized_holds_a_matrix_within_its_budget_and_scores_as_the_scorer(
     monkeypatch.setattr(search_mod, "MATERIALIZE_BYTES", size - 1)
     assert materialized(dense, 5) is dense  # over the budget: scored on demand
     assert isinstance(materialized(dense, 5, budget_factor=2), MaterializedScorer)
+
+
+def test_std_ratio_reads_only_the_directions_where_the_targets_spread() -> None:
+    # The canonical space gives uncorrelated directions ~0 weight: a prediction's spread
+    # there over the targets' ~0 made the mean ratio 1e10 (a noisy oracle's row).
+    from codejepa.evaluate.diagnostics import vector_diagnostics
+
+    rng = np.random.default_rng(0)
+    t = rng.standard_normal((200, 6))
+    t[:, 4:] *= 1e-12
+    p = t + 0.1 * rng.standard_normal((200, 6))
+    d = vector_diagnostics(p, t, p, t, np.zeros(6), None).values
+    assert 0.9 < d["std_ratio_mean"] < 1.1 and 0.9 < d["std_ratio_median"] < 1.1

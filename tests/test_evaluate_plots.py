@@ -18,3 +18,21 @@ def test_a_panel_draws_each_method_and_its_best_corrected_row() -> None:
              _row("ridge+last", 0.42), _row("tf+bm25", 0.6), _row("bm25", 0.3, "-"), _row("bm25+sib", 0.31, "-")]
     drawn = [r.method for r in plotted_rows(panel)]
     assert drawn == ["ridge", "ridge+csls+bm25", "ridge+last", "tf+bm25", "bm25", "bm25+sib"]
+
+
+def test_a_long_title_is_wrapped_inside_a_one_panel_figure() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from codejepa.evaluate.plots import _fit
+
+    fig = plt.figure(figsize=(6.4, 5.4))
+    title = ("Where the true body ranks — test split, pool split, 6055 queries, 6055 distinct bodies\n"
+             "each method alone and its best corrected row (every row: table.txt)")
+    t = fig.suptitle(_fit(fig, title, 13), fontsize=13)
+    fig.canvas.draw()
+    box, page = t.get_window_extent(), fig.bbox
+    assert page.x0 <= box.x0 and box.x1 <= page.x1, (box, page)
+    plt.close(fig)

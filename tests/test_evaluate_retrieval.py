@@ -310,6 +310,22 @@ def test_an_unfinished_store_is_evaluated_with_a_note(ds, tmp_path: Path) -> Non
                                                                  n_boot=20, plots=False).notes)
 
 
+def test_records_left_out_by_the_embedder_and_a_capped_pool_are_noted(ds, tmp_path: Path) -> None:
+    import h5py
+
+    store = tmp_path / "skipped.h5"
+    shutil.copy(ds.store_path, store)
+    with h5py.File(store, "r+") as f:  # as `embed run` records records it could not embed
+        m = json.loads(f.attrs["meta"])
+        m["extra"] = {**m.get("extra", {}), "skipped": {"signature longer than the window": 4}}
+        f.attrs["meta"] = json.dumps(m)
+    res = evaluate_retrieval(store, corpus_dir=ds.corpus_dir, baselines="random", spaces="raw", n_boot=20,
+                             plots=False, pool=100000)
+    notes = " ".join(res.notes)
+    assert "4 records of the corpus were not embedded (signature longer than the window: 4)" in notes
+    assert "--pool 100000 is more than the" in notes
+
+
 def test_non_finite_states_are_a_damaged_store(ds, tmp_path: Path) -> None:
     import h5py
 
