@@ -346,14 +346,14 @@ def build_corpus(
             except src.SourceError as e:
                 raise CodejepaError(f"{flag}: {e}; nothing was built") from None
     (out / "repos").mkdir(parents=True, exist_ok=True)
-    pinned_specs = [spec for spec in train_only] + [s for s, p in listed if p]
+    unpinned = [*sources, *(s for s, p in listed if not p)]
+    pinned = [*train_only, *(s for s, p in listed if p)]
     build = _Build(out, settings, observer or BuildObserver())
     # A source asked for both ways goes to train, as train-only promises; said once.
-    both = sorted({spec for spec in [*sources, *(s for s, p in listed if not p)] if spec in set(pinned_specs)})
+    both = sorted(set(unpinned) & set(pinned))
     for spec in both:
         build.say(f"note: {spec} is given both as a source and as train-only: it goes to the train split")
-    specs = [(spec, False) for spec in [*sources, *(s for s, p in listed if not p)] if spec not in both]
-    specs += [(spec, True) for spec in pinned_specs]
+    specs = [(spec, False) for spec in unpinned if spec not in both] + [(spec, True) for spec in pinned]
 
     entries, todo = build.plan(specs)
     build.run(todo)

@@ -195,7 +195,8 @@ def info(corpus: Path = typer.Argument(..., help="A corpus folder.")) -> None:
     _summary(manifest, missing)
     if missing:
         files = ", ".join(f for gone in missing.values() for f in gone)
-        typer.echo(f"error: {len(missing)} built repositories have lost their files ({files}); "
+        which = "1 built repository has" if len(missing) == 1 else f"{len(missing)} built repositories have"
+        typer.echo(f"error: {which} lost their files ({files}); "
                    f"{REBUILD} (the same sources and --out: it rebuilds only those)", err=True)
         raise typer.Exit(1)
 
@@ -213,8 +214,7 @@ def folds(
     from rich.console import Console
     from rich.table import Table
 
-    from codejepa.core import CLI_ERRORS, error_line
-    from codejepa.core import CodejepaError
+    from codejepa.core import CLI_ERRORS, CodejepaError, error_line
     from codejepa.corpus.folds import make_folds, other_fold_files, write_fold
 
     try:
