@@ -211,9 +211,10 @@ def load_runs(run_dirs: Sequence[str | os.PathLike[str]], store: Any) -> list[Lo
 
 
 def _run_notes(run_dir: Path, name: str, store: Any) -> list[str]:
-    """What a reader of a run's row must know about how the run came to be: trained while
-    its store was unfinished (it saw fewer train records than the baselines are fitted on),
-    or stopped before its last epoch (its best.pt is the best of the epochs it had)."""
+    """What a reader of a run's row must know about how the run came to be: trained on another
+    store of the same fingerprint (another window, other records) or while its store was
+    unfinished (it saw other train records than the baselines are fitted on), or stopped
+    before its last epoch (its best.pt is the best of the epochs it had)."""
     notes = []
     try:
         info = json.loads((run_dir / "run.json").read_text())
