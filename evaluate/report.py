@@ -139,8 +139,8 @@ def render(data: dict[str, Any], console: Console) -> None:
         console.print(line, **plain)
     for n in data.get("notes", []):
         console.print(f"note: {n}", style="yellow", **plain)
-    for w in data.get("warnings", []):
-        console.print(w, style="bold red", **plain)
+    for w in data.get("warnings", []):  # the collapse flags say WARNING themselves; a pipe shows no colour
+        console.print(w if w.startswith("WARNING") else f"warning: {w}", style="bold red", **plain)
 
 
 def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:

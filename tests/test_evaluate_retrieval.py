@@ -150,6 +150,11 @@ def test_all_baselines_outputs_and_comparison(ds, tmp_path: Path) -> None:
         assert max(map(len, table)) <= width and "…" not in text and mrr in text
         assert ("left out for this terminal's width: cos space" in text) == left_out
         assert ("cos space" in table[1]) != left_out
+    sio = io.StringIO()  # warnings read as such without colour (a pipe, table.txt)
+    render({**data, "warnings": ["the canonical map is fitted on few records", "WARNING x (raw, pool split)"]},
+           Console(file=sio, width=250, color_system=None))
+    assert "warning: the canonical map is fitted on few records" in sio.getvalue()
+    assert "warning: WARNING" not in sio.getvalue() and "WARNING x (raw" in sio.getvalue()
     c = compare_saved(out, "ridge@whitened", "classproto@whitened", n_boot=300)
     assert c["results"][1]["metric"] == "mrr" and c["results"][1]["diff"] > 0
     with pytest.raises(EvaluateError, match="no saved result"):
