@@ -17,7 +17,9 @@ with ``torch.load(weights_only=True)``.
 
 DDP: when ``WORLD_SIZE`` > 1 (torchrun), every rank takes an equal shard of each global
 batch (``train.batch_size`` is global); gradients are averaged, so a mean-reduced loss gives
-the same step as one process with the whole batch. Rank 0 validates and writes the run.
+the same step as one process with the whole batch, InfoNCE included (its negatives are
+gathered from every rank; see ``losses.compute_loss``). Dropout draws its masks per rank.
+Rank 0 validates and writes the run.
 """
 
 from __future__ import annotations
@@ -170,22 +172,23 @@ def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict
 # -- the forward pass + loss of one batch -----------------------------------------------------
 def batch_loss(model: torch.nn.Module, norm: Any, bt: dict[str, torch.Tensor], cfg: PredictConfig,
                reveal: torch.Tensor | None = None, lexical: tuple[torch.Tensor, torch.Tensor] | None = None,
-               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+               gather: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Loss of a batch. With ``reveal`` (multi-block training) the batch is run twice in ONE
     forward — the evaluation view (all slots masked) and the revealed view — so that DDP sees
     one forward per backward; the revealed view adds a regression on its masked slots.
-    ``lexical``: the batch's BM25 offset inputs (``loss.lexical_weight``, see compute_loss)."""
+    ``lexical``: the batch's BM25 offset inputs (``loss.lexical_weight``, see compute_loss);
+    ``gather``: a DDP training step (InfoNCE's negatives from every rank, see compute_loss)."""
     pooled_t = norm.body_to_norm(bt["body"])
     slot_t = norm.slots_to_norm(bt["slots"]) if "slots" in bt else None
     if reveal is None:
         out = model(bt)
-        loss, parts = losses.compute_loss(out, pooled_t, slot_t, cfg.loss, norm.to_score, lexical)
+        loss, parts = losses.compute_loss(out, pooled_t, slot_t, cfg.loss, norm.to_score, lexical, gather=gather)
         return loss, parts, out
     B = len(reveal)
     both = {k: torch.cat([v, v]) for k, v in bt.items()}
     out2 = model(both, reveal=torch.cat([torch.zeros_like(reveal), reveal]))
     out = {k: v[:B] for k, v in out2.items()}
-    loss, parts = losses.compute_loss(out, pooled_t, slot_t, cfg.loss, norm.to_score, lexical)
+    loss, parts = losses.compute_loss(out, pooled_t, slot_t, cfg.loss, norm.to_score, lexical, gather=gather)
     aux_cfg = cfg.loss if cfg.loss.regression != "none" else cfg.loss.__class__(regression="smoothl1")
     aux = losses.regression(out2["slots"][B:].float(), slot_t, aux_cfg, mask=~reveal)
     parts["masked_aux"] = aux.detach()
@@ -551,7 +554,7 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                 if lex_train is not None and lex_ref is not None:
                     lex = (lex_train.z(shard, shard).to(dev), lex_ref)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                    loss, parts, _ = batch_loss(net, model.norm, bt, cfg, reveal, lex)
+                    loss, parts, _ = batch_loss(net, model.norm, bt, cfg, reveal, lex, gather=world > 1)
                 bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=dev)
                 if world > 1:
                     dist.all_reduce(bad)

@@ -36,16 +36,15 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path, monkeypatch: pytest.Mo
         "transformer": resolve_config("transformer", overrides={
             **common, "model.width": 32, "model.depth": 1, "model.heads": 2, "model.body_slots": 4,
             "model.max_input_tokens": 16, "optim.warmup_steps": 2, "loss.infonce_weight": 0.0}),
-        # ridge and the input-view statistics are fitted on rank 0 only: DDP must broadcast them
-        # (no dropout and no InfoNCE, whose per-rank masks / local negatives differ from one process)
+        # ridge and the input-view statistics are fitted on rank 0 only: DDP must broadcast them;
+        # InfoNCE's negatives are gathered from both ranks (no dropout: each rank draws its own masks)
         "ridge-residual": resolve_config("mlp", preset="ridge-residual", overrides={
-            **common, "model.mlp_hidden": "64", "model.dropout": 0.0, "model.input_dropout": 0.0,
-            "loss.infonce_weight": 0.0}),
+            **common, "model.mlp_hidden": "64", "model.dropout": 0.0, "model.input_dropout": 0.0}),
         # the transformer on the ridge path: its slot head gets no gradient (pooled loss only)
         "transformer-residual": resolve_config("transformer", preset="transformer-residual", overrides={
             **common, "model.mlp_hidden": "64", "model.dropout": 0.0, "model.input_dropout": 0.0,
             "model.width": 32, "model.depth": 1, "model.heads": 2, "model.body_slots": 4,
-            "model.max_input_tokens": 16, "loss.infonce_weight": 0.0}),
+            "model.max_input_tokens": 16}),
     }
     ports: list[int] = []
     while len(ports) < len(cfgs):
