@@ -263,7 +263,7 @@ def recorded_functions(entry: dict[str, Any]) -> int | None:
 
 def load_records(
     corpus_dir: str | os.PathLike[str],
-    splits: Iterable[str] | None = None,
+    splits: Iterable[str] | str | None = None,
     *,
     include_dropped: bool = False,
 ) -> Iterator[FunctionRecord]:
@@ -271,10 +271,12 @@ def load_records(
 
     Records that the manifest marks as dropped (held-out duplicates of train bodies,
     duplicates inside a split, trivial held-out bodies) are skipped unless
-    ``include_dropped``. ``splits`` restricts to the given split names.
+    ``include_dropped``. ``splits`` restricts to the given split name or names.
     """
     manifest = read_manifest(corpus_dir)
-    wanted = set(splits) if splits is not None else None
+    wanted = {splits} if isinstance(splits, str) else set(splits) if splits is not None else None
+    if wanted is not None and (unknown := sorted(wanted - set(SPLITS))):
+        raise CorpusError(f"unknown split {unknown[0]!r}; expected one of {list(SPLITS)}")
     dropped = {} if include_dropped else manifest.get("dropped", {})
     for repo in manifest.get("repos", []):
         if repo.get("status") != "ok" or not repo.get("records_file"):

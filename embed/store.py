@@ -476,12 +476,26 @@ class Store:
             raise StoreError(f"unknown split {split!r}; expected one of {list(SPLIT_CODES)}")
         return np.flatnonzero(self.splits == split)
 
+    def checked_indices(self, indices: Any) -> np.ndarray:
+        """``indices`` as an int64 array of this store's records, or a :class:`StoreError`
+        (a boolean mask, fractional or out-of-range indices would read the wrong records)."""
+        a = np.asarray(indices)
+        if a.dtype == bool:
+            raise StoreError("record indices, not a boolean mask, are expected (np.flatnonzero(mask) gives them)")
+        if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+            raise StoreError(f"record indices must be a 1-D array of integers, not {a.dtype} of shape {a.shape}")
+        a = a.astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() >= self.n):
+            raise StoreError(f"record index {int(a.min() if a.min() < 0 else a.max())} is out of range: "
+                             f"{self.path} holds {self.n} records")
+        return a
+
     def index_of(self) -> dict[str, int]:
         return {rid: i for i, rid in enumerate(self.ids)}
 
     def _read(self, name: str, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not 0 <= i < self.n:
-            raise IndexError(i)
+            raise StoreError(f"record index {i} is out of range: {self.path} holds {self.n} records")
         a, b = int(self._off[name][i]), int(self._off[name][i + 1])
         g = self.f[name]
         return g["states"][a:b].astype(np.float32), g["token_ids"][a:b], g["special"][a:b]
@@ -561,7 +575,13 @@ class Store:
         bad = [v for v in views if v not in self.POOLED_VIEWS]
         if bad:
             raise StoreError(f"unknown view {bad[0]!r}")
-        idx = np.arange(self.n) if indices is None else np.asarray(indices)
+        if indices is not None:
+            asked = self.checked_indices(indices)
+            idx, where = np.unique(asked, return_inverse=True)  # a repeated record is read once
+            if len(idx) < len(asked):
+                got = self.pooled_views(views, idx, exclude_special=exclude_special)
+                return {v: a[where] for v, a in got.items()}
+        idx = np.arange(self.n) if indices is None else np.asarray(asked)
         out = {v: np.zeros((len(idx), self.meta.hidden_size), dtype=np.float32) for v in views}
         pos = {int(i): k for k, i in enumerate(idx)}
         for name in ("targets", "inputs"):

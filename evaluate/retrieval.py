@@ -297,7 +297,7 @@ def _selection_split(store: Any, train_idx: np.ndarray, val_idx: np.ndarray, not
 
 def evaluate_retrieval(
     store_path: str | os.PathLike[str],
-    runs: Sequence[str | os.PathLike[str]] = (),
+    runs: Sequence[str | os.PathLike[str]] | str | os.PathLike[str] = (),
     *,
     split: str = "test",
     pool: str | int = "split",
@@ -347,6 +347,8 @@ def evaluate_retrieval(
     from codejepa.embed.store import open_store
 
     say = log or (lambda _m: None)
+    if isinstance(runs, (str, os.PathLike)):  # one run folder (iterated, a string would be its characters)
+        runs = [runs]
     space_names, names, pspec = _checked_arguments(spaces, baselines, ridge_input, bm25_query, pool, pool_seeds,
                                                    n_boot, out_dir)
     if not names and not runs and not methods:

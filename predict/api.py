@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from codejepa.core import CodejepaError, printable
-from codejepa.embed.store import Store
+from codejepa.embed.store import Store, StoreError
 from codejepa.predict.config import PredictConfig, from_dict
 from codejepa.predict.data import FeatureTable
 from codejepa.predict.models import build_model
@@ -49,6 +49,8 @@ class Predictor:
         return f"Predictor({self.name!r}, {self.config.model.kind}, d={self.hidden_size}, epoch={self.epoch})"
 
     def check_store(self, store: Store) -> None:
+        if not hasattr(store, "fingerprint"):
+            raise PredictorError(f"an open store is expected (codejepa.embed.open_store(path)), not {type(store).__name__}")
         fp = store.fingerprint()
         if fp != self.store_fingerprint:
             raise PredictorError(
@@ -63,12 +65,13 @@ class Predictor:
         """[len(indices), hidden_size] float32 predicted mean body states, raw teacher space
         (``normalized=True``: the normalised pooled space the model was selected in, see ``norm.pooled_space``)."""
         self.check_store(store)
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        try:
+            idx = store.checked_indices(np.asarray(indices).reshape(-1))  # a mask or floats would pick wrong records
+        except StoreError as e:
+            raise PredictorError(str(e)) from None
         out = np.zeros((len(idx), self.hidden_size), np.float32)
         if len(idx) == 0:
             return out
-        if idx.min() < 0 or idx.max() >= len(store):
-            raise PredictorError(f"record indices out of range for {store.path} ({len(store)} records)")
         spec = feature_spec(self.config, self.stats)
         uniq, inverse = np.unique(idx, return_inverse=True)
         res = np.zeros((len(uniq), self.hidden_size), np.float32)

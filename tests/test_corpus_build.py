@@ -365,3 +365,12 @@ def test_a_source_given_both_ways_goes_to_train(tmp_path: Path) -> None:
     (entry,) = res.manifest["repos"]
     assert entry["status"] == "ok" and entry["split"] == "train" and entry["train_only"]
     assert any("given both as a source and as train-only" in m for m in res.messages)
+
+
+def test_load_records_takes_one_split_name_and_refuses_unknown_ones(fixture_repo: tuple[Path, str],
+                                                                     tmp_path: Path) -> None:
+    repo, _ = fixture_repo
+    build_corpus([str(repo)], tmp_path / "c")
+    assert len(list(load_records(tmp_path / "c", "train"))) == len(list(load_records(tmp_path / "c", ["train"]))) > 0
+    with pytest.raises(CorpusError, match="unknown split 'tst'"):
+        list(load_records(tmp_path / "c", ["tst"]))

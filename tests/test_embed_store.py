@@ -251,3 +251,20 @@ def test_permission_denied_is_named_not_called_corrupt(tmp_path: Path, monkeypat
         StoreWriter(tmp_path / "new.h5", meta())
     with open_store(p) as s:  # reading still works
         assert len(s) == 1
+
+
+def test_pooled_rows_follow_the_indices_asked_and_bad_indices_are_refused(tmp_path: Path) -> None:
+    p = tmp_path / "s.h5"
+    with StoreWriter(p, meta()) as w:
+        w.append([rec(i) for i in range(4)])
+    with open_store(p) as s:
+        once = s.pooled("body", np.array([3, 1]))
+        rep = s.pooled_views(("body", "signature"), np.array([3, 3, 1, 3]))
+        assert np.array_equal(rep["body"], once[[0, 0, 1, 0]])  # a repeated record was zeros but its last row
+        assert np.array_equal(rep["signature"][1], s.pooled("signature", np.array([3]))[0])
+        for idx, msg in ((s.splits == "train", "not a boolean mask"), (np.array([0.5]), "integers"),
+                         (np.array([-1]), "out of range"), (np.array([4]), "out of range")):
+            with pytest.raises(StoreError, match=msg):
+                s.pooled("body", idx)
+        with pytest.raises(StoreError, match="record index 9 is out of range"):
+            s.inputs(9)

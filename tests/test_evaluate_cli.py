@@ -100,7 +100,7 @@ def test_trained_predictor_run_is_evaluated(ds, tmp_path: Path) -> None:
     (stopped / "run.json").write_text(json.dumps({**info, "store_complete": False}))
     log = (stopped / "log.jsonl").read_text().splitlines()
     (stopped / "log.jsonl").write_text("\n".join(x for x in log if '"done"' not in x and '"epoch": 3' not in x) + "\n")
-    notes = " ".join(evaluate_retrieval(ds.store_path, [stopped], baselines="none", spaces="whitened", n_boot=20,
+    notes = " ".join(evaluate_retrieval(ds.store_path, str(stopped), baselines="none", spaces="whitened", n_boot=20,
                                         plots=False).notes)
     assert f"trained while its store was unfinished, on {info['train_records']} train records" in notes
     assert "stopped before its end (epoch 2 of 3" in notes

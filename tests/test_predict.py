@@ -161,6 +161,11 @@ def test_mlp_with_infonce_learns_instances_and_api_predicts_raw(store_path: Path
         assert pred.shape == (len(test), 32) and pred.dtype == np.float32
         again = p.predict_pooled(st, test[::-1])
         assert np.allclose(again, pred[::-1], atol=1e-5)
+        # a mask, fractional indices, a path for the store: one clear error, not wrong records
+        for store_arg, idx, msg in ((st, st.splits == "test", "not a boolean mask"), (st, [1.7], "integers"),
+                                    (st, [len(st)], "out of range"), (str(store_path), [0], "an open store")):
+            with pytest.raises(PredictorError, match=msg):
+                p.predict_pooled(store_arg, idx)
         bodies = st.pooled("body", test)
         train_mean = st.pooled("body", st.indices("train")).mean(0)
         learned = mrr(pred - train_mean, bodies - train_mean)
