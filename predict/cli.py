@@ -69,9 +69,16 @@ def train_cmd(
     except CLI_ERRORS as e:
         _fail(error_line(e))
     except KeyboardInterrupt:
-        with_splits = f" --splits {shlex.quote(str(splits))}" if splits is not None else ""
-        _fail(f"interrupted; continue with: codejepa predict train {shlex.quote(str(store))} "
-              f"--out {shlex.quote(str(out))}{with_splits} --resume", 130)
+        _fail(f"interrupted; continue with: {_resume_command(store, out, splits)}", 130)
+
+
+def _resume_command(store: Path, out: Path, splits: Path | None) -> str:
+    """The line that continues this training: under torchrun, with as many ranks."""
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    launcher = (f"torchrun --nproc-per-node {world} -m codejepa.cli" if world.isdigit() and int(world) > 1
+                else "codejepa")
+    with_splits = f" --splits {shlex.quote(str(splits))}" if splits is not None else ""
+    return f"{launcher} predict train {shlex.quote(str(store))} --out {shlex.quote(str(out))}{with_splits} --resume"
 
 
 @app.command("config")

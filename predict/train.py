@@ -358,9 +358,23 @@ def train(
     try:
         return _train(Path(store_path), config, Path(out_dir), resume, dev, rank, world, emit,
                       None if splits is None else Path(splits))
+    except RuntimeError as e:
+        if world > 1 and _lost_rank(e):  # not a 50-line gloo/NCCL traceback on every survivor
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise TrainingError(f"another rank stopped or lost its connection ({first}); the last checkpoint is "
+                                "kept: run the same torchrun command with --resume") from None
+        raise
     finally:
         if own_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _lost_rank(e: RuntimeError) -> bool:
+    """Whether a collective failed because a peer rank went away."""
+    if isinstance(e, getattr(dist, "DistBackendError", ())) or isinstance(e, getattr(dist, "DistNetworkError", ())):
+        return True
+    text = str(e).lower()
+    return any(w in text for w in ("gloo", "nccl", "connection reset", "connection closed", "broken pipe"))
 
 
 def _barrier(world: int) -> None:
@@ -629,6 +643,10 @@ def _resume_point(paths: dict[str, Path], store: Store, store_path: Path, config
     """The config to continue with and last.pt, once the run there is checked resumable."""
     run = read_json_object(paths["run"], "run record", TrainingError, RESUME_REFUSED) if paths["run"].exists() else {}
     _store_check(run, store, store_path)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if main and isinstance(run.get("world_size"), int) and run["world_size"] != world:
+        emit({"event": "warning", "message": f"resumed on {world} rank(s); the run started on {run['world_size']}: "
+                                             "the data order is the same, the dropout masks differ"})
     stored_cfg = read_run_config(paths["config"])
     if config is None:
         config = stored_cfg
@@ -732,7 +750,9 @@ def _trim_log(log: Path, pos: _Position) -> None:
     logged = {e["epoch"] for e in kept if e.get("event") == "epoch"}
     kept += [h for h in pos.history if h["epoch"] not in logged]
     atomic_write_bytes(log, "".join(json.dumps(e) + "\n" for e in kept).encode())
-    _append_log(log, {"event": "resume", "epoch": pos.epoch, "step_in_epoch": pos.step, "time": time.time()})
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    _append_log(log, {"event": "resume", "epoch": pos.epoch, "step_in_epoch": pos.step, "world_size": world,
+                      "time": time.time()})
 
 
 def _fit_start(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: PredictConfig, store: Store, train_tab: Any,

@@ -34,6 +34,7 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
     assert r.exit_code == 0, r.output
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in log if e["event"] == "epoch"] == [1, 2, 3]
+    assert [e["world_size"] for e in log if e["event"] == "resume"] == [1]
     # mistakes: one line on stderr, non-zero exit, no traceback
     binary = tmp_path / "binary.toml"
     binary.write_bytes(bytes(range(256)))
@@ -131,3 +132,14 @@ def test_the_resume_hint_after_an_interrupt_can_be_pasted(tmp_path: Path, monkey
     r = CliRunner().invoke(app, ["predict", "train", str(store), "--model", "mlp", "--out", str(out),
                                  "--splits", str(tmp_path / "f.json")])  # the fold's file is part of the command
     assert f"--out '{out}' --splits {tmp_path / 'f.json'} --resume" in r.output.replace("\n", "")
+    r = CliRunner().invoke(app, ["predict", "train", str(store), "--model", "mlp", "--out", str(out)],
+                           env={"WORLD_SIZE": "2", "RANK": "0"})  # under torchrun: continue under torchrun
+    assert "continue with: torchrun --nproc-per-node 2 -m codejepa.cli predict train" in r.output.replace("\n", "")
+
+
+def test_a_lost_peer_rank_is_told_from_other_errors() -> None:
+    from codejepa.predict.train import _lost_rank
+
+    assert _lost_rank(RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                                   "[127.0.0.1]:1234: Connection reset by peer"))
+    assert not _lost_rank(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)"))
