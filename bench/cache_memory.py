@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import resource
+import sys
 import time
 
+from codejepa.core import CodejepaError, positive_int
 from codejepa.embed.store import open_store
 from codejepa.predict.data import FeatureSpec, FeatureTable, estimate_cache_bytes
 
@@ -25,9 +27,9 @@ def peak_gb() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("store")
-    ap.add_argument("--records", type=int, default=10000, help="the first N train records")
-    ap.add_argument("--max-input-tokens", type=int, default=96)
-    ap.add_argument("--body-slots", type=int, default=8)
+    ap.add_argument("--records", type=positive_int, default=10000, help="the first N train records")
+    ap.add_argument("--max-input-tokens", type=positive_int, default=96)
+    ap.add_argument("--body-slots", type=positive_int, default=8)
     a = ap.parse_args()
     with open_store(a.store) as st:
         idx = st.indices("train")[: a.records]
@@ -42,4 +44,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CodejepaError as e:
+        sys.exit(f"cache_memory: {e}")

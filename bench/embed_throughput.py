@@ -299,4 +299,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from codejepa.core import CodejepaError
+
+    try:
+        sys.exit(main())
+    except CodejepaError as e:  # a missing corpus, a teacher that cannot be loaded: one line
+        sys.exit(f"embed_throughput: {e}")

@@ -19,6 +19,8 @@ import time
 import numpy as np
 import torch
 
+from codejepa.core import positive_int
+
 
 def peak_rss_gib() -> float:
     # ru_maxrss is KiB on Linux, bytes on macOS.
@@ -28,14 +30,16 @@ def peak_rss_gib() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--candidates", type=int, default=1_000_000)
-    ap.add_argument("--queries", type=int, default=1000)
-    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--candidates", type=positive_int, default=1_000_000)
+    ap.add_argument("--queries", type=positive_int, default=1000)
+    ap.add_argument("--dim", type=positive_int, default=384)
     ap.add_argument("--noise", type=float, default=6.0, help="query = candidate + noise × N(0, 1) per dimension")
     ap.add_argument("--budget-mib", type=int, default=256, help="group scores held per query block")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--random-pool", type=int, default=1000, help="also rank in random pools of this size (0: skip)")
     args = ap.parse_args()
+    if args.queries > args.candidates or args.random_pool > args.candidates:
+        ap.error("--queries and --random-pool cannot be more than --candidates (queries are drawn from them)")
     if args.threads:
         torch.set_num_threads(args.threads)
 

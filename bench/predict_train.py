@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from codejepa.core import CodejepaError, positive_int
 from codejepa.embed.store import PendingRecord, StoreMeta, StoreWriter, open_store
 from codejepa.predict.config import PRESETS, resolve_config
 from codejepa.predict.train import train
@@ -78,7 +80,8 @@ def bench(store: Path, model: str, epochs: int, cache: str, device: str, overrid
         log = (Path(tmp) / "run" / "log.jsonl").read_text()
     skip = min(3, max(0, len(times) - 2))
     steps = len(times) - 1 - skip
-    B = cfg.train.batch_size
+    # the batch trained with: train.batch_size, or all the train records when they are fewer
+    B = next((json.loads(x)["batch_size"] for x in log.splitlines() if '"event": "start"' in x), cfg.train.batch_size)
     rate = steps * B / (times[-1] - times[skip]) if steps > 0 else float("nan")
     return {"model": model, "params": summary["parameters"], "batch": B, "steps": len(times),
             "samples_per_s": rate, "data_wait_share": summary["data_wait_share"],
@@ -96,7 +99,7 @@ def main() -> None:
     ap.add_argument("--synthetic", type=int, default=0, help="build a synthetic store of N records instead")
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--models", default="mlp,transformer", help="model kinds or preset names, comma-separated")
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--epochs", type=positive_int, default=1)
     ap.add_argument("--cache", choices=("auto", "stream"), default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -127,7 +130,13 @@ def main() -> None:
             print(f"{r['model']:<12}{r['params']:>11,}{r['batch']:>7}{r['steps']:>7}{r['samples_per_s']:>12.1f}"
                   f"{100 * r['data_wait_share']:>10.1f}%{r['cache_build_s']:>12.1f}s{r['total_s']:>8.1f}s"
                   f"{r['cache_gb']:>10.2f}{r['peak_rss_gb']:>10.2f}  {r['cache']}")
+            if r["samples_per_s"] != r["samples_per_s"]:  # nan
+                print(f"  {r['model']}: {r['steps']} steps are too few to time (the first ones warm up): "
+                      "give more --epochs")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CodejepaError as e:
+        sys.exit(f"predict_train: {e}")

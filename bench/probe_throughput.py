@@ -86,4 +86,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from codejepa.core import CodejepaError
+
+    try:
+        main()
+    except CodejepaError as e:
+        sys.exit(f"probe_throughput: {e}")

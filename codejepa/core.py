@@ -140,6 +140,19 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts and sizes: a bench given 0 or -5 would measure nonsense."""
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not a positive integer")
+    return n
+
+
 def default_cache_dir() -> Path:
     """Where long jobs write by default: outside the repository, survives a session."""
     return Path(os.environ.get("CODEJEPA_CACHE", Path.home() / ".cache" / "codejepa"))

@@ -135,8 +135,12 @@ def learning_curve(x: np.ndarray, bodies: np.ndarray, repos: np.ndarray, train: 
     :func:`summary` of ridge on the whole train split when the caller has it, is reused."""
     names = np.unique(repos[train])
     out = []
+    done: set[int] = set()
     for frac in fractions:
         k = max(1, int(round(frac * len(names))))
+        if k in done:  # two fractions of a few repositories round to one count: measured once
+            continue
+        done.add(k)
         rows = []
         for s in range(seeds if k < len(names) else 1):
             if k == len(names) and full is not None:

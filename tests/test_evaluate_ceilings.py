@@ -100,6 +100,10 @@ def test_oracles_rank_as_ceilings(store) -> None:
     (refit,) = learning_curve(x, views["body"], store.repos, store.indices("train"), store.indices("val"),
                               store.indices("test"), (1.0,))
     assert refit["rank1"] == pytest.approx(res["ridge"]["rank1"]) and refit["n_train"] == res["train_records"]
+    # fractions that round to one repository count are measured once
+    same = learning_curve(x, views["body"], store.repos, store.indices("train"), store.indices("val"),
+                          store.indices("test"), (1.0, 0.999), seeds=1)
+    assert [p["fraction"] for p in same] == [1.0]
 
 
 def test_bad_requests_are_one_line_errors(store, tmp_path: Path) -> None:

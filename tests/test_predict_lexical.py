@@ -80,10 +80,10 @@ def test_training_with_the_offset_selects_on_the_hybrid(store_path: Path, tmp_pa
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     real = losses.compute_loss
 
-    def spy(out, pooled, slots, cfg, to_score=None, lexical=None):
+    def spy(out, pooled, slots, cfg, to_score=None, lexical=None, **kw):
         if lexical is not None:
             seen.append(lexical)
-        return real(out, pooled, slots, cfg, to_score, lexical)
+        return real(out, pooled, slots, cfg, to_score, lexical, **kw)
 
     monkeypatch.setattr(losses, "compute_loss", spy)
     over = {"model.mlp_hidden": "32", "model.linear_skip": "ridge", "loss.infonce_weight": 1.0,
