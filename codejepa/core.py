@@ -174,7 +174,7 @@ def cached_sha256_file(path: str | os.PathLike[str], cache_name: str = "file-has
     digest = sha256_file(target)
     try:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(cache_path.with_name(cache_path.name + ".lock")):
+        with exclusive(cache_path.with_name(cache_path.name + ".lock"), wait=True):
             atomic_write_json(cache_path, {**_read_hash_cache(cache_path), key: digest})
     except OSError:
         pass
@@ -189,32 +189,20 @@ def _read_hash_cache(path: Path) -> dict[str, Any]:
     return cache if isinstance(cache, dict) else {}
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (POSIX flock; elsewhere no lock: a lost entry is re-hashed)."""
-    with open(lock_path, "a") as f:
-        if fcntl is not None:
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-
 class Busy(CodejepaError):
     """Another process holds the lock of an output that is being written."""
 
 
 @contextlib.contextmanager
-def exclusive(lock_path: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``lock_path`` (created when missing) or raise
-    :class:`Busy` at once: two writers of one output must not interleave. POSIX flock, so a
-    killed holder releases it; elsewhere no lock."""
+def exclusive(lock_path: Path, what: str = "", *, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``lock_path`` (created when missing): with ``wait``
+    until the holder lets go, else raise :class:`Busy` at once (two writers of one output must
+    not interleave; ``what`` names it). POSIX flock, so a killed holder releases it; elsewhere
+    no lock."""
     with open(lock_path, "a") as f:
         if fcntl is not None:
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 raise Busy(f"{what} is being written by another process (its lock: {lock_path})") from None
         try:

@@ -8,7 +8,6 @@ prototype and a random ranking, with a warning when it does not clear them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
@@ -233,19 +232,18 @@ def _run_notes(run_dir: Path, name: str, store: Any) -> list[str]:
     elif info.get("store_complete") is False:
         notes.append(f"run {name} was trained while its store was unfinished, on {trained_on} "
                      f"train records; the store now has {n_train}, and the baselines are fitted on them")
-    events = []
+    from codejepa.predict.config import read_run_config
+    from codejepa.predict.train import read_log
+
     try:
-        for line in (run_dir / "log.jsonl").read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                events.append(json.loads(line))
+        events = [e for e in read_log(run_dir / "log.jsonl") if isinstance(e, dict)]
     except OSError:
         return notes
-    events = [e for e in events if isinstance(e, dict)]
     if events and not any(e.get("event") == "done" for e in events):
         epochs = [e.get("epoch") for e in events if e.get("event") == "epoch"]
-        try:
-            planned = json.loads((run_dir / "config.json").read_text())["train"]["epochs"]
-        except (OSError, ValueError, KeyError, TypeError):
+        try:  # config.json: the plan as last resumed (best.pt's copy may predate a longer resume)
+            planned: Any = read_run_config(run_dir / "config.json").train.epochs
+        except CodejepaError:
             planned = "?"
         notes.append(f"run {name} stopped before its end (epoch {max(epochs, default=0)} of {planned}; no `done` in "
                      "its log): its best.pt is the best of the epochs it had (`predict train --resume` finishes it)")

@@ -308,7 +308,8 @@ def _store_check(run: dict[str, Any], store: Store, store_path: Path) -> None:
         )
 
 
-def _read_log(path: Path) -> list[dict[str, Any]]:
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """A run's log.jsonl as its events (a torn last line after a kill is left out)."""
     if not path.exists():
         return []
     out = []
@@ -523,7 +524,7 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
             _fit_start(model, opt, cfg, store, train_tab, val_tab, lex_val, pos, paths, dev, emit)
         # The start's validation (this run's or, after a resume, the log's): the curves draw it,
         # and the summary reports it when no epoch beat it.
-        start_val = next((e for e in reversed(_read_log(paths["log"])) if e.get("event") == "start_val"),
+        start_val = next((e for e in reversed(read_log(paths["log"])) if e.get("event") == "start_val"),
                          None) if main else None
         start_mrr = float(start_val["val_mrr"]) if start_val else None
 
@@ -657,7 +658,7 @@ def _resume_point(paths: dict[str, Path], store: Store, store_path: Path, config
             raise TrainingError(f"--resume with a config that differs from the run's in {sorted(diff)}; "
                                 "resume without --config/--set, or start a new --out")
     if not paths["last"].exists():
-        if any(e.get("event") == "epoch" for e in _read_log(paths["log"])):
+        if any(e.get("event") == "epoch" for e in read_log(paths["log"])):
             # An epoch end writes last.pt before its log line: trained epochs without it mean
             # it was lost, and starting again would overwrite best.pt with an untrained start.
             raise TrainingError(f"{paths['last']} is missing, but {paths['log'].name} records trained epochs; "
@@ -746,7 +747,7 @@ def _stats_stale(path: Path, key: dict[str, Any]) -> str | None:
 
 def _trim_log(log: Path, pos: _Position) -> None:
     """Drop log lines written after the checkpoint (a kill between the two) and mark the resume."""
-    kept = [e for e in _read_log(log) if not (e.get("event") == "epoch" and e["epoch"] > pos.epoch)]
+    kept = [e for e in read_log(log) if not (e.get("event") == "epoch" and e["epoch"] > pos.epoch)]
     logged = {e["epoch"] for e in kept if e.get("event") == "epoch"}
     kept += [h for h in pos.history if h["epoch"] not in logged]
     atomic_write_bytes(log, "".join(json.dumps(e) + "\n" for e in kept).encode())
@@ -831,5 +832,5 @@ def _ckpt(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: PredictConfig
     }
 
 
-__all__ = ["train", "TrainingError", "DivergedError", "StoreError", "load_checkpoint", "evaluate_table",
+__all__ = ["train", "TrainingError", "DivergedError", "StoreError", "load_checkpoint", "read_log", "evaluate_table",
            "resolve_device", "make_table", "feature_spec"]

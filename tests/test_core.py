@@ -146,3 +146,12 @@ def test_exclusive_refuses_a_second_holder_at_once(tmp_path: Path) -> None:
                 pass
     with core.exclusive(lock, "the run"):  # released
         pass
+
+
+def test_positive_int_refuses_what_a_bench_cannot_measure() -> None:
+    import argparse
+
+    assert core.positive_int("3") == 3
+    for bad in ("0", "-5", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            core.positive_int(bad)

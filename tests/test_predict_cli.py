@@ -35,6 +35,12 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in log if e["event"] == "epoch"] == [1, 2, 3]
     assert [e["world_size"] for e in log if e["event"] == "resume"] == [1]
+    elsewhere = tmp_path / "two_ranks"  # a run started under torchrun on 2 ranks, resumed in one process
+    shutil.copytree(out, elsewhere)
+    info = json.loads((elsewhere / "run.json").read_text())
+    (elsewhere / "run.json").write_text(json.dumps({**info, "world_size": 2}))
+    r = runner.invoke(app, ["predict", "train", str(store), "--out", str(elsewhere), "--resume"])
+    assert r.exit_code == 0 and "resumed on 1 rank(s); the run started on 2" in r.output, r.output
     # mistakes: one line on stderr, non-zero exit, no traceback
     binary = tmp_path / "binary.toml"
     binary.write_bytes(bytes(range(256)))
