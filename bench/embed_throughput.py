@@ -159,9 +159,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--naive-fraction", type=float, default=0.34, help="share of the naive loop's batches timed")
     ap.add_argument("--compare-dtypes", action="store_true", help="CPU: float32 vs bfloat16 autocast, bare loop")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats of the bare and end-to-end runs (best kept)")
-    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="keep the corpus, store and teacher here (default: a temporary folder, removed at the end)")
     args = ap.parse_args(argv)
+    if args.workdir is None:  # a throwaway folder, removed afterwards: it may hold a checkpoint of gigabytes
+        with tempfile.TemporaryDirectory(prefix="codejepa-bench-") as tmp:
+            return _bench(args, Path(tmp))
+    return _bench(args, args.workdir)
 
+
+def _bench(args: argparse.Namespace, work: Path) -> None:
     import torch
 
     from codejepa.embed.run import (
@@ -178,7 +185,6 @@ def main(argv: list[str] | None = None) -> None:
     from codejepa.embed.teacher import Teacher, resolve_teacher
     from codejepa.embed.template import SegmentTokenizer
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="codejepa-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     corpus = args.corpus or stdlib_corpus(work / "corpus", args.max_records)
     teacher_name = args.teacher
@@ -295,7 +301,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'bare loop bfloat16 autocast':38s} {speeds['bfloat16']:12,.0f} real tok/s  "
               f"({speeds['bfloat16'] / speeds['float32']:.2f}x)")
         print(f"{'per-token cosine bf16 vs fp32':38s} mean {cos_all.mean():.6f}, min {cos_all.min():.6f}")
-    print(f"\nworkdir: {work}")
+    if args.workdir is not None:
+        print(f"\nworkdir: {work}")
 
 
 if __name__ == "__main__":

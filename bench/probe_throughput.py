@@ -40,15 +40,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--max-tokens", type=int, default=1024, help="the store's window (inputs get half)")
-    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="keep the corpus, store and teacher here (default: a temporary folder, removed at the end)")
     args = ap.parse_args(argv)
+    if args.workdir is None:  # a throwaway folder, removed afterwards: it may hold a checkpoint of gigabytes
+        with tempfile.TemporaryDirectory(prefix="codejepa-bench-probe-") as tmp:
+            return _bench(args, Path(tmp))
+    return _bench(args, args.workdir)
 
+
+def _bench(args: argparse.Namespace, work: Path) -> None:
     from codejepa.embed.probe import ProbeSettings, compute_probe_view, read_probe_view
     from codejepa.embed.run import EmbedSettings, embed_corpus
     from codejepa.embed.store import open_store
     from codejepa.embed.teacher import Teacher, resolve_teacher
 
-    work = args.workdir or Path(tempfile.mkdtemp(prefix="codejepa-bench-probe-"))
     work.mkdir(parents=True, exist_ok=True)
     corpus = stdlib_corpus(work / "corpus", args.max_records)
     name = args.teacher

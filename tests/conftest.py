@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -14,8 +15,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Caches written by the code under test (weights hashes, sdists) go to a throwaway folder,
 # never into the user's ~/.cache/codejepa.
+_OWN_CACHE: str | None = None
 if "CODEJEPA_CACHE" not in os.environ:
-    os.environ["CODEJEPA_CACHE"] = tempfile.mkdtemp(prefix="codejepa-test-cache-")
+    _OWN_CACHE = os.environ["CODEJEPA_CACHE"] = tempfile.mkdtemp(prefix="codejepa-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _OWN_CACHE is not None:  # one folder a test session, not one left in /tmp after every run
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
