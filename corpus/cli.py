@@ -208,9 +208,11 @@ def folds(
     k: int = typer.Option(5, "--folds", min=3, help="Number of folds (each tests on about 1/K of the repositories)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the dealing order (default: the corpus's split seed)."),  # noqa: UP007
 ) -> None:
-    """Split files for a K-fold cross-validation over repositories (for --splits of predict train
-    and evaluate retrieval): fold k tests on group k, selects on group k+1, trains on the rest,
-    with its own leak filter. Nothing is re-extracted or re-embedded."""
+    """Split files for a K-fold cross-validation over repositories.
+
+    For --splits of predict train and evaluate retrieval: fold k tests on group k, selects on
+    group k+1, trains on the rest, with its own leak filter. Nothing is re-extracted or
+    re-embedded."""
     from rich.console import Console
     from rich.table import Table
 

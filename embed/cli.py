@@ -121,8 +121,9 @@ def probe_cmd(
     shard: str = typer.Option(None, "--shard", help="I/N: the I-th of N contiguous shares of the records into OUT.shard-I-of-N.h5 "
                                                     "(default RANK/WORLD_SIZE when set); join them with `embed merge`."),
 ) -> None:
-    """The probe view: the teacher's reading of a fixed body placed after each record's inputs
-    (`evaluate retrieval --probe` mixes it into the predictions)."""
+    """The probe view: the teacher reads fixed train bodies after each record's inputs.
+
+    `evaluate retrieval --probe` mixes the view into the predictions."""
     try:
         from codejepa.embed.probe import ProbeSettings, compute_probe_view
         from codejepa.embed.run import parse_shard

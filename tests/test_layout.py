@@ -76,6 +76,23 @@ def test_cli_lists_every_stage() -> None:
         assert stage in result.output
 
 
+def test_every_command_lists_a_one_line_summary() -> None:
+    """A group's command list shows each docstring's first paragraph with its line breaks: a
+    summary wrapped in the source reads as ragged lines there."""
+    import typer.main
+
+    from codejepa.cli import app
+
+    root = typer.main.get_command(app)
+    groups = root.commands  # type: ignore[attr-defined]
+    assert set(groups) == set(STAGES)
+    for group in groups.values():
+        assert group.commands
+        for name, cmd in group.commands.items():
+            summary = (cmd.help or "").strip().split("\n\n")[0]
+            assert summary and "\n" not in summary, f"{group.name} {name}: {summary!r}"
+
+
 def test_cli_import_stays_light() -> None:
     # `codejepa --help` must not pay for torch, transformers or h5py: stage packages
     # re-export their API lazily and commands import heavy libraries when they run.
