@@ -440,16 +440,7 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
         B = _global_batch(cfg.train.batch_size, len(train_idx), world)
         steps_per_epoch = len(train_idx) // B
         total_steps = steps_per_epoch * cfg.train.epochs
-        group_keys = columns = None
-        if cfg.train.batch_groups == "file" or cfg.loss.lexical_weight:
-            why = ("train.batch_groups = 'file' (or 'repo', which needs no corpus)" if cfg.train.batch_groups == "file"
-                   else "loss.lexical_weight")
-            columns = corpus_columns(store, cfg.data.corpus or None, why=why)
-        if cfg.train.batch_groups == "file":
-            assert columns is not None
-            group_keys = columns["file"][train_idx]
-        elif cfg.train.batch_groups == "repo":
-            group_keys = store.repos[train_idx]
+        group_keys, columns = _batch_groups(cfg, store, train_idx)
         stats_key = {"store_fingerprint": store.fingerprint(), "train_records": int(len(train_idx)),
                      "outlier_factor": cfg.norm.outlier_factor, "eps": cfg.norm.eps,
                      "whiten_shrink": cfg.norm.whiten_shrink}
@@ -469,13 +460,7 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
             atomic_write_json(paths["config"], cfg.to_dict())
         if need_stats:
             if main:
-                emit({"event": "stats", "done": 0, "total": 2 * len(train_idx)})
-                stats = compute_stats(store, train_idx, outlier_factor=cfg.norm.outlier_factor,
-                                      sample_records=cfg.norm.stats_sample_records, eps=cfg.norm.eps,
-                                      whiten_shrink=cfg.norm.whiten_shrink,
-                                      progress=lambda a, b: emit({"event": "stats", "done": a, "total": b}))
-                save_checkpoint(paths["stats"], {"format": "codejepa-norm-stats", **stats_key, **stats.to_plain()})
-                atomic_write_json(paths["stats_json"], {**stats.summary(), "dropped": dropped})
+                _fit_stats(paths, store, train_idx, cfg, stats_key, dropped, emit)
             _barrier(world)
         stats = NormStats.from_plain(torch.load(paths["stats"], weights_only=True))
 
@@ -493,11 +478,10 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                 "torch": torch.__version__, "world_size": world, "device": str(dev),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "train_records": int(len(train_idx)), "val_records": int(len(val_idx)), "dropped": dropped,
-                "splits": split_info,
-            })
+                "splits": split_info})
         o = cfg.optim
-        opt_cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-        opt = opt_cls(model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        opt = (torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam)(
+            model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         pos = _Position()
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
@@ -518,8 +502,8 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
         if cfg.loss.lexical_weight:
             assert columns is not None
             lex_train = LexicalOffsets(columns["signature"][train_idx], columns["body"][train_idx], seed=cfg.train.seed)
-            if main:
-                lex_val = LexicalOffsets(columns["signature"][val_idx], columns["body"][val_idx], seed=cfg.train.seed)
+            lex_val = (LexicalOffsets(columns["signature"][val_idx], columns["body"][val_idx], seed=cfg.train.seed)
+                       if main else None)
         if ckpt is None and main:
             _fit_start(model, opt, cfg, store, train_tab, val_tab, lex_val, pos, paths, dev, emit)
         # The start's validation (this run's or, after a resume, the log's): the curves draw it,
@@ -531,11 +515,8 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
         multiblock = cfg.mask.strategy == "multiblock" and cfg.model.kind == "transformer"
         net = _wrap_ddp(model, cfg, dev, multiblock) if world > 1 else model
         per_rank = B // world
-        lex_ref = None
-        if lex_train is not None:  # after DDP has broadcast rank 0's fitted buffers (the canonical map)
-            with torch.no_grad():
-                ref_bodies = to_device(train_tab.batch(lex_train.ref), dev)["body"]
-                lex_ref = F.normalize(model.norm.to_score(model.norm.body_to_norm(ref_bodies)).float(), dim=-1)
+        # After DDP has broadcast rank 0's fitted buffers (the canonical map):
+        lex_ref = _lexical_reference(model, train_tab, lex_train, dev) if lex_train is not None else None
         amp = cfg.train.amp and dev.type == "cuda"
         reveal_spec = (RevealSpec(cfg.train.seed, cfg.model.body_slots, cfg.mask.num_blocks, cfg.mask.block_frac)
                        if multiblock else None)
@@ -559,44 +540,21 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                                   workers=cfg.data.workers)
             t_epoch = time.perf_counter()
             for i, b in enumerate(loader):  # the loader runs to its end: it joins its threads there
-                shard, step = shards[i], pos.step
                 lr = lr_at(pos.global_step, total_steps, cfg)
-                for g in opt.param_groups:
-                    g["lr"] = lr
                 reveal = torch.from_numpy(b.pop("reveal")).to(dev) if "reveal" in b else None
-                bt = to_device(b, dev)
                 lex = None
                 if lex_train is not None and lex_ref is not None:
-                    lex = (lex_train.z(shard, shard).to(dev), lex_ref)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                    loss, parts, _ = batch_loss(net, model.norm, bt, cfg, reveal, lex, gather=world > 1)
-                bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=dev)
-                if world > 1:
-                    dist.all_reduce(bad)
-                if float(bad) > 0:
-                    kept = (f"the last good checkpoint is kept: {paths['last']} ({ckpt_at})" if ckpt_at
-                            else "no checkpoint had been written yet")
-                    if main:
-                        _append_log(paths["log"], {"event": "diverged", "epoch": epoch + 1, "step": step,
-                                                   "global_step": pos.global_step, "lr": lr, "time": time.time()})
-                        if cfg.train.plot_every_s >= 0:
-                            write_curves(pos.history, paths["curves"], cfg.name or cfg.model.kind,
-                                         cfg.norm.pooled_space, start_mrr)
-                    raise DivergedError(f"loss became non-finite at epoch {epoch + 1}, step {step + 1} (lr {lr:.3g}); "
-                                        f"{kept}; lower optim.lr or set optim.grad_clip")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if o.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-                opt.step()
+                    lex = (lex_train.z(shards[i], shards[i]).to(dev), lex_ref)
+                stepped = _step(net, model, opt, to_device(b, dev), cfg, lr, reveal, lex, world, amp)
+                if stepped is None:
+                    raise _diverged(paths, cfg, pos, epoch, lr, ckpt_at, main, start_mrr)
+                loss_v, parts = stepped
                 pos.step += 1
                 pos.global_step += 1
-                loss_v = float(loss.detach())
                 pos.loss_sum += loss_v
                 pos.loss_steps += 1
                 emit({"event": "step", "epoch": epoch + 1, "epochs": cfg.train.epochs, "step": pos.step,
-                      "steps": steps_per_epoch, "global_step": pos.global_step, "loss": loss_v, "lr": lr,
-                      **{k: float(v) for k, v in parts.items()}})
+                      "steps": steps_per_epoch, "global_step": pos.global_step, "loss": loss_v, "lr": lr, **parts})
                 every = cfg.train.checkpoint_every_steps
                 if every and pos.global_step % every == 0 and pos.step < steps_per_epoch and main:
                     save_checkpoint(paths["last"], _ckpt(model, opt, cfg, store, pos))
@@ -723,6 +681,78 @@ def _global_batch(batch_size: int, n_train: int, world: int) -> int:
     if B <= 0 or B % world:
         raise TrainingError(f"train.batch_size ({B}) must be a positive multiple of the {world} DDP ranks")
     return B
+
+
+def _batch_groups(cfg: PredictConfig, store: Store,
+                  train_idx: np.ndarray) -> tuple[np.ndarray | None, dict[str, np.ndarray] | None]:
+    """The train records' batch groups (file or repository keys, or None) and the corpus
+    columns that file batches and the lexical loss read (None when neither is on)."""
+    columns = None
+    if cfg.train.batch_groups == "file" or cfg.loss.lexical_weight:
+        why = ("train.batch_groups = 'file' (or 'repo', which needs no corpus)" if cfg.train.batch_groups == "file"
+               else "loss.lexical_weight")
+        columns = corpus_columns(store, cfg.data.corpus or None, why=why)
+    if cfg.train.batch_groups == "file":
+        assert columns is not None
+        return columns["file"][train_idx], columns
+    if cfg.train.batch_groups == "repo":
+        return store.repos[train_idx], columns
+    return None, columns
+
+
+def _fit_stats(paths: dict[str, Path], store: Store, train_idx: np.ndarray, cfg: PredictConfig,
+               key: dict[str, Any], dropped: dict[str, int], emit: Event) -> None:
+    """Fit the normalisation on the train records and save it with ``key`` (what makes it stale)."""
+    emit({"event": "stats", "done": 0, "total": 2 * len(train_idx)})
+    stats = compute_stats(store, train_idx, outlier_factor=cfg.norm.outlier_factor,
+                          sample_records=cfg.norm.stats_sample_records, eps=cfg.norm.eps,
+                          whiten_shrink=cfg.norm.whiten_shrink,
+                          progress=lambda a, b: emit({"event": "stats", "done": a, "total": b}))
+    save_checkpoint(paths["stats"], {"format": "codejepa-norm-stats", **key, **stats.to_plain()})
+    atomic_write_json(paths["stats_json"], {**stats.summary(), "dropped": dropped})
+
+
+def _step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer, bt: dict[str, torch.Tensor],
+          cfg: PredictConfig, lr: float, reveal: torch.Tensor | None, lex: Any, world: int,
+          amp: bool) -> tuple[float, dict[str, float]] | None:
+    """One optimiser step at ``lr``: the loss and its parts, or None (nothing updated) when the
+    loss is not finite on some rank — every rank then stops at the same step."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        loss, parts, _ = batch_loss(net, model.norm, bt, cfg, reveal, lex, gather=world > 1)
+    bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
+    if world > 1:
+        dist.all_reduce(bad)
+    if float(bad) > 0:
+        return None
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    opt.step()
+    return float(loss.detach()), {k: float(v) for k, v in parts.items()}
+
+
+def _diverged(paths: dict[str, Path], cfg: PredictConfig, pos: _Position, epoch: int, lr: float, ckpt_at: str,
+              main: bool, start_mrr: float | None) -> DivergedError:
+    """Log a non-finite loss at ``pos`` and draw the curves so far; the error to raise."""
+    kept = (f"the last good checkpoint is kept: {paths['last']} ({ckpt_at})" if ckpt_at
+            else "no checkpoint had been written yet")
+    if main:
+        _append_log(paths["log"], {"event": "diverged", "epoch": epoch + 1, "step": pos.step,
+                                   "global_step": pos.global_step, "lr": lr, "time": time.time()})
+        if cfg.train.plot_every_s >= 0:
+            write_curves(pos.history, paths["curves"], cfg.name or cfg.model.kind, cfg.norm.pooled_space, start_mrr)
+    return DivergedError(f"loss became non-finite at epoch {epoch + 1}, step {pos.step + 1} (lr {lr:.3g}); "
+                         f"{kept}; lower optim.lr or set optim.grad_clip")
+
+
+def _lexical_reference(model: torch.nn.Module, train_tab: Any, lex: LexicalOffsets, dev: torch.device) -> torch.Tensor:
+    """The lexical loss's reference bodies in the score space, unit length."""
+    with torch.no_grad():
+        bodies = to_device(train_tab.batch(lex.ref), dev)["body"]
+        return F.normalize(model.norm.to_score(model.norm.body_to_norm(bodies)).float(), dim=-1)
 
 
 def _stats_stale(path: Path, key: dict[str, Any]) -> str | None:
