@@ -357,15 +357,7 @@ def evaluate_retrieval(
     store = open_store(store_path)
     try:
         meta = store.meta
-        if (unfinished := store.incomplete_note()) is not None:
-            notes.append(unfinished)
-            say(f"warning: {unfinished}")
-        skipped = meta.extra.get("skipped") if isinstance(meta.extra.get("skipped"), dict) else {}
-        if n_skipped := sum(v for v in skipped.values() if isinstance(v, int)):
-            # e.g. the longest signatures, which do not fit the window: the figures leave them out
-            notes.append(f"{n_skipped} records of the corpus were not embedded "
-                         f"({', '.join(f'{k}: {v}' for k, v in sorted(skipped.items()))}): they are neither "
-                         "queries nor candidates")
+        notes += _store_notes(store, say)
         if splits is not None:
             split_file = _use_split_file(store, splits, notes)
         loaded = load_runs(runs, store)
@@ -379,11 +371,7 @@ def evaluate_retrieval(
         if probe is not None:
             loaded, methods, mixes, probe_info = _with_probe_mixes(probe, store, split, names, loaded, methods)
             method_kinds = {f"ridge+last{PROBE_SUFFIX}": "baseline"}
-        method_runs = [LoadedRun(m, f"method {m}", _FnPredictor(fn), {}) for m, fn in (methods or {}).items()]
-        for r in method_runs:
-            if r.name in {x.name for x in loaded} or r.name in parse_baselines("all") or r.name.endswith(RESERVED_SUFFIXES):
-                raise EvaluateError(f"method name {r.name!r} is already taken (or ends in {FUSED_SUFFIX!r}, {CSLS_SUFFIX!r} "
-                                    f"or {SIB_SUFFIX!r}, which name the fusion, hubness-corrected and sibling rows)")
+        method_runs = _method_runs(methods or {}, loaded)
         say(f"reading corpus texts and pooling {len(store)} stored records")
         cv = load_corpus_view(store, corpus_dir)
         if not cv.verified:
@@ -406,15 +394,7 @@ def evaluate_retrieval(
         need_sel = (need_ridge or "ridge+last" in names or "reverse" in names or fuse_runs or (need_bm25 and bm25_query == "auto")
                     or bool(hub_methods) or bool(mixes))
         fit_idx, sel_idx = _selection_split(store, train_idx, val_idx, notes) if need_sel else (train_idx, val_idx)
-        if split == "val" and (need_sel or loaded):
-            notes.append("evaluating on val, where ridge's λ, the BM25 query and the fusion weights are chosen and "
-                         "each run's best.pt was selected: optimistic for them")
-        if split == "train":
-            notes.append("evaluating on train, where every statistic, ridge and the runs were fitted: in-sample "
-                         "figures, not a held-out result")
-        if len(np.unique(store.repos[q_idx].astype(str))) < 2:
-            notes.append(f"the {split} queries come from one repository: the CIs resample queries, not "
-                         "repositories (narrower than a CI over repositories would be)")
+        notes += _query_split_notes(split, store.repos[q_idx], selects=need_sel or bool(loaded))
 
         task = build_task(split, pspec, q_idx, store.repos, cv.labels, all_idx)
         if pspec.kind == "random" and pspec.size > task.groups.n_groups:
@@ -502,16 +482,9 @@ def evaluate_retrieval(
             "split": split, "pool": pspec.to_json(), "spaces": space_names, "baselines": list(names),
             "ridge_input": ridge_input, "ridge_alphas": list(RIDGE_ALPHAS), "fusion_weights": list(FUSION_WEIGHTS),
             "whitening_shrinkage": whitening_shrinkage, "n_boot": n_boot, "seed": seed, "noisy_of": noisy_of,
-            "bm25_query": bm25_query, "fuse_bm25": fuse_runs,
-            "hubness": {"spaces": hub_spaces, "methods": hub_methods, "ks": list(CSLS_KS), "betas": list(CSLS_BETAS)},
-            "sibling_softmax": {"on": sibling_softmax, "temperatures": list(SIB_TEMPERATURES), "betas": list(SIB_BETAS),
-                                "temperature_unit": "median per-query score std over 2048 selection candidates"},
-            "ci": "95% percentile bootstrap over repositories", "ties": "pessimistic",
-            "distinct_bodies": "candidates with equal normalised body hash count once (best member scores)",
+            "bm25_query": bm25_query, "fuse_bm25": fuse_runs, **_fixed_settings(hub_spaces, hub_methods, sibling_softmax),
             "selection": {"fit_records": int(len(fit_idx)), "selection_records": int(len(sel_idx))},
-            "probe": probe_info or None,
-            "split_file": split_file,
-            "code_version": code_version(),
+            "probe": probe_info or None, "split_file": split_file, "code_version": code_version(),
         }
         result = RetrievalResult(rows, comparisons, warnings, notes, settings, _store_record(store, cv),
                                  [r.info for r in loaded], _pool_record(pspec, task, out), projections=projections,
@@ -523,6 +496,59 @@ def evaluate_retrieval(
 
         write_outputs(result, Path(out_dir), plots=plots)
     return result
+
+
+def _store_notes(store: Any, say: Log) -> list[str]:
+    """Notes on what the store leaves out: an unfinished embedding, records it skipped."""
+    notes = []
+    if (unfinished := store.incomplete_note()) is not None:
+        notes.append(unfinished)
+        say(f"warning: {unfinished}")
+    extra = store.meta.extra
+    skipped = extra.get("skipped") if isinstance(extra.get("skipped"), dict) else {}
+    if n_skipped := sum(v for v in skipped.values() if isinstance(v, int)):
+        # e.g. the longest signatures, which do not fit the window: the figures leave them out
+        notes.append(f"{n_skipped} records of the corpus were not embedded "
+                     f"({', '.join(f'{k}: {v}' for k, v in sorted(skipped.items()))}): they are neither "
+                     "queries nor candidates")
+    return notes
+
+
+def _method_runs(methods: Mapping[str, Callable[[Any, np.ndarray], np.ndarray]],
+                 loaded: Sequence[LoadedRun]) -> list[LoadedRun]:
+    """Query-vector methods as runs; a name that a run, a baseline or a derived row has is refused."""
+    taken = {x.name for x in loaded} | set(parse_baselines("all"))
+    for name in methods:
+        if name in taken or name.endswith(RESERVED_SUFFIXES):
+            raise EvaluateError(f"method name {name!r} is already taken (or ends in {FUSED_SUFFIX!r}, {CSLS_SUFFIX!r} "
+                                f"or {SIB_SUFFIX!r}, which name the fusion, hubness-corrected and sibling rows)")
+    return [LoadedRun(m, f"method {m}", _FnPredictor(fn), {}) for m, fn in methods.items()]
+
+
+def _query_split_notes(split: str, query_repos: np.ndarray, *, selects: bool) -> list[str]:
+    """What a reader must know about the query split: in-sample, selected on, one repository."""
+    notes = []
+    if split == "val" and selects:
+        notes.append("evaluating on val, where ridge's λ, the BM25 query and the fusion weights are chosen and "
+                     "each run's best.pt was selected: optimistic for them")
+    if split == "train":
+        notes.append("evaluating on train, where every statistic, ridge and the runs were fitted: in-sample "
+                     "figures, not a held-out result")
+    if len(np.unique(query_repos.astype(str))) < 2:
+        notes.append(f"the {split} queries come from one repository: the CIs resample queries, not "
+                     "repositories (narrower than a CI over repositories would be)")
+    return notes
+
+
+def _fixed_settings(hub_spaces: list[str], hub_methods: list[str], sibling_softmax: bool) -> dict[str, Any]:
+    """The grids and conventions every evaluation records beside its own arguments."""
+    return {
+        "hubness": {"spaces": hub_spaces, "methods": hub_methods, "ks": list(CSLS_KS), "betas": list(CSLS_BETAS)},
+        "sibling_softmax": {"on": sibling_softmax, "temperatures": list(SIB_TEMPERATURES), "betas": list(SIB_BETAS),
+                            "temperature_unit": "median per-query score std over 2048 selection candidates"},
+        "ci": "95% percentile bootstrap over repositories", "ties": "pessimistic",
+        "distinct_bodies": "candidates with equal normalised body hash count once (best member scores)",
+    }
 
 
 def _checked_arguments(spaces: Sequence[str] | str | None, baselines: Sequence[str] | str | None, ridge_input: str,
