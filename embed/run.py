@@ -442,18 +442,12 @@ def embed_corpus(
     the store is :func:`shard_path` ``(out, I, N)``. ``teacher`` may be passed pre-loaded
     (tests, benchmarks); otherwise it is loaded from ``settings``.
     """
-    import torch
-
     from codejepa.embed.teacher import open_teacher
 
     t_start = time.perf_counter()
     corpus_dir = Path(corpus_dir)
     read_manifest(corpus_dir)  # a clear error for a non-corpus before any model is loaded
-    check_sizes(settings.max_tokens, settings.batch_tokens)
-    if settings.target_mode not in TARGET_MODES:
-        raise EmbedError(f"target mode {settings.target_mode!r}: expected one of {TARGET_MODES}")
-    if settings.store_dtype not in ("float16", "float32"):
-        raise EmbedError(f"store dtype {settings.store_dtype!r}: expected float16 or float32")
+    _check_settings(settings)
     shard = settings.shard or parse_shard(None) or (0, 1)
     path = shard_path(out, *shard)
     if path.exists():
@@ -486,9 +480,6 @@ def embed_corpus(
 
     bg = BackgroundWriter(writer, on_commit)
     stack = contextlib.ExitStack()
-    on_cuda = dev_kind == "cuda"
-    pad_id = seg.pad_id
-    kind = teacher.kind
     try:
         windows = prefetch(iter_windows(select_records(corpus_dir, settings.splits, shard), seg, settings.window_tokens))
         stack.callback(windows.close)
@@ -500,7 +491,7 @@ def embed_corpus(
             todo = [not writer.has(t.id) for t in window]
             if not any(todo):
                 continue
-            seqs = build_sequences(window, seg, kind, settings.target_mode)
+            seqs = build_sequences(window, seg, teacher.kind, settings.target_mode)
             plan = plan_batches([len(s.ids) for s in seqs], [s.phase for s in seqs], batch_tokens,
                                 settings.max_batch_seqs, settings.max_padding)
             remaining = [0] * len(window)  # passes still to run per record
@@ -512,18 +503,7 @@ def embed_corpus(
                 batch = [seqs[i] for i in b]
                 if not any(todo[s.rec] for s in batch):
                     continue
-                ids, mask = pad_batch(batch, pad_id)
-                result.model_tokens += int(mask.sum())
-                result.padded_tokens += mask.size
-                result.batches += 1
-                ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
-                if on_cuda:
-                    ids_t = ids_t.pin_memory().to(teacher.device, non_blocking=True)
-                    mask_t = mask_t.pin_memory().to(teacher.device, non_blocking=True)
-                t_model = time.perf_counter()
-                hidden = teacher.forward(ids_t, mask_t)
-                states = _gather(hidden, batch, settings.store_dtype)  # waits for the device
-                result.model_seconds += time.perf_counter() - t_model
+                states = _forward(teacher, batch, seg.pad_id, settings.store_dtype, result)
                 bg.put(_collect(batch, states, window, todo, remaining, got_inputs, got_body, seg))
         bg.close()
     except BaseException:
@@ -536,21 +516,47 @@ def embed_corpus(
         stack.close()
     result.writer_busy_s = bg.busy_s
     result.bytes_written = bg.bytes_written
-    result.complete = result.already + result.written + sum(result.skipped.values()) == selected
-    truncated = int(np.count_nonzero(writer.f["records/truncated"][: writer.committed]))
-    result.truncated = truncated
-    writer.set_extra(
-        complete=result.complete,
-        selected_splits=list(settings.splits or SPLITS),
-        selected=selected,
-        skipped=result.skipped,
-        truncated=truncated,
-    )
-    result.meta = writer.meta
-    writer.close()
+    _finish(writer, result, settings, selected)
     result.seconds = time.perf_counter() - t_start
     emit("done", asdict_light(result))
     return result
+
+
+def _check_settings(settings: EmbedSettings) -> None:
+    check_sizes(settings.max_tokens, settings.batch_tokens)
+    if settings.target_mode not in TARGET_MODES:
+        raise EmbedError(f"target mode {settings.target_mode!r}: expected one of {TARGET_MODES}")
+    if settings.store_dtype not in ("float16", "float32"):
+        raise EmbedError(f"store dtype {settings.store_dtype!r}: expected float16 or float32")
+
+
+def _forward(teacher: Any, batch: list[Seq], pad_id: int, store_dtype: str, result: EmbedResult) -> np.ndarray:
+    """One padded teacher batch: its sequences' kept states (see :func:`_gather`), counted in ``result``."""
+    import torch
+
+    ids, mask = pad_batch(batch, pad_id)
+    result.model_tokens += int(mask.sum())
+    result.padded_tokens += mask.size
+    result.batches += 1
+    ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+    if teacher.device.startswith("cuda"):
+        ids_t = ids_t.pin_memory().to(teacher.device, non_blocking=True)
+        mask_t = mask_t.pin_memory().to(teacher.device, non_blocking=True)
+    t_model = time.perf_counter()
+    hidden = teacher.forward(ids_t, mask_t)
+    states = _gather(hidden, batch, store_dtype)  # waits for the device
+    result.model_seconds += time.perf_counter() - t_model
+    return states
+
+
+def _finish(writer: StoreWriter, result: EmbedResult, settings: EmbedSettings, selected: int) -> None:
+    """Record in the store whether every selected record is in it, and what was left out; close it."""
+    result.complete = result.already + result.written + sum(result.skipped.values()) == selected
+    result.truncated = int(np.count_nonzero(writer.f["records/truncated"][: writer.committed]))
+    writer.set_extra(complete=result.complete, selected_splits=list(settings.splits or SPLITS), selected=selected,
+                     skipped=result.skipped, truncated=result.truncated)
+    result.meta = writer.meta
+    writer.close()
 
 
 def _collect(batch: list[Seq], states: np.ndarray, window: list[Tokenized], todo: list[bool], remaining: list[int],
