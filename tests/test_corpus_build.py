@@ -114,6 +114,10 @@ def test_held_out_duplicates_of_train_and_trivial_bodies_are_dropped(tmp_path: P
     assert dropped[recs["stub"].id] == DROP_TRIVIAL
     assert [r.qualname for r in load_records(tmp_path / "c", ["test"])] == ["unique"]
     assert res.manifest["totals"]["dropped"] == {DROP_TRAIN_DUPLICATE: 1, DROP_TRIVIAL: 1}
+    # Per-split counts before and after the filter, and the trivial count of each repo.
+    assert res.manifest["totals"]["functions_per_split"] == {"train": 1, "test": 3}
+    assert res.manifest["totals"]["kept_per_split"] == {"train": 1, "test": 1}
+    assert {r["name"]: r["trivial_functions"] for r in res.repos} == {train_name: 0, test_name: 1}
     kept = build_corpus([str(test), str(train)], tmp_path / "k", BuildSettings(keep_trivial=True))
     assert [r.qualname for r in load_records(tmp_path / "k", ["test"])] == ["stub", "unique"]
     assert kept.manifest["totals"]["kept_per_split"]["test"] == 2
@@ -290,6 +294,49 @@ def test_ref_pin_and_bad_inputs_do_not_stop_the_run(tmp_path: Path) -> None:
     assert res.repos[0]["commit"] == old
     assert [r.qualname for r in load_records(tmp_path / "c", include_dropped=True)] == ["old"]
     assert all("\n" not in m for m in res.messages)
+
+
+def test_unpinning_a_repository_rebuilds_it_in_its_own_split(tmp_path: Path) -> None:
+    """A repository built as train-only and then given as a plain source (the same spec) changes
+    split: its finished records (written with split "train") must not be resumed."""
+    (name,) = names_in("test", 1)
+    repo = tmp_path / name
+    make_repo(repo, {"m.py": "def f():\n    return 1\n"})
+    out = tmp_path / "c"
+    pinned = build_corpus([], out, train_only=[str(repo)])
+    assert [e["split"] for e in pinned.repos] == ["train"]
+    plain = build_corpus([str(repo)], out)
+    assert [(e["split"], e.get("resumed", False)) for e in plain.repos] == [("test", False)]
+    assert [r.split for r in load_records(out, include_dropped=True)] == ["test"]
+
+
+def test_workers_keep_file_order_when_a_repo_spans_many_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks parsed by several workers finish in any order; the records file must still be in
+    (path, position) order, the same bytes as a one-process build."""
+    import codejepa.corpus.build as build_mod
+
+    repo = tmp_path / "many"
+    make_repo(repo, {f"m{i:02d}.py": f"def f{i}():\n    return {i}\n\ndef g{i}():\n    return -{i}\n" for i in range(24)})
+    monkeypatch.setattr(build_mod, "CHUNK_BYTES", 1)  # one file per chunk
+    one = build_corpus([str(repo)], tmp_path / "one", BuildSettings(workers=1))
+    two = build_corpus([str(repo)], tmp_path / "two", BuildSettings(workers=2))
+    recs = [(r.path, r.signature_span.start) for r in load_records(tmp_path / "two", include_dropped=True)]
+    assert recs == sorted(recs) and len(recs) == 48
+    assert (tmp_path / "one" / one.repos[0]["records_file"]).read_bytes() == \
+        (tmp_path / "two" / two.repos[0]["records_file"]).read_bytes()
+
+
+def test_a_folder_that_is_not_a_corpus_is_refused_untouched(tmp_path: Path) -> None:
+    """``--out`` naming a non-empty folder that holds no corpus (a typo, a source tree) is refused
+    before anything is written into it."""
+    repo = tmp_path / "r"
+    make_repo(repo, {"m.py": "def f():\n    return 1\n"})
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(CodejepaError, match="is not a corpus; choose another"):
+        build_corpus([str(repo)], out)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
 def test_missing_out_parent_is_one_clear_error(tmp_path: Path) -> None:

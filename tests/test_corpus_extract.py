@@ -244,3 +244,33 @@ def test_ids_are_unique_and_stable() -> None:
 def test_record_json_round_trip() -> None:
     for rec in extract(UNICODE_PY).records:
         assert FunctionRecord.from_json(rec.to_json()) == rec
+
+
+def test_imports_inside_a_function_or_class_are_not_context() -> None:
+    """Only module-scope imports are context: an import inside a function is part of that
+    function's body, and as context it would hand the body to the function's own inputs."""
+    src = (
+        "import json\n"
+        "def f():\n    import os\n    return os.sep\n\n"
+        "class K:\n    import sys\n    def m(self):\n        return 1\n\n"
+        "def g():\n    return 2\n"
+    )
+    recs = by_name(src)
+    for rec in recs.values():
+        assert [p.text for p in rec.context if p.kind == "import"] == ["import json"], rec.qualname
+        for p in rec.context:
+            assert not (rec.body_span.start <= p.span.start < rec.body_span.end), (rec.qualname, p)
+
+
+def test_a_comment_right_after_the_colon_is_body() -> None:
+    """``def f():# note`` — the comment touching the colon starts the body, as one after a space does."""
+    for gap in ("", "  "):
+        rec = by_name(f"def f():{gap}# note\n    return 1\n")["f"]
+        assert rec.signature == "def f():" and rec.body == "# note\n    return 1"
+
+
+def test_a_file_of_exactly_the_size_limit_is_kept() -> None:
+    """The limit is the largest size kept (``over size limit`` means strictly over)."""
+    src = "def f():\n    return 1\n"
+    assert [r.qualname for r in extract(src, settings=ExtractSettings(max_file_bytes=len(src))).records] == ["f"]
+    assert "size limit" in extract(src, settings=ExtractSettings(max_file_bytes=len(src) - 1)).skipped

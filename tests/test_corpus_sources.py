@@ -136,6 +136,20 @@ def test_symlinks_and_submodule_entries_are_skipped_with_reasons(tmp_path: Path)
     assert reasons["in.py"].startswith("symlink (-> a.py")
 
 
+def test_a_submodule_and_a_link_to_the_parent_folder_are_skipped_with_their_reasons(tmp_path: Path) -> None:
+    """A submodule (a gitlink entry) is named as such, not skipped silently; a symlink to ``..``
+    itself leaves the repository as surely as one to ``../x``."""
+    repo = tmp_path / "r"
+    commit = make_repo(repo, {"a.py": "x = 1\n", "up.py": "->.."})
+    git(repo, "update-index", "--add", "--cacheinfo", f"160000,{commit},vendor/lib")
+    git(repo, "commit", "-q", "-m", "add a submodule entry")
+    snap = src.snapshot(src.parse_source(str(repo)), tmp_path, max_file_bytes=10_000)
+    reasons = dict(snap.skipped)
+    assert [p for p, _ in snap.files] == ["a.py"]
+    assert reasons["vendor/lib"] == "submodule (not followed)"
+    assert "leaves the repository" in reasons["up.py"]
+
+
 def test_empty_repository_and_missing_ref(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()

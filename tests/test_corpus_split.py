@@ -46,7 +46,7 @@ def test_ratios() -> None:
     assert parse_ratios("80/10/10") == pytest.approx((0.8, 0.1, 0.1))
     assert parse_ratios("1,1,2") == pytest.approx((0.25, 0.25, 0.5))
     assert all(assign_split(n, ratios=(0.0, 0.0, 1.0)) == "test" for n in NAMES[:50])
-    for bad in ("80/20", "a/b/c", "-1/1/1"):
+    for bad in ("80/20", "a/b/c", "-1/1/1", "0/0/0"):  # all zero: one line, not a ZeroDivisionError
         with pytest.raises(CodejepaError):
             parse_ratios(bad)
 
@@ -87,3 +87,28 @@ def test_leak_filter_drops_train_bodies_trivial_and_in_split_duplicates() -> Non
 def test_which_duplicate_survives_does_not_depend_on_source_order() -> None:
     repos = [index("z", "train", [("z1", h("return 1"))]), index("a", "train", [("a1", h("return 1"))])]
     assert compute_dropped(repos).dropped == compute_dropped(list(reversed(repos))).dropped == {"z1": DROP_SPLIT_DUPLICATE}
+
+
+def test_keep_trivial_keeps_every_trivial_copy_in_train_too() -> None:
+    """With ``keep_trivial`` trivial bodies are exempt from the duplicate rules in every split,
+    train included: a second ``pass`` in train is kept, not dropped as a train duplicate."""
+    repos = [
+        index("a", "train", [("t1", h("pass")), ("t2", h("pass")), ("t3", h("..."))]),
+        index("v", "val", [("v1", h("pass")), ("v2", h("return 1"))]),
+    ]
+    res = compute_dropped(repos, keep_trivial=True)
+    assert res.dropped == {}
+    assert res.kept == Counter(train=3, val=2)
+
+
+def test_totals_count_every_record_before_filtering() -> None:
+    """``total`` (the manifest's functions_per_split) counts records before the leak filter,
+    ``kept`` after it: the two differ by exactly the dropped records of each split."""
+    repos = [
+        index("a", "train", [("t1", h("return 1")), ("t2", h("return 1"))]),
+        index("v", "val", [("v1", h("return 1")), ("v2", h("pass")), ("v3", h("return 2"))]),
+        index("x", "test", [("x1", h("return 3"))]),
+    ]
+    res = compute_dropped(repos)
+    assert res.total == Counter(train=2, val=3, test=1)
+    assert res.kept == Counter(train=1, val=1, test=1)

@@ -92,6 +92,23 @@ def test_a_causal_teacher_reads_the_inputs_once_for_all_probes_with_the_same_res
     assert teachers["bidirectional"].custom_mask_kind() is None  # an encoder's inputs see the probe: no sharing
 
 
+def test_probe_lengths_are_inclusive_and_only_train_bodies_qualify(teachers, tmp_path: Path) -> None:
+    """``min_tokens..max_tokens`` is an inclusive range: a train body of exactly that many tokens
+    is a probe; no val/test body ever is, whatever its length."""
+    store_path = _store(tmp_path, teachers["causal"])
+    with open_store(store_path) as s:
+        lens = s.lengths("targets")
+        train = s.indices("train")
+        length = int(lens[train[0]])
+        exact = {int(i) for i in train if lens[i] == length}
+        pick, probes = choose_probes(s, ProbeSettings(n_probes=len(exact), min_tokens=length, max_tokens=length))
+        assert set(pick.tolist()) == exact and all(len(p) == length for p in probes)
+        # a held-out body whose length no train body has: asking for exactly it finds nothing
+        only = next(int(lens[i]) for i in np.flatnonzero(s.splits != "train") if lens[i] not in lens[train])
+        with pytest.raises(ProbeError, match="0 train bodies"):
+            choose_probes(s, ProbeSettings(n_probes=1, min_tokens=only, max_tokens=only))
+
+
 def test_a_records_own_body_never_reaches_its_view(teachers, tmp_path: Path) -> None:
     teacher = teachers["bidirectional"]
     recs = sample_records(14)

@@ -242,3 +242,48 @@ def test_float16_overflow_stops_with_one_line_and_keeps_finished_work(tmp_path: 
     teacher.forward = forward  # type: ignore[method-assign]
     r = embed_corpus(corpus, tmp_path / "s.h5", EmbedSettings(batch_tokens=200), teacher=teacher)
     assert r.complete and r.already > 0
+
+
+def _shard_store(path: Path, index: int, count: int, ids: list[int], *, complete: bool = True) -> Path:
+    """A shard store written directly (no teacher): record k has k + 2 input and k + 3 body tokens."""
+    from codejepa.embed.store import PendingRecord, StoreMeta, StoreWriter
+
+    meta = StoreMeta(teacher="t", teacher_kind="causal", hidden_size=4, layer=1, num_hidden_layers=2,
+                     shard=f"{index}/{count}")
+    with StoreWriter(path, meta) as w:
+        for k in ids:
+            rng = np.random.default_rng(k)
+            special = np.zeros(k + 2, bool)
+            special[0] = True
+            w.append([PendingRecord(
+                f"r{k}", ["train", "val", "test"][k % 3], f"repo{k % 2}", k % 4 == 0,
+                rng.standard_normal((k + 2, 4)).astype(np.float32), np.arange(k + 2) + 10 * k, special,
+                (1, 1 + k % 2), (1 + k % 2, k + 2), rng.standard_normal((k + 3, 4)).astype(np.float32),
+                np.arange(k + 3) + 100 * k)])
+        w.set_extra(complete=complete, selected=len(ids), skipped={"empty body": 1})
+    return path
+
+
+def test_merge_copies_every_block_exactly_and_a_partial_merge_is_not_complete(tmp_path: Path) -> None:
+    """Records copied in several blocks (offsets relative to each block) read back exactly as in
+    their shard; a merge missing a shard (--allow-partial) is never marked complete."""
+    a = _shard_store(tmp_path / "a.h5", 0, 2, [0, 2, 4, 6, 8, 10, 12])
+    b = _shard_store(tmp_path / "b.h5", 1, 2, [1, 3, 5, 7, 9])
+    res = merge_stores([a, b], tmp_path / "m.h5", block_records=3)
+    assert res.records == 12 and res.complete
+    with open_store(tmp_path / "m.h5") as m, open_store(a) as sa, open_store(b) as sb:
+        assert m.meta.extra["truncated"] == int(sa.truncated.sum() + sb.truncated.sum())
+        assert m.meta.extra["selected"] == 12 and m.meta.extra["skipped"] == {"empty body": 2}
+        where = m.index_of()
+        for s in (sa, sb):
+            for i, rid in enumerate(s.ids):
+                j = where[rid]
+                assert (m.splits[j], m.repos[j], m.truncated[j]) == (s.splits[i], s.repos[i], s.truncated[i])
+                for get in (lambda st, k: st.inputs(k), lambda st, k: st.body(k)):
+                    x, y = get(s, i), get(m, j)
+                    assert np.array_equal(x.states, y.states) and np.array_equal(x.token_ids, y.token_ids)
+                    assert np.array_equal(x.special, y.special) and x.segments == y.segments
+    part = merge_stores([a], tmp_path / "p.h5", allow_partial=True)
+    assert part.records == 7 and not part.complete
+    with open_store(tmp_path / "p.h5") as p:
+        assert p.complete is False

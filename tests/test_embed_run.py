@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from _embed_fixtures import sample_records, write_corpus
+from _embed_fixtures import make_record, sample_records, write_corpus
 from codejepa.embed.run import EmbedError, EmbedSettings, embed_corpus, parse_shard, plan_batches, shard_of
 from codejepa.embed.store import open_store
 from codejepa.embed.teacher import Teacher
@@ -86,3 +86,51 @@ def test_sharding_is_deterministic_and_balanced(monkeypatch: pytest.MonkeyPatch)
     for bad in ("4/4", "x", "1/0", "-1/2"):
         with pytest.raises(EmbedError):
             parse_shard(bad)
+
+
+def test_records_skipped_after_the_last_window_are_counted(teachers: dict[str, Teacher], tmp_path: Path) -> None:
+    """Skipped records that close the corpus (no embeddable record after them) still count: the
+    run must end complete, with its skips recorded, not as an unfinished store."""
+    records = sample_records(3) + [make_record(f"empty{i}", body="", split="train") for i in range(2)]
+    corpus = write_corpus(tmp_path / "c", records)
+    res = embed_corpus(corpus, tmp_path / "s.h5", EmbedSettings(window_tokens=1, batch_tokens=700),
+                       teacher=teachers["causal"])
+    assert res.written == 3 and res.skipped == {"empty body": 2} and res.complete
+    with open_store(tmp_path / "s.h5") as s:
+        assert s.complete is True and s.meta.extra["skipped"] == {"empty body": 2}
+
+
+def test_a_resumed_run_skips_finished_batches_and_ends_as_an_uninterrupted_one(teachers: dict[str, Teacher],
+                                                                               tmp_path: Path) -> None:
+    """A rerun recomputes the same plan but runs only the batches that hold a record not yet
+    committed, and the store it completes equals the one an uninterrupted run writes."""
+    teacher = teachers["causal"]
+    corpus = write_corpus(tmp_path / "c", sample_records(24))
+    settings = EmbedSettings(batch_tokens=300)
+    full = embed_corpus(corpus, tmp_path / "full.h5", settings, teacher=teacher)
+    assert full.batches > 3
+    forward, calls = teacher.forward, {"n": 0}
+
+    def stopped(ids, mask):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise KeyboardInterrupt
+        return forward(ids, mask)
+
+    teacher.forward = stopped  # type: ignore[method-assign]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            embed_corpus(corpus, tmp_path / "part.h5", settings, teacher=teacher)
+    finally:
+        teacher.forward = forward  # type: ignore[method-assign]
+    with open_store(tmp_path / "part.h5") as s:
+        done = len(s)
+    assert 0 < done < 24
+    again = embed_corpus(corpus, tmp_path / "part.h5", settings, teacher=teacher)
+    assert again.already == done and again.written == 24 - done and again.complete
+    assert again.batches == full.batches - 2  # the two finished batches are not run again
+    with open_store(tmp_path / "full.h5") as a, open_store(tmp_path / "part.h5") as b:
+        assert list(a.ids) == list(b.ids)
+        for i in range(len(a)):
+            assert np.array_equal(a.inputs(i).states, b.inputs(i).states)
+            assert np.array_equal(a.body(i).states, b.body(i).states)

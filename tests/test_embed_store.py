@@ -123,6 +123,10 @@ def test_float16_overflow_and_nan_are_refused(tmp_path: Path) -> None:
             w.append([bad])
         assert w.committed == 0
     with StoreWriter(tmp_path / "b.h5", meta(state_dtype="float32")) as w:
+        inf = rec(3)
+        inf.input_states[1, 2] = np.inf  # float32 holds inf: only the finiteness check stops it
+        with pytest.raises(StoreError, match="NaN/inf"):
+            w.append([inf])
         w.append([rec(1, scale=1e6)])
     with open_store(tmp_path / "b.h5") as s:
         assert np.abs(s.inputs(0).states).max() > 1e5
@@ -174,6 +178,11 @@ def test_uncommitted_tail_is_invisible_and_dropped_on_resume(tmp_path: Path) -> 
     with open_store(p) as s:
         assert list(s.ids) == ["id0", "id1", "id2"]
         np.testing.assert_allclose(s.body(2).states, rec(2).body_states, atol=2e-3)
+        # cutting the tail away must not cut into the committed records before it
+        for i in range(3):
+            np.testing.assert_allclose(s.inputs(i).states, rec(i).input_states, atol=2e-3)
+            np.testing.assert_allclose(s.body(i).states, rec(i).body_states, atol=2e-3)
+            assert s.body(i).token_ids.tolist() == rec(i).body_token_ids.tolist()
 
 
 def test_other_format_version_gets_one_clear_line(tmp_path: Path) -> None:

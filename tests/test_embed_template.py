@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -38,6 +39,19 @@ def test_fit_window_drops_farthest_context_first_then_body_tail() -> None:
     f = fit_window(ctx, dist, 1, 20, 40, budget=20, body_reserve=10)  # the signature is never cut: skip
     assert not f.fits
     assert not fit_window([], [], 1, 5, 0, budget=100, body_reserve=50).fits  # an empty body is skipped
+
+
+def test_fit_window_boundaries_and_ties() -> None:
+    """Inputs that exactly fill their share keep every piece (the share is inclusive), and among
+    pieces equally far from the signature the earlier one (further up the file) goes first."""
+    f = fit_window([10, 10, 10], [300, 50, 900], 1, 20, 40, budget=200, body_reserve=149)  # inputs 51 of 51
+    assert f.keep_context == (True, True, True) and f.body_tokens == 40
+    f = fit_window([10, 10, 10], [300, 50, 900], 1, 20, 40, budget=200, body_reserve=150)  # 51 of 50: one goes
+    assert f.keep_context == (True, True, False)
+    f = fit_window([10, 10, 10], [7, 7, 7], 1, 20, 40, budget=200, body_reserve=155)
+    assert f.keep_context == (False, True, True)
+    f = fit_window([10, 10, 10], [7, 7, 7], 1, 20, 40, budget=200, body_reserve=165)
+    assert f.keep_context == (False, False, True)
 
 
 def test_kept_context_never_depends_on_the_body() -> None:
@@ -103,6 +117,7 @@ def test_truncation_flags_and_skips(qwen_tok) -> None:
     # a shorter body keeps exactly the same context: the inputs do not reveal the body's length
     t2 = small.encode([make_record("a", body="    return 1\n", context=ctx)])[0]
     assert np.array_equal(t2.context, t.context) and t2.dropped_context == t.dropped_context
+    assert t2.body_cut == 0 and t2.truncated  # context dropped alone still marks the record truncated
     # the body gets the rest of the window and loses its tail
     assert len(t.body) == min(n_body, window - 1 - len(t.context) - n_sig)
     assert np.array_equal(t.body, full.body[: len(t.body)]) and np.array_equal(t.signature, full.signature)
@@ -113,3 +128,32 @@ def test_truncation_flags_and_skips(qwen_tok) -> None:
     # a signature that alone fills the window is skipped, never cut
     s = SegmentTokenizer(qwen_tok, "causal", n_sig).encode([make_record("a", body=body, context=ctx)])[0]
     assert isinstance(s, Skipped) and "signature" in s.reason
+
+
+def test_a_batch_encodes_each_record_as_alone(qwen_tok) -> None:
+    """Records are tokenized as one flat batch of pieces; each record's segments must come out as
+    when it is encoded alone, whatever the numbers of context pieces before it (none, several)."""
+    seg = SegmentTokenizer(qwen_tok, "causal", 512)
+    recs = [make_record("a", context=()), make_record("b", body="    return 2\n", context=("import os", "import sys")),
+            make_record("c", signature="def g(y):", body="", context=()),
+            make_record("d", body="    return 4\n", context=("import json",))]
+    together = seg.encode(recs)
+    for rec, got in zip(recs, together):
+        alone = seg.encode([rec])[0]
+        if isinstance(alone, Skipped):
+            assert got == alone and alone.reason == "empty body"
+            continue
+        assert isinstance(got, Tokenized) and got.id == rec.id
+        for part in ("context", "signature", "body"):
+            assert np.array_equal(getattr(got, part), getattr(alone, part)), (rec.id, part)
+
+
+def test_context_after_the_signature_counts_its_distance_too() -> None:
+    """A sibling defined below the function is as far from the signature as one the same number
+    of bytes above it: farthest-first dropping must not keep a distant later piece over a near one."""
+    rec = make_record("a", context=("import os", "def later():"))
+    sig_at = rec.signature_span.start
+    near, far = rec.context
+    rec = replace(rec, context=(replace(near, span=replace(near.span, start=sig_at - 100)),
+                                replace(far, span=replace(far.span, start=sig_at + 5000))))
+    assert render(rec).context_distance == (100, 5000)

@@ -133,6 +133,54 @@ def test_each_fold_has_its_own_leak_filter_and_pinned_repos_stay_in_train(tmp_pa
     assert not (tmp_path / "cli" / "fold-3.json").exists()
 
 
+def _set_manifest(corpus: Path, **settings: object) -> None:
+    m = json.loads((corpus / "manifest.json").read_text())
+    m["settings"].update(settings)
+    (corpus / "manifest.json").write_text(json.dumps(m))
+
+
+def test_folds_follow_the_corpus_seed_and_keep_trivial_settings(tmp_path: Path) -> None:
+    """Without ``--seed`` the folds deal repositories with the corpus's own split seed, and each
+    fold's leak filter keeps trivial bodies when the corpus was built with ``--keep-trivial``
+    (else the fold's held-out splits lose records the build promised to keep)."""
+    from codejepa.corpus.extract import hash_normalised, normalise_body
+
+    corpus = _index_corpus(tmp_path)
+    stub = hash_normalised(normalise_body("pass"))
+    for name in ("a", "b", "c", "d", "e", "f"):
+        with open(corpus / "repos" / f"{name}.index.tsv", "a") as f:
+            f.write(f"{name}:stub\t{stub}\n")
+    m = json.loads((corpus / "manifest.json").read_text())
+    for r in m["repos"]:
+        r["functions"] += r["name"] != "pinned"
+    (corpus / "manifest.json").write_text(json.dumps(m))
+    _set_manifest(corpus, seed=5, keep_trivial=True)
+    names = ["a", "b", "c", "d", "e", "f"]
+    folds = make_folds(corpus, 3)
+    groups = fold_groups(names, 3, seed=5)
+    assert fold_groups(names, 3, seed=0) != groups  # the seed decides the deal here
+    for k, a in enumerate(folds):
+        assert a.seed == 5 and {n for n, s in a.repos.items() if s == "test"} == set(groups[k])
+        assert all(a.splits[f"{n}:stub"] == a.repos[n] for n in names)  # every trivial copy kept
+    _set_manifest(corpus, keep_trivial=False)
+    for a in make_folds(corpus, 3):  # without it only train keeps one copy
+        assert [n for n in names if f"{n}:stub" in a.splits] == [min(n for n in names if a.repos[n] == "train")]
+
+
+def test_fold_files_of_another_corpus_are_not_mixed_in(tmp_path: Path) -> None:
+    """A folder already holding fold files of another corpus (same K and seed) is refused: the
+    folds of two corpora side by side would be pooled as one cross-validation."""
+    corpus = _index_corpus(tmp_path)
+    out = tmp_path / "folds"
+    r = runner.invoke(app, ["corpus", "folds", str(corpus), "--out", str(out), "--folds", "3"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((corpus / "manifest.json").read_text())
+    m["repos"] = [e for e in m["repos"] if e["name"] != "f"]  # another corpus: one repository fewer
+    (corpus / "manifest.json").write_text(json.dumps(m))
+    r = runner.invoke(app, ["corpus", "folds", str(corpus), "--out", str(out), "--folds", "3"])
+    assert r.exit_code == 1 and "holds fold files of another cross-validation" in r.output, r.output
+
+
 def test_a_damaged_index_or_split_file_is_one_clear_error(tmp_path: Path) -> None:
     corpus = _index_corpus(tmp_path)
     idx = corpus / "repos" / "c.index.tsv"
@@ -181,6 +229,8 @@ def test_a_split_file_replaces_the_stores_split_and_its_fingerprint(cv) -> None:
         store.use_splits({store.ids[0]: "test"}, "only-one")
         assert list(store.indices("test")) == [0] and len(store.indices("train")) == 0
         assert len(store.indices()) == len(store)  # unlisted records stay candidates of a whole pool
+        # listed records the store lacks (its own leak filter or window dropped them) are counted
+        assert store.use_splits({store.ids[0]: "test", "no-such-record": "val"}, "one-missing") == 1
         with pytest.raises(StoreError, match="unknown split"):
             store.use_splits({store.ids[0]: "holdout"}, "x")
     other = make_dataset(cv[3], name="other")
