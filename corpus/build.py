@@ -373,8 +373,16 @@ def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise CodejepaError(f"--out {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").exists() and not (out / STATE_FILE).exists():
-        if not (out / "repos").is_dir():
+        if not _corpus_remains(out):
             raise CodejepaError(f"--out {out}: folder exists, is not empty and is not a corpus; choose another")
+
+
+def _corpus_remains(out: Path) -> bool:
+    """A build killed before its first state file leaves only ``repos/`` with records and index
+    files (and their temporary files); any other folder that holds a ``repos/`` is not ours."""
+    if {p.name for p in out.iterdir()} != {"repos"} or not (out / "repos").is_dir():
+        return False
+    return all(p.is_file() and p.name.endswith((".jsonl", ".index.tsv", ".tmp")) for p in (out / "repos").iterdir())
 
 
 _Todo = tuple[src.Source, dict[str, Any]]  # a source to build, and its manifest entry

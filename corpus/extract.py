@@ -408,7 +408,8 @@ def _piece_order(p: ContextPiece) -> tuple[int, str]:
 
 
 def _scope_of(node: tree_sitter.Node) -> tuple[tree_sitter.Node, list[tree_sitter.Node], bool]:
-    """(nearest enclosing def/class/module, all enclosing defs and classes, inside an ERROR?)."""
+    """(nearest enclosing def/class/module, all enclosing defs and classes, inside an ERROR or
+    under a def/class header with one?)."""
     chain: list[tree_sitter.Node] = []
     broken = False
     n = node.parent
@@ -419,6 +420,8 @@ def _scope_of(node: tree_sitter.Node) -> tuple[tree_sitter.Node, list[tree_sitte
             chain.append(n)
             if scope is None:
                 scope = n
+            # A broken enclosing header (``class K(:``) would name the function and stand in its context.
+            broken = broken or any(c.has_error for c in n.children if c.type != "block")
         elif t == "ERROR":
             broken = True
         elif t == "module" and scope is None:

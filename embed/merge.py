@@ -73,6 +73,10 @@ def merge_stores(
         raise StoreError(f"{out}: the output cannot also be an input")
     stores = [open_store(p) for p in paths]
     try:
+        # Shard order, not the command line's (a glob puts shard-10 before shard-2): the same
+        # shards always merge into the same record order, so training on the store reproduces.
+        order = sorted(range(len(stores)), key=lambda j: (_shard_index(stores[j].meta), str(paths[j])))
+        stores, paths = [stores[j] for j in order], [paths[j] for j in order]
         metas = [s.meta for s in stores]
         _check_shards(metas, paths, allow_partial)
         all_ids: set[str] = set()
@@ -119,6 +123,13 @@ def merge_stores(
     finally:
         for s in stores:
             s.close()
+
+
+def _shard_index(meta: StoreMeta) -> int:
+    try:
+        return int(meta.shard.split("/")[0])
+    except ValueError:  # a malformed shard field: _check_shards names it
+        return -1
 
 
 def _append(w: StoreWriter, batch: list[PendingRecord], copied: int) -> int:

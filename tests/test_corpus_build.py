@@ -337,6 +337,16 @@ def test_a_folder_that_is_not_a_corpus_is_refused_untouched(tmp_path: Path) -> N
     with pytest.raises(CodejepaError, match="is not a corpus; choose another"):
         build_corpus([str(repo)], out)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    # a project folder that happens to hold a repos/ (of git checkouts, say) is no corpus either
+    (out / "repos" / "checkout").mkdir(parents=True)
+    with pytest.raises(CodejepaError, match="is not a corpus; choose another"):
+        build_corpus([str(repo)], out)
+    assert sorted(p.name for p in out.rglob("*")) == ["checkout", "notes.txt", "repos"]
+    # what a build killed before its first state file leaves is resumed
+    remains = tmp_path / "killed"
+    (remains / "repos").mkdir(parents=True)
+    (remains / "repos" / ".x.jsonl.tmp").write_text("")
+    assert build_corpus([str(repo)], remains).manifest["totals"]["kept_per_split"]
 
 
 def test_missing_out_parent_is_one_clear_error(tmp_path: Path) -> None:

@@ -274,3 +274,28 @@ def test_a_file_of_exactly_the_size_limit_is_kept() -> None:
     src = "def f():\n    return 1\n"
     assert [r.qualname for r in extract(src, settings=ExtractSettings(max_file_bytes=len(src))).records] == ["f"]
     assert "size limit" in extract(src, settings=ExtractSettings(max_file_bytes=len(src) - 1)).skipped
+
+
+def test_a_function_under_a_broken_def_or_class_header_counts_as_an_error() -> None:
+    """``class K(:`` names the methods below it and would stand in their context: they are
+    counted as functions with errors, and the rest of the file is still extracted."""
+    res = extract("class K(:\n    def m(self):\n        return 2\n\n"
+                  "def outer(:\n    def inner():\n        return 1\n    return inner\n\n"
+                  "class Fine:\n    def ok(self):\n        return 3\n")
+    assert [r.qualname for r in res.records] == ["Fine.ok"]
+    assert res.functions_with_errors == 3
+
+
+def test_a_comment_after_a_nested_block_is_not_body() -> None:
+    """tree-sitter hangs a comment after the last statement of a nested block inside the
+    function; the body ends at the code, as CPython's end position does."""
+    rec = by_name("def f(x):\n    if x:\n        return 1\n        # note\n\ny = 1\n")["f"]
+    assert rec.body == "if x:\n        return 1"
+
+
+def test_a_docstring_of_concatenated_plain_strings_is_signature() -> None:
+    """Adjacent plain literals are one docstring (CPython's rule); one f-string among them is not."""
+    rec = by_name('def f():\n    "a" "b"\n    return 1\n')["f"]
+    assert rec.signature == 'def f():\n    "a" "b"' and rec.body == "return 1"
+    rec = by_name('def f():\n    "a" f"b"\n    return 1\n')["f"]
+    assert rec.signature == "def f():" and rec.body.startswith('"a" f"b"')

@@ -287,3 +287,15 @@ def test_merge_copies_every_block_exactly_and_a_partial_merge_is_not_complete(tm
     assert part.records == 7 and not part.complete
     with open_store(tmp_path / "p.h5") as p:
         assert p.complete is False
+
+
+def test_shards_merge_in_shard_order_whatever_the_command_line_order(tmp_path: Path) -> None:
+    """A glob lists shard-10 before shard-2: the merged store must not depend on the order the
+    shards are given in (training on it shuffles by record index)."""
+    a = _shard_store(tmp_path / "a.h5", 0, 2, [0, 2, 4])
+    b = _shard_store(tmp_path / "b.h5", 1, 2, [1, 3])
+    merge_stores([b, a], tmp_path / "ba.h5")
+    merge_stores([a, b], tmp_path / "ab.h5")
+    with open_store(tmp_path / "ba.h5") as ba, open_store(tmp_path / "ab.h5") as ab:
+        assert list(ba.ids) == list(ab.ids) == ["r0", "r2", "r4", "r1", "r3"]
+        assert ba.meta.extra["merged_from"] == ab.meta.extra["merged_from"]
