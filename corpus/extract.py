@@ -50,7 +50,7 @@ import tree_sitter_python
 
 from codejepa.corpus.records import ContextPiece, FunctionRecord, Span
 
-EXTRACTOR_VERSION = 1  # bump when records for the same bytes would change
+EXTRACTOR_VERSION = 2  # bump when records for the same bytes would change
 
 PY_LANGUAGE = tree_sitter.Language(tree_sitter_python.language())
 
