@@ -56,7 +56,9 @@ def chance_metrics(pool_sizes: np.ndarray | int) -> dict[str, float]:
     """Expected metrics of a uniformly random ranking, averaged over the queries' pool sizes.
 
     With ``n`` distinct candidates the true body's rank is uniform on 1..n: rank@1 = 1/n,
-    recall@k = min(k, n)/n, MRR = H_n/n, median = mean = (n+1)/2.
+    recall@k = min(k, n)/n, MRR = H_n/n, median = mean = (n+1)/2. With pool sizes that differ
+    (repository pools) the median rank is that of the mixture of the queries' uniform ranks,
+    not the median of their (n+1)/2.
     """
     n = np.atleast_1d(np.asarray(pool_sizes, dtype=np.float64))
     if np.any(n < 1):
@@ -67,9 +69,23 @@ def chance_metrics(pool_sizes: np.ndarray | int) -> dict[str, float]:
     for k in RECALL_KS:
         out[f"recall@{k}"] = float(np.mean(np.minimum(k, n) / n))
     out["mrr"] = float(np.mean(harmonic / n))
-    out["median_rank"] = float(np.median((n + 1) / 2))
+    out["median_rank"] = _mixture_median(n)
     out["mean_rank"] = float(np.mean((n + 1) / 2))
     return {k: out[k] for k in METRIC_NAMES}
+
+
+def _mixture_median(n: np.ndarray) -> float:
+    """Median of the rank of a query drawn at random, its rank uniform on 1..n_i: the first r
+    with P(rank <= r) = mean(min(r, n)/n) >= 1/2 (the midpoint of r and r + 1 when it is exactly
+    1/2, so that one pool size n gives (n + 1)/2)."""
+    lo, hi = 1, int(n.max())
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if np.mean(np.minimum(mid, n) / n) >= 0.5:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo + 0.5 if np.isclose(np.mean(np.minimum(lo, n) / n), 0.5) else float(lo)
 
 
 def _cluster_index(clusters: Sequence[str] | np.ndarray) -> tuple[np.ndarray, int]:

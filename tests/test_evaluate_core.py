@@ -133,6 +133,85 @@ def test_bad_ranks_are_refused() -> None:
     with pytest.raises(EvaluateError):
         compute_metrics(np.array([], dtype=int))
 
+def test_chance_levels_of_pools_smaller_than_k() -> None:
+    """Repository pools are often smaller than k: a random ranking then always recalls the
+    true body within k (recall@k = 1, not k/n > 1); each query's chance is that of its own pool."""
+    ch = chance_metrics(np.array([3, 3, 101]))
+    assert ch["recall@5"] == pytest.approx((1 + 1 + 5 / 101) / 3)
+    assert ch["recall@100"] == pytest.approx((1 + 1 + 100 / 101) / 3)
+    assert ch["rank@1"] == pytest.approx((1 / 3 + 1 / 3 + 1 / 101) / 3)
+    assert ch["mean_rank"] == pytest.approx((2 + 2 + 51) / 3)
+    assert all(0.0 <= ch[k] <= 1.0 for k in ("rank@1", "recall@5", "recall@10", "recall@100", "mrr"))
+
+
+def test_each_bootstrap_value_is_the_metric_of_one_resample_of_repositories() -> None:
+    """With one resample, the interval is that resample's metrics: every one of them must be
+    what compute_metrics gives on one with-replacement draw of whole repositories (even and odd
+    resampled sizes alike, so the bootstrap median is the median of the drawn ranks)."""
+    ranks = np.array([1, 2, 10])
+    repos = np.array(["a", "a", "b"])
+    draws = {"aa": [1, 2, 1, 2], "ab": [1, 2, 10], "bb": [10, 10]}  # two repositories drawn with replacement
+    possible = {k: compute_metrics(np.array(v)) for k, v in draws.items()}
+    seen = set()
+    for seed in range(20):
+        ci = bootstrap_cis(ranks, repos, n_boot=1, seed=seed)
+        got = {m: ci[m].low for m in ci}
+        assert all(ci[m].low == ci[m].high for m in ci)
+        match = [k for k, want in possible.items() if all(got[m] == pytest.approx(want[m]) for m in want)]
+        assert match, got
+        seen.update(match)
+    assert seen == set(draws)  # every kind of resample (odd and even sizes) was checked
+
+
+def test_bootstrap_interval_has_its_nominal_level() -> None:
+    """100 repositories of three queries, half answered at rank 1 and half not: resampled
+    rank@1 is Binomial(100, ½)/100, whose central 95% interval is about [0.40, 0.60]
+    (a 90% one would be [0.42, 0.58]); a level of 0.5 gives [0.47, 0.53]."""
+    ranks = np.repeat(np.r_[np.ones(50), np.full(50, 7)], 3).astype(int)
+    repos = np.repeat([f"r{i}" for i in range(100)], 3)
+    ci = bootstrap_cis(ranks, repos, n_boot=4000, seed=0)["rank@1"]
+    assert ci.value == pytest.approx(0.5)
+    assert ci.low == pytest.approx(0.40, abs=0.011) and ci.high == pytest.approx(0.60, abs=0.011)
+    half = bootstrap_cis(ranks, repos, n_boot=4000, seed=0, level=0.5)["rank@1"]
+    assert half.low == pytest.approx(0.47, abs=0.011) and half.high == pytest.approx(0.53, abs=0.011)
+
+
+def test_one_repository_resamples_queries_instead() -> None:
+    """A single repository cannot be resampled (every draw is the whole set, a zero-width
+    interval): the bootstrap falls back to the queries, so the interval keeps a width."""
+    ranks = np.array([1, 1, 1, 5, 5, 5, 1, 9, 2, 1] * 4)
+    one = np.full(len(ranks), "only")
+    ci = bootstrap_cis(ranks, one, n_boot=300, seed=0)
+    assert ci["rank@1"].high - ci["rank@1"].low > 0.1
+    assert ci["mrr"].high > ci["mrr"].value > ci["mrr"].low
+    (c,) = paired_bootstrap(ranks, ranks[::-1].copy(), one, metrics=("mrr",), n_boot=300)
+    assert c.n_clusters == len(ranks) and c.ci_high > c.ci_low
+
+
+def test_paired_bootstrap_is_symmetric_and_paired() -> None:
+    """A worse method compared first is as significant as a better one (two-sided p-value, a
+    negative interval); identical methods differ by exactly zero in every resample (both are
+    resampled with the same repositories); the resampling unit is the repository."""
+    rng = np.random.default_rng(0)
+    repos = np.repeat([f"r{i}" for i in range(20)], 30)
+    good = rng.integers(1, 4, len(repos))
+    bad = good + rng.integers(1, 20, len(repos))
+    fwd = paired_bootstrap(good, bad, repos, n_boot=1000)
+    back = paired_bootstrap(bad, good, repos, n_boot=1000)
+    for f, b in zip(fwd, back):
+        assert b.diff == pytest.approx(-f.diff) and b.diff < 0
+        assert b.ci_high < 0 and b.p_value < 0.01 and b.p_value == pytest.approx(f.p_value)
+        assert f.n_clusters == b.n_clusters == 20 and f.n_queries == len(repos)
+    for c in paired_bootstrap(good, good, repos, n_boot=300):
+        assert c.ci_low == c.ci_high == 0.0
+    # A difference confined to whole repositories: 3 repositories where A wins, 2 where B does.
+    # Over queries it would look certain; over 5 repositories it is not.
+    reps = np.repeat(["a", "b", "c", "d", "e"], 200)
+    a = np.where(np.isin(reps, ["a", "b", "c"]), 1, 9)
+    b = np.where(np.isin(reps, ["a", "b", "c"]), 9, 1)
+    (c,) = paired_bootstrap(a, b, reps, metrics=("rank@1",), n_boot=1000)
+    assert c.diff == pytest.approx(0.2) and c.n_clusters == 5 and c.p_value > 0.05 and c.ci_low < 0 < c.ci_high
+
 
 # -- search -----------------------------------------------------------------------------------
 def test_blocked_search_equals_brute_force_with_ties_and_duplicates() -> None:
@@ -157,6 +236,7 @@ def test_blocked_search_equals_brute_force_with_ties_and_duplicates() -> None:
         res = rank_shared_pool(DenseScorer(q, c), tg, groups, budget_bytes=budget, cand_block=block)
         np.testing.assert_array_equal(res.ranks, want)
     assert groups.n_groups == nc - 3
+    assert (res.pool_sizes == nc - 3).all()  # pools count distinct bodies, not candidates
     assert res.ranks[0] == 2 and res.ranks[1] == 2  # exact copy of another body: pessimistic rank 2
     assert res.ranks[2] == res.ranks[3] == res.ranks[4] == 1  # a duplicate body is not a competitor
 
@@ -168,6 +248,15 @@ def test_all_tied_scores_rank_last() -> None:
     groups, _ = Groups.from_labels(np.arange(40), np.array([str(i) for i in range(40)], dtype=object))
     res = rank_shared_pool(DenseScorer(q, c), np.arange(5), groups)
     assert (res.ranks == 40).all()
+
+def test_ties_in_random_pools_count_against_the_query() -> None:
+    """A query that cannot tell bodies apart (a zero vector: every score 0) ranks last in its
+    random pool as in the split pool, not first: ties are pessimistic in every pool."""
+    c = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+    q = np.zeros((5, 8), np.float32)
+    groups, _ = Groups.from_labels(np.arange(40), np.array([str(i) for i in range(40)], dtype=object))
+    res = rank_random_pools(DenseScorer(q, c), np.arange(5), groups, 10, (0, 1))
+    assert (res.ranks == 10).all() and (res.pool_sizes == 10).all()
 
 
 def test_random_pools_reproducible_and_consistent() -> None:
@@ -313,6 +402,25 @@ def test_bm25_scorer_and_fusion() -> None:
     np.testing.assert_array_equal(np.argsort(f1, 1), np.argsort(d, 1))
     np.testing.assert_array_equal(np.argsort(-f0, 1)[:, 0], s.argmax(1))
 
+def test_fusion_mixes_per_query_z_scores_of_both_scorers() -> None:
+    """A fusion weight means the same for every query only when both scores are standardised
+    per query (mean and std over the pool sample): BM25's raw scale varies by orders of
+    magnitude between queries, so the intermediate weights must mix z-scores."""
+    docs = ["def a():\n    return socket_buffer", "x = parse_json(data)", "matrix @ vector", "queue.put(item)"]
+    bm = BM25Scorer(["def send(socketBuffer)", "def parseJSON()", "def push_queue_item()"], docs)
+    rng = np.random.default_rng(0)
+    dense = DenseScorer(rng.standard_normal((3, 4)), rng.standard_normal((4, 4)))
+    cols = np.arange(4)
+
+    def z(s: np.ndarray) -> np.ndarray:
+        s = s.astype(np.float64)
+        return (s - s.mean(1, keepdims=True)) / s.std(1, keepdims=True)
+
+    zd, zb = z(dense.block(np.arange(3), cols).numpy()), z(bm.block(np.arange(3), cols).numpy())
+    for w in (0.3, 0.8):
+        got = FusedScorer(dense, bm, w, cols).block(np.arange(3), cols).numpy()
+        np.testing.assert_allclose(got, w * zd + (1 - w) * zb, rtol=1e-4, atol=1e-5)
+
 
 def test_ridge_closed_form_matches_normal_equations() -> None:
     rng = np.random.default_rng(0)
@@ -389,3 +497,13 @@ def test_std_ratio_reads_only_the_directions_where_the_targets_spread() -> None:
     p = t + 0.1 * rng.standard_normal((200, 6))
     d = vector_diagnostics(p, t, p, t, np.zeros(6), None).values
     assert 0.9 < d["std_ratio_mean"] < 1.1 and 0.9 < d["std_ratio_median"] < 1.1
+
+
+def test_chance_median_of_mixed_pool_sizes_is_the_mixtures() -> None:
+    """Repository pools differ in size: the chance median rank is the median rank of a random
+    ranking over all the queries (estimated here by simulation), not the median of each
+    query's (n + 1)/2, which overstates it by a third on sizes spread over 2..400."""
+    sizes = np.random.default_rng(0).integers(2, 400, 500)
+    sim = np.median(np.random.default_rng(1).integers(1, np.tile(sizes, 200) + 1))
+    assert chance_metrics(sizes)["median_rank"] == pytest.approx(sim, rel=0.02)
+    assert chance_metrics(100)["median_rank"] == 50.5 and chance_metrics(101)["median_rank"] == 51.0

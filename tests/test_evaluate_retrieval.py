@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _evaluate_fixtures import make_dataset  # noqa: E402
 
 from codejepa.core import CodejepaError  # noqa: E402
-from codejepa.evaluate.baselines import FUSION_WEIGHTS, ReverseFit  # noqa: E402
+from codejepa.evaluate.baselines import FUSION_WEIGHTS, ReverseFit, RidgeFit  # noqa: E402
 from codejepa.evaluate.errors import EvaluateError  # noqa: E402
 from codejepa.evaluate.report import compare_saved, render  # noqa: E402
 from codejepa.evaluate.retrieval import evaluate_retrieval  # noqa: E402
@@ -340,3 +340,108 @@ def test_non_finite_states_are_a_damaged_store(ds, tmp_path: Path) -> None:
         f["targets/states"][0] = np.nan
     with pytest.raises(EvaluateError, match="damaged store .*non-finite body states"):
         evaluate_retrieval(store, corpus_dir=ds.corpus_dir, baselines="random", spaces="raw", n_boot=10, plots=False)
+
+
+def test_random_pool_rows_pair_each_rank_with_its_repository_and_its_real_pool_size(ds) -> None:
+    """Random pools repeat the queries once per seed (seed-major): each rank's repository, the
+    bootstrap's unit, must be its own query's. A pool asked larger than the distinct bodies
+    holds all of them: its chance level is one over their number, not one over the asked N."""
+    test = ds.splits == "test"
+    kw = dict(baselines="random", spaces="raw", n_boot=20, plots=False, methods={"inst": _instance(ds, 0.8)})
+    res = evaluate_retrieval(ds.store_path, pool=20, pool_seeds=(0, 1, 2), **kw)
+    row = res.row("inst", "raw")
+    np.testing.assert_array_equal(row.clusters, np.tile(ds.repos[test].astype(str), 3))
+    big = evaluate_retrieval(ds.store_path, pool=100000, pool_seeds=(0, 1), **kw)
+    n = big.pool_stats["n_distinct_bodies"]
+    assert big.pool_stats["mean_pool_size"] == n
+    assert big.pool_stats["chance"]["rank@1"] == pytest.approx(1 / n)
+    assert big.row("random", "-").ranks.max() <= n
+
+
+def test_every_setting_is_chosen_on_val_whatever_the_test_predictions(ds) -> None:
+    """The fusion weight, CSLS's k and β and the sibling softmax's T and β are hyper-parameters:
+    chosen on the selection (val) split, they must not move, nor must any selection score,
+    when every test prediction changes. Chosen on the queries, they would be tuned on the answers."""
+    rng = np.random.default_rng(5)
+    d = ds.bodies.shape[1]
+    pred = ds.bodies + 0.6 * rng.standard_normal(ds.bodies.shape).astype(np.float32)
+    other = pred.copy()
+    test = np.flatnonzero(ds.splits == "test")
+    other[test] = ds.bodies[test] + 2.0 * rng.standard_normal((len(test), d)).astype(np.float32)
+    kw = dict(baselines="bm25", spaces="whitened", n_boot=20, plots=False, bm25_query="signature")
+    a = evaluate_retrieval(ds.store_path, methods={"m": lambda store, idx: pred[idx]}, **kw)
+    b = evaluate_retrieval(ds.store_path, methods={"m": lambda store, idx: other[idx]}, **kw)
+    derived = [r.method for r in a.rows if r.method.startswith("m+")]
+    assert {"m+bm25", "m+csls", "m+bm25+sib", "m+csls+bm25"} <= set(derived)
+    for name in derived:
+        sa, sb = a.row(name, "whitened").settings, b.row(name, "whitened").settings
+        assert sa == sb, name
+    assert not np.array_equal(a.row("m", "whitened").ranks, b.row("m", "whitened").ranks)
+
+
+def test_ridge_is_fitted_on_train_alone(ds) -> None:
+    """Ridge's map is a train-split statistic: val records choose its λ and must stay out of the
+    fit (the choice would be in-sample), test records all the more."""
+    res = evaluate_retrieval(ds.store_path, baselines="ridge", spaces="raw", n_boot=20, plots=False,
+                             hubness_correction=False)
+    row = res.row("ridge", "raw")
+    train, test = ds.splits == "train", ds.splits == "test"
+    want = RidgeFit.fit(ds.signatures[train], ds.bodies[train]).predict(ds.signatures[test], row.settings["alpha"])
+    np.testing.assert_allclose(res.projections["raw"]["ridge"], want, rtol=1e-3, atol=1e-3)
+    assert row.settings["n_fit"] == train.sum()
+
+
+def test_without_val_settings_are_chosen_on_held_out_train_repositories(tmp_path: Path) -> None:
+    """With no val split the last fifth of the train repositories choose the settings; they must
+    then be left out of every fit, or the choice is made on records the baselines were fitted on."""
+    nv = make_dataset(tmp_path, repos={"train": 5, "test": 2}, per_repo=12, name="noval")
+    res = evaluate_retrieval(nv.store_path, baselines="ridge", spaces="raw", n_boot=20, plots=False,
+                             hubness_correction=False)
+    assert res.settings["selection"] == {"fit_records": 48, "selection_records": 12}
+    assert any("no val split: hyper-parameters chosen on 1 held-out train repo(s)" in n for n in res.notes)
+    fit = np.isin(nv.repos, [f"train_repo{i}" for i in range(4)])  # train_repo4 (last in sorted order) held out
+    want = RidgeFit.fit(nv.signatures[fit], nv.bodies[fit]).predict(nv.signatures[nv.splits == "test"],
+                                                                  res.row("ridge", "raw").settings["alpha"])
+    np.testing.assert_allclose(res.projections["raw"]["ridge"], want, rtol=1e-3, atol=1e-3)
+
+
+def test_nn_answers_with_the_train_body_of_the_nearest_train_signature(ds) -> None:
+    """The nearest-neighbour baseline copies a *train* body: that of the train signature most
+    like the query's. Any other body (a test one above all) makes it a leak or a random guess."""
+    from codejepa.embed.store import open_store
+    from codejepa.evaluate.retrieval import load_corpus_view
+    from codejepa.evaluate.search import brute_force_ranks
+    from codejepa.evaluate.spaces import fit_space
+
+    res = evaluate_retrieval(ds.store_path, baselines="nn", spaces="raw,whitened", n_boot=20, plots=False,
+                             hubness_correction=False)
+    train, test = ds.splits == "train", ds.splits == "test"
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    with open_store(ds.store_path) as st:
+        labels = load_corpus_view(st).labels[test].astype(str)
+    # in each space, signatures are searched in that space's map fitted on the TRAIN signatures
+    for space, sig_space in (("raw", None), ("whitened", fit_space("whitened", ds.signatures[train], shrinkage=0.1))):
+        q, keys = ds.signatures[test], ds.signatures[train]
+        if sig_space is not None:
+            q, keys = sig_space.apply(q), sig_space.apply(keys)
+        nearest = (unit(q.astype(np.float64)) @ unit(keys.astype(np.float64)).T).argmax(1)
+        body_space = res.spaces[space]
+        want = brute_force_ranks(body_space.apply(ds.bodies[train][nearest]).astype(np.float64),
+                                 body_space.apply(ds.bodies[test]).astype(np.float64), labels, labels)
+        np.testing.assert_array_equal(res.row("nn", space).ranks, want, err_msg=space)
+
+
+def test_settings_that_tie_on_val_fall_to_the_smaller_correction(ds) -> None:
+    """Exact predictions rank every val query first whatever the correction: with nothing to
+    gain on val, CSLS and the sibling softmax must stay off (β = 0, β = 0 being a candidate) and
+    the fusion weight at its tie-break 0.5; a correction chosen without a gain is one tuned on noise."""
+    res = evaluate_retrieval(ds.store_path, baselines="bm25", spaces="whitened", n_boot=20, plots=False,
+                             bm25_query="signature", methods={"exact": lambda store, idx: ds.bodies[idx]})
+    csls = res.row("exact+csls", "whitened")
+    assert set(csls.settings["selection_mrr"].values()) == {1.0}  # a tie on val ...
+    assert csls.settings["beta"] == 0.0 and np.array_equal(csls.ranks, res.row("exact", "whitened").ranks)
+    assert res.row("exact+bm25", "whitened").settings["dense_weight"] == 0.5
+    for name in ("exact+bm25+sib", "exact+csls+bm25+sib"):
+        sib = res.row(name, "whitened")
+        assert max(sib.settings["selection_mrr"].values()) == sib.settings["selection_mrr"]["T=0.125,beta=0.0"] == 1.0
+        assert sib.settings["beta"] == 0.0, name

@@ -276,6 +276,13 @@ def test_folds_train_evaluate_and_pool_over_every_repository(cv, tmp_path: Path)
     ranks = [np.load(e / "ranks.npz")["mlp@whitened"] for e in evals]
     assert row.metrics["rank@1"].value == pytest.approx(np.mean(np.concatenate(ranks) <= 1))
     assert row.metrics["rank@1"].low <= row.metrics["rank@1"].value <= row.metrics["rank@1"].high
+    # the CIs resample all the folds' test repositories (12), not their queries
+    from codejepa.evaluate.metrics import bootstrap_cis
+    from codejepa.evaluate.report import load_ranks
+
+    clusters = np.concatenate([load_ranks(e)[1] for e in evals])
+    assert len(np.unique(clusters)) == 12
+    assert row.metrics == bootstrap_cis(np.concatenate(ranks), clusters, n_boot=100, seed=0)
     proto = {r.key: r for r in pooled.rows}["prototype@whitened"]
     assert row.metrics["mrr"].value > proto.metrics["mrr"].value
     c = pooled.comparisons[0]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _predict_fixtures import chance_mrr, make_store, mrr, train_killed_at  # noqa: E402
@@ -105,6 +106,19 @@ def test_slots_and_input_truncation() -> None:
     assert np.allclose(tok, states[8:11]) and segids.tolist() == [2, 2, 2]
 
 
+def test_input_positions_count_back_from_the_body() -> None:
+    """A batch's input tokens carry their distance to the body as position (the last signature
+    token is 0): cutting far context then shifts no token's position, and padding carries none."""
+    from codejepa.predict.data import collate
+
+    spec = FeatureSpec("transformer", 8, 2, float("inf"), float("inf"))
+    recs = [{"sig": np.zeros(2, np.float32), "tok": np.ones((n, 2), np.float32), "tok_seg": np.full(n, 2, np.int8)}
+            for n in (3, 1)]
+    b = collate(recs, np.array([0, 1]), spec)
+    assert b["tok_pos"].tolist() == [[2, 1, 0], [0, 0, 0]]
+    assert b["tok_seg"].tolist() == [[2, 2, 2], [2, 0, 0]]
+
+
 def test_train_split_statistics_match_a_direct_computation(store_path: Path) -> None:
     from codejepa.predict.normalize import compute_stats
 
@@ -125,6 +139,27 @@ def test_train_split_statistics_match_a_direct_computation(store_path: Path) -> 
     for mine, ref in ((stats.in_mu, toks.mean(0)), (stats.in_sd, toks.std(0)), (stats.sig_mu, sigs.mean(0)),
                       (stats.sig_sd, sigs.std(0)), (stats.pool_mu, bodies.mean(0)), (stats.pool_sd, bodies.std(0))):
         assert np.allclose(mine, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_pooled_whitening_is_the_shrunk_train_covariance_whatever_the_block_size(
+        store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pool_W`` whitens the train split's pooled bodies with their covariance shrunk towards
+    its mean eigenvalue (W⁻¹W⁻¹ = 0.9·Σ + 0.1·tr Σ/d·I). The statistics are streamed in blocks:
+    where a block ends must not change them (the covariance is centred on the split's mean)."""
+    import codejepa.predict.normalize as normalize
+
+    with open_store(store_path) as st:
+        tr = st.indices("train")
+        bodies = np.stack([st.body(int(i)).states.mean(0) for i in tr]).astype(np.float64)
+        monkeypatch.setattr(normalize, "BLOCK_TOKENS", 64)  # dozens of blocks instead of one
+        stats = normalize.compute_stats(st, tr, whiten_shrink=0.1)
+    cov = np.cov(bodies.T, bias=True)
+    d = len(cov)
+    want = 0.9 * cov + 0.1 * np.trace(cov) / d * np.eye(d)
+    winv = stats.pool_Winv.astype(np.float64)
+    np.testing.assert_allclose(winv @ winv, want, atol=1e-3 * np.trace(cov) / d)
+    np.testing.assert_allclose(stats.pool_W.astype(np.float64) @ winv, np.eye(d), atol=1e-3)
+    np.testing.assert_allclose(stats.pool_mu, bodies.mean(0), rtol=1e-4, atol=1e-4)
 
 
 # -- training -------------------------------------------------------------------------------
@@ -327,6 +362,64 @@ def test_every_loss_term_and_norm_option_trains(store_path: Path, tmp_path: Path
         assert np.isfinite(parts[key]), key
     stats = json.loads((tmp_path / "all" / "stats.json").read_text())
     assert stats["counts"]["input_outliers"] == 0 and stats["in_outlier_norm"] is None
+
+
+def test_infonce_labels_its_own_body_and_the_variance_hinge_penalises_low_spread() -> None:
+    """InfoNCE's class for prediction i is its own body, row ``first + i`` of a DDP-gathered
+    target; the symmetric form adds the bodies → predictions direction (the transposed logits);
+    the variance hinge penalises a spread below γ (collapse), never one above it."""
+    from codejepa.predict.losses import infonce, variance_hinge
+
+    g = torch.Generator().manual_seed(0)
+    pred, tgt = torch.randn(5, 8, generator=g), torch.randn(9, 8, generator=g)
+    cos = F.normalize(pred, dim=-1) @ F.normalize(tgt, dim=-1).T
+    assert torch.isclose(infonce(pred, tgt, 0.1, first=3), F.cross_entropy(cos / 0.1, torch.arange(5) + 3))
+    sq = cos[:, :5] / 0.1  # the square case: prediction i against body i
+    want = 0.5 * (F.cross_entropy(sq, torch.arange(5)) + F.cross_entropy(sq.T, torch.arange(5)))
+    assert torch.isclose(infonce(pred, tgt[:5], 0.1, symmetric=True), want)
+    assert float(variance_hinge(torch.randn(64, 4, generator=g) * 3.0, 1.0)) == 0.0
+    assert float(variance_hinge(torch.ones(64, 4), 1.0)) == pytest.approx(1.0 - 0.01, abs=1e-6)
+
+
+def test_records_without_a_body_token_are_no_targets() -> None:
+    """A body of sink tokens only (or none) has nothing to predict: such records must be left
+    out of train and val, where their pooled target would be a zero vector."""
+    from codejepa.predict.data import valid_records
+
+    class Targets:  # lengths 3, 2, 0, 1; the non-sink token is record 0's second
+        def lengths(self, name: str) -> np.ndarray:
+            return np.array([3, 2, 0, 1])
+
+        def special(self, name: str) -> np.ndarray:
+            return np.array([True, False, True, True, True, True])
+
+    assert valid_records(Targets(), np.array([3, 0, 2, 1])).tolist() == [False, True, False, False]
+
+
+def test_masked_regression_and_blocked_val_ranks() -> None:
+    """The multi-block regression averages over the masked slots only (revealed ones are the
+    model's inputs); validation ranks, blocked over queries, are each query's own target's
+    rank, ties counting against it (a duplicate of the true body ranks it 2nd)."""
+    from codejepa.predict.config import LossConfig
+    from codejepa.predict.losses import regression
+    from codejepa.predict.metrics import retrieval_ranks
+
+    pred, target = torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)
+    target[0, 0] = 2.0  # error 4 per dimension on slot (0, 0), none elsewhere
+    mask = torch.tensor([[True, False, False], [False, True, False]])
+    cfg = LossConfig(regression="mse")
+    assert float(regression(pred, target, cfg, mask=mask)) == pytest.approx(4.0 / 2)
+    assert float(regression(pred, target, cfg, mask=~mask)) == 0.0
+    g = torch.Generator().manual_seed(0)
+    tgt = torch.randn(20, 6, generator=g)
+    tgt[7] = tgt[3]  # two identical targets: each query of the pair ranks 2nd at best
+    pred = tgt + 0.8 * torch.randn(20, 6, generator=g)
+    pred[3] = tgt[3]
+    s = (F.normalize(pred, dim=1) @ F.normalize(tgt, dim=1).T).numpy()
+    want = (s >= np.diag(s)[:, None]).sum(1)
+    assert want[3] == 2
+    for block in (1024, 7, 1):
+        assert retrieval_ranks(pred, tgt, block=block).tolist() == want.tolist()
 
 
 def test_whitened_pooled_space_round_trips_and_learns(store_path: Path, tmp_path: Path) -> None:

@@ -47,6 +47,15 @@ def test_epoch_order_packs_runs_of_one_group_and_visits_every_record_once() -> N
         epoch_order(10, np.random.default_rng(0), keys)
 
 
+def test_runs_of_files_come_in_a_shuffled_order() -> None:
+    """The runs are shuffled, not only the records within a file: in key order, every epoch
+    would walk through the files alphabetically, each batch holding the same neighbouring files."""
+    keys = np.repeat([f"f{i:02d}.py" for i in range(20)], 4)
+    order = epoch_order(len(keys), np.random.default_rng(0), keys, group_size=4)
+    files = [str(k) for k in keys[order][::4]]  # one run of 4 per file: each run's file
+    assert sorted(files) == sorted(set(keys.tolist())) and files != sorted(files)
+
+
 def test_file_batches_hold_siblings_and_train(store_path: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     corpus = write_corpus(tmp_path / "corpus", store_path)
@@ -72,6 +81,10 @@ def test_file_batches_hold_siblings_and_train(store_path: Path, tmp_path: Path,
     for b in seen:  # each batch: 4 files' runs of 4 (a run cut at a batch edge leaves a short one)
         n_files = len(np.unique(keys[b]))
         assert n_files <= 16 // 4 + 1, n_files
+    # each epoch draws its own order (seeded by seed and epoch): the same batches every epoch
+    # would show the loss the same negatives again and again
+    half = len(seen) // 2
+    assert not all(np.array_equal(a, b) for a, b in zip(seen[:half], seen[half:]))
     # the same config with a plain shuffle mixes files: almost every batch has many
     seen.clear()
     train(store_path, resolve_config("mlp", overrides={**over, "train.batch_groups": "none"}),

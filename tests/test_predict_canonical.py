@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -73,6 +74,24 @@ def test_score_map_ranks_as_the_evaluate_stages_canonical_space(store_path: Path
     assert torch.allclose(cos_ours, cos_theirs, atol=2e-3)
 
 
+def test_a_model_reading_more_views_gets_the_same_map(store_path: Path) -> None:
+    """The map is fitted on the signature mean and last token alone, the evaluate stage's
+    canonical inputs: a model that also reads the context's mean must be scored in the same
+    space, or its selection would rank in a space the evaluation never uses."""
+    maps = []
+    with open_store(store_path) as st:
+        tr = st.indices("train")
+        stats = compute_stats(st, tr)
+        for views in ("mean,last", "mean,last,context"):
+            cfg = resolve_config("mlp", preset="ridge-residual", overrides={**CANON, "model.input_views": views})
+            model = build_model(cfg, st.meta.hidden_size)
+            model.norm.load(stats)
+            info = init_score_map(model, FeatureTable(st, tr, feature_spec(cfg, stats)))
+            assert info["views"] == "mean,last"
+            maps.append(model.norm.score_map.clone())
+    torch.testing.assert_close(maps[0], maps[1])
+
+
 def test_a_map_fitted_on_too_few_records_is_flagged_in_both_stages() -> None:
     assert canonical_fit_warning(11_520, 768, 384) is None
     msg = canonical_fit_warning(2_000, 768, 384)
@@ -116,6 +135,14 @@ def test_canonical_run_selects_on_canonical_val_retrieval_and_keeps_its_map(stor
     pooled = float((1.0 / retrieval_ranks(pred, body).double()).mean())
     assert summary["best"]["val_mrr"] == pytest.approx(canon, abs=1e-5)
     assert abs(canon - pooled) > 1e-4
+    # the map is a train-split statistic, like every other: refitted here on the train records
+    # with the run's own statistics, it is the map the run ranks with (never one fitted on val)
+    fresh = copy.deepcopy(p.model)
+    with open_store(store_path) as st:
+        tr = st.indices("train")
+        init_score_map(fresh, FeatureTable(st, tr, feature_spec(p.config, p.stats)))
+    assert next(e for e in log if e["event"] == "score_map")["train_records"] == len(tr)
+    torch.testing.assert_close(fresh.norm.score_map, smap, rtol=1e-4, atol=1e-5)
     # a pooled-space run has no map: checkpoints written before loss.space load unchanged
     plain = build_model(resolve_config("mlp", preset="ridge-residual", overrides=TINY), 8)
     assert "norm.score_map" not in plain.state_dict() and plain.norm.score_map is None

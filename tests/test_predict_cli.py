@@ -44,8 +44,9 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
     # mistakes: one line on stderr, non-zero exit, no traceback
     binary = tmp_path / "binary.toml"
     binary.write_bytes(bytes(range(256)))
-    damaged, lost, bad_best, bad_last_best = (tmp_path / n for n in ("damaged", "lost", "bad_best", "bad_last_best"))
-    for d in (damaged, lost, bad_best, bad_last_best):
+    damaged, lost, bad_best, bad_last_best, bad_mid = (tmp_path / n for n in ("damaged", "lost", "bad_best",
+                                                                               "bad_last_best", "bad_mid"))
+    for d in (damaged, lost, bad_best, bad_last_best, bad_mid):
         shutil.copytree(out, d)
     (damaged / "config.json").write_text("{bad")
     (lost / "last.pt").unlink()
@@ -54,6 +55,11 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
         ck = torch.load(d / "last.pt", weights_only=True)
         torch.save({**ck, "best_epoch": best_epoch}, d / "last.pt")
         (d / "best.pt").write_bytes(b"damaged")
+    # last.pt two steps into epoch 4: the best epoch (3) is its epoch, but its weights moved on since,
+    # so best.pt cannot be rewritten from it
+    ck = torch.load(bad_mid / "last.pt", weights_only=True)
+    torch.save({**ck, "best_epoch": 3, "step_in_epoch": 2}, bad_mid / "last.pt")
+    (bad_mid / "best.pt").write_bytes(b"damaged")
     for args, msg in [
         (["--model", "mlp", "--set", "optim.lrr=1", "--out", str(tmp_path / "x")], "unknown config key 'optim.lrr'"),
         (["--model", "mlp", "--out", str(out)], "already holds a run"),
@@ -74,6 +80,8 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
         (["--out", str(damaged), "--resume"], "a damaged run config"),
         (["--out", str(lost), "--resume"], "last.pt is missing, but log.jsonl records trained epochs"),
         (["--out", str(bad_best), "--resume"], "best.pt is damaged; last.pt (epoch 3) is intact, but the best epoch's (1)"),
+        (["--out", str(bad_mid), "--resume", "--set", "train.epochs=4"],
+         "best.pt is damaged; last.pt (epoch 3) is intact, but the best epoch's (3)"),
         (["--out", str(out), "--resume", "--set", "train.epochs=2"], "train.epochs = 2 is below what this run has trained (3 epochs)"),
         (["--model", "mlp", "--set", "train.seed=-1", "--out", str(tmp_path / "y")], "train.seed must be ≥ 0"),
         (["--model", "mlp", "--set", "train.epochs=0", "--out", str(tmp_path / "y")], "train.epochs must be ≥ 1"),

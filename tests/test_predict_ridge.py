@@ -20,7 +20,13 @@ from codejepa.predict.config import ConfigError, resolve_config  # noqa: E402
 from codejepa.predict.data import FeatureTable  # noqa: E402
 from codejepa.predict.models import build_model  # noqa: E402
 from codejepa.predict.normalize import compute_stats  # noqa: E402
-from codejepa.predict.ridge import fit_ridge, fit_ridge_views, init_input_stats, init_linear_path  # noqa: E402
+from codejepa.predict.ridge import (  # noqa: E402
+    RIDGE_ALPHAS,
+    fit_ridge,
+    fit_ridge_views,
+    init_input_stats,
+    init_linear_path,
+)
 from codejepa.predict.train import feature_spec, train  # noqa: E402
 
 torch.set_num_threads(1)
@@ -57,6 +63,22 @@ def test_fit_ridge_is_the_closed_form_and_picks_lambda_on_val() -> None:
     best, grid = fit_ridge(xt, yt, xv, yv)  # λ from the grid: the best val MRR wins
     assert len(grid) > 3 and grid[f"{best.alpha:g}"] == max(grid.values())
 
+def test_each_lambda_is_scored_by_val_retrieval_of_its_train_fit() -> None:
+    """λ is a hyper-parameter: each one's score must be the val split's MRR of the ridge fitted
+    on train (computed here independently). Scoring it on the train split itself would favour
+    the least regularised λ whatever held-out data say."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(140, 16))
+    y = x @ rng.normal(size=(16, 6)) + 3.0 * rng.normal(size=(140, 6))
+    xt, yt, xv, yv = (torch.from_numpy(a) for a in (x[:40], y[:40], x[40:], y[40:]))
+    best, grid = fit_ridge(xt, yt, xv, yv)
+    want = {}
+    for a in RIDGE_ALPHAS:
+        w, b = numpy_ridge(x[:40], y[:40], a)
+        want[f"{a:g}"] = mrr(x[40:] @ w + b, y[40:])
+    assert grid == pytest.approx(want, abs=1e-6)
+    assert best.alpha == max(RIDGE_ALPHAS, key=lambda a: want[f"{a:g}"]) == 0.3  # train MRR would pick the smallest
+
 
 def ridge_started(st, cfg) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]]:
     """A model of ``cfg`` with train statistics and its linear path at train ridge (λ 0.1)."""
@@ -92,6 +114,30 @@ def test_linear_path_starts_at_train_ridge_in_the_whitened_space(store_path: Pat
         assert np.allclose(pred, ref, atol=1e-3)  # the residual MLP starts at exactly zero
         target = (test_tab.body - stats.pool_mu) @ stats.pool_W
         assert mrr(pred, target) > 4 * chance_mrr(len(te))
+
+
+def test_linear_path_lambda_is_scored_on_val(tmp_path: Path) -> None:
+    """The linear path's λ is chosen by the val MRR of the train-split ridge: the score it logs is
+    the val table's retrieval by the path it writes (scored on train, the least regularised λ wins).
+    A noisy store: on the module's, val retrieval is perfect at every λ."""
+    noisy = make_store(tmp_path / "noisy.h5", n_repos=6, per_repo=40, noise=3.0)
+    cfg = resolve_config("mlp", preset="ridge-residual", overrides={**TINY, "model.input_views": "mean"})
+    with open_store(noisy) as st:
+        tr, va = st.indices("train"), st.indices("val")
+        stats = compute_stats(st, tr, whiten_shrink=cfg.norm.whiten_shrink)
+        model = build_model(cfg, st.meta.hidden_size)
+        model.norm.load(stats)
+        spec = feature_spec(cfg, stats)
+        train_tab, val_tab = FeatureTable(st, tr, spec), FeatureTable(st, va, spec)
+    if getattr(model, "view_mu", None) is not None:
+        init_input_stats(model, train_tab)
+    info = init_linear_path(model, train_tab, val_tab)
+    with torch.no_grad():
+        pred = model.skip(model.features({"sig": torch.from_numpy(val_tab.sig)}))
+        body = model.norm.body_to_norm(torch.from_numpy(val_tab.body))
+    assert info["val_mrr"] == pytest.approx(mrr(pred.numpy(), body.numpy()), abs=1e-6)
+    assert info["val_mrr"] < 0.9  # far from perfect: the λ grid has something to choose
+    assert info["val_mrr_by_alpha"][f"{info['alpha']:g}"] == max(info["val_mrr_by_alpha"].values())
 
 
 def test_ridge_residual_preset_learns_and_keeps_ridge_in_the_checkpoint(store_path: Path, tmp_path: Path,
@@ -151,6 +197,20 @@ def test_a_residual_that_only_loses_on_val_falls_back_to_its_ridge_start(store_p
         pred = torch.from_numpy(p.predict_pooled(st, va, normalized=True))
         body = p.model.norm.body_to_norm(torch.from_numpy(st.pooled("body", va)))
     assert mrr(pred.numpy(), body.numpy()) == pytest.approx(start["val_mrr"], abs=1e-4)  # best.pt is the start
+
+
+def test_an_epoch_that_only_ties_the_best_does_not_replace_it(store_path: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """best.pt moves only when val MRR improves: an epoch that merely ties (here every one, by a
+    val MRR held constant) leaves the earlier best, the ridge start, in place."""
+    from codejepa.predict import train as train_module
+
+    real = train_module.evaluate_table
+    monkeypatch.setattr(train_module, "evaluate_table", lambda *a, **k: {**real(*a, **k), "val_mrr": 0.25})
+    cfg = resolve_config("mlp", preset="ridge-residual", overrides={**TINY, "train.epochs": 2})
+    summary = train(store_path, cfg, tmp_path / "tied", device="cpu")
+    assert summary["best_epoch"] == 0 and summary["best_val_mrr"] == 0.25
+    assert torch.load(tmp_path / "tied" / "best.pt", weights_only=True)["epoch"] == 0
 
 
 def test_curves_draw_the_ridge_start_as_a_reference_line() -> None:
@@ -224,6 +284,10 @@ def test_input_views_are_the_signature_mean_and_last_token_and_train(store_path:
     assert best["val_mrr"] > 4 * best["val_chance_mrr"]
     p = load_predictor(run)
     assert float(p.model.view_sd.min()) > 0 and p.model.skip.in_features == 3 * p.hidden_size
+    with open_store(store_path) as st:  # the input statistics are the train split's, not val's
+        views = FeatureTable(st, st.indices("train"), feature_spec(p.config, p.stats)).sig.astype(np.float64)
+    np.testing.assert_allclose(p.model.view_mu.numpy(), views.mean(0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(p.model.view_sd.numpy(), views.std(0), rtol=1e-3, atol=1e-3)
     with open_store(store_path) as st:
         assert p.predict_pooled(st, st.indices("test")).shape == (len(st.indices("test")), st.meta.hidden_size)
     with pytest.raises(ConfigError, match="input_views"):
