@@ -220,21 +220,24 @@ def _run_notes(run_dir: Path, name: str, store: Any) -> list[str]:
     except (OSError, ValueError):
         info = {}
     info = info if isinstance(info, dict) else {}
+    from codejepa.predict.config import read_run_config
+    from codejepa.predict.train import read_log, store_values, values_differ
+
     n_train, trained_on = int((store.splits == "train").sum()), info.get("train_records", "?")
     then = info.get("store_meta") if isinstance(info.get("store_meta"), dict) else {}
-    differ = [f"{k} {then[k]} vs {getattr(store.meta, k)}" for k in ("max_tokens", "state_dtype", "shard")
-              if k in then and then[k] != getattr(store.meta, k, None)]
-    if info.get("store") and Path(str(info["store"])) != Path(store.path).resolve() and (differ or trained_on != n_train):
-        # The fingerprint (teacher, layer, template, corpus) agrees, but the window or the records differ.
-        notes.append(f"run {name} was trained on another store ({info['store']}: {trained_on} train records, this "
-                     f"one has {n_train}{'; ' + ', '.join(differ) if differ else ''}): its statistics and inputs "
-                     "are that store's, the baselines are fitted on this one")
+    # The fingerprint (teacher, layer, template, corpus) agrees; the window, the dtypes or the
+    # records may not, on another store or on this one embedded again at the same path.
+    differ = values_differ(then, store_values(store.meta))
+    other_path = bool(info.get("store")) and Path(str(info["store"])) != Path(store.path).resolve()
+    if differ or (other_path and trained_on != n_train):
+        where = (f"another store ({info['store']}: " if other_path
+                 else f"{store.path} as it was before it was embedded again (")
+        notes.append(f"run {name} was trained on {where}{trained_on} train records, this one has {n_train}"
+                     f"{'; ' + ', '.join(differ) if differ else ''}): its statistics and inputs are that "
+                     "store's, the baselines are fitted on this one")
     elif info.get("store_complete") is False:
         notes.append(f"run {name} was trained while its store was unfinished, on {trained_on} "
                      f"train records; the store now has {n_train}, and the baselines are fitted on them")
-    from codejepa.predict.config import read_run_config
-    from codejepa.predict.train import read_log
-
     try:
         events = [e for e in read_log(run_dir / "log.jsonl") if isinstance(e, dict)]
     except OSError:

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from codejepa.core import CodejepaError, atomic_write_bytes, atomic_write_json, exclusive, printable, read_json_object
 from codejepa.core import code_version as _code_version
-from codejepa.embed.store import Store, StoreError, open_store, use_split_file
+from codejepa.embed.store import Store, StoreError, StoreMeta, open_store, use_split_file
 from codejepa.predict import losses
 from codejepa.predict.batching import corpus_columns, epoch_order
 from codejepa.predict.canonical import init_score_map
@@ -294,7 +294,23 @@ def write_curves(history: list[dict[str, Any]], path: Path, title: str = "", spa
 
 
 # -- the run directory ----------------------------------------------------------------------
+def store_values(meta: StoreMeta) -> dict[str, Any]:
+    """The embedding settings outside the store's fingerprint that change its values: the
+    window (which context is cut) and the dtypes. A store embedded again at the same path with
+    other values is another store to a run's statistics and weights."""
+    return {k: getattr(meta, k) for k in ("max_tokens", "compute_dtype", "state_dtype")}
+
+
+def values_differ(then: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The embedding values (:func:`store_values`) that differ, as "name then vs now"; a value
+    ``then`` does not record (a run or statistics from before they were recorded) is not compared."""
+    return [f"{k} {then[k]} vs {v}" for k, v in now.items() if k in then and then[k] != v]
+
+
 def _store_check(run: dict[str, Any], store: Store, store_path: Path) -> None:
+    if differ := values_differ(run.get("store_meta") or {}, store_values(store.meta)):
+        raise TrainingError(f"{store_path}: embedded with other settings since this run started (run vs store: "
+                            f"{', '.join(differ)}); resume on the store it was trained on, or start a new --out")
     fp = store.fingerprint()
     if run.get("store_fingerprint") != fp:
         old = run.get("store_meta", {})
@@ -441,13 +457,15 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
         steps_per_epoch = len(train_idx) // B
         total_steps = steps_per_epoch * cfg.train.epochs
         group_keys, columns = _batch_groups(cfg, store, train_idx)
-        stats_key = {"store_fingerprint": store.fingerprint(), "train_records": int(len(train_idx)),
-                     "outlier_factor": cfg.norm.outlier_factor, "eps": cfg.norm.eps,
-                     "whiten_shrink": cfg.norm.whiten_shrink}
+        stats_key = {"store_fingerprint": store.fingerprint(), "store_values": store_values(store.meta),
+                     "train_records": int(len(train_idx)), "outlier_factor": cfg.norm.outlier_factor,
+                     "eps": cfg.norm.eps, "whiten_shrink": cfg.norm.whiten_shrink}
         stale = _stats_stale(paths["stats"], stats_key)
         need_stats = stale is not None
         if ckpt is not None and stale is not None:
             raise TrainingError(f"{paths['stats']}: {stale}; the run cannot be resumed")
+        if main and stale not in (None, "missing"):  # left by a start that was stopped before its first checkpoint
+            emit({"event": "warning", "message": f"{paths['stats']}: {stale}; fitting them again"})
         _barrier(world)
 
         # ---- run directory and train-split statistics ----
@@ -768,10 +786,13 @@ def _stats_stale(path: Path, key: dict[str, Any]) -> str | None:
         return "damaged"
     if old.get("store_fingerprint") != key["store_fingerprint"]:
         return "fitted on another store"
+    if "store_values" in old and old["store_values"] != key["store_values"]:  # older stats do not record them
+        differ = values_differ(old["store_values"], key["store_values"])
+        return f"fitted on a store embedded with other settings ({', '.join(differ)})"
     if old.get("train_records") != key["train_records"]:
         return (f"fitted on {old.get('train_records')} train records, and this store has {key['train_records']} "
                 "(another store of the same corpus and teacher, or records embedded since the run started)")
-    diff = sorted(k for k in key if old.get(k) != key[k])
+    diff = sorted(k for k in key if k != "store_values" and old.get(k) != key[k])
     return f"fitted with other settings ({', '.join(diff)})" if diff else None
 
 

@@ -50,14 +50,15 @@ def write_corpus(root: Path, store_path: Path,
     return root
 
 
-def synthetic_meta(d: int = 32, teacher: str = "synthetic/teacher") -> StoreMeta:
+def synthetic_meta(d: int = 32, teacher: str = "synthetic/teacher", max_tokens: int = 0) -> StoreMeta:
     return StoreMeta(teacher=teacher, teacher_kind="causal", hidden_size=d, layer=2, num_hidden_layers=4,
-                     template_version="synthetic-1", state_dtype="float16")
+                     template_version="synthetic-1", state_dtype="float16", max_tokens=max_tokens)
 
 
 def make_store(path: str | Path, *, d: int = 32, n_repos: int = 10, per_repo: int = 40, seed: int = 0,
                body_seed: int = 0, n_val_repos: int = 1, n_test_repos: int = 1, teacher: str = "synthetic/teacher",
-               anisotropy: float = 8.0, noise: float = 0.3, body_len: tuple[int, int] = (2, 20)) -> Path:
+               anisotropy: float = 8.0, noise: float = 0.3, body_len: tuple[int, int] = (2, 20),
+               max_tokens: int = 0) -> Path:
     path = Path(path)
     rin = np.random.default_rng([seed, 0])
     rbody = np.random.default_rng([seed, 1, body_seed])
@@ -92,7 +93,7 @@ def make_store(path: str | Path, *, d: int = 32, n_repos: int = 10, per_repo: in
                 context_span=(1, 1 + n_ctx), signature_span=(1 + n_ctx, 1 + n_ctx + n_sig),
                 body_states=body, body_token_ids=np.arange(n_body, dtype=np.int32),
             ))
-    with StoreWriter(path, synthetic_meta(d, teacher)) as w:
+    with StoreWriter(path, synthetic_meta(d, teacher, max_tokens)) as w:
         for a in range(0, len(records), 64):
             w.append(records[a : a + 64])
     return path

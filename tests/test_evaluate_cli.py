@@ -115,6 +115,12 @@ def test_trained_predictor_run_is_evaluated(ds, tmp_path: Path) -> None:
                                         plots=False).notes)
     assert f"was trained on another store (/elsewhere/s.h5: {info['train_records'] - 7} train records" in notes
     assert "max_tokens 128 vs" in notes
+    # the same path, embedded again with another window since: a note too, the path being no proof
+    (moved / "run.json").write_text(json.dumps({**info, "store_meta": meta}))
+    notes = " ".join(evaluate_retrieval(ds.store_path, [moved], baselines="none", spaces="whitened", n_boot=20,
+                                        plots=False).notes)
+    assert f"{ds.store_path} as it was before it was embedded again ({info['train_records']} train records" in notes
+    assert "max_tokens 128 vs" in notes
 
 
 def test_in_sample_and_one_repository_figures_say_so(tmp_path: Path) -> None:

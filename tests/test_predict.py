@@ -228,6 +228,31 @@ def test_transformer_learns_and_never_sees_the_body(store_path: Path, tmp_path: 
         assert np.std(pa, axis=0).mean() > 1e-3  # not a constant
 
 
+def test_a_store_embedded_again_with_other_values_is_another_store(tmp_path: Path) -> None:
+    """The fingerprint (teacher, layer, template, corpus) leaves out the window and the dtypes:
+    a store embedded again at the same path with another window must not resume a run trained
+    on the old one (its epochs would mix two stores), and statistics left by a start on the old
+    one are fitted again, with the reason said."""
+    store = make_store(tmp_path / "s.h5", n_repos=6, per_repo=20, max_tokens=256)
+    cfg = resolve_config("mlp", preset="mlp-infonce", overrides={**TINY_MLP, "train.epochs": 2,
+                                                                  "train.checkpoint_every_steps": 1})
+    train(store, cfg, tmp_path / "done", device="cpu")
+    train_killed_at(store, cfg, tmp_path / "killed", 1)
+    store.unlink()
+    make_store(store, n_repos=6, per_repo=20, max_tokens=128)
+    with pytest.raises(TrainingError, match=r"embedded with other settings since this run started "
+                                            r"\(run vs store: max_tokens 256 vs 128\)"):
+        train(store, None, tmp_path / "killed", device="cpu", resume=True)
+    fresh = tmp_path / "fresh"  # what a start stopped between its statistics and its run record leaves
+    fresh.mkdir()
+    (fresh / "stats.pt").write_bytes((tmp_path / "done" / "stats.pt").read_bytes())
+    events: list[dict] = []
+    train(store, cfg, fresh, device="cpu", on_event=events.append)
+    assert any(e["event"] == "warning" and "fitted on a store embedded with other settings (max_tokens 256 vs 128); "
+               "fitting them again" in e["message"] for e in events)
+    assert torch.load(fresh / "stats.pt", weights_only=True)["store_values"]["max_tokens"] == 128
+
+
 def test_resume_after_kill_equals_uninterrupted_and_is_deterministic(store_path: Path, tmp_path: Path) -> None:
     over = {**TINY_TF, "train.epochs": 3, "train.checkpoint_every_steps": 3, "mask.strategy": "multiblock",
             "model.dropout": 0.1}
