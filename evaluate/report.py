@@ -174,7 +174,12 @@ def _write_outputs(result: Any, out_dir: Path, *, plots: bool) -> dict[str, str]
     # The figures first, the plots after them, retrieval.json last: an interrupted write leaves
     # the ranks and the table, and retrieval.json only once everything is there. An earlier
     # evaluation's retrieval.json goes first, or it would describe the new ranks beside it.
-    (out_dir / JSON_FILE).unlink(missing_ok=True)
+    from codejepa.evaluate.plots import PROJECTION_PLOT, RANK_PLOT
+
+    # So are its plots: kept beside a --no-plots evaluation (or one without projections) they
+    # would show the earlier figures as this one's.
+    for name in (JSON_FILE, RANK_PLOT, PROJECTION_PLOT):
+        (out_dir / name).unlink(missing_ok=True)
     buf = io.BytesIO()
     np.savez_compressed(buf, __clusters__=np.asarray(result.rows[0].clusters if result.rows else [], dtype=str),
                         **{r.key: r.ranks for r in result.rows})

@@ -292,3 +292,13 @@ def test_a_cut_rewrite_leaves_no_older_result_beside_the_new_ranks(ds, tmp_path:
     with pytest.raises(EvaluateError, match="cannot write the results"):
         evaluate_retrieval(ds.store_path, baselines="random,prototype", spaces="raw", n_boot=10, out_dir=out)
     assert (out / "ranks.npz").is_file() and not (out / "retrieval.json").exists()
+
+
+def test_an_evaluation_without_plots_removes_the_earlier_ones(ds, tmp_path: Path) -> None:
+    """Plots left from an earlier evaluation into the same --out would read as this one's."""
+    out = tmp_path / "eval"
+    first = evaluate_retrieval(ds.store_path, baselines="prototype,ridge", spaces="whitened", n_boot=10, out_dir=out)
+    assert {Path(first.files["rank_plot"]).name, Path(first.files["projection_plot"]).name} <= \
+        {p.name for p in out.iterdir()}
+    evaluate_retrieval(ds.store_path, baselines="random", spaces="raw", n_boot=10, out_dir=out, plots=False)
+    assert sorted(p.name for p in out.iterdir()) == ["ranks.npz", "retrieval.json", "table.txt"]
