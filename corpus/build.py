@@ -359,12 +359,25 @@ def build_corpus(
     build.run(todo)
     manifest = _write_manifest(out, entries, settings)
     build.state_path.unlink(missing_ok=True)
+    _remove_unlisted(out, manifest)
     n_splits = Counter(r["split"] for r in entries if r["status"] == "ok")
     empty = [s for s in ("train", "val", "test") if n_splits[s] == 0]
     if entries and any(r["status"] == "ok" for r in entries) and empty:
         build.say(f"note: no repository landed in {', '.join(empty)} "
                   "(split is per repo, from --seed; try another seed or more repos)")
     return BuildResult(out, manifest, build.messages)
+
+
+def _remove_unlisted(out: Path, manifest: dict[str, Any]) -> None:
+    """Delete the records and index files of repositories the manifest no longer lists (dropped
+    from the sources): `grep`/`jq` over ``repos/`` would count them. Only after a build where
+    every source was built: a source that failed this time (a network error) keeps its files."""
+    if any(r["status"] not in ("ok", "duplicate") for r in manifest["repos"]):
+        return
+    listed = {r.get(k) for r in manifest["repos"] for k in ("records_file", "index_file")}
+    for p in (out / "repos").iterdir():
+        if p.is_file() and p.name.endswith((".jsonl", ".index.tsv")) and f"repos/{p.name}" not in listed:
+            p.unlink()
 
 
 def _check_out(out: Path) -> None:

@@ -178,6 +178,15 @@ def build(
         typer.echo("error: no repository could be built (a corpus already there is kept as it was)", err=True)
         raise typer.Exit(1)
     typer.echo(f"wrote {result.out_dir / 'manifest.json'}", err=True)
+    # A script (or a benchmark) must not go on with a corpus that silently lacks a source.
+    failed = [r for r in result.manifest["repos"] if r["status"] not in ("ok", "duplicate")]
+    if failed:
+        n = len(result.manifest["repos"])
+        names = ", ".join(f"{r['source']} ({r['status']})" for r in failed)
+        typer.echo(f"error: {len(failed)} of {n} sources were not built: {names}; the corpus holds the others "
+                   "(see the lines above; fix or remove those sources and run the same command again: what is "
+                   "built is resumed)", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

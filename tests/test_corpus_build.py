@@ -404,6 +404,29 @@ def test_cli_build_and_exit_codes(fixture_repo: tuple[Path, str], tmp_path: Path
     assert "Traceback" not in r.output
 
 
+def test_a_source_that_fails_is_an_error_at_the_end_and_a_dropped_one_leaves_no_files(
+        fixture_repo: tuple[Path, str], tmp_path: Path) -> None:
+    """A corpus that lacks a listed source must not pass for whole in a script (a benchmark
+    would go on without it); a repository dropped from the list leaves no records file that
+    `grep`/`jq` over repos/ would count; a source that fails this time keeps its files."""
+    repo, _ = fixture_repo
+    other = tmp_path / "other"
+    make_repo(other, {"o.py": "def o():\n    return 0\n"})
+    out = tmp_path / "c"
+    assert run_cli("build", str(repo), str(other), "--out", str(out)).exit_code == 0
+    files = sorted(p.name for p in (out / "repos").iterdir())
+    gone = tmp_path / "other.gone"
+    other.rename(gone)
+    r = run_cli("build", str(repo), str(other), "--out", str(out))
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"error: 1 of 2 sources were not built: {other} (invalid source)" in " ".join(r.output.split())
+    assert sorted(p.name for p in (out / "repos").iterdir()) == files  # kept until it builds again or is dropped
+    r = run_cli("build", str(repo), "--out", str(out))
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (out / "repos").iterdir()) == sorted(
+        Path(read_manifest(out)["repos"][0][k]).name for k in ("records_file", "index_file"))
+
+
 def test_two_sources_of_one_name_build_the_first_and_say_how_to_build_both(fixture_repo: tuple[Path, str],
                                                                             tmp_path: Path) -> None:
     repo, _ = fixture_repo
