@@ -169,9 +169,13 @@ class StoreWriter:
             old_key, new_key = existing.append_key(), meta.append_key()
             if old_key != new_key:
                 diff = {k: (v, new_key.get(k)) for k, v in old_key.items() if v != new_key.get(k)}
+                # The commonest case named in words: the corpus was built again since (a new commit,
+                # a source added or dropped), and its records are not the store's any more.
+                why = (f"its corpus {meta.corpus_dir or ''} was built again since this store was embedded from it; "
+                       if "corpus_manifest_hash" in diff else "")
                 raise StoreError(
-                    f"{self.path}: built with other settings, refusing to append "
-                    f"(stored vs requested: {diff}); use another --out"
+                    f"{self.path}: built with other settings, refusing to append ({why}"
+                    f"stored vs requested: {diff}); use another --out"
                 )
             self.f = _open_h5(self.path, "r+")
             self.meta = existing

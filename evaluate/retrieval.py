@@ -192,8 +192,7 @@ def load_runs(run_dirs: Sequence[str | os.PathLike[str]], store: Any) -> list[Lo
         if p.store_fingerprint != fp:
             raise EvaluateError(
                 f"{rd}: trained against store fingerprint {str(p.store_fingerprint)[:12]}…, but {store.path} "
-                f"is {fp[:12]}… (other teacher, layer, template, target mode, corpus or --splits file); "
-                "evaluate it on the store and split it was trained on"
+                f"is {fp[:12]}… ({_mismatch(rd, store)}); evaluate it on the store and split it was trained on"
             )
         name = str(p.name)
         if name in names or name in parse_baselines("all") or name.endswith(RESERVED_SUFFIXES):
@@ -207,6 +206,26 @@ def load_runs(run_dirs: Sequence[str | os.PathLike[str]], store: Any) -> list[Lo
             "checkpoint_sha256": _checkpoint_hashes(rd), "notes": _run_notes(rd, name, store),
         }))
     return runs
+
+
+def _mismatch(run_dir: Path, store: Any) -> str:
+    """What differs between the store a run was trained on (its run.json) and ``store``, in words."""
+    from codejepa.embed.store import StoreMeta
+
+    generic = "other teacher, layer, template, target mode, corpus or --splits file"
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+        then = StoreMeta.from_json(json.dumps(info["store_meta"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return generic
+    now_key, then_key = store.meta.compatibility_key(), then.compatibility_key()
+    if then_key != now_key:
+        return "run vs store: " + ", ".join(f"{k} {then_key[k]} vs {v}" for k, v in now_key.items() if then_key[k] != v)
+    run_split = (info.get("splits") or {}).get("file") if isinstance(info.get("splits"), dict) else None
+    own = "the store's own split"
+    there = f"--splits {run_split}" if run_split else own
+    here = "uses another --splits file" if store.split_key is not None else f"has no --splits ({own})"
+    return f"the same store, another split: the run was trained with {there}, this evaluation {here}"
 
 
 def _run_notes(run_dir: Path, name: str, store: Any) -> list[str]:

@@ -138,8 +138,11 @@ def test_refuses_other_settings_and_foreign_files(tmp_path: Path) -> None:
         w.append([rec(0)])
     for other in (meta(layer=3), meta(teacher="u"), meta(template_version="2"), meta(compute_dtype="bfloat16"),
                   meta(shard="1/2"), meta(max_tokens=99)):
-        with pytest.raises(StoreError, match="refusing to append"):
+        with pytest.raises(StoreError, match="refusing to append") as e:
             StoreWriter(p, other)
+        assert "built again" not in str(e.value)
+    with pytest.raises(StoreError, match="its corpus /c was built again since this store was embedded from it"):
+        StoreWriter(p, meta(corpus_dir="/c", corpus_manifest_hash="rebuilt"))
     with StoreWriter(p, meta(code_version="later")) as w:  # same settings: resumes
         assert w.committed == 1
     (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all" * 10)

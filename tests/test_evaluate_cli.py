@@ -89,7 +89,8 @@ def test_trained_predictor_run_is_evaluated(ds, tmp_path: Path) -> None:
     assert any(c["a"] == f"{name}@whitened" for c in data["comparisons"])
     # A run trained on another store is refused with one clear line.
     other = make_dataset(tmp_path, name="other")
-    with pytest.raises(EvaluateError, match="trained against store fingerprint"):
+    with pytest.raises(EvaluateError, match="trained against store fingerprint .*run vs store: template_version "
+                                            "synthetic-store vs synthetic-other"):
         evaluate_retrieval(other.store_path, [run], baselines="none")
     r = runner.invoke(app, ["evaluate", "retrieval", str(other.store_path), "--run", str(run), "--baselines", "none"])
     assert r.exit_code == 1 and "trained against store fingerprint" in r.output
