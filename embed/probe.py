@@ -280,26 +280,12 @@ def compute_probe_view(
     loaded at its layer and checked against the store's weight hash. ``max_chunks`` stops
     after that many chunks (tests of resumption)."""
 
-    from codejepa.embed.run import (
-        DEFAULT_BATCH_TOKENS,
-        EmbedError,
-        check_sizes,
-        parse_shard,
-        shard_path,
-    )
-    from codejepa.embed.teacher import open_teacher
+    from codejepa.embed.run import DEFAULT_BATCH_TOKENS, shard_path
 
     t0 = time.perf_counter()
     emit = progress or (lambda _e, _i: None)
-    path = Path(out) if out is not None else default_probe_path(store_path)
-    if settings.seed < 0:
-        raise ProbeError(f"--seed {settings.seed}: expected a non-negative integer")
-    try:
-        check_sizes(None, settings.batch_tokens)
-        shard = settings.shard or parse_shard(None) or (0, 1)
-    except EmbedError as e:  # a bad batch size, or RANK/WORLD_SIZE set to nonsense
-        raise ProbeError(str(e)) from None
-    path = shard_path(path, *shard)
+    shard = _checked_shard(settings)
+    path = shard_path(Path(out) if out is not None else default_probe_path(store_path), *shard)
     try:
         store = open_store(store_path)
     except StoreError as e:
@@ -318,12 +304,7 @@ def compute_probe_view(
         # A shard's share is fixed by the store's size now; a whole view follows the store as it grows.
         start, stop = (0, -1) if shard[1] == 1 else (shard[0] * len(store) // shard[1], (shard[0] + 1) * len(store) // shard[1])
         end = len(store) if stop < 0 else stop
-        if teacher is None:
-            teacher = open_teacher(settings.teacher or smeta.teacher, layer=smeta.layer,
-                                   device=settings.device, dtype=settings.dtype)
-        if teacher.weights_hash != smeta.weights_hash or teacher.layer != smeta.layer:
-            raise ProbeError(f"teacher {teacher.name} (layer {teacher.layer}) is not the one {store.path} was embedded "
-                             f"with ({smeta.teacher}, layer {smeta.layer}, weights {smeta.weights_hash[:12]})")
+        teacher = _store_teacher(store, settings, teacher)
         meta = ProbeMeta(
             store_fingerprint=smeta.fingerprint(), teacher=smeta.teacher, weights_hash=smeta.weights_hash,
             layer=smeta.layer, hidden_size=smeta.hidden_size, n_probes=settings.n_probes,
@@ -368,6 +349,33 @@ def compute_probe_view(
     result.seconds = time.perf_counter() - t0
     emit("done", {"records": result.records, "written": result.written})
     return result
+
+
+def _checked_shard(settings: ProbeSettings) -> tuple[int, int]:
+    """The shard (I, N) this call computes, once the settings are checked."""
+    from codejepa.embed.run import EmbedError, check_sizes, parse_shard
+
+    if settings.seed < 0:
+        raise ProbeError(f"--seed {settings.seed}: expected a non-negative integer")
+    try:
+        check_sizes(None, settings.batch_tokens)
+        return settings.shard or parse_shard(None) or (0, 1)
+    except EmbedError as e:  # a bad batch size, or RANK/WORLD_SIZE set to nonsense
+        raise ProbeError(str(e)) from None
+
+
+def _store_teacher(store: Store, settings: ProbeSettings, teacher: Any) -> Any:
+    """The teacher the store was embedded with, at its layer (loaded unless given), or a ProbeError."""
+    from codejepa.embed.teacher import open_teacher
+
+    smeta = store.meta
+    if teacher is None:
+        teacher = open_teacher(settings.teacher or smeta.teacher, layer=smeta.layer,
+                               device=settings.device, dtype=settings.dtype)
+    if teacher.weights_hash != smeta.weights_hash or teacher.layer != smeta.layer:
+        raise ProbeError(f"teacher {teacher.name} (layer {teacher.layer}) is not the one {store.path} was embedded "
+                         f"with ({smeta.teacher}, layer {smeta.layer}, weights {smeta.weights_hash[:12]})")
+    return teacher
 
 
 def _sequences(inputs: Sequence[tuple[np.ndarray, np.ndarray]], probes: Sequence[np.ndarray], window: int, *,
