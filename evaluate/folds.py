@@ -90,59 +90,19 @@ def pool_folds(eval_dirs: Sequence[str | Path], *, compare: Sequence[tuple[str, 
     if len(eval_dirs) < 2:
         raise EvaluateError("pooling needs the evaluations of at least two folds")
     check_n_boot(n_boot)
-    folds, all_ranks, all_clusters, notes = [], [], [], []
-    seen_repos: dict[str, str] = {}
-    kinds: set[tuple[str, str]] = set()
-    stores: dict[str, str] = {}  # store file sha256 → first fold evaluated on it
+    folds, all_ranks, all_clusters = [], [], []
+    together = _OneCrossValidation()
     keys: set[str] | None = None
-    first_how: tuple[dict[str, Any], str] | None = None
-    cv: dict[tuple[Any, ...], list[int]] = {}  # (folds, seed, corpus) → the fold numbers pooled
     for d in map(Path, eval_dirs):
         data, ranks, clusters = _load_fold(d)
-        split_key = (data.get("store") or {}).get("splits")
-        if not split_key:
-            raise EvaluateError(f"{d}: evaluated on the store's own split; evaluate each fold with --splits "
-                                "(a file of `codejepa corpus folds`)")
-        kinds.add((str(data["settings"].get("split")), str(data["pool"].get("label"))))
-        how = {k: data["settings"].get(k) for k in SAME_SETTINGS}
-        if first_how is None:
-            first_how = (how, str(d))
-        elif diff := sorted(k for k in SAME_SETTINGS if how[k] != first_how[0][k]):
-            raise EvaluateError(f"{d} was evaluated with other settings than {first_how[1]} "
-                                f"({', '.join(f'{k}: {how[k]} vs {first_how[0][k]}' for k in diff)}): "
-                                "pool evaluations made with the same options")
-        stores.setdefault(str(data["store"].get("file_sha256")), str(d))
-        if len(stores) > 1:
-            raise EvaluateError(f"{d} was evaluated on another store than {next(iter(stores.values()))}: "
-                                "the folds of one cross-validation share one store")
-        for repo in np.unique(clusters):
-            if repo in seen_repos:
-                raise EvaluateError(f"repository {repo} is tested in two folds ({seen_repos[repo]} and {d}): "
-                                    "pool the folds of one cross-validation")
-            seen_repos[repo] = str(d)
-        sf = data["settings"].get("split_file")  # absent in evaluations older than the record
-        if isinstance(sf, dict):
-            cv.setdefault((sf.get("folds"), sf.get("seed"), sf.get("corpus_fingerprint")), []).append(sf.get("fold"))
-            if len(cv) > 1:
-                got = "; ".join(f"{k[0]} folds, seed {k[1]}" for k in cv)
-                raise EvaluateError(f"{d}: its split file comes from another cross-validation than the folds before "
-                                    f"it ({got}, or another corpus): pool the folds of one `corpus folds`")
+        together.add(d, data, clusters)
         all_ranks.append(ranks)
         all_clusters.append(clusters)
         keys = set(ranks) if keys is None else keys & set(ranks)
-        folds.append({"dir": str(d), "split_key": split_key, "notes": data.get("notes", []),
+        folds.append({"dir": str(d), "split_key": data["store"]["splits"], "notes": data.get("notes", []),
                       "n_queries": int(len(clusters)), "n_repos": int(len(np.unique(clusters))),
                       "pool": data["pool"].get("label"), "mean_pool_size": data["pool"].get("mean_pool_size")})
-    if len(kinds) > 1:
-        raise EvaluateError(f"the folds were evaluated differently (query split, pool): {sorted(kinds)}")
-    if len(cv) == 1:
-        (k, _, _), pooled = next(iter(cv.items()))
-        if isinstance(k, int) and (left := sorted(set(range(k)) - set(pooled))):
-            notes.append(f"folds {', '.join(map(str, left))} of the {k} are not pooled: the table covers "
-                         f"{len(pooled)} of {k} folds' test repositories")
-    if len(cv) != 1 or sum(map(len, cv.values())) != len(folds):
-        notes.append("some evaluations do not record their split file's cross-validation (made by an older "
-                     "codejepa): that the folds belong together was checked by their repositories only")
+    notes = together.notes(len(folds))
     assert keys is not None
     dropped = sorted(set().union(*map(set, all_ranks)) - keys)
     if dropped:
@@ -169,6 +129,63 @@ def pool_folds(eval_dirs: Sequence[str | Path], *, compare: Sequence[tuple[str, 
                    and by_key[b].metrics[m].low <= by_key[a].metrics[m].high for m in ("rank@1", "mrr")}
         comparisons.append({"a": a, "b": b, "results": [c.to_json() for c in res], "cis_overlap": overlap})
     return PooledResult(folds, rows, comparisons, notes)
+
+
+class _OneCrossValidation:
+    """The checks that the evaluations pooled are the folds of one cross-validation: each on
+    its own split file, with the same options, store, query split and pool kind, no repository
+    tested twice, their split files from one `corpus folds`."""
+
+    def __init__(self) -> None:
+        self.seen_repos: dict[str, str] = {}
+        self.kinds: set[tuple[str, str]] = set()
+        self.stores: dict[str, str] = {}  # store file sha256 → first fold evaluated on it
+        self.first_how: tuple[dict[str, Any], str] | None = None
+        self.cv: dict[tuple[Any, ...], list[int]] = {}  # (folds, seed, corpus) → the fold numbers pooled
+
+    def add(self, d: Path, data: dict[str, Any], clusters: np.ndarray) -> None:
+        if not (data.get("store") or {}).get("splits"):
+            raise EvaluateError(f"{d}: evaluated on the store's own split; evaluate each fold with --splits "
+                                "(a file of `codejepa corpus folds`)")
+        self.kinds.add((str(data["settings"].get("split")), str(data["pool"].get("label"))))
+        if len(self.kinds) > 1:
+            raise EvaluateError(f"the folds were evaluated differently (query split, pool): {sorted(self.kinds)}")
+        how = {k: data["settings"].get(k) for k in SAME_SETTINGS}
+        if self.first_how is None:
+            self.first_how = (how, str(d))
+        elif diff := sorted(k for k in SAME_SETTINGS if how[k] != self.first_how[0][k]):
+            raise EvaluateError(f"{d} was evaluated with other settings than {self.first_how[1]} "
+                                f"({', '.join(f'{k}: {how[k]} vs {self.first_how[0][k]}' for k in diff)}): "
+                                "pool evaluations made with the same options")
+        self.stores.setdefault(str(data["store"].get("file_sha256")), str(d))
+        if len(self.stores) > 1:
+            raise EvaluateError(f"{d} was evaluated on another store than {next(iter(self.stores.values()))}: "
+                                "the folds of one cross-validation share one store")
+        for repo in np.unique(clusters):
+            if repo in self.seen_repos:
+                raise EvaluateError(f"repository {repo} is tested in two folds ({self.seen_repos[repo]} and {d}): "
+                                    "pool the folds of one cross-validation")
+            self.seen_repos[repo] = str(d)
+        sf = data["settings"].get("split_file")  # absent in evaluations older than the record
+        if isinstance(sf, dict):
+            self.cv.setdefault((sf.get("folds"), sf.get("seed"), sf.get("corpus_fingerprint")), []).append(sf.get("fold"))
+            if len(self.cv) > 1:
+                got = "; ".join(f"{k[0]} folds, seed {k[1]}" for k in self.cv)
+                raise EvaluateError(f"{d}: its split file comes from another cross-validation than the folds before "
+                                    f"it ({got}, or another corpus): pool the folds of one `corpus folds`")
+
+    def notes(self, n_folds: int) -> list[str]:
+        """What the pooled table must say: folds left out, folds whose cross-validation is unrecorded."""
+        notes = []
+        if len(self.cv) == 1:
+            (k, _, _), pooled = next(iter(self.cv.items()))
+            if isinstance(k, int) and (left := sorted(set(range(k)) - set(pooled))):
+                notes.append(f"folds {', '.join(map(str, left))} of the {k} are not pooled: the table covers "
+                             f"{len(pooled)} of {k} folds' test repositories")
+        if len(self.cv) != 1 or sum(map(len, self.cv.values())) != n_folds:
+            notes.append("some evaluations do not record their split file's cross-validation (made by an older "
+                         "codejepa): that the folds belong together was checked by their repositories only")
+        return notes
 
 
 def folds_table(res: PooledResult, drop: Collection[str] = ()) -> Table:

@@ -333,7 +333,11 @@ def test_folds_train_evaluate_and_pool_over_every_repository(cv, tmp_path: Path)
     (other / "retrieval.json").write_text(json.dumps(data))
     with pytest.raises(EvaluateError, match="other settings than .*ridge_input: context vs signature"):
         pool_folds([evals[0], other])
-    data["settings"]["ridge_input"], data["pool"]["n_queries"] = "signature", 3  # ranks of another evaluation
+    data["settings"]["ridge_input"], data["settings"]["split"] = "signature", "val"  # val queries beside test ones
+    (other / "retrieval.json").write_text(json.dumps(data))
+    with pytest.raises(EvaluateError, match=r"evaluated differently \(query split, pool\)"):
+        pool_folds([evals[0], other])
+    data["settings"]["split"], data["pool"]["n_queries"] = "test", 3  # ranks of another evaluation
     (other / "retrieval.json").write_text(json.dumps(data))
     with pytest.raises(EvaluateError, match="ranks.npz: damaged .*queries, and retrieval.json says 3"):
         pool_folds([evals[0], other])
