@@ -65,7 +65,9 @@ def plot_rank_distribution(data: dict[str, Any], rows: list[Any], out_dir: Path)
     fig, axes = plt.subplots(1, len(spaces), figsize=(6.4 * len(spaces), 5.2 + 0.2 * n_lines),
                              squeeze=False, sharey=True)
     max_rank = max(int(r.ranks.max()) for r in rows)
-    ks = np.unique(np.logspace(0, np.log10(max(max_rank, 2)), 200).astype(int))
+    # rounded, not truncated: logspace's last value can fall just short of max_rank (39.99… for 40), and a
+    # truncated grid then ends one rank early, so the curve never reaches the queries ranked last
+    ks = np.unique(np.rint(np.logspace(0, np.log10(max(max_rank, 2)), 200)).astype(int))
     # A method and its derived rows (NAME+csls, NAME+bm25, NAME+csls+bm25, …+sib) share a colour and
     # differ in line style, so that twenty rows need ten colours, not twenty.
     bases = list(dict.fromkeys(_base(r.method) for r in rows))

@@ -105,9 +105,9 @@ def build_task(
     query_idx = np.asarray(query_idx, dtype=np.int64)
     if len(query_idx) == 0:
         raise EvaluateError(f"the {split} split has no records in this store")
-    cand_idx = np.asarray(all_idx if pool.kind == "all" else query_idx, dtype=np.int64)
     if pool.kind == "all" and all_idx is None:
         raise EvaluateError("pool 'all' needs the whole corpus's record indices")
+    cand_idx = np.asarray(all_idx if pool.kind == "all" else query_idx, dtype=np.int64)
     cand_labels = np.asarray(labels, dtype=object)[cand_idx]
     groups, label_to_group = Groups.from_labels(np.arange(len(cand_idx)), cand_labels)
     qlabels = np.asarray(labels, dtype=object)[query_idx]

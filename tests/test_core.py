@@ -35,6 +35,14 @@ def test_cached_sha256_reads_a_file_once_and_again_when_it_changes(tmp_path: Pat
     (tmp_path / "cache" / "file-hashes.json").write_text("{not json")
     assert core.cached_sha256_file(f) == hashlib.sha256(b"abc" * 1000 + b"more").hexdigest()
     assert len(reads) == 3
+    (tmp_path / "cache" / "file-hashes.json").write_text("[]")  # JSON, but not the cache's shape
+    assert core.cached_sha256_file(f) == hashlib.sha256(b"abc" * 1000 + b"more").hexdigest()
+    assert len(reads) == 4
+    # rewritten in place at the same size (a store re-embedded): the new mtime says it changed
+    st = f.stat()
+    f.write_bytes(b"xyz" * 1000 + b"more")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert core.cached_sha256_file(f) == hashlib.sha256(b"xyz" * 1000 + b"more").hexdigest()
     if os.geteuid() != 0:  # root writes anywhere
         (tmp_path / "cache").chmod(0o500)
         try:
@@ -61,6 +69,34 @@ def test_cached_sha256_keeps_what_a_concurrent_run_added_meanwhile(tmp_path: Pat
     assert core.cached_sha256_file(f) == hashlib.sha256(b"abc").hexdigest()
     cache = core._read_hash_cache(cache_file)
     assert cache["other|1|1"] == "feed" and hashlib.sha256(b"abc").hexdigest() in cache.values()
+
+
+def test_the_hash_cache_waits_for_a_concurrent_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two evaluations hashing at once share the cache file: the second waits for the first's
+    lock (held only to merge the entries) instead of failing with Busy."""
+    import threading
+
+    monkeypatch.setenv("CODEJEPA_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    f = tmp_path / "store.h5"
+    f.write_bytes(b"abc")
+    held, release = threading.Event(), threading.Event()
+
+    def other_run() -> None:
+        with core.exclusive(tmp_path / "cache" / "file-hashes.json.lock", "the hash cache"):
+            held.set()
+            release.wait(5)
+
+    t = threading.Thread(target=other_run)
+    t.start()
+    assert held.wait(5)
+    threading.Timer(0.2, release.set).start()
+    try:
+        assert core.cached_sha256_file(f) == hashlib.sha256(b"abc").hexdigest()
+    finally:
+        release.set()
+        t.join()
+    assert hashlib.sha256(b"abc").hexdigest() in core._read_hash_cache(tmp_path / "cache" / "file-hashes.json").values()
 
 
 def test_error_line_names_the_file_and_the_kind_of_os_error(tmp_path: Path) -> None:
@@ -136,6 +172,26 @@ def test_atomic_writes_honour_the_umask_like_files_written_in_place(tmp_path: Pa
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "c.bin").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_failed_atomic_write_leaves_no_temp_file_behind(tmp_path: Path) -> None:
+    """A write that fails at the rename (here: a folder in the way) must not leave its hidden
+    temp file: resumed runs retry, and each try would leave one more (a store-sized one for a checkpoint)."""
+    (tmp_path / "out.json").mkdir()
+    (tmp_path / "out.json" / "keep").write_text("x")
+    with pytest.raises(OSError):
+        core.atomic_write_json(tmp_path / "out.json", {"x": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+def test_a_json_file_of_another_shape_is_one_error_line(tmp_path: Path) -> None:
+    """A run's config.json holding a list (hand-edited, or another tool's file) is refused in one line
+    that says what to do, instead of a traceback from the code that reads its keys."""
+    p = tmp_path / "config.json"
+    p.write_text("[1, 2]")
+    with pytest.raises(core.CodejepaError, match=r"a damaged run config \(not a JSON object\); start anew") as e:
+        core.read_json_object(p, "run config", core.CodejepaError, "start anew")
+    assert "\n" not in str(e.value)
 
 
 def test_exclusive_refuses_a_second_holder_at_once(tmp_path: Path) -> None:

@@ -95,3 +95,43 @@ def test_ctrl_c_says_the_work_is_kept(tmp_path: Path, monkeypatch: pytest.Monkey
     for args in (["embed", "run", str(tmp_path), "--out", str(tmp_path / "s.h5")], ["embed", "probe", str(tmp_path / "s.h5")]):
         r = runner.invoke(app, args)
         assert r.exit_code == 130 and "interrupted: every committed batch is kept" in r.stderr, r.output
+
+
+def test_every_run_and_probe_flag_reaches_the_embedder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flag `embed run` or `embed probe` parses but does not pass on would embed another store
+    than asked (in-context targets for --targets body-only, float16 for --store-dtype float32,
+    other probe bodies for --seed), silently."""
+    import codejepa.embed.run as run_mod
+    from codejepa.core import CodejepaError
+
+    seen = {}
+
+    def capture(corpus_dir, out, settings, progress=None):  # noqa: ANN001, ANN202
+        seen.update(corpus=corpus_dir, out=out, settings=settings)
+        raise CodejepaError("captured")
+
+    monkeypatch.setattr(run_mod, "embed_corpus", capture)
+    r = runner.invoke(app, ["embed", "run", str(tmp_path), "--out", str(tmp_path / "s.h5"), "--teacher", "some/model",
+                            "--layer", "-2", "--device", "cpu", "--dtype", "float32", "--max-tokens", "64",
+                            "--batch-tokens", "512", "--shard", "1/3", "--split", "val,test", "--targets", "body-only",
+                            "--store-dtype", "float32"])
+    assert r.exit_code == 1 and "captured" in r.stderr, r.output
+    s = seen["settings"]
+    assert (seen["corpus"], seen["out"]) == (tmp_path, tmp_path / "s.h5")
+    assert (s.teacher, s.layer, s.device, s.dtype, s.max_tokens, s.batch_tokens, s.shard, s.splits, s.target_mode,
+            s.store_dtype) == ("some/model", -2, "cpu", "float32", 64, 512, (1, 3), ("val", "test"), "body_only", "float32")
+    import codejepa.embed.probe as probe_mod
+
+    def capture_probe(store, out, settings, progress=None):  # noqa: ANN001, ANN202
+        seen.update(store=store, out=out, settings=settings)
+        raise CodejepaError("captured")
+
+    monkeypatch.setattr(probe_mod, "compute_probe_view", capture_probe)
+    r = runner.invoke(app, ["embed", "probe", str(tmp_path / "s.h5"), "--out", str(tmp_path / "p.h5"), "--probes", "3",
+                            "--seed", "11", "--splits", str(tmp_path / "f.json"), "--teacher", "some/model",
+                            "--device", "cpu", "--dtype", "float32", "--batch-tokens", "256", "--shard", "0/2"])
+    assert r.exit_code == 1 and "captured" in r.stderr, r.output
+    p = seen["settings"]
+    assert (seen["store"], seen["out"]) == (tmp_path / "s.h5", tmp_path / "p.h5")
+    assert (p.n_probes, p.seed, p.splits, p.teacher, p.device, p.dtype, p.batch_tokens, p.shard) == \
+        (3, 11, str(tmp_path / "f.json"), "some/model", "cpu", "float32", 256, (0, 2))

@@ -93,6 +93,10 @@ def test_cut_model_equals_uncut_hidden_states(which: str, qwen_dir: Path, tmp_pa
 
             norm = AutoModel.from_pretrained(path, local_files_only=True).norm
             assert (norm(got) - hs[layer]).abs().max() > 1e-2
+        if which == "qwen2" and layer == 1:  # uncut (the fallback for an unknown final norm): the same index
+            whole = Teacher(ref, layer=layer, device="cpu", dtype="float32", cut=False)
+            assert not whole.cut and len(whole.model.layers) == n_layers
+            torch.testing.assert_close(whole.forward(ids, mask), hs[layer], rtol=0, atol=1e-6)
 
 
 def test_teacher_kinds_and_hashes(qwen_dir: Path, tmp_path: Path) -> None:
@@ -136,3 +140,39 @@ def test_hf_cache_name_resolves_offline_to_the_snapshot(qwen_dir: Path, tmp_path
     # in the cache the weights hash comes from the blob names (no 6 GB re-read)
     direct = Teacher(resolve_teacher(str(qwen_dir)), device="cpu")
     assert t.weights_hash == direct.weights_hash
+
+
+def test_teacher_kind_from_the_config() -> None:
+    """The kind decides the template (a causal teacher reads the body after its inputs; a
+    bidirectional one would see the body from the inputs' positions): GPT-2-style LMHeadModel
+    architectures and decoder configs are causal, as is an architecture-less causal model_type."""
+    from types import SimpleNamespace as NS
+
+    assert teacher_kind(NS(architectures=["GPT2LMHeadModel"])) == "causal"
+    assert teacher_kind(NS(architectures=["Qwen2ForCausalLM"])) == "causal"
+    assert teacher_kind(NS(architectures=["BertModel"], is_decoder=True)) == "causal"
+    assert teacher_kind(NS(architectures=["BertModel"])) == "bidirectional"
+    assert teacher_kind(NS(model_type="llama")) == "causal" and teacher_kind(NS(model_type="bert")) == "bidirectional"
+
+
+def test_auto_dtype_is_bfloat16_on_cpu_only_where_the_cpu_has_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Emulated bf16 on an older CPU is slower than fp32 and rounds the stored states for nothing."""
+    import codejepa.embed.teacher as teacher_mod
+
+    for has, want in ((False, "float32"), (True, "bfloat16")):
+        monkeypatch.setattr(teacher_mod, "_cpu_has_bf16", lambda has=has: has)
+        assert teacher_mod.resolve_dtype("auto", "cpu") == want
+        assert teacher_mod.resolve_dtype("float16", "cpu") == "float16"  # an explicit choice is kept
+
+
+def test_the_weights_hash_ignores_training_args(qwen_dir: Path, tmp_path: Path) -> None:
+    """training_args.bin (the Trainer's settings, not weights) differs between uploads of the same
+    weights: hashing it would refuse a store for a teacher that computes the same states."""
+    import shutil
+
+    from codejepa.embed.teacher import _hash_weights
+
+    copy = tmp_path / "copy"
+    shutil.copytree(qwen_dir, copy)
+    (copy / "training_args.bin").write_bytes(b"trainer settings")
+    assert _hash_weights(copy) == _hash_weights(qwen_dir)

@@ -100,10 +100,36 @@ def test_oracles_rank_as_ceilings(store) -> None:
     (refit,) = learning_curve(x, views["body"], store.repos, store.indices("train"), store.indices("val"),
                               store.indices("test"), (1.0,))
     assert refit["rank1"] == pytest.approx(res["ridge"]["rank1"]) and refit["n_train"] == res["train_records"]
+    assert refit["draws"] == 1  # every draw of all the repositories is the same fit
+    # a subset's point is ridge and whitening refitted on that subset's records alone
+    train, names = store.indices("train"), np.unique(store.repos[store.indices("train")])
+    (half,) = learning_curve(x, views["body"], store.repos, train, store.indices("val"), store.indices("test"), (0.5,),
+                             seeds=1)
+    sub = train[np.isin(store.repos[train], np.random.default_rng(0).choice(names, half["repos"], replace=False))]
+    (own,) = learning_curve(x, views["body"], store.repos, sub, store.indices("val"), store.indices("test"), (1.0,))
+    assert half["n_train"] == own["n_train"] == len(sub) < len(train)
+    assert (half["rank1"], half["mrr"]) == pytest.approx((own["rank1"], own["mrr"]))
+    # token means come from the train bodies only: the oracle must not read the test bodies' own states
+    body = pass_tokens(store, "targets")
+    in_train = np.isin(body.records, train) & ~body.special
+    assert res["token_ids_seen_in_train_bodies"] == len(np.unique(body.ids[in_train]))
     # fractions that round to one repository count are measured once
     same = learning_curve(x, views["body"], store.repos, store.indices("train"), store.indices("val"),
                           store.indices("test"), (1.0, 0.999), seeds=1)
     assert [p["fraction"] for p in same] == [1.0]
+
+
+def test_inputs_are_standardised_with_train_statistics() -> None:
+    """Ridge's inputs are scaled with the train split's mean and spread: statistics of the query
+    split would leak it into the fit."""
+    from codejepa.evaluate.ceilings import _standardise
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 3)) * 2 + 1
+    x[30:] += 50.0  # the query split, far away
+    z = _standardise(x, np.arange(30))
+    np.testing.assert_allclose(z[:30].mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(z[:30].std(0), 1, atol=1e-4)
 
 
 def test_bad_requests_are_one_line_errors(store, tmp_path: Path) -> None:

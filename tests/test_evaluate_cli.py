@@ -58,6 +58,7 @@ def test_cli_errors_are_one_line(ds, tmp_path: Path) -> None:
     for args in (["evaluate", "retrieval", str(tmp_path / "nope.h5")],
                  ["evaluate", "retrieval", str(ds.store_path), "--space", "curved"],
                  ["evaluate", "retrieval", str(ds.store_path), "--compare", "just-one"],
+                 ["evaluate", "retrieval", str(ds.store_path), "--compare", "ridge@raw,"],  # B left empty
                  ["evaluate", "compare", str(tmp_path), "a@raw", "b@raw"]):
         r = runner.invoke(app, args)
         assert r.exit_code == 1, (args, r.output)
@@ -223,16 +224,17 @@ def test_damaged_outputs_are_one_line_naming_the_file(ds, tmp_path: Path) -> Non
     saved = good / "ranks.npz"
     with np.load(saved) as z:
         arrays = {k: z[k] for k in z.files}
-    npy, pickled, no_clusters, short = io.BytesIO(), io.BytesIO(), io.BytesIO(), io.BytesIO()
+    npy, pickled, no_clusters, short, zero = io.BytesIO(), io.BytesIO(), io.BytesIO(), io.BytesIO(), io.BytesIO()
     np.save(npy, arrays["prototype@raw"])
     np.savez(pickled, **arrays, extra=np.array([{"a": 1}], dtype=object))
     np.savez(no_clusters, **{k: v for k, v in arrays.items() if k != "__clusters__"})
     np.savez(short, **arrays | {"prototype@raw": arrays["prototype@raw"][:-1]})
+    np.savez(zero, **arrays | {"prototype@raw": arrays["prototype@raw"] - 1})  # 0-based: a 1/0 in the MRR
     damaged_ranks = {
         "truncated": saved.read_bytes()[:200], "random": np.random.default_rng(0).bytes(3000),
         "empty": b"",  # np.load raises EOFError, which click turns into a bare "Aborted."
         "npy": npy.getvalue(), "pickled": pickled.getvalue(), "no_clusters": no_clusters.getvalue(),
-        "short": short.getvalue(),
+        "short": short.getvalue(), "zero": zero.getvalue(),
     }
     folds = [fold_eval(tmp_path / f"k{k}", [f"r{k}"], k) for k in range(3)]
     for name, blob in damaged_ranks.items():
@@ -250,12 +252,56 @@ def test_damaged_outputs_are_one_line_naming_the_file(ds, tmp_path: Path) -> Non
     fold_eval(folds[1], ["r1"], 1)
     for blob in (b"[]", b'{"format": "codejepa-retr', b"\xff\xfe\x00", b'{"format": "other"}',
                  b'{"format": "codejepa-retrieval", "settings": [], "store": {}, "pool": {}}',
-                 b'{"format": "codejepa-retrieval", "settings": {}, "store": {}, "pool": {}}'):
+                 b'{"format": "codejepa-retrieval", "settings": {}, "store": {}, "pool": {}}',
+                 b'{"format": "codejepa-retrieval", "settings": {"split": "test"},'  # no store section
+                 b' "pool": {"label": "split", "mean_pool_size": 20.0, "n_queries": 5}}'):
         (folds[1] / "retrieval.json").write_bytes(blob)
         with pytest.raises(EvaluateError, match="damaged"):
             pool_folds(folds)
         r = runner.invoke(app, ["evaluate", "folds", *map(str, folds)])
         one_error_line(r, str(folds[1] / "retrieval.json"), "damaged")
+
+
+def test_every_retrieval_flag_reaches_the_evaluation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A flag the command parses but does not pass on evaluates something else than asked, silently:
+    each must arrive at evaluate_retrieval as given."""
+    import codejepa.evaluate.retrieval as retrieval_mod
+
+    seen: dict = {}
+
+    def capture(store, runs, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen.update(kw, store=store, runs=runs)
+        raise EvaluateError("captured")
+
+    monkeypatch.setattr(retrieval_mod, "evaluate_retrieval", capture)
+    r = runner.invoke(app, ["evaluate", "retrieval", str(tmp_path / "s.h5"), "--run", str(tmp_path / "r"),
+                            "--split", "val", "--pool", "repo", "--space", "raw", "--baselines", "ridge",
+                            "--ridge-input", "inputs", "--shrinkage", "0.3", "--n-boot", "77", "--seeds", "4,5",
+                            "--no-plots", "--bm25-query", "signature", "--no-fuse-bm25", "--no-hubness",
+                            "--no-siblings", "--noisy-of", "ridge", "--out", str(tmp_path / "o"),
+                            "--corpus", str(tmp_path / "c"), "--splits", str(tmp_path / "f.json"),
+                            "--probe", str(tmp_path / "p.h5"), "--compare", "ridge@raw,bm25@-"])
+    one_error_line(r, "captured")
+    want = {"store": tmp_path / "s.h5", "runs": [tmp_path / "r"], "split": "val", "pool": "repo", "spaces": "raw",
+            "baselines": "ridge", "ridge_input": "inputs", "whitening_shrinkage": 0.3, "n_boot": 77,
+            "pool_seeds": (4, 5), "plots": False, "bm25_query": "signature", "fuse_bm25": False,
+            "hubness_correction": False, "sibling_softmax": False, "noisy_of": "ridge", "out_dir": tmp_path / "o",
+            "corpus_dir": tmp_path / "c", "splits": tmp_path / "f.json", "probe": tmp_path / "p.h5",
+            "compare": [("ridge@raw", "bm25@-")]}
+    assert {k: seen.get(k) for k in want} == want
+
+
+def test_ctrl_c_during_an_evaluation_exits_130_saying_what_was_kept(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A script driving the evaluations tells an interrupt (130) from a failed evaluation (1)."""
+    import codejepa.evaluate.retrieval as retrieval_mod
+
+    def interrupted(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(retrieval_mod, "evaluate_retrieval", interrupted)
+    r = runner.invoke(app, ["evaluate", "retrieval", str(tmp_path / "s.h5")])
+    assert r.exit_code == 130 and "interrupted: the results were not saved" in r.output, r.output
 
 
 def test_help_lists_every_baseline_on_a_narrow_terminal() -> None:

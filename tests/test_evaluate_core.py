@@ -308,6 +308,8 @@ def test_pool_tasks_and_repo_pools() -> None:
     assert parse_pool("split", ()).kind == "split"  # seeds matter to random pools only
     all_task = build_task("test", parse_pool("all"), q_idx, repos, labels, np.arange(n))
     assert all_task.groups.n_groups == n and len(all_task.cand_idx) == n
+    with pytest.raises(EvaluateError, match="whole corpus"):  # one line, not numpy's TypeError on None
+        build_task("test", parse_pool("all"), q_idx, repos, labels)
 
 
 def test_repo_pool_ranks_match_brute_force() -> None:
@@ -464,10 +466,33 @@ def test_collapse_diagnostics() -> None:
     assert r_squared(np.repeat(x.mean(0, keepdims=True), 40, 0), x) == pytest.approx(0.0, abs=1e-12)
     h = hubness(np.array([3, 3, 3, 3, 1, 2]), 10)
     assert h["top1_winner_share"] == pytest.approx(4 / 6) and h["top10_winners_share"] == 1.0
+    assert h["distinct_winners_per_query"] == pytest.approx(3 / 6)  # candidates 0 and 4..9 never won
     low = MetricCI(0.02, 0.0, 0.05)
     assert collapse_warning("m", "raw", "split", low, {"prototype": MetricCI(0.01, 0.0, 0.03)}) is not None
     high = MetricCI(0.4, 0.3, 0.5)
     assert collapse_warning("m", "raw", "split", high, {"prototype": MetricCI(0.01, 0.0, 0.03)}) is None
+    # fewer candidates than k: the top k can take every win even if spread evenly
+    assert hubness(np.array([0, 1, 2, 0, 1, 2]), 3)["top10_share_if_uniform"] == 0.5
+    # overlapping CIs are no evidence, however high the point estimate
+    overlap = MetricCI(0.10, 0.02, 0.2)
+    assert collapse_warning("m", "raw", "split", overlap, {"prototype": MetricCI(0.01, 0.0, 0.05)}) is not None
+
+
+def test_centring_and_the_prototype_cosine_read_the_right_vectors() -> None:
+    """In a space that is already centred (space_mean given) the centred cosine is the plain one; in
+    the raw space it removes the prototype. The cosine to the prototype is the predictions' own,
+    the collapse signal, and not the targets'."""
+    from codejepa.evaluate.diagnostics import mean_cosine, vector_diagnostics
+
+    rng = np.random.default_rng(1)
+    proto = rng.standard_normal(6) * 5
+    t = proto + rng.standard_normal((50, 6))
+    p = np.repeat(proto[None], 50, 0) + 0.01 * rng.standard_normal((50, 6))  # a collapsed predictor
+    d = vector_diagnostics(p, t, p, t, proto, np.full(6, 3.0)).values
+    assert d["centred_cosine"] == pytest.approx(d["cosine_space"])
+    assert d["cosine_to_prototype_raw"] > 0.99 > d["target_cosine_to_prototype_raw"]
+    raw = vector_diagnostics(p, t, p, t, proto, None).values
+    assert raw["centred_cosine"] == pytest.approx(mean_cosine(p - proto, t - proto))
 
 
 def test_materialized_holds_a_matrix_within_its_budget_and_scores_as_the_scorer(monkeypatch: pytest.MonkeyPatch) -> None:

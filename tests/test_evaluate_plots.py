@@ -36,3 +36,33 @@ def test_a_long_title_is_wrapped_inside_a_one_panel_figure() -> None:
     box, page = t.get_window_extent(), fig.bbox
     assert page.x0 <= box.x0 and box.x1 <= page.x1, (box, page)
     plt.close(fig)
+
+
+def test_the_recall_curve_at_k_counts_the_ranks_up_to_k(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """The curve is recall@k, the share of queries ranked ≤ k (at k = 1 the table's rank@1), and the
+    chance line k / pool size: an off-by-one would draw every curve one rank low."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from codejepa.evaluate.plots import plot_rank_distribution
+
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda *a, **k: None)  # keep the figure to read its lines
+    ranks = np.array([1, 1, 2, 3, 5, 8, 13, 40])
+    row = SimpleNamespace(method="ridge", space="raw", kind="baseline", ranks=ranks,
+                          metrics={"mrr": SimpleNamespace(value=0.5), "rank@1": SimpleNamespace(value=0.25)})
+    data = {"pool": {"mean_pool_size": 50.0, "label": "split", "n_queries": 8}, "settings": {"split": "test"}}
+    path = plot_rank_distribution(data, [row], tmp_path)
+    fig = plt.gcf()
+    try:
+        assert path.is_file()
+        curve, chance = fig.axes[0].lines[:2]
+        ks = curve.get_xdata()
+        assert ks[0] == 1 and ks[-1] == 40 and curve.get_ydata()[-1] == 1.0  # the grid ends at the largest rank
+        np.testing.assert_allclose(curve.get_ydata(), [(ranks <= k).mean() for k in ks])
+        np.testing.assert_allclose(chance.get_ydata(), np.minimum(ks / 50.0, 1.0))
+    finally:
+        close(fig)

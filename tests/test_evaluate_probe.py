@@ -60,6 +60,10 @@ def test_mix_is_a_rotation_towards_the_probe_in_the_whitened_space() -> None:
     half = white.apply(mix_probe(q, p, 0.5, white))
     u = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
     np.testing.assert_allclose(u(half), u(u(qw) + u(pw)), atol=1e-5)
+    # weights that tie on val: the smaller one, so the probe is used only where it helps
+    mix = probe_mod.ProbeMix(base=lambda store, idx: q[idx], probes=p, whitened=white)
+    mix.choose(None, np.arange(4), lambda queries: 0.5)
+    assert mix.weight == 0.0 and len(mix.selection_mrr) == len(probe_mod.PROBE_WEIGHTS)
 
 
 def test_probe_rows_find_what_the_probe_knows_with_every_correction(ds, tmp_path: Path) -> None:

@@ -445,3 +445,48 @@ def test_settings_that_tie_on_val_fall_to_the_smaller_correction(ds) -> None:
         sib = res.row(name, "whitened")
         assert max(sib.settings["selection_mrr"].values()) == sib.settings["selection_mrr"]["T=0.125,beta=0.0"] == 1.0
         assert sib.settings["beta"] == 0.0, name
+
+
+def test_the_table_shows_each_figure_under_its_own_heading() -> None:
+    """The table is what a reader copies: each figure must sit under its own heading (R@5 not under
+    R@10, MRR on its 0-1 scale, the top-10 winners' share under hub top10), a narrow terminal leaves
+    out the least important columns first and says which, and a comparison's verdict reads a rank
+    difference the right way round (a lower median rank is better)."""
+    from codejepa.evaluate.report import RETRIEVAL_OPTIONAL, comparison_lines, diagnostics_table, fit_width, metrics_table
+
+    def ci(v: float, lo: float, hi: float) -> dict[str, float]:
+        return {"value": v, "ci_low": lo, "ci_high": hi}
+
+    def cells(table) -> dict[str, list[str]]:  # noqa: ANN001
+        return {c.header: list(c._cells) for c in table.columns}
+
+    chance = {"rank@1": 0.025, "recall@5": 0.125, "recall@10": 0.25, "recall@100": 1.0, "mrr": 0.107,
+              "median_rank": 20.5, "mean_rank": 20.5}
+    data = {"settings": {"split": "test"},
+            "pool": {"n_queries": 40, "n_query_repos": 4, "label": "split", "mean_pool_size": 40.0, "chance": chance},
+            "rows": [{"method": "ridge", "space": "whitened", "kind": "baseline", "warning": None,
+                      "metrics": {"rank@1": ci(0.3, 0.2, 0.4), "recall@5": ci(0.5, 0.4, 0.6),
+                                  "recall@10": ci(0.6, 0.5, 0.7), "recall@100": ci(0.9, 0.8, 1.0),
+                                  "mrr": ci(0.4, 0.3, 0.5), "median_rank": ci(3, 2, 4), "mean_rank": ci(7.3, 6, 8)},
+                      "diagnostics": {"cosine_raw": 0.8, "cosine_space": 0.5, "std_ratio_mean": 0.9},
+                      "hubness": {"top1_winner_share": 0.05, "top10_winners_share": 0.3,
+                                  "top10_share_if_uniform": 0.25}}]}
+    m = cells(metrics_table(data))
+    heads = ("method", "rank@1", "R@5", "R@10", "R@100", "MRR", "med rank", "mean rank", "cos raw", "cos space")
+    assert [m[h][1] for h in heads] == ["ridge", "30.0 [20.0, 40.0]", "50.0", "60.0", "90.0", "0.400 [0.300, 0.500]",
+                                        "3", "7.3", "0.800", "0.500"]
+    assert [m[h][0] for h in ("method", "R@5", "R@10", "MRR")] == ["chance", "12.5", "25.0", "0.107"]
+    d = cells(diagnostics_table(data))
+    assert (d["std ratio"], d["hub top1"], d["hub top10"]) == (["0.900"], ["0.050"], ["0.300"])
+    narrow = fit_width(lambda drop: metrics_table(data, drop), RETRIEVAL_OPTIONAL, Console(file=io.StringIO(), width=110))
+    shown = [c.header for c in narrow.columns]
+    gone = [h for h in RETRIEVAL_OPTIONAL if h not in shown]
+    assert "rank@1" in shown and "MRR" in shown and 0 < len(gone) < len(RETRIEVAL_OPTIONAL)
+    assert gone == list(RETRIEVAL_OPTIONAL[: len(gone)]) and ", ".join(gone) in narrow.caption
+
+    def res(metric: str, diff: float, p: float) -> dict[str, float | str]:
+        return {"metric": metric, "a": 1.0, "b": 1.0 - diff, "diff": diff, "ci_low": diff, "ci_high": diff, "p_value": p}
+
+    lines = comparison_lines({"comparisons": [{"a": "A@x", "b": "B@x", "results": [
+        res("mrr", 0.1, 0.01), res("median_rank", -2.0, 0.01), res("mean_rank", 3.0, 0.01), res("rank@1", 0.1, 0.2)]}]})
+    assert [ln.rsplit("(", 1)[1] for ln in lines] == ["A better)", "A better)", "B better)", "no significant difference)"]

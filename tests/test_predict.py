@@ -82,6 +82,72 @@ def test_config_overrides_toml_and_errors(tmp_path: Path) -> None:
         resolve_config("mlp", file=bad)
     with pytest.raises(ConfigError, match="loss is empty"):
         apply_overrides(resolve_config("mlp"), {"loss.regression": "none"}).validate()
+    with pytest.raises(ConfigError, match="loss is empty"):
+        apply_overrides(resolve_config("mlp"), {"loss.regression_weight": 0}).validate()
+
+
+def test_config_values_that_would_be_misread_are_refused() -> None:
+    """A setting is taken as written or refused: never rounded (depth 2.5 → 2), never a
+    boolean read as a count (true → 1), never a third beta dropped, and every bound that
+    training would otherwise run into (a beta of 1, a shrinkage above 1) is checked up front."""
+    cfg = resolve_config("mlp")
+    for key, value, msg in (("model.depth", 2.5, "model.depth"), ("model.depth", True, "model.depth"),
+                            ("optim.betas", "0.8,0.9,0.99", "expected 2 values"),
+                            ("optim.betas", "(0.9, 1.0)", "optim.betas"),
+                            ("norm.whiten_shrink", "1.5", "whiten_shrink")):
+        with pytest.raises(ConfigError, match=msg):
+            apply_overrides(cfg, {key: value}).validate()
+    assert apply_overrides(cfg, {"model.depth": 3.0}).model.depth == 3  # a TOML float that is a whole number
+    assert [apply_overrides(cfg, {"train.amp": v}).train.amp for v in ("on", "off", "yes", "0")] == [True, False, True, False]
+    # The transformer reads the extra input views only through a linear path: without one they would be ignored.
+    with pytest.raises(ConfigError, match="model.input_views needs"):
+        resolve_config("transformer", overrides={"model.input_views": "mean,last"})
+    assert resolve_config("transformer", overrides={"model.input_views": "mean,last",
+                                                    "model.linear_skip": "zero"}).model.input_views == ("mean", "last")
+
+
+def test_transformer_standardises_its_inputs_ignores_padding_and_predicts_at_its_mask_tokens() -> None:
+    """What no learning curve shows: input tokens are standardised with the train statistics, a
+    record's prediction does not depend on the padding its batch adds, the slots are read at the
+    K mask tokens (blocks made identity: the prediction is the mask tokens' own, whatever the
+    input), and with a linear path the mask tokens are conditioned on the pooled views."""
+    torch.manual_seed(0)
+    small = {"model.width": 16, "model.depth": 1, "model.heads": 2, "model.body_slots": 3, "model.max_input_tokens": 8}
+    d = 4
+    model = build_model(resolve_config("transformer", overrides=small), d).eval()
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(2, 5, d, generator=g)
+    seg, pos = torch.tensor([[1, 1, 2, 2, 2], [2, 2, 0, 0, 0]]), torch.tensor([[4, 3, 2, 1, 0], [1, 0, 0, 0, 0]])
+    batch = {"sig": torch.zeros(2, d), "tok": u, "tok_seg": seg, "tok_pos": pos}
+    mu, sd = torch.randn(d, generator=g), torch.rand(d, generator=g) + 0.5
+    with torch.no_grad():
+        ref = model(batch)["slots"]  # in_mu = 0, in_sd = 1
+        model.norm.in_mu.copy_(mu)
+        model.norm.in_sd.copy_(sd)
+        raw = u * sd + mu
+        torch.testing.assert_close(model({**batch, "tok": raw})["slots"], ref)
+        alone = {"sig": torch.zeros(1, d), "tok": raw[1:, :2], "tok_seg": seg[1:, :2], "tok_pos": pos[1:, :2]}
+        torch.testing.assert_close(model(alone)["slots"][0], ref[1])  # the same record without padding
+        for blk in model.blocks:
+            for lin in (blk.proj, blk.mlp[2]):
+                lin.weight.zero_()
+                lin.bias.zero_()
+        out = model({**batch, "tok": raw})["slots"]
+        want = model.out(model.ln_f(model.mask_token + model.slot_emb + model.seg_emb.weight[3]))
+        torch.testing.assert_close(out, want.expand_as(out))
+        skip = build_model(resolve_config("transformer", overrides={**small, "model.linear_skip": "zero"}), d).eval()
+        moved = skip({**batch, "sig": torch.randn(2, d, generator=g)})["slots"]
+        assert not torch.allclose(moved, skip(batch)["slots"])  # the slots read the pooled views
+
+
+def test_a_frozen_linear_path_is_not_counted_as_trained_parameters() -> None:
+    """run.json records the trainable parameters: a frozen ridge path (model.linear_trainable = false)
+    is not among them."""
+    over = {"model.mlp_hidden": "8", "model.input_views": "mean"}
+    free = build_model(resolve_config("mlp", preset="ridge-residual", overrides=over), 16)
+    frozen = build_model(resolve_config("mlp", preset="ridge-residual",
+                                        overrides={**over, "model.linear_trainable": False}), 16)
+    assert count_parameters(free) - count_parameters(frozen) == 16 * 16 + 16
 
 
 def test_slots_and_input_truncation() -> None:
@@ -190,12 +256,15 @@ def test_mlp_with_infonce_learns_instances_and_api_predicts_raw(store_path: Path
         assert stats["input_special"] == n_train and stats["input_outliers"] > 0
         # the public API: raw-space predictions on the test split retrieve their own bodies
         p = load_predictor(run)
-        assert p.store_fingerprint == st.meta.fingerprint() and p.name
+        assert p.store_fingerprint == st.meta.fingerprint() and p.name == "mlp"  # the run folder, not the preset
         test = st.indices("test")
         pred = p.predict_pooled(st, test)
         assert pred.shape == (len(test), 32) and pred.dtype == np.float32
         again = p.predict_pooled(st, test[::-1])
         assert np.allclose(again, pred[::-1], atol=1e-5)
+        # a chunk of 7 records' features at a time, batches of 3: the same predictions, each in its row
+        chunked = p.predict_pooled(st, test, chunk_bytes=7 * 32 * 4, batch_size=3)
+        assert np.allclose(chunked, pred, atol=1e-5)
         # a mask, fractional indices, a path for the store: one clear error, not wrong records
         for store_arg, idx, msg in ((st, st.splits == "test", "not a boolean mask"), (st, [1.7], "integers"),
                                     (st, [len(st)], "out of range"), (str(store_path), [0], "an open store")):
@@ -371,6 +440,14 @@ def test_checkpoints_are_data_and_code_is_refused(store_path: Path, tmp_path: Pa
         load_predictor(run)
     del ck["payload"]
     torch.save(ck, run / "best.pt")
+    # a checkpoint that is missing, or whose weights do not fit its config: one clear error each
+    with pytest.raises(PredictorError, match=r"no such checkpoint \(has an epoch of training finished"):
+        load_predictor(run, checkpoint="nope")
+    torch.save({**ck, "config": {**ck["config"], "model": {**ck["config"]["model"], "mlp_hidden": [8]}}}, run / "odd.pt")
+    with pytest.raises(PredictorError, match="weights do not fit the run's config"):
+        load_predictor(run, checkpoint="odd")
+    with open_store(store_path) as st:  # no records asked, none predicted
+        assert load_predictor(run).predict_pooled(st, np.array([], np.int64)).shape == (0, 32)
     (run / "stats.pt").write_bytes(b"not a torch file")
     with pytest.raises(PredictorError, match="stats.pt: damaged or foreign statistics file"):
         load_predictor(run)

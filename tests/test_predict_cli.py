@@ -77,6 +77,9 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
         (["--model", "mlp", "--set", "loss.smoothl1_beta=-1", "--out", str(tmp_path / "y")], "loss.smoothl1_beta"),
         (["--model", "mlp", "--config", str(binary), "--out", str(tmp_path / "y")], "not valid TOML"),
         (["--out", str(tmp_path / "empty"), "--resume"], "no run to resume here"),
+        # a preset or config file beside --resume would be silently ignored by a resume of the run's own config
+        (["--out", str(out), "--resume", "--preset", "mlp-infonce"], "--model is required"),
+        (["--out", str(out), "--resume", "--config", str(binary)], "--model is required"),
         (["--out", str(damaged), "--resume"], "a damaged run config"),
         (["--out", str(lost), "--resume"], "last.pt is missing, but log.jsonl records trained epochs"),
         (["--out", str(bad_best), "--resume"], "best.pt is damaged; last.pt (epoch 3) is intact, but the best epoch's (1)"),
@@ -116,6 +119,20 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
     assert r.exit_code == 1 and "no such store" in r.output
 
 
+def test_config_prints_what_the_file_and_the_overrides_resolve_to(tmp_path: Path) -> None:
+    """`predict config` shows the settings a training with the same flags would use: the TOML file
+    and the --set overrides included (later wins), as JSON."""
+    toml = tmp_path / "c.toml"
+    toml.write_text("[optim]\nlr = 0.01\nweight_decay = 0.5\n")
+    r = CliRunner().invoke(app, ["predict", "config", "--model", "transformer", "--config", str(toml),
+                                 "--set", "optim.lr=0.02"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads(r.stdout)
+    assert (cfg["model"]["kind"], cfg["optim"]["lr"], cfg["optim"]["weight_decay"]) == ("transformer", 0.02, 0.5)
+    r = CliRunner().invoke(app, ["predict", "config", "--set", "optim.lrr=1"])
+    assert r.exit_code == 1 and r.output.strip().startswith("error: unknown config key") and "Traceback" not in r.output
+
+
 def test_stale_statistics_say_why(tmp_path: Path) -> None:
     from codejepa.predict.train import _stats_stale
 
@@ -135,7 +152,10 @@ def test_stale_statistics_say_why(tmp_path: Path) -> None:
 def test_the_resume_hint_after_an_interrupt_can_be_pasted(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     import codejepa.predict.train as train_module
 
-    def interrupted(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+    calls: list[dict] = []
+
+    def interrupted(*_a, **k):  # noqa: ANN002, ANN003, ANN202
+        calls.append(k)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "train", interrupted)
@@ -146,6 +166,7 @@ def test_the_resume_hint_after_an_interrupt_can_be_pasted(tmp_path: Path, monkey
     r = CliRunner().invoke(app, ["predict", "train", str(store), "--model", "mlp", "--out", str(out),
                                  "--splits", str(tmp_path / "f.json")])  # the fold's file is part of the command
     assert f"--out '{out}' --splits {tmp_path / 'f.json'} --resume" in r.output.replace("\n", "")
+    assert calls[-1]["splits"] == tmp_path / "f.json"  # and the fold's split reaches the training itself
     r = CliRunner().invoke(app, ["predict", "train", str(store), "--model", "mlp", "--out", str(out)],
                            env={"WORLD_SIZE": "2", "RANK": "0"})  # under torchrun: continue under torchrun
     assert "continue with: torchrun --nproc-per-node 2 -m codejepa.cli predict train" in r.output.replace("\n", "")

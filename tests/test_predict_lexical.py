@@ -50,6 +50,12 @@ def test_offsets_are_standardised_bm25_that_find_the_shared_identifier() -> None
     assert np.allclose(sub, z[[3, 7]][:, [7, 3, 0]])
     small = LexicalOffsets(sigs, bodies, ref_size=8, seed=1)
     assert len(small.ref) == 8 and len(small) == 40
+    zs = small.z(np.arange(40)).numpy()[:, small.ref]  # standardised over the reference sample, not every body
+    spread = zs.std(1) > 0  # (a query that finds none of the 8 bodies has all-zero offsets there)
+    assert spread.sum() > 10 and np.allclose(zs.mean(1), 0, atol=1e-5) and np.allclose(zs.std(1)[spread], 1, atol=1e-4)
+    # a signature that shares no identifier with any body: zero offsets, not a NaN that poisons the loss
+    lone = LexicalOffsets(sigs + ["def unrelated_xyz():"], bodies + ["pass"])
+    assert np.array_equal(lone.z(np.array([40])).numpy(), np.zeros((1, 41), np.float32))
     with pytest.raises(ValueError, match="signatures"):
         LexicalOffsets(sigs, bodies[:3])
 
