@@ -84,11 +84,6 @@ class Task:
     def n_queries(self) -> int:
         return len(self.query_idx)
 
-    def pool_clusters(self, result: SearchResult) -> np.ndarray:
-        """Repository of each entry of a result (random pools repeat the queries per seed)."""
-        reps = len(result.ranks) // max(1, self.n_queries)
-        return np.tile(self.query_repos, reps)
-
 
 def build_task(
     split: str,
