@@ -91,6 +91,7 @@ def _missing_files(manifest: dict[str, Any], corpus: Path) -> dict[str, list[str
 
 def _summary(manifest: dict[str, Any], missing: dict[str, list[str]] | None = None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="corpus", show_footer=True)
@@ -107,7 +108,7 @@ def _summary(manifest: dict[str, Any], missing: dict[str, list[str]] | None = No
         if missing and r["name"] in missing:
             status = "[red]files missing[/red]"
         table.add_row(
-            r["name"], (r.get("split") or "-") + (" (pinned)" if r.get("train_only") else ""), status, f"{r['files']:,}", f"{r['functions']:,}",
+            escape(r["name"]), (r.get("split") or "-") + (" (pinned)" if r.get("train_only") else ""), status, f"{r['files']:,}", f"{r['functions']:,}",
             f"{r.get('test_functions', 0):,}", str(len(r.get("skipped", []))),
         )
     console = Console()
@@ -223,13 +224,14 @@ def folds(
     group k+1, trains on the rest, with its own leak filter. Nothing is re-extracted or
     re-embedded."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from codejepa.core import CLI_ERRORS, CodejepaError, error_line
     from codejepa.corpus.folds import make_folds, other_fold_files, write_fold
 
     try:
-        table = Table(title=f"{k} folds over repositories, in {out}")
+        table = Table(title=escape(f"{k} folds over repositories, in {out}"))
         for col in ("file", "test repos", "val repos", "train repos", "train", "val", "test"):
             table.add_column(col, justify="left" if col == "file" else "right")
         assignments = make_folds(corpus, k, seed)

@@ -22,7 +22,8 @@ def _callback() -> None:
 def _fail(msg: str, code: int = 1) -> None:
     from rich.console import Console
 
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {msg}", markup=True)
+    # Never markup: a path with brackets in it would be read as a tag (or fail to parse as one).
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {msg}", style="bold red", markup=False)
     raise typer.Exit(code)
 
 
@@ -75,10 +76,11 @@ def run_cmd(
                 t = info["teacher"]
                 prog.console.print(
                     f"teacher {t['teacher']} ({t['kind']}, layer {t['layer']}/{t['num_hidden_layers']}, "
-                    f"{t['device']}, {t['compute_dtype']}) → {info['path']}"
+                    f"{t['device']}, {t['compute_dtype']}) → {info['path']}", markup=False
                 )
                 if info["already"]:
-                    prog.console.print(f"resuming: {info['already']} of {info['selected']} records already stored")
+                    prog.console.print(f"resuming: {info['already']} of {info['selected']} records already stored",
+                                       markup=False)
                 state["task"] = prog.add_task("embedding", total=info["selected"], completed=info["already"], rate="")
                 state["t0"] = time.perf_counter()
                 prog.start()
@@ -140,9 +142,10 @@ def probe_cmd(
             if event == "start":
                 t = info["teacher"]
                 prog.console.print(f"teacher {t['teacher']} (layer {t['layer']}, {t['device']}, {t['compute_dtype']}), "
-                                   f"{len(info['probes'])} probes → {info['path']}")
+                                   f"{len(info['probes'])} probes → {info['path']}", markup=False)
                 if info["already"]:
-                    prog.console.print(f"resuming: {info['already']} of {info['records']} records already probed")
+                    prog.console.print(f"resuming: {info['already']} of {info['records']} records already probed",
+                                       markup=False)
                 state["task"] = prog.add_task("probing", total=info["records"], completed=info["already"], rate="")
                 state["t0"] = time.perf_counter()
                 prog.start()
@@ -231,15 +234,16 @@ def info_cmd(
         print(json.dumps(info, indent=2))
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=str(store), show_header=False)
+    t = Table(title=escape(str(store)), show_header=False)
     m = info.pop("meta")
     for k, v in info.items():
         if k == "complete":
             v = {True: "yes", False: "NO: its `embed run` stopped early or is still going", None: "not recorded"}[v]
         if k != "path":
-            t.add_row(k, str(v))
+            t.add_row(k, escape(str(v)))
     for k, v in m.items():
-        t.add_row(k, json.dumps(v) if isinstance(v, dict) else str(v))
+        t.add_row(k, escape(json.dumps(v) if isinstance(v, dict) else str(v)))
     Console().print(t)

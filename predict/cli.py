@@ -120,6 +120,10 @@ def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str, splits: Pa
             tasks[key] = progress.add_task(desc, total=total, info=info)
         progress.update(tasks[key], completed=done, total=total, info=info, description=desc)
 
+    def say(line: str, style: str | None = None) -> None:
+        # Never markup: messages hold paths, and a path with brackets would be read as a tag.
+        progress.console.print(line, style=style, soft_wrap=True, markup=False, highlight=False)
+
     def on_event(e: dict[str, Any]) -> None:
         ev = e["event"]
         if ev == "stats":
@@ -129,34 +133,34 @@ def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str, splits: Pa
         elif ev == "step":
             bar("epoch", f"epoch {e['epoch']}/{e['epochs']}", e["step"], e["steps"], f"loss {e['loss']:.4f}")
         elif ev == "epoch":
-            progress.console.print(
+            say(
                 f"epoch {e['epoch']:>3}  train {e['train_loss']:.4f}  val {e['val_loss']:.4f}  "
                 f"MRR {e['val_mrr']:.3f} (chance {e['val_chance_mrr']:.3f})  rank@1 {e['val_rank1']:.3f}  "
                 f"cos {e['val_cos']:.3f} raw {e['val_cos_raw']:.3f}  eff.rank {e['pred_eff_rank']:.1f}/"
-                f"{e['target_eff_rank']:.1f}  best@{e['best_epoch']}", soft_wrap=True
+                f"{e['target_eff_rank']:.1f}  best@{e['best_epoch']}"
             )
         elif ev == "warning":
-            progress.console.print(f"[yellow]warning:[/] {e['message']}", soft_wrap=True)
+            say(f"warning: {e['message']}", style="yellow")
         elif ev == "splits":
-            progress.console.print(f"split from {e['file']}: {e['label']}"
-                                   + (f" ({e['listed_records_not_in_store']} of its records are not in the store)"
-                                      if e["listed_records_not_in_store"] else ""), soft_wrap=True)
+            say(f"split from {e['file']}: {e['label']}"
+                + (f" ({e['listed_records_not_in_store']} of its records are not in the store)"
+                   if e["listed_records_not_in_store"] else ""))
         elif ev == "ridge_init":
-            progress.console.print(f"linear path initialised with train-split ridge on {e['views']}: "
-                                   f"λ {e['alpha']:g} (val MRR {e['val_mrr']:.3f})", soft_wrap=True)
+            say(f"linear path initialised with train-split ridge on {e['views']}: "
+                f"λ {e['alpha']:g} (val MRR {e['val_mrr']:.3f})")
         elif ev == "score_map":
-            progress.console.print(f"InfoNCE and val retrieval score in the canonical space, fitted on {e['views']} "
-                                   f"({e['train_records']} train records; top canonical correlation "
-                                   f"{e['canonical_correlations_top'][0]:.3f})", soft_wrap=True)
+            say(f"InfoNCE and val retrieval score in the canonical space, fitted on {e['views']} "
+                f"({e['train_records']} train records; top canonical correlation "
+                f"{e['canonical_correlations_top'][0]:.3f})")
             if e.get("warning"):
-                progress.console.print(f"[yellow]warning:[/] {e['warning']}", soft_wrap=True)
+                say(f"warning: {e['warning']}", style="yellow")
         elif ev == "start_val":
-            progress.console.print(f"epoch   0 (the ridge start)  MRR {e['val_mrr']:.3f}  rank@1 {e['val_rank1']:.3f}: "
-                                   f"best.pt until an epoch beats it", soft_wrap=True)
+            say(f"epoch   0 (the ridge start)  MRR {e['val_mrr']:.3f}  rank@1 {e['val_rank1']:.3f}: "
+                "best.pt until an epoch beats it")
         elif ev == "done":
             which = "the ridge start (epoch 0): no trained epoch beat it on val" if e["best_epoch"] == 0 else \
                 f"epoch {e['best_epoch']}"
-            progress.console.print(f"best: {which}, val MRR {e['best_val_mrr']:.3f} → {out}/best.pt", soft_wrap=True)
+            say(f"best: {which}, val MRR {e['best_val_mrr']:.3f} → {out}/best.pt")
 
     with progress:
         train(store, cfg, out, resume=resume, device=device, on_event=on_event, splits=splits)

@@ -81,6 +81,10 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "x.h5").exists()
     r = runner.invoke(app, ["embed", "run", str(corpus), "--out", str(tmp_path)])
     assert r.exit_code == 1 and "a folder, not a store file" in r.stderr
+    # a path with brackets is text, not rich markup (it raised MarkupError, or lost "[red]")
+    for odd in ("[/x]", "[red]"):
+        r = runner.invoke(app, ["embed", "info", str(tmp_path / odd / "s.h5")])
+        assert r.exit_code == 1 and len(_lines(r.stderr)) == 1 and odd in r.stderr, r.output
 
 
 def test_ctrl_c_says_the_work_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

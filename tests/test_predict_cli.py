@@ -21,12 +21,12 @@ SMALL = ["--set", "model.mlp_hidden=32,16,32", "--set", "train.batch_size=64", "
 
 def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> None:
     store = make_store(tmp_path / "s.h5", n_repos=6, per_repo=32)
-    out = tmp_path / "run"
+    out = tmp_path / "run[red]"  # brackets in a path are text, not rich markup
     runner = CliRunner()
     r = runner.invoke(app, ["predict", "train", str(store), "--model", "mlp", *SMALL, "--set", "train.epochs=2",
                             "--out", str(out), "--device", "cpu"])
     assert r.exit_code == 0, r.output
-    assert "MRR" in r.output and (out / "best.pt").exists()
+    assert "MRR" in r.output and (out / "best.pt").exists() and f"→ {out}/best.pt" in r.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["name"] == "seed-mlp" and cfg["train"]["epochs"] == 2
     # resume with more epochs: continues from epoch 2, the run's own config otherwise
