@@ -365,6 +365,18 @@ def _no_collate(x: Any) -> Any:
     return x
 
 
+def _die_with_parent(_worker_id: int) -> None:
+    """A worker of a training killed with -9 must not outlive it: it would hold the run
+    folder's lock (inherited with the fork) and refuse the `--resume`. Linux only."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class WorkerLoader:
     """Like :class:`Prefetcher`, with ``workers`` processes reading from the store."""
 
@@ -377,10 +389,14 @@ class WorkerLoader:
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         if len(self.ds) == 0:
             return
+        import torch
         from torch.utils.data import DataLoader
 
+        # Its own generator: a DataLoader draws its workers' base seed from torch's global one,
+        # which would move the dropout masks of every later step (and a resume's, differently).
         dl = DataLoader(self.ds, batch_size=None, shuffle=False, num_workers=self.workers,
-                        collate_fn=_no_collate, prefetch_factor=max(2, self.depth // self.workers))
+                        collate_fn=_no_collate, prefetch_factor=max(2, self.depth // self.workers),
+                        generator=torch.Generator().manual_seed(self.ds.epoch), worker_init_fn=_die_with_parent)
         it = iter(dl)
         while True:
             t = time.perf_counter()

@@ -132,3 +132,39 @@ def test_file_batches_resume_after_a_kill_to_the_same_weights(store_path: Path, 
     b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert ("val_mrr_dense" in (tmp_path / "b" / "log.jsonl").read_text()) == (lexical_weight > 0)
+
+
+def test_a_loader_worker_dies_with_its_training() -> None:
+    """A training killed with -9 must not leave its store-reading workers behind: they hold the
+    run folder's lock (inherited with the fork) and `--resume` would be refused until found."""
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import os, time\n"
+        "from codejepa.predict.data import _die_with_parent\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    _die_with_parent(0)\n"
+        "    os.close(1); os.close(2)\n"  # the pipes must not wait for it
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "print(pid, flush=True)\n"
+        "time.sleep(0.5)\n"
+        "os.kill(os.getpid(), 9)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    worker = int(r.stdout.split()[0])
+
+    def alive() -> bool:
+        try:
+            state = Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return state not in ("Z", "X")  # a zombie waiting for init to reap it is dead
+
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive()
