@@ -159,14 +159,15 @@ def default_cache_dir() -> Path:
 
 
 def cached_sha256_file(path: str | os.PathLike[str], cache_name: str = "file-hashes.json") -> str:
-    """:func:`sha256_file`, remembered by (resolved path, size, mtime) in a JSON file of the
-    cache folder: a multi-GB store or weight file is read once, not at every use. A file
-    that changes (an embedding run resumed) gets a new size or mtime and is hashed again;
+    """:func:`sha256_file`, remembered by (resolved path, size, mtime, inode, ctime) in a JSON
+    file of the cache folder: a multi-GB store or weight file is read once, not at every use. A
+    file that changes (an embedding run resumed) gets a new size or mtime and is hashed again,
+    and so does one copied over it with its mtime set back (``touch -r``: the ctime moves);
     an unwritable cache only costs the re-hash. Concurrent runs merge their entries under
     a lock, so one does not drop what another has just added."""
     target = Path(path).resolve()
     st = target.stat()
-    key = f"{target}|{st.st_size}|{st.st_mtime_ns}"
+    key = f"{target}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_ctime_ns}"
     cache_path = default_cache_dir() / cache_name
     digest = _read_hash_cache(cache_path).get(key)
     if isinstance(digest, str):

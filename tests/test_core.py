@@ -43,6 +43,13 @@ def test_cached_sha256_reads_a_file_once_and_again_when_it_changes(tmp_path: Pat
     f.write_bytes(b"xyz" * 1000 + b"more")
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     assert core.cached_sha256_file(f) == hashlib.sha256(b"xyz" * 1000 + b"more").hexdigest()
+    # another file of the same size copied over it with its times set back (cp; touch -r)
+    st = f.stat()
+    other = tmp_path / "other.h5"
+    other.write_bytes(b"uvw" * 1000 + b"more")
+    other.replace(f)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert core.cached_sha256_file(f) == hashlib.sha256(b"uvw" * 1000 + b"more").hexdigest()
     if os.geteuid() != 0:  # root writes anywhere
         (tmp_path / "cache").chmod(0o500)
         try:
