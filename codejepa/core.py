@@ -7,6 +7,7 @@ import hashlib
 import importlib
 import json
 import os
+import platform
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -79,13 +80,29 @@ def code_version() -> str:
             ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
             capture_output=True, text=True, timeout=5, check=True,
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5, check=True,
-        ).stdout.strip()
-        return f"{__version__}+g{sha}{'.dirty' if dirty else ''}"
+        # Uncommitted changes get a hash of their diff: two different edits are two versions.
+        diff = subprocess.run(
+            ["git", "-C", str(root), "diff", "HEAD", "--no-ext-diff", "--binary"],
+            capture_output=True, timeout=10, check=True,
+        ).stdout
+        dirty = f".dirty{hashlib.sha256(diff).hexdigest()[:8]}" if diff else ""
+        return f"{__version__}+g{sha}{dirty}"
     except (OSError, subprocess.SubprocessError):
         return __version__
+
+
+def library_versions(*names: str) -> dict[str, str]:
+    """Python's and the named distributions' versions ("not installed" for a missing one):
+    what a result depends on beside the code, recorded with it."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

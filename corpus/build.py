@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from codejepa.core import CodejepaError, atomic_write_json, code_version, sha256_json
+from codejepa.core import CodejepaError, atomic_write_json, code_version, library_versions, sha256_json
 from codejepa.corpus import sources as src
 from codejepa.corpus.extract import EXTRACTOR_VERSION, ExtractSettings, extract_file, is_trivial_hash
 from codejepa.corpus.records import (
@@ -624,6 +624,7 @@ def _write_manifest(out: Path, entries: list[dict[str, Any]], settings: BuildSet
         "format": CORPUS_FORMAT,
         "format_version": CORPUS_FORMAT_VERSION,
         "code_version": code_version(),
+        "versions": library_versions("tree-sitter", "tree-sitter-python", "GitPython"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": {**asdict(settings), "ratios": list(settings.ratios), "extractor_version": EXTRACTOR_VERSION},
         "repos": entries,

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from codejepa.core import CodejepaError, code_version
+from codejepa.core import CodejepaError, code_version, library_versions
 from codejepa.corpus.records import SPLITS, FunctionRecord, corpus_fingerprint, load_records, read_manifest
 from codejepa.embed.store import FLOAT16_MAX, PendingRecord, StoreError, StoreMeta, StoreWriter, read_meta
 from codejepa.embed.template import TEMPLATE_VERSION, SegmentTokenizer, Skipped, Tokenized
@@ -467,6 +467,10 @@ def embed_corpus(
     selected = sum(1 for _ in select_records(corpus_dir, settings.splits, shard))
     writer = StoreWriter(path, meta)
     writer.set_extra(complete=False)  # until this run ends: a killed run leaves the store marked unfinished
+    if writer.committed and writer.meta.code_version != meta.code_version:
+        # The store's code_version is its first run's; records appended by other code say so here.
+        later = [v for v in writer.meta.extra.get("resumed_with", []) if v != meta.code_version]
+        writer.set_extra(resumed_with=[*later, meta.code_version])
     result = EmbedResult(path=path, selected=selected, meta=writer.meta)
     result.already = sum(
         1 for r in select_records(corpus_dir, settings.splits, shard) if writer.has(r.id)
@@ -554,6 +558,7 @@ def _finish(writer: StoreWriter, result: EmbedResult, settings: EmbedSettings, s
     result.complete = result.already + result.written + sum(result.skipped.values()) == selected
     result.truncated = int(np.count_nonzero(writer.f["records/truncated"][: writer.committed]))
     writer.set_extra(complete=result.complete, selected_splits=list(settings.splits or SPLITS), selected=selected,
+                     versions=library_versions("torch", "transformers", "h5py", "numpy"),
                      skipped=result.skipped, truncated=result.truncated)
     result.meta = writer.meta
     writer.close()

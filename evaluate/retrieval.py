@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from codejepa.core import CodejepaError, cached_sha256_file, code_version, sha256_file
+from codejepa.core import CodejepaError, cached_sha256_file, code_version, library_versions, sha256_file
 from codejepa.evaluate.baselines import FUSION_WEIGHTS, RIDGE_ALPHAS, BM25Scorer, RidgeFit, parse_baselines
 from codejepa.evaluate.diagnostics import collapse_warning
 from codejepa.evaluate.errors import EvaluateError
@@ -507,6 +507,7 @@ def evaluate_retrieval(
             "bm25_query": bm25_query, "fuse_bm25": fuse_runs, **_fixed_settings(hub_spaces, hub_methods, sibling_softmax),
             "selection": {"fit_records": int(len(fit_idx)), "selection_records": int(len(sel_idx))},
             "probe": probe_info or None, "split_file": split_file, "code_version": code_version(),
+            "versions": library_versions("numpy", "scipy", "torch", "h5py"),
         }
         result = RetrievalResult(rows, comparisons, warnings, notes, settings, _store_record(store, cv),
                                  [r.info for r in loaded], _pool_record(pspec, task, out), projections=projections,
@@ -637,7 +638,7 @@ def _store_record(store: Any, cv: CorpusView) -> dict[str, Any]:
     return {
         "path": str(Path(store.path).resolve()), "fingerprint": store.fingerprint(), "splits": store.split_key,
         "file_sha256": cached_sha256_file(store.path), "meta": meta.__dict__ | {"extra": dict(meta.extra)},
-        "corpus_dir": cv.corpus_dir, "corpus_fingerprint": cv.corpus_fingerprint,
+        "corpus_dir": str(Path(cv.corpus_dir).resolve()), "corpus_fingerprint": cv.corpus_fingerprint,
     }
 
 

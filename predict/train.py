@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from codejepa.core import CodejepaError, atomic_write_bytes, atomic_write_json, exclusive, printable, read_json_object
 from codejepa.core import code_version as _code_version
+from codejepa.core import library_versions
 from codejepa.embed.store import Store, StoreError, StoreMeta, open_store, use_split_file
 from codejepa.predict import losses
 from codejepa.predict.batching import corpus_columns, epoch_order
@@ -493,7 +494,8 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                 "model_kind": cfg.model.kind, "parameters": n_params, "hidden_size": store.meta.hidden_size,
                 "store": str(store_path.resolve()), "store_fingerprint": store.fingerprint(),
                 "store_meta": asdict(store.meta), "store_complete": store.complete, "code_version": code_version(),
-                "torch": torch.__version__, "world_size": world, "device": str(dev),
+                "torch": torch.__version__, "world_size": world, "device": str(dev), "threads": torch.get_num_threads(),
+                "versions": library_versions("torch", "numpy", "h5py"),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "train_records": int(len(train_idx)), "val_records": int(len(val_idx)), "dropped": dropped,
                 "splits": split_info})
@@ -624,6 +626,9 @@ def _resume_point(paths: dict[str, Path], store: Store, store_path: Path, config
     if main and isinstance(run.get("world_size"), int) and run["world_size"] != world:
         emit({"event": "warning", "message": f"resumed on {world} rank(s); the run started on {run['world_size']}: "
                                              "the data order is the same, the dropout masks differ"})
+    if main and run.get("code_version") not in (None, code_version()):
+        emit({"event": "warning", "message": f"resumed with code {code_version()}; the run started with "
+                                             f"{run['code_version']} (the log's resume line records it)"})
     stored_cfg = read_run_config(paths["config"])
     if config is None:
         config = stored_cfg
@@ -803,8 +808,9 @@ def _trim_log(log: Path, pos: _Position) -> None:
     kept += [h for h in pos.history if h["epoch"] not in logged]
     atomic_write_bytes(log, "".join(json.dumps(e) + "\n" for e in kept).encode())
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    # The code that continues the run: another commit than run.json's is visible here.
     _append_log(log, {"event": "resume", "epoch": pos.epoch, "step_in_epoch": pos.step, "world_size": world,
-                      "time": time.time()})
+                      "code_version": code_version(), "threads": torch.get_num_threads(), "time": time.time()})
 
 
 def _fit_start(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: PredictConfig, store: Store, train_tab: Any,

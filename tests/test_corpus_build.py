@@ -372,6 +372,7 @@ def test_cli_build_and_exit_codes(fixture_repo: tuple[Path, str], tmp_path: Path
     assert r.exit_code == 0, r.output
     assert "functions" in r.output and repo.name in r.output
     assert read_manifest(out)["repos"][0]["status"] == "ok"
+    assert {"python", "tree-sitter", "tree-sitter-python"} <= set(read_manifest(out)["versions"])
     r = run_cli("info", str(out))
     assert r.exit_code == 0 and repo.name in r.output
     entry = read_manifest(out)["repos"][0]

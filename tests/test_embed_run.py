@@ -134,3 +134,19 @@ def test_a_resumed_run_skips_finished_batches_and_ends_as_an_uninterrupted_one(t
         for i in range(len(a)):
             assert np.array_equal(a.inputs(i).states, b.inputs(i).states)
             assert np.array_equal(a.body(i).states, b.body(i).states)
+
+
+def test_a_store_records_the_code_that_appended_to_it_and_the_libraries(teachers: dict[str, Teacher], tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store embedded in stages by two versions of the code keeps its first version and says
+    which others appended records; the library versions stand beside them."""
+    import codejepa.embed.run as run_mod
+
+    corpus = write_corpus(tmp_path / "c", sample_records(9))
+    monkeypatch.setattr(run_mod, "code_version", lambda: "0.1.0+gfirst")
+    embed_corpus(corpus, tmp_path / "s.h5", EmbedSettings(splits=("train",)), teacher=teachers["causal"])
+    monkeypatch.setattr(run_mod, "code_version", lambda: "0.1.0+gsecond")
+    embed_corpus(corpus, tmp_path / "s.h5", EmbedSettings(), teacher=teachers["causal"])
+    with open_store(tmp_path / "s.h5") as s:
+        assert s.meta.code_version == "0.1.0+gfirst" and s.meta.extra["resumed_with"] == ["0.1.0+gsecond"]
+        assert {"python", "torch", "transformers", "h5py", "numpy"} <= set(s.meta.extra["versions"])

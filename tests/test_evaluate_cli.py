@@ -86,6 +86,8 @@ def test_trained_predictor_run_is_evaluated(ds, tmp_path: Path) -> None:
     data = json.loads((out / "retrieval.json").read_text())
     assert data["runs"][0]["store_fingerprint"] == ds.meta.fingerprint()
     assert data["runs"][0]["checkpoint_sha256"]  # checkpoint hashes recorded
+    assert {"python", "numpy", "scipy", "torch"} <= set(data["settings"]["versions"])  # and the libraries
+    assert Path(data["store"]["corpus_dir"]).is_absolute()
     # The run is compared with the best baseline of each space automatically.
     assert any(c["a"] == f"{name}@whitened" for c in data["comparisons"])
     # A run trained on another store is refused with one clear line.

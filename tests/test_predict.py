@@ -322,6 +322,26 @@ def test_a_store_embedded_again_with_other_values_is_another_store(tmp_path: Pat
     assert torch.load(fresh / "stats.pt", weights_only=True)["store_values"]["max_tokens"] == 128
 
 
+def test_a_resume_under_other_code_is_said_and_logged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """run.json keeps the code that started the run: a resume by another commit warns and its
+    log line records the code (and threads) that continued it; the run records its libraries."""
+    import codejepa.predict.train as train_mod
+
+    store = make_store(tmp_path / "s.h5", n_repos=6, per_repo=20)
+    cfg = resolve_config("mlp", preset="mlp-infonce", overrides={**TINY_MLP, "train.epochs": 2,
+                                                                  "train.checkpoint_every_steps": 1})
+    train_killed_at(store, cfg, tmp_path / "run", 2)  # after the step-1 checkpoint
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["threads"] >= 1 and {"python", "torch", "numpy", "h5py"} <= set(info["versions"])
+    monkeypatch.setattr(train_mod, "code_version", lambda: "0.1.0+glater")
+    events: list[dict] = []
+    train(store, None, tmp_path / "run", device="cpu", resume=True, on_event=events.append)
+    assert any(e["event"] == "warning" and f"resumed with code 0.1.0+glater; the run started with "
+               f"{info['code_version']}" in e["message"] for e in events)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e["code_version"] for e in log if e["event"] == "resume"] == ["0.1.0+glater"]
+
+
 def test_resume_after_kill_equals_uninterrupted_and_is_deterministic(store_path: Path, tmp_path: Path) -> None:
     over = {**TINY_TF, "train.epochs": 3, "train.checkpoint_every_steps": 3, "mask.strategy": "multiblock",
             "model.dropout": 0.1}
