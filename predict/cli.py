@@ -37,7 +37,7 @@ def train_cmd(
     store: Path = typer.Argument(..., help="The HDF5 store written by `codejepa embed run`."),
     model: Optional[str] = typer.Option(None, "--model", help="mlp | transformer (optional with --resume)."),
     out: Path = typer.Option(..., "--out", help="Run directory (config, stats, checkpoints, log, curves)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="A TOML file of settings (tables model, loss, optim, train, ...)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A TOML file of settings (tables model, loss, optim, train, ...), or a run's config.json."),
     preset: Optional[str] = typer.Option(None, "--preset", help=f"{' | '.join(PRESETS)} (default: seed-mlp or transformer)."),
     set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set optim.lr=3e-4 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
@@ -62,6 +62,10 @@ def train_cmd(
         elif resume and not has_run and model is None:
             raise ConfigError(f"{out}: no run to resume here (no config.json); start one with --model")
         else:
+            if model is None and config is not None:  # a config file that names its kind (a run's config.json)
+                from codejepa.predict.config import load_toml
+
+                model = load_toml(config).get("model.kind")
             if model is None:
                 raise ConfigError("--model is required (mlp or transformer)")
             cfg = resolve_config(model, preset=preset, file=config, overrides=overrides)

@@ -388,8 +388,12 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """A TOML config file as flat dotted keys (``[optim]\\nlr = 3e-4`` → ``optim.lr``)."""
+    """A TOML config file as flat dotted keys (``[optim]\\nlr = 3e-4`` → ``optim.lr``); a ``.json``
+    file (a run's ``config.json``) is read the same way, so that a run can be trained again
+    from what it recorded."""
     p = Path(path)
+    if p.suffix == ".json" and p.exists():
+        return _flatten(read_json_object(p, "config file", ConfigError, "give a TOML file or a run's config.json"))
     try:
         with open(p, "rb") as f:
             return _flatten(tomllib.load(f))

@@ -29,6 +29,14 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
     assert "MRR" in r.output and (out / "best.pt").exists() and f"→ {out}/best.pt" in r.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["name"] == "seed-mlp" and cfg["train"]["epochs"] == 2
+    # trained again from what the run recorded (its config.json, no --model): the same weights
+    again = tmp_path / "again"
+    r = runner.invoke(app, ["predict", "train", str(store), "--config", str(out / "config.json"), "--out", str(again),
+                            "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((again / "config.json").read_text()) == cfg
+    a, b = (torch.load(d / "best.pt", weights_only=True)["model"] for d in (out, again))
+    assert all(torch.equal(a[k], b[k]) for k in a)
     # resume with more epochs: continues from epoch 2, the run's own config otherwise
     r = runner.invoke(app, ["predict", "train", str(store), "--out", str(out), "--resume", "--set", "train.epochs=3"])
     assert r.exit_code == 0, r.output
@@ -44,6 +52,8 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
     # mistakes: one line on stderr, non-zero exit, no traceback
     binary = tmp_path / "binary.toml"
     binary.write_bytes(bytes(range(256)))
+    lr_only = tmp_path / "lr.toml"
+    lr_only.write_text("[optim]\nlr = 0.01\n")
     damaged, lost, bad_best, bad_last_best, bad_mid = (tmp_path / n for n in ("damaged", "lost", "bad_best",
                                                                                "bad_last_best", "bad_mid"))
     for d in (damaged, lost, bad_best, bad_last_best, bad_mid):
@@ -79,7 +89,7 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
         (["--out", str(tmp_path / "empty"), "--resume"], "no run to resume here"),
         # a preset or config file beside --resume would be silently ignored by a resume of the run's own config
         (["--out", str(out), "--resume", "--preset", "mlp-infonce"], "--model is required"),
-        (["--out", str(out), "--resume", "--config", str(binary)], "--model is required"),
+        (["--out", str(out), "--resume", "--config", str(lr_only)], "--model is required"),  # the file names no kind
         (["--out", str(damaged), "--resume"], "a damaged run config"),
         (["--out", str(lost), "--resume"], "last.pt is missing, but log.jsonl records trained epochs"),
         (["--out", str(bad_best), "--resume"], "best.pt is damaged; last.pt (epoch 3) is intact, but the best epoch's (1)"),
