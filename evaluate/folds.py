@@ -127,7 +127,8 @@ def pool_folds(eval_dirs: Sequence[str | Path], *, compare: Sequence[tuple[str, 
                                clusters, n_boot=max(n_boot, 2000), seed=seed)
         overlap = {m: by_key[a].metrics[m].low <= by_key[b].metrics[m].high
                    and by_key[b].metrics[m].low <= by_key[a].metrics[m].high for m in ("rank@1", "mrr")}
-        comparisons.append({"a": a, "b": b, "results": [c.to_json() for c in res], "cis_overlap": overlap})
+        comparisons.append({"a": a, "b": b, "n_boot": max(n_boot, 2000), "results": [c.to_json() for c in res],
+                            "cis_overlap": overlap})
     return PooledResult(folds, rows, comparisons, notes)
 
 

@@ -799,8 +799,10 @@ def _compare_rows(rows: list[MethodRow], a: str, b: str, n_boot: int, seed: int)
         if k not in keys:
             raise EvaluateError(f"no result {k!r} to compare; available: {', '.join(sorted(keys))}")
     ra, rb = keys[a], keys[b]
-    comps: list[PairedComparison] = paired_bootstrap(ra.ranks, rb.ranks, ra.clusters, n_boot=max(n_boot, 1000), seed=seed)
-    return {"a": a, "b": b, "results": [c.to_json() for c in comps]}
+    # At least 1,000 resamples whatever --n-boot: a p-value's resolution is 1/(n + 1).
+    n = max(n_boot, 1000)
+    comps: list[PairedComparison] = paired_bootstrap(ra.ranks, rb.ranks, ra.clusters, n_boot=n, seed=seed)
+    return {"a": a, "b": b, "n_boot": n, "results": [c.to_json() for c in comps]}
 
 
 def _auto_comparisons(rows: list[MethodRow], n_boot: int, seed: int) -> list[dict[str, Any]]:

@@ -89,7 +89,7 @@ def test_trained_predictor_run_is_evaluated(ds, tmp_path: Path) -> None:
     assert {"python", "numpy", "scipy", "torch"} <= set(data["settings"]["versions"])  # and the libraries
     assert Path(data["store"]["corpus_dir"]).is_absolute()
     # The run is compared with the best baseline of each space automatically.
-    assert any(c["a"] == f"{name}@whitened" for c in data["comparisons"])
+    assert any(c["a"] == f"{name}@whitened" and c["n_boot"] == 1000 for c in data["comparisons"])  # ≥ 1,000 resamples, said
     # A run trained on another store is refused with one clear line.
     other = make_dataset(tmp_path, name="other")
     with pytest.raises(EvaluateError, match="trained against store fingerprint .*run vs store: template_version "
