@@ -601,6 +601,9 @@ class _Build:
 
 
 def _write_manifest(out: Path, entries: list[dict[str, Any]], settings: BuildSettings) -> dict[str, Any]:
+    # By name, not in the order the sources were given: the store embeds the records in this
+    # order and its fingerprint covers it, so the same sources listed otherwise are one corpus.
+    entries = sorted(entries, key=lambda r: str(r["name"]))
     ok = [r for r in entries if r["status"] == "ok"]
     drop = compute_dropped(
         (RepoIndex(r["name"], r["split"], (lambda p=str(out / r["index_file"]): read_index(p))) for r in ok),

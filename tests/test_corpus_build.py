@@ -149,13 +149,15 @@ def test_train_only_sources_join_train_and_move_nothing_else(tmp_path: Path) -> 
     # The same pin resumes both repositories; dropping the pin moves the extra one back to
     # its own split, which is a different corpus.
     again = build_corpus([str(test)], out, train_only_file=extra_file)
-    assert [(e["split"], e.get("resumed")) for e in again.repos] == [("test", True), ("train", True)]
+    assert {e["name"]: (e["split"], e.get("resumed")) for e in again.repos} == {test_name: ("test", True),
+                                                                               extra_name: ("train", True)}
     assert corpus_fingerprint(again.manifest) == corpus_fingerprint(man)
     listed = build_corpus([str(test)], tmp_path / "listed", train_only=[str(extra)])  # the API's list form
-    assert [e["split"] for e in listed.repos] == ["test", "train"]
+    assert {e["name"]: e["split"] for e in listed.repos} == {test_name: "test", extra_name: "train"}
     assert listed.manifest["totals"]["dropped"] == {DROP_TRAIN_DUPLICATE: 1}
     unpinned = build_corpus([str(test), str(extra)], out)
-    assert [(e["split"], e.get("resumed", False)) for e in unpinned.repos] == [("test", True), ("test", False)]
+    assert {e["name"]: (e["split"], e.get("resumed", False)) for e in unpinned.repos} == {
+        test_name: ("test", True), extra_name: ("test", False)}
     assert corpus_fingerprint(unpinned.manifest) != corpus_fingerprint(man)
 
 
@@ -289,9 +291,10 @@ def test_ref_pin_and_bad_inputs_do_not_stop_the_run(tmp_path: Path) -> None:
         [f"{repo.as_uri()}@{old}", str(empty), "file:///no/such/repo", "https://x.invalid/repo@bad..ref"],
         tmp_path / "c",
     )
-    statuses = [r["status"] for r in res.repos]
-    assert statuses == ["ok", "empty repository", "failed", "invalid source"]
-    assert res.repos[0]["commit"] == old
+    statuses = {r["source"]: r["status"] for r in res.repos}
+    assert statuses == {f"{repo.as_uri()}@{old}": "ok", str(empty): "empty repository",
+                        "file:///no/such/repo": "failed", "https://x.invalid/repo@bad..ref": "invalid source"}
+    assert next(r for r in res.repos if r["status"] == "ok")["commit"] == old
     assert [r.qualname for r in load_records(tmp_path / "c", include_dropped=True)] == ["old"]
     assert all("\n" not in m for m in res.messages)
 
@@ -455,3 +458,18 @@ def test_load_records_takes_one_split_name_and_refuses_unknown_ones(fixture_repo
     assert len(list(load_records(tmp_path / "c", "train"))) == len(list(load_records(tmp_path / "c", ["train"]))) > 0
     with pytest.raises(CorpusError, match="unknown split 'tst'"):
         list(load_records(tmp_path / "c", ["tst"]))
+
+
+def test_the_same_sources_in_another_order_are_the_same_corpus(tmp_path: Path) -> None:
+    """The store embeds records in manifest order and the corpus fingerprint covers it: sources
+    listed in another order must give the same manifest order and fingerprint (a store of one was
+    refused against the other, and training batches followed the command line)."""
+    a, b = tmp_path / "alpha", tmp_path / "beta"
+    make_repo(a, {"a.py": "def fa():\n    return 1\n"})
+    make_repo(b, {"b.py": "def fb():\n    return 2\n"})
+    one = build_corpus([str(b), str(a)], tmp_path / "one")
+    two = build_corpus([str(a), str(b)], tmp_path / "two")
+    assert [r["name"] for r in one.manifest["repos"]] == [r["name"] for r in two.manifest["repos"]] == ["alpha", "beta"]
+    assert corpus_fingerprint(one.manifest) == corpus_fingerprint(two.manifest)
+    assert [r.id for r in load_records(tmp_path / "one", include_dropped=True)] == \
+        [r.id for r in load_records(tmp_path / "two", include_dropped=True)]
