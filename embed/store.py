@@ -246,9 +246,6 @@ class StoreWriter:
     def has(self, record_id: str) -> bool:
         return record_id in self._ids
 
-    def committed_ids(self) -> frozenset[str]:
-        return frozenset(self._ids)
-
     def _check_range(self, a: np.ndarray, rid: str) -> None:
         if not np.all(np.isfinite(a)):
             raise StoreError(f"record {rid}: teacher states contain NaN/inf; refusing to store them")

@@ -173,10 +173,6 @@ class Groups:
         label_to_group = {uniq[g]: int(rank_of_group[g]) for g in range(len(uniq))}
         return cls(cols[order], gid[order], len(uniq)), label_to_group
 
-    @property
-    def all_singletons(self) -> bool:
-        return self.n_groups == len(self.cols)
-
 
 def group_scores(scorer: Scorer, q: np.ndarray, groups: Groups, *, cand_block: int = DEFAULT_CAND_BLOCK) -> torch.Tensor:
     """``[len(q), n_groups]``: each group's best member score, computed block by block."""

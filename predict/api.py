@@ -14,7 +14,6 @@ A store whose fingerprint differs from the training store's raises :class:`Predi
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from codejepa.core import CodejepaError, printable
+from codejepa.core import CodejepaError, printable, read_json_object
 from codejepa.embed.store import Store, StoreError
 from codejepa.predict.config import PredictConfig, from_dict
-from codejepa.predict.data import FeatureTable
+from codejepa.predict.data import FeatureTable, estimate_cache_bytes
 from codejepa.predict.models import build_model
 from codejepa.predict.normalize import NormStats
 from codejepa.predict.train import feature_spec, load_checkpoint, resolve_device, to_device
@@ -75,8 +74,8 @@ class Predictor:
         spec = feature_spec(self.config, self.stats)
         uniq, inverse = np.unique(idx, return_inverse=True)
         res = np.zeros((len(uniq), self.hidden_size), np.float32)
-        per_record = self.hidden_size * 4 + (self.config.model.max_input_tokens * (self.hidden_size * 2 + 1)
-                                             if self.config.model.kind == "transformer" else 0)
+        # The cache's own estimate (every input view, the records' real lengths) per record.
+        per_record = max(1.0, estimate_cache_bytes(store, uniq, spec, with_body=False) / len(uniq))
         chunk = max(1, int(chunk_bytes // per_record))
         for c in range(0, len(uniq), chunk):  # features of one chunk in RAM at a time: bounded memory
             tab = FeatureTable(store, uniq[c : c + chunk], spec, with_body=False)
@@ -106,7 +105,7 @@ def load_predictor(run_dir: str | os.PathLike[str], device: str = "cpu", *, chec
         ck = load_checkpoint(path, "cpu")
     except CodejepaError as e:
         raise PredictorError(str(e)) from None
-    info = json.loads((run / "run.json").read_text())
+    info = read_json_object(run / "run.json", "run record", PredictorError, "retrain the run")
     cfg = from_dict(ck["config"])
     d = int(ck["hidden_size"])
     model = build_model(cfg, d)

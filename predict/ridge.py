@@ -8,7 +8,7 @@ holds the ridge solution, its MLP residual starts at zero — and training (Info
 regression, early-stopped on val MRR) can only move away from it where val retrieval agrees.
 
 Everything is fitted on the train split; λ is chosen on the val split's retrieval (MRR), as
-the evaluate stage chooses its ridge baseline's λ. The solution lives in the model's weights,
+the evaluate stage chooses its ridge baseline's λ (over its own, wider grid). The solution lives in the model's weights,
 so the checkpoint holds it and loading needs nothing else.
 """
 

@@ -361,7 +361,9 @@ def train(
     ``splits``: a split file (``codejepa corpus folds``) that replaces the store's own split,
     e.g. one fold of a cross-validation over repositories; the run records it and can only be
     resumed and evaluated with the same file.
-    ``on_event`` receives progress events (``stats``, ``cache``, ``step``, ``epoch``, ``done``).
+    ``on_event`` receives progress events as dicts keyed by ``event``: ``stats``, ``cache``,
+    ``step``, ``epoch``, ``done``, and ``warning``, ``splits``, ``ridge_init``, ``score_map``,
+    ``start_val`` (what the CLI prints).
     Raises :class:`TrainingError` (or a store/config error) with one clear line on bad input.
     """
     emit = on_event or (lambda e: None)

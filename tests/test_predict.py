@@ -473,6 +473,9 @@ def test_checkpoints_are_data_and_code_is_refused(store_path: Path, tmp_path: Pa
     (run / "stats.pt").write_bytes(b"not a torch file")
     with pytest.raises(PredictorError, match="stats.pt: damaged or foreign statistics file"):
         load_predictor(run)
+    (run / "run.json").write_text("{cut")  # a damaged run record: the documented error, not a JSONDecodeError
+    with pytest.raises(PredictorError, match="run.json: a damaged run record"):
+        load_predictor(run, checkpoint="best")
 
 
 def test_every_loss_term_and_norm_option_trains(store_path: Path, tmp_path: Path) -> None:
