@@ -10,7 +10,7 @@ import os
 import platform
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,25 +119,43 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over ``path``.
-
-    A kill at any moment leaves either the old file or the new one, never a torn one.
-    """
+@contextlib.contextmanager
+def _atomic_file(path: str | os.PathLike[str], mode: str) -> Iterator[Any]:
+    """A temp file in ``path``'s folder, fsynced and renamed over ``path`` when the block ends;
+    removed when it raises. A kill at any moment leaves the old file or the new one, never a
+    torn one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         # mkstemp makes the file 0600; a file written in place would get 0666 less the umask,
         # and a corpus, run or evaluation shared with a collaborator must read alike.
         os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`_atomic_file`)."""
+    with _atomic_file(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_lines(path: str | os.PathLike[str], lines: Iterable[str]) -> int:
+    """Write ``lines`` (streamed: one held at a time), each ending in a newline, to ``path``
+    atomically; returns how many."""
+    n = 0
+    with _atomic_file(path, "w") as f:
+        for line in lines:
+            f.write(line)
+            f.write("\n")
+            n += 1
+    return n
 
 
 def _umask() -> int:

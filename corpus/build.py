@@ -25,7 +25,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from codejepa.core import CodejepaError, atomic_write_json, code_version, library_versions, sha256_json
+from codejepa.core import (
+    CodejepaError,
+    atomic_write_json,
+    atomic_write_lines,
+    code_version,
+    library_versions,
+    sha256_json,
+)
 from codejepa.corpus import sources as src
 from codejepa.corpus.extract import EXTRACTOR_VERSION, ExtractSettings, extract_file, is_trivial_hash
 from codejepa.corpus.records import (
@@ -172,17 +179,6 @@ class _RepoJob:
     chunks: list[list[tuple[str, bytes]]] = field(default_factory=list)  # its files, as sent to workers
     pending: int = 0  # chunks still being parsed
     results: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _atomic_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line)
-            f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _new_entry(spec: str, source: src.Source | None, settings: BuildSettings, *, train_only: bool = False) -> dict[str, Any]:
@@ -583,8 +579,8 @@ class _Build:
         rows.sort(key=lambda r: (r[0], r[1]))
         records_file = f"repos/{job.source.key}.jsonl"
         index_file = f"repos/{job.source.key}.index.tsv"
-        _atomic_lines(self.out / records_file, [r[2] for r in rows])
-        _atomic_lines(self.out / index_file, [f"{r[3]}\t{r[4]}" for r in rows])
+        atomic_write_lines(self.out / records_file, [r[2] for r in rows])
+        atomic_write_lines(self.out / index_file, [f"{r[3]}\t{r[4]}" for r in rows])
         entry.update(
             status="ok",
             records_file=records_file,

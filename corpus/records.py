@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from codejepa.core import CodejepaError, sha256_json
+from codejepa.core import CodejepaError, atomic_write_lines, sha256_json
 
 CORPUS_FORMAT = "codejepa-corpus"
 CORPUS_FORMAT_VERSION = 1
@@ -157,17 +157,7 @@ def write_records(path: str | os.PathLike[str], records: Iterable[FunctionRecord
     """Write records as JSON Lines atomically (temp file + rename); returns the count."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(rec.to_json())
-            f.write("\n")
-            n += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return n
+    return atomic_write_lines(path, (rec.to_json() for rec in records))
 
 
 def read_records(path: str | os.PathLike[str]) -> Iterator[FunctionRecord]:
