@@ -20,10 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from codejepa.predict.config import ModelConfig, PredictConfig
+from codejepa.predict.data import SEG_PAD
 from codejepa.predict.normalize import NormStats
 
 _ACT = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
-SEG_BODY_MASKED, SEG_BODY_REVEALED = 3, 4
+SEG_BODY_MASKED, SEG_BODY_REVEALED = 3, 4  # after data.py's pad, context and signature
+N_SEGMENTS = 5
 
 
 class Normaliser(nn.Module):
@@ -210,7 +212,7 @@ class TransformerPredictor(nn.Module):
         self.in_proj = nn.Linear(d, W)
         # Only multi-block training reveals body slots; without it the layer would be unused.
         self.body_proj = nn.Linear(d, W) if reveal_slots else None
-        self.seg_emb = nn.Embedding(5, W)  # pad, context, signature, masked body slot, revealed body slot
+        self.seg_emb = nn.Embedding(N_SEGMENTS, W)
         self.pos_emb = nn.Embedding(cfg.max_input_tokens, W)
         self.slot_emb = nn.Parameter(torch.zeros(K, W))
         self.mask_token = nn.Parameter(torch.zeros(W))
@@ -259,7 +261,7 @@ class TransformerPredictor(nn.Module):
             shown = self.body_proj(n.slots_to_norm(batch["slots"].float())) + self.slot_emb + self.seg_emb.weight[SEG_BODY_REVEALED]
             slots = torch.where(reveal[..., None], shown, slots)
         z = torch.cat([h, slots], dim=1)
-        keep = torch.cat([seg != 0, torch.ones(B, K, dtype=torch.bool, device=seg.device)], dim=1)
+        keep = torch.cat([seg != SEG_PAD, torch.ones(B, K, dtype=torch.bool, device=seg.device)], dim=1)
         for blk in self.blocks:
             z = blk(z, keep)
         zs = self.ln_f(z[:, -K:])
