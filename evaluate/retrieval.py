@@ -37,11 +37,12 @@ from codejepa.evaluate.rows import (
     reverse_rows,
     selection_mrr,
 )
-from codejepa.evaluate.search import DenseScorer, SearchResult, materialized, unit_rows
+from codejepa.evaluate.search import SCORE_SAMPLE, DenseScorer, SearchResult, materialized, unit_rows
 from codejepa.evaluate.siblings import SIB_BETAS, SIB_TEMPERATURES
 from codejepa.evaluate.siblings import SUFFIX as SIB_SUFFIX
 from codejepa.evaluate.spaces import SPACE_NAMES, Space, fit_space
 from codejepa.evaluate.vector_rows import VectorInputs, space_rows
+from codejepa.predict.lexical import BM25_B, BM25_K1
 
 Log = Callable[[str], None]
 REFERENCE_BASELINES = ("prototype", "random")
@@ -568,7 +569,7 @@ def _fixed_settings(hub_spaces: list[str], hub_methods: list[str], sibling_softm
     return {
         "hubness": {"spaces": hub_spaces, "methods": hub_methods, "ks": list(CSLS_KS), "betas": list(CSLS_BETAS)},
         "sibling_softmax": {"on": sibling_softmax, "temperatures": list(SIB_TEMPERATURES), "betas": list(SIB_BETAS),
-                            "temperature_unit": "median per-query score std over 2048 selection candidates"},
+                            "temperature_unit": f"median per-query score std over {SCORE_SAMPLE} selection candidates"},
         "ci": "95% percentile bootstrap over repositories", "ties": "pessimistic",
         "distinct_bodies": "candidates with equal normalised body hash count once (best member scores)",
     }
@@ -682,7 +683,7 @@ def _bm25_scorers(cv: CorpusView, bm25_query: str, task: Task, sel_task: Task | 
         sel_mrr = {m: selection_mrr(BM25Scorer([t[i] for i in sel_idx], sel_docs), sel_task) for m, t in query_sets.items()}
         mode = max(sel_mrr, key=lambda m: sel_mrr[m])
         settings["selection_mrr"] = sel_mrr
-    settings.update(query=mode, k1=1.2, b=0.75, tokens="identifiers split at snake_case/CamelCase")
+    settings.update(query=mode, k1=BM25_K1, b=BM25_B, tokens="identifiers split at snake_case/CamelCase")
     texts = query_sets[mode]
     # BM25 is held to twice the budget of the others: recomputing it costs a Python loop
     # per query, a dense score a matrix product (python-40's whole corpus: 1.1 GB).

@@ -22,7 +22,15 @@ from codejepa.evaluate.hubness import CSLS_KS, CSLS_BETAS, HubScorer, hub_penalt
 from codejepa.evaluate.hubness import SUFFIX as CSLS_SUFFIX
 from codejepa.evaluate.metrics import MetricCI, bootstrap_cis, chance_metrics, compute_metrics
 from codejepa.evaluate.pools import Task, search_task
-from codejepa.evaluate.search import DenseScorer, FusedScorer, ScoreSampleStats, SearchResult, materialized, unit_rows
+from codejepa.evaluate.search import (
+    SCORE_SAMPLE,
+    DenseScorer,
+    FusedScorer,
+    ScoreSampleStats,
+    SearchResult,
+    materialized,
+    unit_rows,
+)
 from codejepa.evaluate.siblings import SIB_BETAS, SIB_TEMPERATURES, SiblingScorer, score_spread
 from codejepa.evaluate.siblings import SUFFIX as SIB_SUFFIX
 
@@ -161,7 +169,7 @@ class RowWriter:
         self.say(f"searching {name} in {space} space (weight {w})")
         self.add(name, kind, space, search_task(fused, self.task),
                  {"dense_weight": w, **settings, "selection_mrr": {str(k): v for k, v in wsc.items()},
-                  "normalisation": "per-query z-score over a fixed sample of 2048 pool candidates"})
+                  "normalisation": f"per-query z-score over a fixed sample of {SCORE_SAMPLE} pool candidates"})
         self.siblings(name, kind, space, FusedScorer(dense_sel, self.bm25_sel, w, cols_sel, stats=st), fused,
                       {"dense_weight": w, **settings})
 

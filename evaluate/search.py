@@ -107,10 +107,13 @@ def materialized(scorer: Scorer, n_cols: int, *, budget_factor: float = 1.0) -> 
     return MaterializedScorer(scorer, n_cols) if held else scorer
 
 
+SCORE_SAMPLE = 2048  # candidates a query's score statistics are estimated on (fusion, sibling T)
+
+
 class ScoreSampleStats:
     """Per-query mean and std of a scorer's scores over a fixed sample of candidate columns."""
 
-    def __init__(self, scorer: Scorer, cols: np.ndarray, *, sample: int = 2048, seed: int = 0,
+    def __init__(self, scorer: Scorer, cols: np.ndarray, *, sample: int = SCORE_SAMPLE, seed: int = 0,
                  q_block: int = 256) -> None:
         rng = np.random.default_rng(seed)
         s = np.sort(rng.choice(cols, size=min(sample, len(cols)), replace=False)) if len(cols) > sample else cols

@@ -41,6 +41,9 @@ def code_tokens(text: str) -> list[str]:
     return out
 
 
+BM25_K1, BM25_B = 1.2, 0.75  # the usual Okapi defaults; retrieval.json records them
+
+
 class BM25Scorer:
     """BM25 (the ``bm25s`` library) of query texts against candidate body texts.
 
@@ -48,7 +51,8 @@ class BM25Scorer:
     sparse product) and cached for the block, so the blocked search can slice it freely.
     """
 
-    def __init__(self, query_texts: list[str], candidate_texts: list[str], *, k1: float = 1.2, b: float = 0.75) -> None:
+    def __init__(self, query_texts: list[str], candidate_texts: list[str], *, k1: float = BM25_K1,
+                 b: float = BM25_B) -> None:
         import bm25s
 
         self.n_queries = len(query_texts)
