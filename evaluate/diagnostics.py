@@ -35,7 +35,9 @@ def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def effective_rank(x: np.ndarray) -> float:
-    """RankMe: exp of the entropy of the normalised singular values of the (uncentred) matrix."""
+    """RankMe: exp of the entropy of the normalised singular values of the matrix as it is (not
+    centred: in the raw space a shared direction that dominates shows as a low rank; the
+    training log's centred figure is :func:`codejepa.predict.metrics.centred_effective_rank`)."""
     s = np.linalg.svd(np.asarray(x, dtype=np.float64), compute_uv=False)
     if s.sum() <= 0:
         return 0.0

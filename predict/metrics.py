@@ -33,8 +33,10 @@ def retrieval_ranks(pred: torch.Tensor, target: torch.Tensor, block: int = 1024,
     return ranks
 
 
-def effective_rank(x: torch.Tensor) -> float:
-    """RankMe: exp of the entropy of the normalised singular values of the centred matrix."""
+def centred_effective_rank(x: torch.Tensor) -> float:
+    """RankMe of the centred matrix: exp of the entropy of its normalised singular values. The
+    training log's ``eff.rank``: centred, so that the common direction every prediction shares
+    does not count (the evaluate stage's ``rankme`` reads each space's vectors as they are)."""
     x = x.double()
     if len(x) < 2:
         return 1.0
@@ -78,8 +80,8 @@ def validation_metrics(pred_norm: torch.Tensor, tgt_norm: torch.Tensor, pred_raw
         "pred_cos_to_mean": mean_cos_to_mean(pred_norm),
         "target_cos_to_mean": mean_cos_to_mean(tgt_norm),
         "pred_cos_to_mean_raw": mean_cos_to_mean(pred_raw),
-        "pred_eff_rank": effective_rank(pred_norm),
-        "target_eff_rank": effective_rank(tgt_norm),
+        "pred_eff_rank": centred_effective_rank(pred_norm),
+        "target_eff_rank": centred_effective_rank(tgt_norm),
         "pred_std_ratio": float(pred_norm.float().std(0).mean() / tgt_norm.float().std(0).mean().clamp(min=1e-12)),
         **extra,
     }
