@@ -171,7 +171,8 @@ class StoreWriter:
                 diff = {k: (v, new_key.get(k)) for k, v in old_key.items() if v != new_key.get(k)}
                 # The commonest case named in words: the corpus was built again since (a new commit,
                 # a source added or dropped), and its records are not the store's any more.
-                why = (f"its corpus {meta.corpus_dir or ''} was built again since this store was embedded from it; "
+                corpus = f"its corpus {meta.corpus_dir}" if meta.corpus_dir else "its corpus"
+                why = (f"{corpus} was built again since this store was embedded from it; "
                        if "corpus_manifest_hash" in diff else "")
                 raise StoreError(
                     f"{self.path}: built with other settings, refusing to append ({why}"
