@@ -51,6 +51,11 @@ CHUNK_BYTES = 512 * 1024  # files are sent to workers in chunks of about this ma
 
 @dataclass(frozen=True, slots=True)
 class BuildSettings:
+    """How ``corpus build`` splits and extracts: the split's seed and train/val/test ratios (of
+    repositories), what is extracted (tests, file size limit, siblings kept as context), the leak
+    filter's treatment of trivial bodies, and the parallelism (parsing workers, clones at once,
+    clone depth), which changes no record."""
+
     seed: int = 0
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
     exclude_tests: bool = False

@@ -65,6 +65,14 @@ def merge_stores(
     block_records: int = 512,
     progress: Callable[[int], None] | None = None,
 ) -> MergeResult:
+    """Copy the records of shard stores (``embed run --shard I/N``) into one store at ``out``.
+
+    The shards must share every setting but the shard, hold no record twice and, unless
+    ``allow_partial``, be all N of them and finished. Records are copied ``block_records`` at a
+    time in shard order (whatever the order given); a killed merge resumes, skipping what ``out``
+    holds, and ``out`` is marked complete only when every shard was. ``progress`` gets the number
+    of records of each block read. Raises :class:`StoreError` with one line on bad input.
+    """
     paths = [Path(p) for p in shards]
     out = Path(out)
     if not paths:

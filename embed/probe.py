@@ -53,6 +53,10 @@ class ProbeError(CodejepaError):
 
 @dataclass(frozen=True)
 class ProbeSettings:
+    """The probe view's settings: how many fixed train bodies are read after each record's
+    inputs, their length range and the seed that draws them, and how the teacher runs (device,
+    dtype, batch, shared inputs for a causal teacher, shard, split file)."""
+
     n_probes: int = 4
     min_tokens: int = 40  # a probe is a train body of min..max tokens: a typical body's length
     max_tokens: int = 80

@@ -57,6 +57,10 @@ class EmbedError(CodejepaError):
 
 @dataclass(frozen=True)
 class EmbedSettings:
+    """What ``embed run`` stores and how fast: the teacher, its layer, the device and compute
+    dtype, the window and batch sizes, the shard and splits embedded, the targets (the body read
+    after its signature, or alone) and the dtype the states are stored in."""
+
     teacher: str | None = None  # None: the packaged all-MiniLM-L6-v2
     layer: int | None = None  # hidden_states index; None: num_hidden_layers // 2
     device: str = "auto"

@@ -123,6 +123,10 @@ def load_corpus_view(store: Any, corpus_dir: str | os.PathLike[str] | None = Non
 # -- results ----------------------------------------------------------------------------------
 @dataclass
 class RetrievalResult:
+    """One evaluation: a row per method × space (ranks, metrics with CIs, diagnostics), the
+    paired comparisons, warnings and notes for the reader, the settings, store, runs and pool it
+    was made with; :meth:`row` finds a row, ``files`` names what was written."""
+
     rows: list[MethodRow]
     comparisons: list[dict[str, Any]]
     warnings: list[str]

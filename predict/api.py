@@ -48,6 +48,7 @@ class Predictor:
         return f"Predictor({self.name!r}, {self.config.model.kind}, d={self.hidden_size}, epoch={self.epoch})"
 
     def check_store(self, store: Store) -> None:
+        """Refuse (one PredictorError line) a store other than the one this run was trained on."""
         if not hasattr(store, "fingerprint"):
             raise PredictorError(f"an open store is expected (codejepa.embed.open_store(path)), not {type(store).__name__}")
         fp = store.fingerprint()

@@ -146,6 +146,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PredictConfig:
+    """Every setting of a predictor and its training, in sections (model, mask, loss, norm,
+    optim, train, data); ``name`` is the preset it started from. Built by :func:`resolve_config`
+    (preset → TOML or config.json → ``--set``), checked by :meth:`validate`, saved as a run's
+    config.json by :meth:`to_dict`."""
+
     name: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
