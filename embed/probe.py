@@ -284,7 +284,7 @@ def compute_probe_view(
     loaded at its layer and checked against the store's weight hash. ``max_chunks`` stops
     after that many chunks (tests of resumption)."""
 
-    from codejepa.embed.run import DEFAULT_BATCH_TOKENS, shard_path
+    from codejepa.embed.run import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_TOKENS, shard_path
 
     t0 = time.perf_counter()
     emit = progress or (lambda _e, _i: None)
@@ -323,7 +323,7 @@ def compute_probe_view(
             result = ProbeResult(path, already, 0, already)
             emit("start", {"path": str(path), "records": end - start, "already": already,
                            "teacher": teacher.describe(), "probes": meta.probe_records})
-            window = smeta.max_tokens or teacher.max_positions or 2048
+            window = smeta.max_tokens or teacher.max_positions or DEFAULT_MAX_TOKENS
             dev_kind = "cuda" if str(teacher.device).startswith("cuda") else "cpu"
             batch_tokens = settings.batch_tokens if settings.batch_tokens is not None else DEFAULT_BATCH_TOKENS[dev_kind]
             pad_id = pad_token_id(teacher.tokenizer)

@@ -65,7 +65,7 @@ class EmbedSettings:
     layer: int | None = None  # hidden_states index; None: num_hidden_layers // 2
     device: str = "auto"
     dtype: str = "auto"  # compute dtype
-    max_tokens: int | None = None  # window; None: min(model positions, 2048)
+    max_tokens: int | None = None  # window; None: min(model positions, DEFAULT_MAX_TOKENS)
     batch_tokens: int | None = None  # padded tokens per model batch; None: by device
     shard: tuple[int, int] | None = None  # (index, count); None: RANK/WORLD_SIZE or (0, 1)
     splits: tuple[str, ...] | None = None  # None: all
