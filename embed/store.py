@@ -256,19 +256,36 @@ class StoreWriter:
                 "re-run with --store-dtype float32 into a new store"
             )
 
+    def _check_batch(self, batch: Sequence[PendingRecord],
+                     per_pass: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]) -> None:
+        bad = [p.split for p in batch if p.split not in SPLIT_CODES]
+        if bad:
+            raise StoreError(f"unknown split {bad[0]!r}; expected one of {list(SPLIT_CODES)}")
+        for name, items in per_pass.items():
+            for (s, t, sp), p in zip(items, batch):
+                if s.shape[0] != len(t) or len(sp) != len(t) or (s.ndim != 2 or s.shape[1] != self.meta.hidden_size):
+                    raise StoreError(f"record {p.id}: {name} states/token ids/special mask disagree in shape")
+                self._check_range(s, p.id)
+
     def append(self, batch: Sequence[PendingRecord]) -> int:
         """Append and commit a batch; returns the number of records now committed."""
         batch = [p for p in batch if p.id not in self._ids]
         if not batch:
             return self.committed
+        per_pass = {
+            "inputs": [(p.input_states, p.input_token_ids, p.input_special) for p in batch],
+            "targets": [
+                (p.body_states, p.body_token_ids,
+                 p.body_special if p.body_special is not None else np.zeros(len(p.body_token_ids), bool))
+                for p in batch
+            ],
+        }
+        self._check_batch(batch, per_pass)  # before anything is written
         need = sum((p.input_states.shape[0] + p.body_states.shape[0]) * p.input_states.shape[1] for p in batch)
         ensure_free_space(self.path, need * np.dtype(self.meta.state_dtype).itemsize)
         n0 = self.committed
         n1 = n0 + len(batch)
         r = self.f["records"]
-        bad = [p.split for p in batch if p.split not in SPLIT_CODES]
-        if bad:
-            raise StoreError(f"unknown split {bad[0]!r}; expected one of {list(SPLIT_CODES)}")
         for name in ("split", "truncated"):
             r[name].resize((n1,))
         r["split"][n0:n1] = [SPLIT_CODES[p.split] for p in batch]
@@ -282,21 +299,9 @@ class StoreWriter:
             r[f"{name}_utf8"].resize((int(ends[-1]),))
             if ends[-1] > b0:
                 r[f"{name}_utf8"][b0 : int(ends[-1])] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        per_pass = {
-            "inputs": [(p.input_states, p.input_token_ids, p.input_special) for p in batch],
-            "targets": [
-                (p.body_states, p.body_token_ids,
-                 p.body_special if p.body_special is not None else np.zeros(len(p.body_token_ids), bool))
-                for p in batch
-            ],
-        }
         for name, items in per_pass.items():
             g = self.f[name]
             lengths = np.array([len(t) for _, t, _ in items], dtype=np.int64)
-            for (s, t, sp), p in zip(items, batch):
-                if s.shape[0] != len(t) or len(sp) != len(t) or (s.ndim != 2 or s.shape[1] != self.meta.hidden_size):
-                    raise StoreError(f"record {p.id}: {name} states/token ids/special mask disagree in shape")
-                self._check_range(s, p.id)
             t0 = int(g["offsets"][n0])
             t1 = t0 + int(lengths.sum())
             for ds in ("states", "token_ids", "special"):

@@ -122,6 +122,8 @@ def test_float16_overflow_and_nan_are_refused(tmp_path: Path) -> None:
         with pytest.raises(StoreError, match="NaN"):
             w.append([bad])
         assert w.committed == 0
+        # refused before anything is written: no dataset grew (the body pass is checked last)
+        assert all(w.f[k].shape[0] == 0 for k in ("records/split", "records/id_end", "inputs/states"))
     with StoreWriter(tmp_path / "b.h5", meta(state_dtype="float32")) as w:
         inf = rec(3)
         inf.input_states[1, 2] = np.inf  # float32 holds inf: only the finiteness check stops it
