@@ -43,10 +43,13 @@ from codejepa.corpus.records import (
     read_records,
     recorded_functions,
 )
-from codejepa.corpus.split import RepoIndex, assign_split, compute_dropped, load_index, read_index
+from codejepa.corpus.split import DEFAULT_RATIOS, RepoIndex, assign_split, compute_dropped, load_index, read_index
 
 STATE_FILE = ".build-state.json"
 CHUNK_BYTES = 512 * 1024  # files are sent to workers in chunks of about this many bytes
+
+
+_EXTRACT_DEFAULTS = ExtractSettings()
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +60,11 @@ class BuildSettings:
     clone depth), which changes no record."""
 
     seed: int = 0
-    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    exclude_tests: bool = False
+    ratios: tuple[float, float, float] = DEFAULT_RATIOS
+    exclude_tests: bool = _EXTRACT_DEFAULTS.exclude_tests
     keep_trivial: bool = False
-    max_file_bytes: int = 1_000_000
-    max_siblings: int = 16
+    max_file_bytes: int = _EXTRACT_DEFAULTS.max_file_bytes
+    max_siblings: int = _EXTRACT_DEFAULTS.max_siblings
     workers: int = 1  # parsing processes; 1 = parse in this process
     clone_jobs: int = 4  # concurrent clones / downloads
     # None: a --shared clone for local/file:// sources, --depth 1 for network URLs without a

@@ -7,7 +7,11 @@ from typing import Any, Optional
 
 import typer
 
+from codejepa.corpus.extract import ExtractSettings
+from codejepa.corpus.split import DEFAULT_RATIOS
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+_DEFAULTS = ExtractSettings()  # the options' defaults are the library's (BuildSettings takes them from here)
 
 
 @app.callback()
@@ -135,11 +139,13 @@ def build(
     ),
     workers: int = typer.Option(1, "--workers", min=1, help="Parsing processes."),
     seed: int = typer.Option(0, "--seed", help="Seed of the per-repo split."),
-    split: str = typer.Option("80/10/10", "--split", help="train/val/test proportions of repos."),
+    split: str = typer.Option("/".join(f"{r * 100:g}" for r in DEFAULT_RATIOS), "--split",
+                              help="train/val/test proportions of repos."),
     exclude_tests: bool = typer.Option(False, "--exclude-tests", help="Leave out test functions and test files."),
     keep_trivial: bool = typer.Option(False, "--keep-trivial", help="Keep trivial bodies (pass, ..., raise NotImplementedError) in val/test."),
-    max_file_bytes: int = typer.Option(1_000_000, "--max-file-bytes", min=1, help="Skip larger files."),
-    max_siblings: int = typer.Option(16, "--max-siblings", min=0, help="Sibling signatures kept in a function's context."),
+    max_file_bytes: int = typer.Option(_DEFAULTS.max_file_bytes, "--max-file-bytes", min=1, help="Skip larger files."),
+    max_siblings: int = typer.Option(_DEFAULTS.max_siblings, "--max-siblings", min=0,
+                                     help="Sibling signatures kept in a function's context."),
     clone_jobs: int = typer.Option(4, "--clone-jobs", min=1, help="Concurrent clones/downloads."),
     depth: Optional[int] = typer.Option(  # noqa: UP007
         None, "--depth", min=0,

@@ -47,7 +47,10 @@ def split_point(name: str, seed: int) -> float:
     return int.from_bytes(h, "big") / 2**64
 
 
-def assign_split(name: str, seed: int = 0, ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> str:
+DEFAULT_RATIOS = (0.8, 0.1, 0.1)  # train/val/test shares of the repositories
+
+
+def assign_split(name: str, seed: int = 0, ratios: tuple[float, float, float] = DEFAULT_RATIOS) -> str:
     u = split_point(name, seed)
     if u < ratios[0]:
         return "train"
