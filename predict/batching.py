@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from codejepa.core import CodejepaError
-from codejepa.corpus.records import load_records, read_manifest
+from codejepa.core import CodejepaError, sha256_file
+from codejepa.corpus.records import corpus_fingerprint, load_records, read_manifest
 from codejepa.embed.store import Store
 
 
@@ -60,10 +60,16 @@ def corpus_columns(store: Store, corpus_dir: str | Path | None = None, *,
                             "name one; pass --set data.corpus=DIR")
     where = Path(corpus_dir or store.meta.corpus_dir)
     try:
-        read_manifest(where)
+        fingerprint = corpus_fingerprint(read_manifest(where))
     except (OSError, ValueError, CodejepaError) as e:
         raise BatchingError(f"{why} reads the corpus the store was embedded from, {where}, which cannot be "
                             f"read ({e}); pass --set data.corpus=DIR") from None
+    want = store.meta.corpus_manifest_hash
+    # Record ids can outlive a rebuild whose texts changed: the fingerprint says it is the same corpus.
+    if want and fingerprint != want and sha256_file(where / "manifest.json") != want:
+        raise BatchingError(f"{why} reads the corpus the store was embedded from, and {where} is another one "
+                            f"(corpus fingerprint {fingerprint[:12]}… vs the store's {want[:12]}…): it was built "
+                            "again since; pass --set data.corpus=DIR of the store's corpus")
     recs = {rec.id: (rec.source_file, rec.signature, rec.body) for rec in load_records(where, include_dropped=True)}
     missing = [rid for rid in store.ids if rid not in recs]
     if missing:

@@ -110,6 +110,17 @@ def test_file_batches_without_a_corpus_give_one_clear_error(store_path: Path, tm
         train(store_path, resolve_config("mlp", overrides={**over, "data.corpus": str(corpus)}),
               tmp_path / "c", device="cpu")
     assert not (tmp_path / "a").exists() and not (tmp_path / "c" / "run.json").exists()
+    # the store's own corpus, built again since (same record ids, other texts): refused by its fingerprint
+    import dataclasses
+
+    from codejepa.predict.batching import corpus_columns
+
+    mine = write_corpus(tmp_path / "mine", store_path)
+    with open_store(store_path) as st:
+        assert len(corpus_columns(st, mine, why="x")["body"]) == len(st)  # a store that names no fingerprint
+        st.meta = dataclasses.replace(st.meta, corpus_manifest_hash="0" * 64)
+        with pytest.raises(BatchingError, match="is another one .*built again since"):
+            corpus_columns(st, mine, why="train.batch_groups = 'file'")
     with pytest.raises(ConfigError, match="batch_groups"):
         resolve_config("mlp", overrides={"train.batch_groups": "folder"})
 
