@@ -562,9 +562,14 @@ def _query_split_notes(split: str, query_repos: np.ndarray, *, selects: bool) ->
     if split == "train":
         notes.append("evaluating on train, where every statistic, ridge and the runs were fitted: in-sample "
                      "figures, not a held-out result")
-    if len(np.unique(query_repos.astype(str))) < 2:
+    n_repos = len(np.unique(query_repos.astype(str)))
+    if n_repos < 2:
         notes.append(f"the {split} queries come from one repository: the CIs resample queries, not "
                      "repositories (narrower than a CI over repositories would be)")
+    elif n_repos < 5:
+        # A bootstrap over k clusters has few distinct resamples: its percentiles move in steps.
+        notes.append(f"the {split} queries come from {n_repos} repositories: the CIs over repositories take "
+                     "few distinct values and are coarse (a cross-validation, `corpus folds`, tests more)")
     return notes
 
 

@@ -138,6 +138,9 @@ def test_in_sample_and_one_repository_figures_say_so(tmp_path: Path) -> None:
     assert "CIs over queries (one repository" in " ".join(r.output.split())
     r = runner.invoke(app, ["evaluate", "retrieval", str(one.store_path), "--baselines", "none"])
     assert one_error_line(r, "nothing to evaluate")
+    few = make_dataset(tmp_path, repos={"train": 6, "val": 2, "test": 3}, name="few")
+    res = evaluate_retrieval(few.store_path, baselines="prototype", spaces="whitened", n_boot=20, plots=False)
+    assert any("come from 3 repositories: the CIs over repositories take few distinct values" in n for n in res.notes)
 
 
 def one_error_line(r, *needles: str) -> str:
