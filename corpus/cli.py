@@ -35,7 +35,7 @@ class _RichObserver:
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[extra]}"),
+            TextColumn("{task.fields[extra]}", markup=False),  # a repository's name is text, not markup
             TimeElapsedColumn(),
             console=self.console,
             auto_refresh=False,
@@ -181,15 +181,17 @@ def build(
         typer.echo("interrupted: finished repositories are kept; run the same command again to resume", err=True)
         raise typer.Exit(130) from None
     _summary(result.manifest)
+    # A script (or a benchmark) must not go on with a corpus that silently lacks a source; two
+    # sources of one name are one of them too (which one is built would follow their order).
+    failed = [r for r in result.manifest["repos"] if r["status"] != "ok"]
+    names = ", ".join(f"{r['source']} ({r['status']})" for r in failed)
     if not result.ok:
-        typer.echo("error: no repository could be built (a corpus already there is kept as it was)", err=True)
+        typer.echo(f"error: no repository could be built ({names}); a corpus already there is kept as it was",
+                   err=True)
         raise typer.Exit(1)
     typer.echo(f"wrote {result.out_dir / 'manifest.json'}", err=True)
-    # A script (or a benchmark) must not go on with a corpus that silently lacks a source.
-    failed = [r for r in result.manifest["repos"] if r["status"] not in ("ok", "duplicate")]
     if failed:
         n = len(result.manifest["repos"])
-        names = ", ".join(f"{r['source']} ({r['status']})" for r in failed)
         typer.echo(f"error: {len(failed)} of {n} sources were not built: {names}; the corpus holds the others "
                    "(see the lines above; fix or remove those sources and run the same command again: what is "
                    "built is resumed)", err=True)

@@ -440,6 +440,21 @@ def test_two_sources_of_one_name_build_the_first_and_say_how_to_build_both(fixtu
     statuses = [r["status"] for r in res.manifest["repos"]]
     assert statuses == ["ok", "duplicate"]
     assert any("give a local copy a folder of another name" in m for m in res.messages)
+    # which of the two is built follows their order: the command ends in an error naming the other
+    r = run_cli("build", str(repo), str(other), "--out", str(tmp_path / "c"))
+    assert r.exit_code == 1 and f"1 of 2 sources were not built: {other} (duplicate)" in " ".join(r.output.split())
+
+
+def test_a_bad_source_whose_path_looks_like_markup_is_text(fixture_repo: tuple[Path, str], tmp_path: Path) -> None:
+    """The progress line shows each source's name; a path like ``src/[/nope]`` raised rich's
+    MarkupError there and lost the whole build."""
+    repo, _ = fixture_repo
+    r = run_cli("build", str(tmp_path / "[/nope]"), str(repo), "--out", str(tmp_path / "c"))
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)  # not rich's MarkupError
+    assert "[/nope]" in r.output and read_manifest(tmp_path / "c")["totals"]["repos_ok"] == 1
+    r = run_cli("build", str(tmp_path / "[/a]"), str(tmp_path / "[/b]"), "--out", str(tmp_path / "c"))
+    assert r.exit_code == 1 and "no repository could be built" in r.output and "[/a]" in r.output.split("error:")[-1]
 
 
 def test_a_source_given_both_ways_goes_to_train(tmp_path: Path) -> None:
