@@ -512,7 +512,7 @@ def evaluate_retrieval(
             "bm25_query": bm25_query, "fuse_bm25": fuse_runs, **_fixed_settings(hub_spaces, hub_methods, sibling_softmax),
             "selection": {"fit_records": int(len(fit_idx)), "selection_records": int(len(sel_idx))},
             "probe": probe_info or None, "split_file": split_file, "code_version": code_version(),
-            "versions": library_versions("numpy", "scipy", "torch", "h5py"),
+            "versions": library_versions("numpy", "scipy", "torch", "h5py", "bm25s", "transformers"),
         }
         result = RetrievalResult(rows, comparisons, warnings, notes, settings, _store_record(store, cv),
                                  [r.info for r in loaded], _pool_record(pspec, task, out), projections=projections,

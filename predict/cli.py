@@ -66,6 +66,8 @@ def train_cmd(
                 from codejepa.predict.config import load_toml
 
                 model = load_toml(config).get("model.kind")
+            if config is not None and splits is None:
+                _same_split(config)
             if model is None:
                 raise ConfigError("--model is required (mlp or transformer)")
             cfg = resolve_config(model, preset=preset, file=config, overrides=overrides)
@@ -74,6 +76,23 @@ def train_cmd(
         _fail(error_line(e))
     except KeyboardInterrupt:
         _fail(f"interrupted; continue with: {_resume_command(store, out, splits)}", 130)
+
+
+def _same_split(config: Path) -> None:
+    """A run's config.json says nothing of the split file it was trained with; its run.json
+    does. Trained again without it, the run would learn on another split and say nothing."""
+    import json
+
+    from codejepa.predict.config import ConfigError
+
+    try:
+        info = json.loads((config.parent / "run.json").read_text()) if config.name == "config.json" else {}
+    except (OSError, ValueError):
+        return
+    file = (info.get("splits") or {}).get("file") if isinstance(info, dict) else None
+    if file:
+        raise ConfigError(f"{config} is the config of a run trained with --splits {file}: pass --splits again "
+                          "(that file for the same run, another for another fold)")
 
 
 def _resume_command(store: Path, out: Path, splits: Path | None) -> str:

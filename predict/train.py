@@ -314,15 +314,16 @@ def _store_check(run: dict[str, Any], store: Store, store_path: Path) -> None:
                             f"{', '.join(differ)}); resume on the store it was trained on, or start a new --out")
     fp = store.fingerprint()
     if run.get("store_fingerprint") != fp:
-        old = run.get("store_meta", {})
-        what = {k: (old.get(k), getattr(store.meta, k)) for k in ("teacher", "layer", "hidden_size", "target_mode")
-                if old.get(k) != getattr(store.meta, k)}
-        raise TrainingError(
-            f"{store_path}: built with other settings than this run's store "
-            f"(fingerprint {fp[:12]} vs {str(run.get('store_fingerprint'))[:12]}"
-            f"{'; run vs store: ' + str(what) if what else ''}, or another --splits file than the run's "
-            f"{(run.get('splits') or {}).get('file', '(none)')}); use the run's store and split file, or a new --out"
-        )
+        old = run.get("store_meta") or {}
+        keys = ("teacher", "layer", "hidden_size", "target_mode", "template_version", "corpus_manifest_hash")
+        what = [f"{k} {old[k]} vs {getattr(store.meta, k)}" for k in keys if k in old and old[k] != getattr(store.meta, k)]
+        # When the store's settings agree, what differs is the split the run was trained on.
+        then = f"--splits {run['splits']['file']}" if isinstance(run.get("splits"), dict) else "the store's own split"
+        now = "another --splits file" if store.split_key is not None else "the store's own split"
+        why = f"run vs store: {', '.join(what)}" if what else f"the run was trained with {then}, this training uses {now}"
+        raise TrainingError(f"{store_path}: not this run's store or split (fingerprint {fp[:12]} vs "
+                            f"{str(run.get('store_fingerprint'))[:12]}; {why}); use the run's store and split file, "
+                            "or a new --out")
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

@@ -265,7 +265,8 @@ def test_folds_train_evaluate_and_pool_over_every_repository(cv, tmp_path: Path)
         evaluate_retrieval(ds.store_path, [tmp_path / "k0" / "mlp"], splits=paths[1], baselines="none", plots=False)
     with pytest.raises(EvaluateError, match=r"fingerprint .*this evaluation has no --splits \(the store's own split\)"):
         evaluate_retrieval(ds.store_path, [tmp_path / "k0" / "mlp"], baselines="none", plots=False)
-    with pytest.raises(CodejepaError, match="another --splits file than the run.s .*fold-0.json"):
+    with pytest.raises(CodejepaError, match="the run was trained with --splits .*fold-0.json, this training uses "
+                                            "another --splits file"):
         train(ds.store_path, None, tmp_path / "k0" / "mlp", resume=True, device="cpu", splits=paths[1])
 
     pooled = pool_folds(evals, compare=[("mlp@whitened", "prototype@whitened")], n_boot=100)

@@ -435,7 +435,8 @@ def test_bad_inputs_give_one_clear_error(store_path: Path, tmp_path: Path) -> No
     with pytest.raises(TrainingError, match="already holds a run"):
         train(store_path, cfg, run, device="cpu")
     foreign = make_store(tmp_path / "foreign.h5", teacher="another/teacher")
-    with pytest.raises(TrainingError, match="other settings"):
+    with pytest.raises(TrainingError, match="not this run's store .*run vs store: teacher synthetic/teacher vs "
+                                            "another/teacher"):
         train(foreign, cfg, run, resume=True, device="cpu")
     with pytest.raises(TrainingError, match="differs from the run's"):
         train(store_path, apply_overrides(cfg, {"optim.lr": 0.5}), run, resume=True, device="cpu")

@@ -37,6 +37,13 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
     assert json.loads((again / "config.json").read_text()) == cfg
     a, b = (torch.load(d / "best.pt", weights_only=True)["model"] for d in (out, again))
     assert all(torch.equal(a[k], b[k]) for k in a)
+    fold = tmp_path / "fold-run"  # a run of a cross-validation fold: its split file must be given again
+    fold.mkdir()
+    (fold / "config.json").write_text((out / "config.json").read_text())
+    (fold / "run.json").write_text(json.dumps({"splits": {"file": "/cv/fold-0.json"}}))
+    r = runner.invoke(app, ["predict", "train", str(store), "--config", str(fold / "config.json"), "--out",
+                            str(tmp_path / "fold-again")])
+    assert r.exit_code == 1 and "trained with --splits /cv/fold-0.json: pass --splits again" in " ".join(r.output.split())
     # resume with more epochs: continues from epoch 2, the run's own config otherwise
     r = runner.invoke(app, ["predict", "train", str(store), "--out", str(out), "--resume", "--set", "train.epochs=3"])
     assert r.exit_code == 0, r.output
