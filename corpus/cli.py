@@ -213,8 +213,8 @@ def info(corpus: Path = typer.Argument(..., help="A corpus folder.")) -> None:
     _summary(manifest, missing)
     if missing:
         files = ", ".join(f for gone in missing.values() for f in gone)
-        which = "1 built repository has" if len(missing) == 1 else f"{len(missing)} built repositories have"
-        typer.echo(f"error: {which} lost their files ({files}); "
+        which = "1 built repository has lost its" if len(missing) == 1 else f"{len(missing)} built repositories have lost their"
+        typer.echo(f"error: {which} files ({files}); "
                    f"{REBUILD} (the same sources and --out: it rebuilds only those)", err=True)
         raise typer.Exit(1)
 

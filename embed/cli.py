@@ -102,7 +102,7 @@ def run_cmd(
     skipped = sum(result.skipped.values())
     print(
         f"{result.path}: {result.written} records written this run, {result.already} before; "
-        f"{result.truncated} truncated, {skipped} skipped {dict(result.skipped) if skipped else ''}; "
+        f"{result.truncated} truncated, {skipped} skipped{f' {dict(result.skipped)}' if skipped else ''}; "
         f"padding {result.padding_fraction:.1%}; {'complete' if result.complete else 'INCOMPLETE'}",
         file=sys.stderr,
     )
