@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from codejepa.core import CodejepaError, atomic_write_lines, sha256_json
+from codejepa.core import CodejepaError, atomic_write_lines, sha256_file, sha256_json
 
 CORPUS_FORMAT = "codejepa-corpus"
 CORPUS_FORMAT_VERSION = 1
@@ -242,6 +242,13 @@ def corpus_fingerprint(manifest: dict[str, Any]) -> str:
         ],
         "dropped": manifest.get("dropped", {}),
     })
+
+
+def is_corpus_of(corpus_dir: str | os.PathLike[str], fingerprint: str, want: str) -> bool:
+    """Whether the corpus at ``corpus_dir`` (its :func:`corpus_fingerprint`) is the one a store
+    records (``want``; none recorded: no check). Stores embedded before the content fingerprint
+    recorded the manifest file's sha256."""
+    return not want or fingerprint == want or sha256_file(Path(corpus_dir) / "manifest.json") == want
 
 
 def recorded_functions(entry: dict[str, Any]) -> int | None:

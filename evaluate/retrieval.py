@@ -8,7 +8,6 @@ prototype and a random ranking, with a warning when it does not clear them.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 from collections.abc import Callable, Mapping, Sequence
@@ -67,7 +66,7 @@ class CorpusView:
 def load_corpus_view(store: Any, corpus_dir: str | os.PathLike[str] | None = None) -> CorpusView:
     """Join the corpus records to the store's record ids; refuse a corpus the store was not
     built from (manifest hash mismatch)."""
-    from codejepa.corpus.records import corpus_fingerprint, load_records, read_manifest
+    from codejepa.corpus.records import corpus_fingerprint, is_corpus_of, load_records, read_manifest
 
     d = Path(corpus_dir if corpus_dir else store.meta.corpus_dir or "")
     manifest = d / "manifest.json"
@@ -81,8 +80,7 @@ def load_corpus_view(store: Any, corpus_dir: str | os.PathLike[str] | None = Non
     except CodejepaError as e:
         raise EvaluateError(str(e)) from None
     want = store.meta.corpus_manifest_hash
-    # Stores embedded before the content fingerprint recorded the manifest file's sha256.
-    if want and sha != want and sha256_file(manifest) != want:
+    if not is_corpus_of(d, sha, want):
         raise EvaluateError(
             f"{manifest}: corpus fingerprint {sha[:12]}… differs from the store's {want[:12]}…; "
             "this corpus is not the one the store was embedded from"
@@ -214,23 +212,13 @@ def load_runs(run_dirs: Sequence[str | os.PathLike[str]], store: Any) -> list[Lo
 
 
 def _mismatch(run_dir: Path, store: Any) -> str:
-    """What differs between the store a run was trained on (its run.json) and ``store``, in words."""
-    from codejepa.embed.store import StoreMeta
+    """Why a run does not fit ``store``, from its run.json (see :func:`codejepa.predict.train.store_mismatch`)."""
+    from codejepa.predict.train import run_record, store_mismatch
 
-    generic = "other teacher, layer, template, target mode, corpus or --splits file"
-    try:
-        info = json.loads((run_dir / "run.json").read_text())
-        then = StoreMeta.from_json(json.dumps(info["store_meta"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return generic
-    now_key, then_key = store.meta.compatibility_key(), then.compatibility_key()
-    if then_key != now_key:
-        return "run vs store: " + ", ".join(f"{k} {then_key[k]} vs {v}" for k, v in now_key.items() if then_key[k] != v)
-    run_split = (info.get("splits") or {}).get("file") if isinstance(info.get("splits"), dict) else None
-    own = "the store's own split"
-    there = f"--splits {run_split}" if run_split else own
-    here = "uses another --splits file" if store.split_key is not None else f"has no --splits ({own})"
-    return f"the same store, another split: the run was trained with {there}, this evaluation {here}"
+    info = run_record(run_dir)
+    if not info:
+        return "other teacher, layer, template, target mode, corpus or --splits file"
+    return store_mismatch(info, store, "evaluation")
 
 
 def _run_notes(run_dir: Path, name: str, store: Any) -> list[str]:
@@ -238,14 +226,11 @@ def _run_notes(run_dir: Path, name: str, store: Any) -> list[str]:
     store of the same fingerprint (another window, other records) or while its store was
     unfinished (it saw other train records than the baselines are fitted on), or stopped
     before its last epoch (its best.pt is the best of the epochs it had)."""
-    notes = []
-    try:
-        info = json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError):
-        info = {}
-    info = info if isinstance(info, dict) else {}
     from codejepa.predict.config import read_run_config
-    from codejepa.predict.train import read_log, store_values, values_differ
+    from codejepa.predict.train import read_log, run_record, store_values, values_differ
+
+    notes = []
+    info = run_record(run_dir)
 
     n_train, trained_on = int((store.splits == "train").sum()), info.get("train_records", "?")
     then = info.get("store_meta") if isinstance(info.get("store_meta"), dict) else {}

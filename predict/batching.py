@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from codejepa.core import CodejepaError, sha256_file
-from codejepa.corpus.records import corpus_fingerprint, load_records, read_manifest
+from codejepa.core import CodejepaError
+from codejepa.corpus.records import corpus_fingerprint, is_corpus_of, load_records, read_manifest
 from codejepa.embed.store import Store
 
 
@@ -66,7 +66,7 @@ def corpus_columns(store: Store, corpus_dir: str | Path | None = None, *,
                             f"read ({e}); pass --set data.corpus=DIR") from None
     want = store.meta.corpus_manifest_hash
     # Record ids can outlive a rebuild whose texts changed: the fingerprint says it is the same corpus.
-    if want and fingerprint != want and sha256_file(where / "manifest.json") != want:
+    if not is_corpus_of(where, fingerprint, want):
         raise BatchingError(f"{why} reads the corpus the store was embedded from, and {where} is another one "
                             f"(corpus fingerprint {fingerprint[:12]}… vs the store's {want[:12]}…): it was built "
                             "again since; pass --set data.corpus=DIR of the store's corpus")

@@ -81,15 +81,11 @@ def train_cmd(
 def _same_split(config: Path) -> None:
     """A run's config.json says nothing of the split file it was trained with; its run.json
     does. Trained again without it, the run would learn on another split and say nothing."""
-    import json
-
     from codejepa.predict.config import ConfigError
+    from codejepa.predict.train import run_record
 
-    try:
-        info = json.loads((config.parent / "run.json").read_text()) if config.name == "config.json" else {}
-    except (OSError, ValueError):
-        return
-    file = (info.get("splits") or {}).get("file") if isinstance(info, dict) else None
+    splits = run_record(config.parent).get("splits") if config.name == "config.json" else None
+    file = splits.get("file") if isinstance(splits, dict) else None
     if file:
         raise ConfigError(f"{config} is the config of a run trained with --splits {file}: pass --splits again "
                           "(that file for the same run, another for another fold)")

@@ -314,16 +314,34 @@ def _store_check(run: dict[str, Any], store: Store, store_path: Path) -> None:
                             f"{', '.join(differ)}); resume on the store it was trained on, or start a new --out")
     fp = store.fingerprint()
     if run.get("store_fingerprint") != fp:
-        old = run.get("store_meta") or {}
-        keys = ("teacher", "layer", "hidden_size", "target_mode", "template_version", "corpus_manifest_hash")
-        what = [f"{k} {old[k]} vs {getattr(store.meta, k)}" for k in keys if k in old and old[k] != getattr(store.meta, k)]
-        # When the store's settings agree, what differs is the split the run was trained on.
-        then = f"--splits {run['splits']['file']}" if isinstance(run.get("splits"), dict) else "the store's own split"
-        now = "another --splits file" if store.split_key is not None else "the store's own split"
-        why = f"run vs store: {', '.join(what)}" if what else f"the run was trained with {then}, this training uses {now}"
         raise TrainingError(f"{store_path}: not this run's store or split (fingerprint {fp[:12]} vs "
-                            f"{str(run.get('store_fingerprint'))[:12]}; {why}); use the run's store and split file, "
-                            "or a new --out")
+                            f"{str(run.get('store_fingerprint'))[:12]}; {store_mismatch(run, store, 'training')}); "
+                            "use the run's store and split file, or a new --out")
+
+
+def store_mismatch(run: dict[str, Any], store: Store, doing: str) -> str:
+    """Why a run (its run.json record) does not fit ``store``, in words: the store settings that
+    differ, or, when they agree, the split the run was trained with against the one ``doing``
+    (a training, an evaluation) uses."""
+    old = run.get("store_meta") if isinstance(run.get("store_meta"), dict) else {}
+    what = [f"{k} {old[k]} vs {v}" for k, v in store.meta.compatibility_key().items() if k in old and old[k] != v]
+    if what:
+        return "run vs store: " + ", ".join(what)
+    splits = run.get("splits")
+    own = "the store's own split"
+    then = f"--splits {splits['file']}" if isinstance(splits, dict) and splits.get("file") else own
+    now = "another --splits file" if store.split_key is not None else own
+    return f"the run was trained with {then}, this {doing} uses {now}"
+
+
+def run_record(run_dir: Path) -> dict[str, Any]:
+    """A run folder's run.json, or {} when it is missing or damaged (for notes and hints; the
+    commands that need it refuse a damaged one themselves)."""
+    try:
+        info = json.loads((Path(run_dir) / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
