@@ -372,6 +372,9 @@ def build_corpus(
     return BuildResult(out, manifest, build.messages)
 
 
+_REPO_FILES = (".jsonl", ".index.tsv")  # a repository's records and index files in repos/
+
+
 def _remove_unlisted(out: Path, manifest: dict[str, Any]) -> None:
     """Delete the records and index files of repositories the manifest no longer lists (dropped
     from the sources): `grep`/`jq` over ``repos/`` would count them. Only after a build where
@@ -380,7 +383,7 @@ def _remove_unlisted(out: Path, manifest: dict[str, Any]) -> None:
         return
     listed = {r.get(k) for r in manifest["repos"] for k in ("records_file", "index_file")}
     for p in (out / "repos").iterdir():
-        if p.is_file() and p.name.endswith((".jsonl", ".index.tsv")) and f"repos/{p.name}" not in listed:
+        if p.is_file() and p.name.endswith(_REPO_FILES) and f"repos/{p.name}" not in listed:
             p.unlink()
 
 
@@ -399,7 +402,7 @@ def _corpus_remains(out: Path) -> bool:
     files (and their temporary files); any other folder that holds a ``repos/`` is not ours."""
     if {p.name for p in out.iterdir()} != {"repos"} or not (out / "repos").is_dir():
         return False
-    return all(p.is_file() and p.name.endswith((".jsonl", ".index.tsv", ".tmp")) for p in (out / "repos").iterdir())
+    return all(p.is_file() and p.name.endswith((*_REPO_FILES, ".tmp")) for p in (out / "repos").iterdir())
 
 
 _Todo = tuple[src.Source, dict[str, Any]]  # a source to build, and its manifest entry

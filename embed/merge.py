@@ -37,7 +37,7 @@ def _check_shards(metas: list[StoreMeta], paths: Sequence[Path], allow_partial: 
         if k != keys[0]:
             diff = {n: (keys[0][n], v) for n, v in k.items() if v != keys[0][n]}
             raise StoreError(f"{p}: built with other settings than {paths[0]}, cannot merge ({diff})")
-    specs = [tuple(int(x) for x in m.shard.split("/")) for m in metas]
+    specs = [_shard_spec(m, p) for m, p in zip(metas, paths)]
     counts = {n for _, n in specs}
     if counts != {1}:
         if len(counts) != 1:
@@ -83,7 +83,7 @@ def merge_stores(
     try:
         # Shard order, not the command line's (a glob puts shard-10 before shard-2): the same
         # shards always merge into the same record order, so training on the store reproduces.
-        order = sorted(range(len(stores)), key=lambda j: (_shard_index(stores[j].meta), str(paths[j])))
+        order = sorted(range(len(stores)), key=lambda j: (_shard_spec(stores[j].meta, paths[j])[0], str(paths[j])))
         stores, paths = [stores[j] for j in order], [paths[j] for j in order]
         metas = [s.meta for s in stores]
         _check_shards(metas, paths, allow_partial)
@@ -133,11 +133,13 @@ def merge_stores(
             s.close()
 
 
-def _shard_index(meta: StoreMeta) -> int:
+def _shard_spec(meta: StoreMeta, path: Path) -> tuple[int, int]:
+    """A store's shard (I, N), from its metadata's "I/N"."""
     try:
-        return int(meta.shard.split("/")[0])
-    except ValueError:  # a malformed shard field: _check_shards names it
-        return -1
+        i, n = (int(x) for x in meta.shard.split("/"))
+    except ValueError:
+        raise StoreError(f"{path}: its shard field {meta.shard!r} is not I/N") from None
+    return i, n
 
 
 def _append(w: StoreWriter, batch: list[PendingRecord], copied: int) -> int:

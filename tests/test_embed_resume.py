@@ -299,3 +299,6 @@ def test_shards_merge_in_shard_order_whatever_the_command_line_order(tmp_path: P
     with open_store(tmp_path / "ba.h5") as ba, open_store(tmp_path / "ab.h5") as ab:
         assert list(ba.ids) == list(ab.ids) == ["r0", "r2", "r4", "r1", "r3"]
         assert ba.meta.extra["merged_from"] == ab.meta.extra["merged_from"]
+    odd = _shard_store(tmp_path / "odd.h5", "x", 2, [5])  # type: ignore[arg-type]  # a hand-edited shard field
+    with pytest.raises(StoreError, match="its shard field 'x/2' is not I/N"):
+        merge_stores([a, odd], tmp_path / "odd-merged.h5")
