@@ -44,20 +44,30 @@ class _RichObserver:
         self.repos = self.progress.add_task("repos", total=None, extra="")
         self.files = self.progress.add_task("files", total=0, extra="")
         self.functions = 0
+        self.shown = False
 
     def __enter__(self) -> _RichObserver:
-        self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.refresh()
-        self.progress.stop()
+        if self.shown:
+            self.progress.refresh()
+            self.progress.stop()
+
+    def _show(self) -> None:
+        # The bars appear with the build's first event: a refused --out or list file is then
+        # one error line, not empty bars above it.
+        if not self.shown:
+            self.shown = True
+            self.progress.start()
 
     def on_start(self, n_sources: int) -> None:
+        self._show()
         self.progress.update(self.repos, total=n_sources)
         self.progress.refresh()
 
     def on_message(self, line: str) -> None:
+        self._show()
         self.progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
         self.progress.refresh()
 

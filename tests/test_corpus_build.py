@@ -393,6 +393,7 @@ def test_cli_build_and_exit_codes(fixture_repo: tuple[Path, str], tmp_path: Path
     # Missing --out parent and missing repos file.
     r = run_cli("build", str(repo), "--out", str(tmp_path / "no" / "parent"))
     assert r.exit_code == 1 and "parent folder" in r.output
+    assert r.output.strip().startswith("error:"), r.output  # one line: no empty progress bars above it
     # A list that cannot be read stops the build before anything is written: built without its
     # list, the corpus would replace the one there.
     before = (out / "manifest.json").read_bytes()
