@@ -54,3 +54,71 @@ def test_a_throughput_bench_prints_its_figures_and_leaves_no_folder_behind(
     assert r.returncode == 0, r.stderr
     assert ("real tok/s" if "embed_" in script else "records/s") in r.stdout
     assert list(tmpdir.iterdir()) == []
+
+
+def test_the_cross_rerank_experiment_runs_and_reloads_to_the_same_figures(tmp_path: Path) -> None:
+    """bench/cross_rerank.py end to end on a small store (hybrid first stage, canonical space),
+    then its saved scorer evaluated again with --load: every figure must come back identical,
+    and each row must be a real retrieval result over the test split's queries."""
+    import json
+    import os
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _evaluate_fixtures import make_dataset
+
+    ds = make_dataset(tmp_path, repos={"train": 8, "val": 3, "test": 4}, per_repo=25)
+    small = ["--K", "10", "--Ktrain", "8", "--neg", "3", "--d", "16", "--heads", "2", "--bs", "8",
+             "--threads", "1", "--first", "hybrid", "--space", "canonical"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "rr.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench/cross_rerank.py"), str(ds.store_path), *small,
+                        "--epochs", "2", "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "re-ranked" in r.stdout and out.with_suffix(".pt").is_file()
+    first = json.loads(out.read_text())
+    assert first["n_test"] == int((ds.splits == "test").sum())
+    for row in ("first stage", "re-ranked", "cross-scorer alone (top K)"):
+        v = first[row]["rank@1"]
+        assert 0.0 <= v["ci_low"] <= v["value"] <= v["ci_high"] <= 1.0
+    assert first["val_mrr"]["0.0"] > 0 and first["rerank_weight"] in [float(w) for w in first["val_mrr"]]
+    again = tmp_path / "again.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench/cross_rerank.py"), str(ds.store_path), *small,
+                        "--load", str(out.with_suffix(".pt")), "--out", str(again)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr + r.stdout
+    second = json.loads(again.read_text())
+    for key in ("first stage", "re-ranked", "cross-scorer alone (top K)", "val_mrr", "rerank_weight", "hybrid_settings"):
+        assert second[key] == first[key], key
+
+
+def test_the_cross_rerank_first_stage_is_evaluates_row(tmp_path: Path) -> None:
+    """The experiment's first stage from a trained run (--run, whitened, no corrections) ranks
+    the test queries as `evaluate retrieval` ranks that run's whitened row: the re-ranking's
+    figures stand on the toolkit's own pool, space and ties."""
+    import json
+    import os
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _evaluate_fixtures import make_dataset
+
+    from codejepa.evaluate import evaluate_retrieval
+    from codejepa.predict.config import resolve_config
+    from codejepa.predict.train import train
+
+    ds = make_dataset(tmp_path, repos={"train": 8, "val": 3, "test": 4}, per_repo=25, duplicate_test_bodies=0)
+    cfg = resolve_config("mlp", overrides={"model.mlp_hidden": "32,32", "train.batch_size": 64, "train.epochs": 3,
+                                           "optim.lr": 3e-3, "train.plot_every_s": -1})
+    run = tmp_path / "run"
+    train(ds.store_path, cfg, run, device="cpu")
+    res = evaluate_retrieval(ds.store_path, [run], baselines="ridge+last", spaces="whitened", n_boot=100,
+                             out_dir=tmp_path / "eval")
+    want = {m: res.row(res.runs[0]["name"], "whitened").metrics[m].value for m in ("rank@1", "mrr")}
+    out = tmp_path / "rr.json"
+    r = subprocess.run([sys.executable, str(ROOT / "bench/cross_rerank.py"), str(ds.store_path), "--run", str(run),
+                        "--K", "10", "--Ktrain", "8", "--neg", "3", "--d", "16", "--heads", "2", "--bs", "8",
+                        "--epochs", "1", "--threads", "1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr + r.stdout
+    got = json.loads(out.read_text())["first stage"]
+    for m, v in want.items():
+        assert abs(got[m]["value"] - v) < 1e-6, (m, got[m]["value"], v)
