@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from codejepa.core import CodejepaError
 from codejepa.embed.store import open_store
 from codejepa.evaluate.baselines import FUSION_WEIGHTS, RIDGE_ALPHAS, RidgeFit
 from codejepa.evaluate.hubness import CSLS_BETAS, CSLS_KS, hub_penalties
@@ -137,6 +139,9 @@ def main() -> None:
     n_rec, dim = len(st), st.meta.hidden_size
     tr, va, te = (st.indices(s) for s in ("train", "val", "test"))
     log(f"{n_rec} records: train {len(tr)} val {len(va)} test {len(te)}")
+    if min(len(tr), len(va), len(te)) < 2:
+        raise CodejepaError(f"{args.store}: the experiment needs train, val and test records (has {len(tr)}, "
+                            f"{len(va)}, {len(te)})")
 
     # -- first stage: ridge+last in the space, every statistic from train ----------------------
     views = st.pooled_views(("signature", "signature_last", "body"))
@@ -209,7 +214,7 @@ def main() -> None:
             log(f"hybrid first stage: CSLS k, β, BM25 fusion weight = {hybrid_settings['val']} "
                 f"(val MRR {grid[hybrid_settings['val']]:.4f})")
         s = combine(*hybrid_settings["val"])
-        v, i = s.topk(k, dim=1)
+        v, i = s.topk(min(k, s.shape[1]), dim=1)
         return reps, true_g, ranks_of(s, true_g), i.numpy(), v.numpy().astype(np.float32)
 
     # -- token tensors: the signature's first Lq tokens, the body's first Lb (sink tokens out) -----
@@ -272,6 +277,9 @@ def main() -> None:
         return model(q, qmask, b, bmask)
 
     # -- training ---------------------------------------------------------------------------------
+    if not 1 <= args.neg <= args.Ktrain < len(pool_of(tr)[0]):
+        raise CodejepaError(f"--neg {args.neg} ≤ --Ktrain {args.Ktrain} < the train split's "
+                            f"{len(pool_of(tr)[0])} distinct bodies is needed")
     reps_tr, tg_tr, rk_tr, topi_tr, _ = dense_top(tr, args.Ktrain + 1, pred_all[torch.from_numpy(tr)])
     log(f"train, cross-fitted: rank@1 {100 * (rk_tr == 1).mean():.1f}% in the train pool")
     use = tr[rk_tr <= args.Ktrain]
@@ -313,11 +321,12 @@ def main() -> None:
             reps, true_g, ranks0, topi, tops = hybrid_top(q_idx, args.K, split)
         else:
             reps, true_g, ranks0, topi, tops = dense_top(q_idx, args.K, first_pred(q_idx, alpha))
-        qi, bi = np.repeat(q_idx, args.K), reps[topi].reshape(-1)
+        k = topi.shape[1]  # the pool may hold fewer than K bodies
+        qi, bi = np.repeat(q_idx, k), reps[topi].reshape(-1)
         model.eval()
         with torch.no_grad():
             rr = np.concatenate([scores(qi[a : a + 1024], bi[a : a + 1024]).numpy()
-                                 for a in range(0, len(qi), 1024)]).reshape(len(q_idx), args.K)
+                                 for a in range(0, len(qi), 1024)]).reshape(len(q_idx), k)
         return dict(true_g=true_g, ranks0=ranks0, topi=topi, tops=tops, rr=rr, repos=st.repos[q_idx])
 
     def fused_ranks(ev: dict[str, np.ndarray], w: float) -> np.ndarray:
@@ -355,4 +364,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CodejepaError as e:  # a missing store, a run of another store: one line
+        sys.exit(f"cross_rerank: {e}")

@@ -122,3 +122,16 @@ def test_the_cross_rerank_first_stage_is_evaluates_row(tmp_path: Path) -> None:
     got = json.loads(out.read_text())["first stage"]
     for m, v in want.items():
         assert abs(got[m]["value"] - v) < 1e-6, (m, got[m]["value"], v)
+
+
+def test_the_cross_rerank_experiment_refuses_bad_input_in_one_line(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _evaluate_fixtures import make_dataset
+
+    r = subprocess.run([sys.executable, str(ROOT / "bench/cross_rerank.py"), str(tmp_path / "none.h5")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "cross_rerank: " in r.stderr and "no such store" in r.stderr
+    ds = make_dataset(tmp_path, repos={"train": 2, "val": 1, "test": 1}, per_repo=10)  # 20 train bodies
+    r = subprocess.run([sys.executable, str(ROOT / "bench/cross_rerank.py"), str(ds.store_path), "--Ktrain", "32"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "--Ktrain 32" in r.stderr, r.stderr
