@@ -11,11 +11,11 @@ token states (the stored targets) *together* and gives the pair one score; it re
 first stage's top K, and its per-query z-score is added to the first stage's with a weight
 chosen on val MRR. Candidates outside the top K keep their first-stage rank.
 
-First stages: ``ridge`` — ridge+last in the given space (or ``--run``'s predictions); ``hybrid`` — the same minus CSLS's
-hub penalty, fused with BM25 (signature query), k, β and the fusion weight chosen on val MRR
-(evaluate's grids; evaluate's sibling softmax is not applied). Test-split pool of distinct
-bodies (evaluate's body labels), pessimistic ties, CIs and the paired bootstrap over test
-repositories with evaluate's own functions.
+First stages: ``ridge`` — ridge+last in the given space (or ``--run``'s predictions);
+``hybrid`` — the same minus CSLS's hub penalty, fused with BM25 (signature query), k, β and the
+fusion weight chosen on val MRR (evaluate's grids; evaluate's sibling softmax is not applied).
+Test-split pool of distinct bodies (evaluate's body labels), pessimistic ties, CIs and the
+paired bootstrap over test repositories with evaluate's own functions.
 
 Training (train split only): each train query's hard negatives are the top ``--Ktrain`` train
 bodies of a ridge+last fitted on the *other* train repositories (5 folds), so they are as hard as
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -287,7 +288,11 @@ def main() -> None:
     pos_in_tr = {int(r): k for k, r in enumerate(tr)}
     negs = np.stack([reps_tr[topi_tr[k][topi_tr[k] != tg_tr[k]][: args.Ktrain]] for k in range(len(tr))])
     if args.load:
-        model.load_state_dict(torch.load(args.load))
+        try:  # missing, damaged, or trained with another --arch/--Lq/--Lb/--d/--layers: one line
+            model.load_state_dict(torch.load(args.load))
+        except (OSError, RuntimeError, pickle.UnpicklingError) as e:
+            raise CodejepaError(f"--load {args.load}: not a cross-scorer of these settings "
+                                f"({str(e).splitlines()[0]})") from None
         log(f"loaded {args.load}: no training")
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)

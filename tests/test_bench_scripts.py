@@ -135,3 +135,8 @@ def test_the_cross_rerank_experiment_refuses_bad_input_in_one_line(tmp_path: Pat
     r = subprocess.run([sys.executable, str(ROOT / "bench/cross_rerank.py"), str(ds.store_path), "--Ktrain", "32"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "--Ktrain 32" in r.stderr, r.stderr
+    wrong = tmp_path / "wrong.pt"
+    wrong.write_bytes(b"not a state dict")
+    r = subprocess.run([sys.executable, str(ROOT / "bench/cross_rerank.py"), str(ds.store_path), "--Ktrain", "8",
+                        "--neg", "3", "--load", str(wrong)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "not a cross-scorer" in r.stderr, r.stderr
