@@ -125,8 +125,11 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=None,
                     help="a `predict train` run whose predictions replace ridge+last in the first stage "
                          "(training's hard negatives still come from the cross-fitted ridge+last)")
-    ap.add_argument("--out", type=Path, default=Path("cross-rerank.json"), help="result JSON (the model beside it, .pt)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="result JSON, the model beside it as .pt (default: STORE's folder/cross-rerank.json)")
     args = ap.parse_args()
+    if args.out is None:  # beside the store, not in whatever folder the script was started from
+        args.out = args.store.parent / "cross-rerank.json"
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)

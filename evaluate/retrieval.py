@@ -231,7 +231,6 @@ def _run_notes(run_dir: Path, name: str, store: Any) -> list[str]:
 
     notes = []
     info = run_record(run_dir)
-
     n_train, trained_on = int((store.splits == "train").sum()), info.get("train_records", "?")
     then = info.get("store_meta") if isinstance(info.get("store_meta"), dict) else {}
     # The fingerprint (teacher, layer, template, corpus) agrees; the window, the dtypes or the

@@ -87,6 +87,14 @@ def test_the_cross_rerank_experiment_runs_and_reloads_to_the_same_figures(tmp_pa
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr + r.stdout
     second = json.loads(again.read_text())
+    # Without --out the result goes beside the store, not into the folder the script ran from.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = subprocess.run([sys.executable, str(ROOT / "bench/cross_rerank.py"), str(ds.store_path), *small,
+                        "--load", str(out.with_suffix(".pt"))], capture_output=True, text=True, timeout=300, env=env,
+                       cwd=elsewhere)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert (ds.store_path.parent / "cross-rerank.json").is_file() and not list(elsewhere.iterdir())
     for key in ("first stage", "re-ranked", "cross-scorer alone (top K)", "val_mrr", "rerank_weight", "hybrid_settings"):
         assert second[key] == first[key], key
 
