@@ -81,6 +81,12 @@ def retrieval(
                                                                  "instead of the store's own split; runs must share it."),
     probe: Optional[Path] = typer.Option(None, "--probe", help="The store's probe view (`codejepa embed probe`): adds a "
                                                                "NAME+probe row for every run and for ridge+last."),
+    rerank: Optional[Path] = typer.Option(None, "--rerank", help="A cross-scorer run (`codejepa predict cross`): adds "
+                                                                 "NAME+rerank rows, each row's top K re-scored by it."),
+    rerank_k: int = typer.Option(50, "--rerank-k", help="Candidates per query the cross-scorer re-scores."),
+    rerank_rows: str = typer.Option("*", "--rerank-rows", help="Comma list of row names or globs to re-rank, e.g. "
+                                                               "'*+bm25,*+sib' (rows with a val scorer: bm25, reverse, "
+                                                               "+csls, +bm25, +sib)."),
 ) -> None:
     """Rank each query's true body among the pool's distinct bodies, for every method and space."""
     from rich.console import Console
@@ -107,7 +113,8 @@ def retrieval(
                 corpus_dir=corpus, compare=_parse_compare(compare), ridge_input=ridge_input,
                 whitening_shrinkage=shrinkage, n_boot=n_boot, pool_seeds=pool_seeds, plots=not no_plots,
                 noisy_of=noisy_of, bm25_query=bm25_query, fuse_bm25=fuse_bm25, hubness_correction=hubness,
-                sibling_softmax=siblings, splits=splits, probe=probe,
+                sibling_softmax=siblings, splits=splits, probe=probe, rerank=rerank, rerank_k=rerank_k,
+                rerank_rows=rerank_rows,
                 log=lambda m: bar.update(job, description=escape(m[:70])),
                 progress=lambda done, total: bar.update(job, completed=done, total=total),
             )

@@ -27,6 +27,9 @@ from codejepa.evaluate.metrics import MetricCI, PairedComparison, check_n_boot, 
 from codejepa.evaluate.pools import PoolSpec, Task, build_task, parse_pool, search_task
 from codejepa.evaluate.probe import Memo, ProbeMix
 from codejepa.evaluate.probe import SUFFIX as PROBE_SUFFIX
+from codejepa.evaluate.rerank import DEFAULT_K as DEFAULT_RERANK_K
+from codejepa.evaluate.rerank import POOLS as RERANK_POOLS
+from codejepa.evaluate.rerank import RERANK_WEIGHTS, Reranker
 from codejepa.evaluate.rows import (
     FUSED_SUFFIX,
     NO_SPACE,
@@ -329,6 +332,9 @@ def evaluate_retrieval(
     sibling_softmax: bool = True,
     splits: str | os.PathLike[str] | None = None,
     probe: str | os.PathLike[str] | None = None,
+    rerank: str | os.PathLike[str] | None = None,
+    rerank_k: int = DEFAULT_RERANK_K,
+    rerank_rows: Sequence[str] | str = "*",
     log: Log | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> RetrievalResult:
@@ -352,6 +358,11 @@ def evaluate_retrieval(
     ``probe``: the store's probe view (``codejepa embed probe``); every run and method, and ridge+last,
     then also gets a ``NAME+probe`` method: its predictions mixed with the probe view at a weight
     chosen on val (see :mod:`codejepa.evaluate.probe`), with every correction the others get.
+    ``rerank``: a cross-scorer run (``codejepa predict cross``) trained on this store; every row
+    with a selection-split scorer (BM25, reverse, and the ``+csls``, ``+bm25`` and ``+sib`` rows)
+    whose name matches a ``rerank_rows`` glob then also gets ``NAME+rerank``: its top
+    ``rerank_k`` candidates re-scored, the weight chosen on val (see :mod:`codejepa.evaluate.rerank`;
+    split and all pools only).
     """
     from codejepa.embed.store import open_store
 
@@ -461,9 +472,10 @@ def evaluate_retrieval(
                                   fuse_reverse=need_bm25 and fuse_bm25, hub_spaces=len(hub_spaces),
                                   hub_methods=hub_methods, hubness_correction=hubness_correction,
                                   sibling_softmax=sibling_softmax)
+        reranker, rerank_info = _reranker(rerank, rerank_k, rerank_rows, store, task, sel_task, notes, say)
         out = RowWriter(task, sel_task, pspec.label, n_boot, seed, expected, say, progress, sibling_softmax,
                         cv.files[q_idx], cv.files[sel_idx] if sel_task is not None else None, store.repos, fit_idx,
-                        bm25_test, bm25_sel)
+                        bm25_test, bm25_sel, reranker)
 
         if "random" in names:
             rng = np.random.default_rng(seed)
@@ -472,6 +484,7 @@ def evaluate_retrieval(
             say("BM25 search")
             out.add("bm25", "baseline", NO_SPACE, search_task(bm25_test, task), bm25_settings)
             if bm25_sel is not None:
+                out.rerank("bm25", "baseline", NO_SPACE, bm25_sel, bm25_test, {"query": bm25_settings["query"]})
                 out.siblings("bm25", "baseline", NO_SPACE, bm25_sel, bm25_test, {"query": bm25_settings["query"]})
         if "reverse" in names and sel_task is not None and last_x is not None:
             reverse_rows(out, last_x, bodies, inp.cand_raw, fit_idx, sel_idx, q_idx, whitening_shrinkage,
@@ -495,7 +508,7 @@ def evaluate_retrieval(
             "whitening_shrinkage": whitening_shrinkage, "n_boot": n_boot, "seed": seed, "noisy_of": noisy_of,
             "bm25_query": bm25_query, "fuse_bm25": fuse_runs, **_fixed_settings(hub_spaces, hub_methods, sibling_softmax),
             "selection": {"fit_records": int(len(fit_idx)), "selection_records": int(len(sel_idx))},
-            "probe": probe_info or None, "split_file": split_file, "code_version": code_version(),
+            "probe": probe_info or None, "rerank": rerank_info or None, "split_file": split_file, "code_version": code_version(),
             "versions": library_versions("numpy", "scipy", "torch", "h5py", "bm25s", "transformers"),
         }
         result = RetrievalResult(rows, comparisons, warnings, notes, settings, _store_record(store, cv),
@@ -508,6 +521,35 @@ def evaluate_retrieval(
 
         write_outputs(result, Path(out_dir), plots=plots)
     return result
+
+
+def _reranker(rerank: str | os.PathLike[str] | None, k: int, patterns: Sequence[str] | str, store: Any, task: Task,
+              sel_task: Task | None, notes: list[str], say: Log) -> tuple[Reranker | None, dict[str, Any]]:
+    """The loaded cross-scorer of ``--rerank``, its token windows read for every query and
+    candidate it may score; None (with a note) where nothing can be re-ranked."""
+    if rerank is None:
+        return None, {}
+    from codejepa.predict.cross import CrossError, load_cross
+
+    pats = tuple(p.strip() for p in (patterns.split(",") if isinstance(patterns, str) else patterns) if p.strip())
+    if not pats:
+        raise EvaluateError("--rerank-rows needs at least one row name or glob")
+    try:
+        cross = load_cross(rerank)
+        cross.check_store(store)
+    except CrossError as e:
+        raise EvaluateError(f"--rerank: {e}") from None
+    if task.pool.kind not in RERANK_POOLS or sel_task is None:
+        why = f"the {task.pool.label} pool" if sel_task is not None else "no selection split"
+        notes.append(f"--rerank {cross.name}: no row re-ranked ({why}; re-ranking is for the split and all pools)")
+        return None, {}
+    records = np.concatenate([task.query_idx, task.cand_idx, sel_task.query_idx, sel_task.cand_idx])
+    say(f"reading the token windows of {len(np.unique(records))} records for the cross-scorer {cross.name}")
+    cross.prepare(store, records)
+    info = {"cross_scorer": str(Path(rerank)), "name": cross.name, "epoch": cross.epoch,
+            "val_mrr_at_training": cross.val_mrr, "k": k, "rows": list(pats), "weights": list(RERANK_WEIGHTS),
+            "config": cross.config.to_dict()}
+    return Reranker(cross, k, pats), info
 
 
 def _store_notes(store: Any, say: Log) -> list[str]:

@@ -22,6 +22,9 @@ from codejepa.evaluate.hubness import CSLS_KS, CSLS_BETAS, HubScorer, hub_penalt
 from codejepa.evaluate.hubness import SUFFIX as CSLS_SUFFIX
 from codejepa.evaluate.metrics import MetricCI, bootstrap_cis, chance_metrics, compute_metrics
 from codejepa.evaluate.pools import Task, search_task
+from codejepa.evaluate.rerank import POOLS as RERANK_POOLS
+from codejepa.evaluate.rerank import RERANK_WEIGHTS, Reranker, RerankScorer
+from codejepa.evaluate.rerank import SUFFIX as RERANK_SUFFIX
 from codejepa.evaluate.search import (
     SCORE_SAMPLE,
     DenseScorer,
@@ -37,8 +40,9 @@ from codejepa.evaluate.siblings import SUFFIX as SIB_SUFFIX
 Log = Callable[[str], None]
 NO_SPACE = "-"  # methods that do not depend on the vector space (random, BM25)
 FUSED_SUFFIX = "+bm25"  # a run's scores fused with BM25's: NAME+bm25
-# NAME+csls: its scores hubness-corrected; NAME+sib: its scores with the sibling softmax
-RESERVED_SUFFIXES = (FUSED_SUFFIX, CSLS_SUFFIX, SIB_SUFFIX)
+# NAME+csls: its scores hubness-corrected; NAME+sib: its scores with the sibling softmax;
+# NAME+rerank: its top K re-scored by a cross-scorer
+RESERVED_SUFFIXES = (FUSED_SUFFIX, CSLS_SUFFIX, SIB_SUFFIX, RERANK_SUFFIX)
 
 
 @dataclass
@@ -110,6 +114,7 @@ class RowWriter:
     fit_idx: np.ndarray  # the train records the hubness references come from
     bm25_test: Any = None
     bm25_sel: Any = None
+    reranker: Reranker | None = None  # --rerank: NAME+rerank rows
     rows: list[MethodRow] = field(default_factory=list)
     sizes: np.ndarray = field(init=False)
     clusters: np.ndarray = field(init=False)
@@ -149,11 +154,12 @@ class RowWriter:
                 for t in SIB_TEMPERATURES for b in SIB_BETAS if b > 0 or t == SIB_TEMPERATURES[0]}
         t, beta = max(grid, key=lambda tb: (grid[tb], -tb[1]))
         self.say(f"searching {name}{SIB_SUFFIX} in {space} space (T {t} × {spread:.3g}, β {beta})")
-        self.add(f"{name}{SIB_SUFFIX}", kind, space,
-                 search_task(SiblingScorer(test_scorer, self.files_q, t * spread, beta), self.task),
-                 {**settings, "temperature": t, "spread": spread, "beta": beta,
-                  "siblings": "the query split's functions of the query's own source file, itself included",
-                  "selection_mrr": {f"T={a},beta={b}": v for (a, b), v in grid.items()}})
+        sib_test = SiblingScorer(test_scorer, self.files_q, t * spread, beta)
+        info = {**settings, "temperature": t, "spread": spread, "beta": beta,
+                "siblings": "the query split's functions of the query's own source file, itself included"}
+        self.add(f"{name}{SIB_SUFFIX}", kind, space, search_task(sib_test, self.task),
+                 {**info, "selection_mrr": {f"T={a},beta={b}": v for (a, b), v in grid.items()}})
+        self.rerank(f"{name}{SIB_SUFFIX}", kind, space, SiblingScorer(base, self.files_sel, t * spread, beta), sib_test, info)
 
     def fuse(self, name: str, kind: str, space: str, dense_sel: Any, dense_test: Any, settings: dict) -> None:
         """``name``: a dense scorer fused with BM25's scores, the weight chosen on selection MRR
@@ -170,8 +176,26 @@ class RowWriter:
         self.add(name, kind, space, search_task(fused, self.task),
                  {"dense_weight": w, **settings, "selection_mrr": {str(k): v for k, v in wsc.items()},
                   "normalisation": f"per-query z-score over a fixed sample of {SCORE_SAMPLE} pool candidates"})
-        self.siblings(name, kind, space, FusedScorer(dense_sel, self.bm25_sel, w, cols_sel, stats=st), fused,
-                      {"dense_weight": w, **settings})
+        fused_sel = FusedScorer(dense_sel, self.bm25_sel, w, cols_sel, stats=st)
+        self.rerank(name, kind, space, fused_sel, fused, {"dense_weight": w, **settings})
+        self.siblings(name, kind, space, fused_sel, fused, {"dense_weight": w, **settings})
+
+    def rerank(self, name: str, kind: str, space: str, sel_scorer: Any, test_scorer: Any, settings: dict) -> None:
+        """``name+rerank``: the scorer's top K per query re-scored by the cross-scorer
+        (:mod:`codejepa.evaluate.rerank`), the fusion weight chosen on selection MRR."""
+        rr, sel_task = self.reranker, self.sel_task
+        if rr is None or sel_task is None or self.task.pool.kind not in RERANK_POOLS or not rr.wants(name):
+            return
+        n_rec = len(self.repos)
+        base_sel = materialized(sel_scorer, len(sel_task.cand_idx))
+        top_sel = rr.top(base_sel, sel_task, n_rec)
+        grid = {w: selection_mrr(RerankScorer(base_sel, top_sel, w), sel_task) for w in RERANK_WEIGHTS}
+        w = max(grid, key=lambda k: (grid[k], -k))
+        self.say(f"re-ranking {name} in {space} space: top {top_sel.cols.shape[1]} by {rr.cross.name} (weight {w})")
+        top = rr.top(test_scorer, self.task, n_rec)
+        self.add(f"{name}{RERANK_SUFFIX}", kind, space, search_task(RerankScorer(test_scorer, top, w), self.task),
+                 {**settings, "rerank_weight": w, "rerank_k": int(top.cols.shape[1]), "cross_scorer": rr.cross.name,
+                  "cross_scorer_epoch": rr.cross.epoch, "selection_mrr": {str(k): v for k, v in grid.items()}})
 
     def hub_corrected(self, dense_sel: DenseScorer, dense_test: DenseScorer, refs: Any) -> tuple[HubScorer, HubScorer, dict, dict]:
         """CSLS of a dense scorer: its cosines minus β × each candidate's mean cosine to its k
@@ -207,6 +231,7 @@ def reverse_rows(out: RowWriter, last_x: np.ndarray, bodies: np.ndarray, cand_ra
     rev_info = {"alpha": a_rev, "direction": "candidate body → signature mean + last token, whitened (train)",
                 "selection_mrr": {str(k): v for k, v in rev_sc.items()}, "n_fit": len(fit_idx)}
     out.add("reverse", "baseline", NO_SPACE, search_task(rev_test, out.task), rev_info)
+    out.rerank("reverse", "baseline", NO_SPACE, rev_sel, rev_test, {"alpha": a_rev})
     if out.fusing and fuse:
         out.fuse(f"reverse{FUSED_SUFFIX}", "baseline", NO_SPACE, rev_sel, rev_test, {"alpha": a_rev})
     if hubness_correction and len(np.unique(out.repos[fit_idx].astype(str))) > 1:
@@ -217,6 +242,7 @@ def reverse_rows(out: RowWriter, last_x: np.ndarray, bodies: np.ndarray, cand_ra
         info = {**kb, "alpha": a_rev, "reference": f"signature views of {len(fit_idx)} train "
                 "records, those of the candidate's own repository left out"}
         out.add(f"reverse{CSLS_SUFFIX}", "baseline", NO_SPACE, search_task(hub_test, out.task), {**info, "selection_mrr": grid})
+        out.rerank(f"reverse{CSLS_SUFFIX}", "baseline", NO_SPACE, hub_sel, hub_test, info)
         if out.fusing and fuse:
             out.fuse(f"reverse{CSLS_SUFFIX}{FUSED_SUFFIX}", "baseline", NO_SPACE, hub_sel, hub_test, info)
 

@@ -183,6 +183,7 @@ def _csls_rows(inp: VectorInputs, out: RowWriter, sname: str, sp: Space, vec: Ve
         info = {**kb, "reference": f"{name}'s predictions for {len(inp.fit_idx)} train records, "
                                    "those of the candidate's own repository left out"}
         out.add(f"{name}{CSLS_SUFFIX}", kind, sname, search_task(hub_test, inp.task), {**info, "selection_mrr": grid})
+        out.rerank(f"{name}{CSLS_SUFFIX}", kind, sname, hub_sel, hub_test, info)
         if out.fusing and ((name in inp.run_preds and inp.fuse_runs) or (name == "ridge" and "ridge+bm25" in inp.names)):
             # The hybrid of the corrected scores, as ridge+bm25 / RUN+bm25 are of the plain ones.
             out.fuse(f"{name}{CSLS_SUFFIX}{FUSED_SUFFIX}", kind, sname, hub_sel, hub_test, info)

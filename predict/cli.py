@@ -2,6 +2,7 @@
 
     codejepa predict train STORE.h5 --model mlp|transformer [--preset NAME] [--config FILE.toml]
         [--set key=value ...] --out RUN_DIR [--resume] [--device auto]
+    codejepa predict cross STORE.h5 --out RUN_DIR [--set key=value ...] [--resume]
 
 Under ``torchrun --nproc_per_node N $(which codejepa) predict train ...`` the same command
 trains with DDP (``train.batch_size`` is the global batch).
@@ -98,6 +99,67 @@ def _resume_command(store: Path, out: Path, splits: Path | None) -> str:
                 else "codejepa")
     with_splits = f" --splits {shlex.quote(str(splits))}" if splits is not None else ""
     return f"{launcher} predict train {shlex.quote(str(store))} --out {shlex.quote(str(out))}{with_splits} --resume"
+
+
+@app.command("cross")
+def cross_cmd(
+    store: Path = typer.Argument(..., help="The HDF5 store written by `codejepa embed run`."),
+    out: Path = typer.Option(..., "--out", help="Run directory (config, checkpoints, log)."),
+    set_: list[str] = typer.Option([], "--set", help="A setting, e.g. --set epochs=3 (repeatable; keys: "
+                                                     "`codejepa.predict.cross.CrossConfig`)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N"),
+    corpus: Optional[Path] = typer.Option(None, "--corpus", help="Corpus folder, when it moved since the store was built."),
+) -> None:
+    """Train a cross-scorer that re-ranks a first stage's top candidates (`evaluate retrieval --rerank`)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from codejepa.core import CLI_ERRORS, error_line
+    from codejepa.predict.cross import train_cross
+    from codejepa.progress import Progress
+
+    console = Console(stderr=True)
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    tasks: dict[str, Any] = {}
+
+    def bar(key: str, desc: str, done: int, total: int, info: str = "") -> None:
+        if key not in tasks:
+            tasks[key] = progress.add_task(desc, total=total, info=info)
+        progress.update(tasks[key], completed=done, total=total, info=info, description=desc)
+
+    def say(line: str, style: str | None = None) -> None:
+        progress.console.print(line, style=style, soft_wrap=True, markup=False, highlight=False)
+
+    def on_event(e: dict[str, Any]) -> None:
+        ev = e["event"]
+        if ev == "hard_negatives":
+            say(f"hard negatives from a cross-fitted ridge (λ {e['alpha']:g}): {e['queries']} train queries "
+                f"({e['share']:.0%}) have their body in the top; val measure on {e['val_queries']} queries "
+                f"(ridge's own MRR there {e['val_ridge_mrr']:.3f})")
+        elif ev == "windows":
+            bar("windows", "token windows", e["done"], e["total"])
+        elif ev == "model":
+            say(f"cross-scorer: {e['parameters']:,} parameters, {e['steps']} steps")
+        elif ev == "step":
+            bar("epoch", f"epoch {e['epoch']}/{e['epochs']}", e["step"], e["steps"], f"loss {e['loss']:.4f}")
+        elif ev == "epoch":
+            say(f"epoch {e['epoch']:>3}  train {e['train_loss']:.4f}  val MRR among the hard candidates "
+                f"{e['val_mrr']:.3f} (ridge {e['val_ridge_mrr']:.3f}){'  best' if e['best'] else ''}")
+        elif ev == "warning":
+            say(f"warning: {e['message']}", style="yellow")
+        elif ev == "done":
+            say(f"best val MRR {e['best_val_mrr']:.3f} → {e['out']}/best.pt")
+
+    try:
+        with progress:
+            train_cross(store, out, resume=resume, overrides=set_, device=device, corpus=corpus, on_event=on_event)
+    except CLI_ERRORS as e:
+        _fail(error_line(e))
+    except KeyboardInterrupt:
+        _fail(f"interrupted; continue with: codejepa predict cross {shlex.quote(str(store))} "
+              f"--out {shlex.quote(str(out))} --resume", 130)
 
 
 @app.command("config")
