@@ -4,7 +4,9 @@ For each query, the ``K`` best candidates of a row's final scores (after its CSL
 or sibling softmax) are scored again by the cross-scorer, which reads the query's signature
 tokens and the candidate body's tokens together. Their new score is the per-query z-score of
 the first-stage scores plus ``w`` × that of the cross-scorer's, over the K; the K are placed
-above every other candidate, which keep their first-stage order. ``w`` is chosen on the
+above every other candidate, which keep their first-stage order. Candidates tied with the
+first one outside the K are not lifted (ties stay pessimistic), so ``w = 0`` is exactly the
+first stage's ranking. ``w`` is chosen on the
 selection (val) split's MRR, where ``w = 0`` (the first stage's own order) is always a
 candidate. The row is ``NAME+rerank``.
 
@@ -39,11 +41,20 @@ def zrows(x: torch.Tensor) -> torch.Tensor:
 @dataclass
 class TopCandidates:
     """Each query's top K candidate positions by a first stage, their first-stage scores and
-    the cross-scorer's scores of the same pairs."""
+    the cross-scorer's scores of the same pairs. ``lifted`` is False for candidates tied with
+    the best one left out: they stay in the first-stage order with their ties (pessimistic)."""
 
     cols: torch.Tensor  # [n, K] int64 candidate positions
     base: torch.Tensor  # [n, K] float32
     cross: torch.Tensor  # [n, K] float32
+    lifted: torch.Tensor  # [n, K] bool
+
+
+def _masked_z(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    n = m.sum(1, keepdim=True).clamp_min(1)
+    mean = (x * m).sum(1, keepdim=True) / n
+    sd = ((((x - mean) * m) ** 2).sum(1, keepdim=True) / n).sqrt()
+    return (x - mean) / sd.clamp_min(1e-6)
 
 
 class RerankScorer:
@@ -53,20 +64,25 @@ class RerankScorer:
     def __init__(self, base: Scorer, top: TopCandidates, weight: float) -> None:
         self.base, self.top, self.weight = base, top, float(weight)
         self.n_queries = base.n_queries
-        fused = zrows(top.base) + self.weight * zrows(top.cross)
+        m = top.lifted.float()
+        fused = _masked_z(top.base, m) + self.weight * _masked_z(top.cross, m)
+        low = torch.where(top.lifted, fused, torch.full_like(fused, float("inf"))).min(1, keepdim=True).values
         # rowmax + 1 + (fused − its min): above every first-stage score of the row, in any unit.
-        self.lift = top.base.max(1, keepdim=True).values + 1.0 + (fused - fused.min(1, keepdim=True).values)
+        self.lift = top.base.max(1, keepdim=True).values + 1.0 + (fused - low)
 
     def block(self, q: np.ndarray, cols: np.ndarray) -> torch.Tensor:
         q = np.asarray(q, dtype=np.int64)
         s = self.base.block(q, cols).float().clone()
-        where = torch.full((int(np.max(cols, initial=-1)) + 1,), -1, dtype=torch.long)
+        if len(cols) == 0:
+            return s
+        where = torch.full((int(np.max(cols)) + 1,), -1, dtype=torch.long)
         where[torch.from_numpy(np.asarray(cols, dtype=np.int64))] = torch.arange(len(cols))
-        tc = self.top.cols[torch.from_numpy(q)]
-        inside = tc < len(where)
+        tq = torch.from_numpy(q)
+        tc = self.top.cols[tq]
+        inside = (tc < len(where)) & self.top.lifted[tq]
         pos = torch.where(inside, where[tc.clamp(max=len(where) - 1)], torch.full_like(tc, -1))
         r, k = (pos >= 0).nonzero(as_tuple=True)
-        s[r, pos[r, k]] = self.lift[torch.from_numpy(q)][r, k]
+        s[r, pos[r, k]] = self.lift[tq][r, k]
         return s
 
 
@@ -113,12 +129,18 @@ class Reranker:
         cols = torch.empty((task.n_queries, k), dtype=torch.long)
         base = torch.empty((task.n_queries, k), dtype=torch.float32)
         all_cols = np.arange(n_cols)
+        lifted = torch.empty((task.n_queries, k), dtype=torch.bool)
         for blk in query_blocks(task.n_queries, n_cols):
             s = torch.cat([scorer.block(blk, all_cols[a : a + cand_block]).float()
                            for a in range(0, n_cols, cand_block)], 1)
-            v, i = s.topk(k, dim=1)
-            cols[blk], base[blk] = i, v
+            v, i = s.topk(min(k + 1, n_cols), dim=1)
+            cols[blk], base[blk] = i[:, :k], v[:, :k]
+            # A candidate tied with the first one left out is not lifted: which of the tied
+            # ones topk kept is arbitrary, and lifting it would break the tie in its favour.
+            lifted[blk] = v[:, :k] > v[:, k:] if v.shape[1] > k else torch.ones_like(v, dtype=torch.bool)
         q_rec = np.repeat(task.query_idx, k)
         c_rec = task.cand_idx[cols.numpy().reshape(-1)]
-        cross = torch.from_numpy(self.pair_scores(q_rec, c_rec, n_records).reshape(task.n_queries, k))
-        return TopCandidates(cols, base, cross)
+        keep = lifted.numpy().reshape(-1)
+        cross = np.zeros(len(q_rec), np.float32)
+        cross[keep] = self.pair_scores(q_rec[keep], c_rec[keep], n_records)
+        return TopCandidates(cols, base, torch.from_numpy(cross.reshape(task.n_queries, k)), lifted)

@@ -112,8 +112,10 @@ class CrossConfig:
         return cls(**{k: v for k, v in d.items() if k != "kind"}).validate()
 
 
-# Settings a resumed run may change: they do not change the weights it converges to.
-RESUMABLE = ("epochs", "checkpoint_every_steps", "threads", "val_queries")
+# Settings a resumed run may change. checkpoint_every_steps and threads leave the weights as
+# they would have been; epochs continues on the cosine schedule of the new total (more training,
+# not the weights of any uninterrupted run).
+RESUMABLE = ("epochs", "checkpoint_every_steps", "threads")
 
 
 def parse_overrides(items: list[str], base: CrossConfig | None = None) -> CrossConfig:
@@ -362,6 +364,13 @@ def _read_ckpt(path: Path) -> dict[str, Any]:
     return ck
 
 
+def _epoch_of(line: str) -> float:
+    try:
+        return float(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 def _val_mrr(model: CrossScorer, win: Windows, hn: HardNegatives, dev: torch.device) -> float:
     """The positive's MRR among itself and its val hard negatives (pessimistic ties)."""
     if not len(hn.val_queries):
@@ -392,7 +401,7 @@ def _train(store_path: Path, out: Path, cfg: CrossConfig | None, resume: bool, o
            dev: torch.device, corpus: str | Path | None, emit: Event) -> dict[str, Any]:
     last, best, log = out / "last.pt", out / "best.pt", out / "log.jsonl"
     ck: dict[str, Any] | None = None
-    if (out / "config.json").exists() and not resume:
+    if last.exists() and not resume:
         raise CrossError(f"{out} holds a run already: continue it with --resume, or choose another --out")
     if resume:
         if not last.exists():
@@ -429,6 +438,7 @@ def _train(store_path: Path, out: Path, cfg: CrossConfig | None, resume: bool, o
         win = read_windows(store, need, cfg.query_tokens, cfg.body_tokens,
                            lambda a, b: emit({"event": "windows", "done": a, "total": b}))
         sample = np.random.default_rng(cfg.seed).permutation(np.unique(np.concatenate([hn.queries, hn.positives])))
+        torch.manual_seed(cfg.seed)  # the initial weights: a function of the seed
         model = CrossScorer(d, cfg)
         if ck is None:
             for k, v in _token_stats(win, sample[: cfg.norm_sample_records]).items():
@@ -457,9 +467,10 @@ def _train(store_path: Path, out: Path, cfg: CrossConfig | None, resume: bool, o
                     "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "history": history,
                     "best_val_mrr": best_mrr, **extra}
 
-        if log.exists():  # entries past the checkpoint's position come from the interrupted epoch: dropped
-            kept = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= epoch]
-            log.write_text("".join(ln + "\n" for ln in kept))
+        if ck is None:  # a run killed before its first step can be resumed too
+            save_checkpoint(last, ckpt())
+        elif log.exists():  # entries past the checkpoint (the interrupted epoch's, a torn line): dropped
+            log.write_text("".join(ln + "\n" for ln in log.read_text().splitlines() if _epoch_of(ln) <= epoch))
         for epoch in range(epoch, cfg.epochs):
             order = np.random.default_rng([cfg.seed, epoch]).permutation(len(hn.queries))
             window: list[float] = []

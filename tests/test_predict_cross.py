@@ -1,0 +1,142 @@
+"""The cross-scorer (`codejepa predict cross`): what it reads, that it learns what a pooled
+first stage cannot see, that a killed run resumes to the same weights, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from _cross_fixtures import make_token_store
+from _evaluate_fixtures import make_dataset
+from codejepa.cli import app
+from codejepa.embed.store import open_store
+from codejepa.predict.cross import CrossConfig, CrossError, load_cross, read_windows, train_cross
+
+FAST = dict(hard_pool=16, negatives=7, width=32, heads=2, depth=1, batch_size=16, dropout=0.0, query_tokens=3,
+            body_tokens=3, lr=3e-3, threads=1)
+
+
+@pytest.fixture(scope="module")
+def token_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_token_store(tmp_path_factory.mktemp("tokens"), per_repo=100, n_classes=60)
+
+
+@pytest.fixture(scope="module")
+def trained(token_store: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("cross") / "run"
+    return out, train_cross(token_store, out, CrossConfig(**FAST, epochs=20))
+
+
+def test_windows_hold_the_signature_of_the_inputs_pass_and_the_body_never_on_the_query_side(token_store: Path) -> None:
+    st = open_store(token_store)
+    recs = np.array([0, 5, 17, len(st) - 1])
+    win = read_windows(st, recs, 2, 3)
+    for r in recs:
+        inp, body = st.inputs(int(r)), st.body(int(r))
+        s0, s1 = inp.segments["signature"]
+        sig = inp.states[s0:s1][~inp.special[s0:s1]]
+        np.testing.assert_allclose(win.q[win.rows[r]], sig[:2], atol=1e-2)  # float16 windows
+        np.testing.assert_allclose(win.b[win.rows[r]], body.states[~body.special][:3], atol=1e-2)
+        assert win.q_len[win.rows[r]] == 2 and win.b_len[win.rows[r]] == 3
+    # A record not read is refused rather than scored with zeros.
+    with pytest.raises(CrossError, match="not read"):
+        win.take(np.array([1]))
+
+
+def test_the_cross_scorer_learns_the_instance_a_pooled_first_stage_cannot_see(token_store: Path,
+                                                                             trained: tuple[Path, dict]) -> None:
+    """In the token store ridge sees only the class; the key that tells instances apart is in
+    the first tokens alone. Trained on train, the scorer must beat the ridge on val's hard
+    candidates, and its re-ranking must lift ridge+last+csls on the test split."""
+    from codejepa.evaluate import evaluate_retrieval
+
+    out, rec = trained
+    hist = rec["history"]
+    assert rec["best_val_mrr"] == max(h["val_mrr"] for h in hist) > hist[0]["val_mrr"] + 0.03
+    assert json.loads((out / "run.json").read_text())["best_val_mrr"] == rec["best_val_mrr"]
+    assert [json.loads(ln)["epoch"] for ln in (out / "log.jsonl").read_text().splitlines()] == list(range(1, 21))
+    res = evaluate_retrieval(token_store, [], baselines="ridge+last", spaces="whitened", n_boot=200,
+                             rerank=out, rerank_k=16, rerank_rows="ridge+last+csls")
+    first, again = res.row("ridge+last+csls", "whitened"), res.row("ridge+last+csls+rerank", "whitened")
+    assert again.settings["rerank_weight"] > 0 and again.settings["rerank_k"] == 16
+    assert again.metrics["rank@1"].value > first.metrics["rank@1"].value + 0.05
+    assert again.metrics["mrr"].value > first.metrics["mrr"].value
+    # Only the rows asked for are re-ranked.
+    assert [r.method for r in res.rows if r.method.endswith("+rerank")] == ["ridge+last+csls+rerank"]
+    assert res.settings["rerank"]["name"] == "run" and res.settings["rerank"]["k"] == 16
+    # Per-repository pools are not re-ranked (their top K is another pool's): said, not hidden.
+    res = evaluate_retrieval(token_store, [], baselines="ridge+last", spaces="whitened", n_boot=50, pool="repo",
+                             rerank=out)
+    assert not [r for r in res.rows if r.method.endswith("+rerank")]
+    assert any("no row re-ranked" in n for n in res.notes)
+
+
+def _small(tmp: Path) -> Path:
+    return make_dataset(tmp, repos={"train": 6, "val": 2, "test": 2}, per_repo=20).store_path
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path: Path) -> None:
+    store = _small(tmp_path)
+    cfg = CrossConfig(**{**FAST, "hard_pool": 6, "negatives": 3, "batch_size": 8, "dropout": 0.1},
+                      epochs=3, checkpoint_every_steps=4)
+    whole = tmp_path / "whole"
+    train_cross(store, whole, cfg)
+
+    def kill(e: dict) -> None:
+        if e["event"] == "step" and e["epoch"] == 2 and e["step"] == 6:  # past the checkpoint at step 4
+            raise Killed
+
+    part = tmp_path / "part"
+    with pytest.raises(Killed):
+        train_cross(store, part, cfg, on_event=kill)
+    assert [json.loads(ln)["epoch"] for ln in (part / "log.jsonl").read_text().splitlines()] == [1]
+    rec = train_cross(store, part, resume=True)
+    a = torch.load(whole / "last.pt", weights_only=True)
+    b = torch.load(part / "last.pt", weights_only=True)
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
+    assert [h["epoch"] for h in rec["history"]] == [1, 2, 3]
+    assert [json.loads(ln)["epoch"] for ln in (part / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert load_cross(part).val_mrr == load_cross(whole).val_mrr
+
+
+def test_bad_input_is_one_line(tmp_path: Path) -> None:
+    store = _small(tmp_path)
+    runner = CliRunner()
+    small = ["--set", "hard_pool=6", "--set", "negatives=3", "--set", "width=16", "--set", "heads=2",
+             "--set", "batch_size=8", "--set", "epochs=1", "--set", "threads=1"]
+    out = tmp_path / "run"
+
+    def fails(args: list[str], *want: str) -> None:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1, r.output
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and all(w in lines[0] for w in want), r.output
+
+    fails(["predict", "cross", str(store), "--out", str(out), "--set", "wdth=8"], "wdth=8", "width")
+    fails(["predict", "cross", str(store), "--out", str(out), "--set", "width=x"], "takes a int")
+    fails(["predict", "cross", str(store), "--out", str(out), "--set", "negatives=40"], "negatives ≤ hard_pool")
+    fails(["predict", "cross", str(store), "--out", str(out), "--resume"], "nothing to resume")
+    fails(["predict", "cross", str(tmp_path / "none.h5"), "--out", str(out)], "none.h5")
+    r = runner.invoke(app, ["predict", "cross", str(store), "--out", str(out), *small])
+    assert r.exit_code == 0, r.output
+    assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
+    fails(["predict", "cross", str(store), "--out", str(out), *small], "--resume")
+    fails(["predict", "cross", str(store), "--out", str(out), "--resume", "--set", "width=8"], "width may not change")
+    (out / "last.pt").write_bytes(b"not a checkpoint")
+    fails(["predict", "cross", str(store), "--out", str(out), "--resume"], "last.pt", "not a loadable")
+    # evaluate: a run of another store, a folder that is no cross-scorer, a predictor run
+    other = make_dataset(tmp_path / "o", repos={"train": 6, "val": 2, "test": 2}, per_repo=20, seed=3,
+                         name="other").store_path
+    fails(["evaluate", "retrieval", str(other), "--baselines", "bm25", "--rerank", str(out)], "other settings")
+    fails(["evaluate", "retrieval", str(store), "--baselines", "bm25", "--rerank", str(tmp_path)], "not a cross-scorer run")
+    fails(["evaluate", "retrieval", str(store), "--baselines", "bm25", "--rerank", str(out), "--rerank-k", "0"], "--rerank-k")
