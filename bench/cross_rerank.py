@@ -1,4 +1,10 @@
-"""Experiment: a learned cross-scorer re-ranking a first stage's top K (not yet a toolkit stage).
+"""Experiment: a learned cross-scorer re-ranking a first stage's top K.
+
+The toolkit's own stage is ``codejepa predict cross`` + ``codejepa evaluate retrieval --rerank``
+(``codejepa.predict.cross``, ``codejepa.evaluate.rerank``), which re-ranks every row of an
+evaluation, the sibling-softmax rows included. This script is the experiment that led there,
+kept to reproduce the figures recorded with it and for its pooled-vector comparison
+(``--arch pooled``).
 
     python bench/cross_rerank.py STORE.h5 [--first ridge|hybrid] [--space whitened|canonical]
                                  [--arch tokens|pooled] [--Lq 32] [--Lb 32] [--d 64] [--epochs 3] [--K 50]
