@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -112,25 +113,10 @@ def cross_cmd(
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="Corpus folder, when it moved since the store was built."),
 ) -> None:
     """Train a cross-scorer that re-ranks a first stage's top candidates (`evaluate retrieval --rerank`)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from codejepa.core import CLI_ERRORS, error_line
     from codejepa.predict.cross import train_cross
-    from codejepa.progress import Progress
 
-    console = Console(stderr=True)
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
-    tasks: dict[str, Any] = {}
-
-    def bar(key: str, desc: str, done: int, total: int, info: str = "") -> None:
-        if key not in tasks:
-            tasks[key] = progress.add_task(desc, total=total, info=info)
-        progress.update(tasks[key], completed=done, total=total, info=info, description=desc)
-
-    def say(line: str, style: str | None = None) -> None:
-        progress.console.print(line, style=style, soft_wrap=True, markup=False, highlight=False)
+    progress, bar, say = _progress_ui()
 
     def on_event(e: dict[str, Any]) -> None:
         ev = e["event"]
@@ -182,18 +168,17 @@ def config_cmd(
     typer.echo(json.dumps(cfg.to_dict(), indent=2))
 
 
-def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str, splits: Path | None = None) -> None:
+def _progress_ui(quiet: bool = False) -> tuple[Any, Callable[..., None], Callable[..., None]]:
+    """A training's progress bars on stderr: ``bar(key, description, done, total, info)`` keeps
+    one bar per key, ``say(line, style)`` prints a line above them."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from codejepa.predict.train import train
     from codejepa.progress import Progress
 
-    console = Console(stderr=True)
-    quiet = os.environ.get("RANK", "0").strip() not in ("0", "")  # a bad RANK is refused by train()
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        console=console, disable=quiet, transient=False)
+                        console=Console(stderr=True), disable=quiet, transient=False)
     tasks: dict[str, Any] = {}
 
     def bar(key: str, desc: str, done: int, total: int, info: str = "") -> None:
@@ -204,6 +189,15 @@ def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str, splits: Pa
     def say(line: str, style: str | None = None) -> None:
         # Never markup: messages hold paths, and a path with brackets would be read as a tag.
         progress.console.print(line, style=style, soft_wrap=True, markup=False, highlight=False)
+
+    return progress, bar, say
+
+
+def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str, splits: Path | None = None) -> None:
+    from codejepa.predict.train import train
+
+    quiet = os.environ.get("RANK", "0").strip() not in ("0", "")  # a bad RANK is refused by train()
+    progress, bar, say = _progress_ui(quiet)
 
     def on_event(e: dict[str, Any]) -> None:
         ev = e["event"]

@@ -49,7 +49,7 @@ from codejepa.embed.store import Store, open_store
 from codejepa.predict.batching import BatchingError, corpus_columns
 from codejepa.predict.normalize import _Moments
 from codejepa.predict.ridge import RidgePath, fit_ridge
-from codejepa.predict.train import code_version, load_checkpoint, save_checkpoint
+from codejepa.predict.train import code_version, save_checkpoint
 
 KIND = "cross"
 Event = Callable[[dict[str, Any]], None]
