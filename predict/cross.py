@@ -262,9 +262,9 @@ class HardNegatives:
 
 
 def _top_wrong(pred: torch.Tensor, reps: np.ndarray, true_g: np.ndarray, bodies: torch.Tensor,
-               k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each query's rank of its own body group, and its top ``k`` other groups (store indices),
-    with their cosines, by cosine of unit rows."""
+               k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's rank of its own body group (pessimistic ties) and its top ``k`` other groups
+    (as store indices of their representatives), by cosine of unit rows."""
     cand = bodies[torch.from_numpy(reps)]
     ranks = np.empty(len(pred), np.int64)
     negs = np.empty((len(pred), k), np.int64)
@@ -274,7 +274,7 @@ def _top_wrong(pred: torch.Tensor, reps: np.ndarray, true_g: np.ndarray, bodies:
         ranks[a : a + 2048] = (s >= s.gather(1, t[:, None])).sum(1).numpy()
         s.scatter_(1, t[:, None], float("-inf"))
         negs[a : a + 2048] = reps[s.topk(k, dim=1).indices.numpy()]
-    return ranks, negs, cand
+    return ranks, negs
 
 
 def hard_negatives(store: Store, cfg: CrossConfig, train: np.ndarray, val: np.ndarray, labels: np.ndarray,
@@ -307,7 +307,7 @@ def hard_negatives(store: Store, cfg: CrossConfig, train: np.ndarray, val: np.nd
         path = RidgePath(t_x[fold != k], t_y[fold != k])
         s = path.solve(sol.alpha)
         pred[torch.from_numpy(fold == k)] = t_x[fold == k].float() @ s.weight + s.bias
-    ranks, negs, _ = _top_wrong(F.normalize(pred, dim=1), reps, true_g, bodies, cfg.hard_pool)
+    ranks, negs = _top_wrong(F.normalize(pred, dim=1), reps, true_g, bodies, cfg.hard_pool)
     use = ranks <= cfg.hard_pool
     if not use.any():
         raise CrossError("no train query has its body among the cross-fitted ridge's top "
@@ -316,7 +316,7 @@ def hard_negatives(store: Store, cfg: CrossConfig, train: np.ndarray, val: np.nd
     v_reps, v_true = pool(val)
     k_val = min(cfg.hard_pool, len(v_reps) - 1)
     v_pred = F.normalize(x[val].float() @ sol.weight + sol.bias, dim=1)
-    v_ranks, v_negs, _ = _top_wrong(v_pred, v_reps, v_true, bodies, max(k_val, 1))
+    v_ranks, v_negs = _top_wrong(v_pred, v_reps, v_true, bodies, max(k_val, 1))
     v_use = np.flatnonzero(v_ranks <= k_val) if k_val >= 1 else np.empty(0, np.int64)
     v_use = np.sort(rng.choice(v_use, min(cfg.val_queries, len(v_use)), replace=False)) if len(v_use) else v_use
     return HardNegatives(train[use], reps[true_g[use]], negs[use],
