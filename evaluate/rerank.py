@@ -6,9 +6,8 @@ tokens and the candidate body's tokens together. Their new score is the per-quer
 the first-stage scores plus ``w`` × that of the cross-scorer's, over the K; the K are placed
 above every other candidate, which keep their first-stage order. Candidates tied with the
 first one outside the K are not lifted (ties stay pessimistic), so ``w = 0`` is exactly the
-first stage's ranking. ``w`` is chosen on the
-selection (val) split's MRR, where ``w = 0`` (the first stage's own order) is always a
-candidate. The row is ``NAME+rerank``.
+first stage's ranking. ``w`` is chosen on the selection (val) split's MRR, ``w = 0`` always
+among the candidates. The row is ``NAME+rerank``.
 
 Only the ``split`` and ``all`` pools are re-ranked: the top K of a random or per-repository
 pool would be another pool's top K.
@@ -34,10 +33,6 @@ POOLS = ("split", "all")
 NEVER = ("oracle", "noisy_oracle", "random", "prototype")  # rows whose re-ranking means nothing
 
 
-def zrows(x: torch.Tensor) -> torch.Tensor:
-    return (x - x.mean(1, keepdim=True)) / x.std(1, keepdim=True, unbiased=False).clamp_min(1e-6)
-
-
 @dataclass
 class TopCandidates:
     """Each query's top K candidate positions by a first stage, their first-stage scores and
@@ -51,6 +46,7 @@ class TopCandidates:
 
 
 def _masked_z(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Per-row z-scores over the entries where ``m`` is 1."""
     n = m.sum(1, keepdim=True).clamp_min(1)
     mean = (x * m).sum(1, keepdim=True) / n
     sd = ((((x - mean) * m) ** 2).sum(1, keepdim=True) / n).sqrt()

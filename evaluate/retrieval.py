@@ -495,6 +495,8 @@ def evaluate_retrieval(
                        projections=projections)
 
         rows = out.rows
+        if reranker is not None:
+            rerank_info["pairs_scored"] = reranker.n_scored
         warnings = space_warnings + _flag(rows)
         comparisons = _auto_comparisons(rows, n_boot, seed)
         for a, b in compare:

@@ -69,6 +69,8 @@ def test_the_cross_scorer_learns_the_instance_a_pooled_first_stage_cannot_see(to
     # Only the rows asked for are re-ranked.
     assert [r.method for r in res.rows if r.method.endswith("+rerank")] == ["ridge+last+csls+rerank"]
     assert res.settings["rerank"]["name"] == "run" and res.settings["rerank"]["k"] == 16
+    # each pair once: at most the val and test queries × K
+    assert 0 < res.settings["rerank"]["pairs_scored"] <= 16 * (300 + 300)
     # Per-repository pools are not re-ranked (their top K is another pool's): said, not hidden.
     res = evaluate_retrieval(token_store, [], baselines="ridge+last", spaces="whitened", n_boot=50, pool="repo",
                              rerank=out)
