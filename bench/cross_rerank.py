@@ -55,6 +55,7 @@ from codejepa.evaluate.hubness import CSLS_BETAS, CSLS_KS, hub_penalties
 from codejepa.evaluate.metrics import bootstrap_cis, compute_metrics, paired_bootstrap
 from codejepa.evaluate.retrieval import load_corpus_view
 from codejepa.evaluate.spaces import fit_space
+from codejepa.predict.cross import read_windows
 from codejepa.predict.lexical import BM25Scorer
 
 RERANK_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, float("inf"))  # inf: the cross-scorer alone
@@ -228,23 +229,13 @@ def main() -> None:
         return reps, true_g, ranks_of(s, true_g), i.numpy(), v.numpy().astype(np.float32)
 
     # -- token tensors: the signature's first Lq tokens, the body's first Lb (sink tokens out) -----
-    seg = st.segments()
     q_tok = np.zeros((n_rec, args.Lq, dim), np.float16)
     q_len = np.zeros(n_rec, np.int64)
     b_tok = np.zeros((n_rec, args.Lb, dim), np.float16)
     b_len = np.zeros(n_rec, np.int64)
-    if args.arch == "tokens":
-        for name, arr, lens, cap in (("inputs", q_tok, q_len, args.Lq), ("targets", b_tok, b_len, args.Lb)):
-            for run, states, special, offs in st.iter_blocks(name, as_float32=False):
-                for k, r in enumerate(run):
-                    a, b = offs[k], offs[k + 1]
-                    keep = np.flatnonzero(~special[a:b])
-                    if name == "inputs":
-                        s0, s1 = seg[r, 1]
-                        keep = keep[(keep >= s0) & (keep < s1)]
-                    keep = keep[:cap]
-                    arr[r, : len(keep)] = states[a:b][keep]
-                    lens[r] = len(keep)
+    if args.arch == "tokens":  # the toolkit's windows of every record: rows are record indices
+        win = read_windows(st, np.arange(n_rec), args.Lq, args.Lb)
+        q_tok, q_len, b_tok, b_len = win.q, win.q_len, win.b, win.b_len
         log("token states read")
 
     def norm_stats(arr: np.ndarray, lens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

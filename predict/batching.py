@@ -52,8 +52,9 @@ def epoch_order(n: int, rng: np.random.Generator, keys: np.ndarray | None = None
 
 def corpus_columns(store: Store, corpus_dir: str | Path | None = None, *,
                    why: str) -> dict[str, np.ndarray]:
-    """``file`` (``repo/path``), ``signature`` and ``body`` text of every store record, in store
-    order, read from the corpus the store was embedded from (``store.meta.corpus_dir`` unless
+    """``file`` (``repo/path``), ``signature`` and ``body`` text and ``body_hash`` (the corpus's
+    normalised body hash, evaluate's duplicate label) of every store record, in store order,
+    read from the corpus the store was embedded from (``store.meta.corpus_dir`` unless
     ``corpus_dir`` is given). ``why`` names the setting that needs them, for the error."""
     if not (corpus_dir or store.meta.corpus_dir):
         raise BatchingError(f"{why} reads the corpus the store was embedded from, and this store does not "
@@ -70,13 +71,16 @@ def corpus_columns(store: Store, corpus_dir: str | Path | None = None, *,
         raise BatchingError(f"{why} reads the corpus the store was embedded from, and {where} is another one "
                             f"(corpus fingerprint {fingerprint[:12]}… vs the store's {want[:12]}…): it was built "
                             "again since; pass --set data.corpus=DIR of the store's corpus")
-    recs = {rec.id: (rec.source_file, rec.signature, rec.body) for rec in load_records(where, include_dropped=True)}
+    # body_hash: the corpus's normalised body hash (evaluate's duplicate label), else the record's own id
+    recs = {rec.id: (rec.source_file, rec.signature, rec.body, rec.body_hash or f"id:{rec.id}")
+            for rec in load_records(where, include_dropped=True)}
     missing = [rid for rid in store.ids if rid not in recs]
     if missing:
         raise BatchingError(f"{len(missing)} store records (e.g. {missing[0]}) are not in the corpus at {where}: "
                             "it is not the corpus this store was embedded from")
-    cols = list(zip(*(recs[rid] for rid in store.ids))) or [(), (), ()]
-    return {name: np.array(c, dtype=str if name == "file" else object) for name, c in zip(("file", "signature", "body"), cols)}
+    names = ("file", "signature", "body", "body_hash")
+    cols = list(zip(*(recs[rid] for rid in store.ids))) or [()] * len(names)
+    return {name: np.array(c, dtype=str if name in ("file", "body_hash") else object) for name, c in zip(names, cols)}
 
 
 def record_files(store: Store, corpus_dir: str | Path | None = None) -> np.ndarray:

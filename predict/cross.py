@@ -233,12 +233,11 @@ def pair_scores(model: CrossScorer, win: Windows, q_rec: np.ndarray, c_rec: np.n
 # -- hard negatives --------------------------------------------------------------------------------
 
 def body_labels(store: Store, corpus_dir: str | Path | None = None) -> tuple[np.ndarray, str | None]:
-    """One label per record, equal for records of equal body text (from the corpus the store
-    was embedded from): a duplicate body is one candidate, and never a query's negative.
-    Without a readable corpus the stored body token ids stand in, with a warning."""
+    """One label per record, the corpus's normalised body hash (the evaluate stage's duplicate
+    label): a duplicate body is one candidate, and never a query's negative. Without a
+    readable corpus the stored body token ids stand in, with a warning."""
     try:
-        body = corpus_columns(store, corpus_dir, why="the cross-scorer's duplicate bodies")["body"]
-        return np.array([hashlib.blake2b(str(b).encode(), digest_size=12).hexdigest() for b in body]), None
+        return corpus_columns(store, corpus_dir, why="the cross-scorer's duplicate bodies")["body_hash"], None
     except BatchingError as e:
         ids, _ = store.tokens("targets")
         off = np.concatenate([[0], np.cumsum(store.lengths("targets"))])

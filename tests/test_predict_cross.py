@@ -78,6 +78,20 @@ def test_the_cross_scorer_learns_the_instance_a_pooled_first_stage_cannot_see(to
     assert any("no row re-ranked" in n for n in res.notes)
 
 
+def test_duplicate_bodies_are_the_evaluate_stages(tmp_path: Path) -> None:
+    """A body shared by two records is one label, as evaluate counts it (never a negative of
+    its own query)."""
+    from codejepa.evaluate.retrieval import load_corpus_view
+    from codejepa.predict.cross import body_labels
+
+    ds = make_dataset(tmp_path, repos={"train": 4, "val": 2, "test": 2}, per_repo=10, duplicate_test_bodies=2)
+    st = open_store(ds.store_path)
+    labels, warning = body_labels(st)
+    assert warning is None
+    assert list(labels) == list(load_corpus_view(st).labels)
+    assert len(set(labels)) == len(st) - 2
+
+
 def _small(tmp: Path) -> Path:
     return make_dataset(tmp, repos={"train": 6, "val": 2, "test": 2}, per_repo=20).store_path
 
