@@ -457,6 +457,13 @@ def _train(store_path: Path, out: Path, cfg: CrossConfig | None, resume: bool, o
                   "parameters": n_params, "train_queries": len(hn.queries), "train_in_top": hn.train_in_top,
                   "ridge_alpha": hn.alpha, "val_queries": len(hn.val_queries), "val_ridge_mrr": hn.val_ridge_mrr,
                   "code_version": code_version(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if ck is not None and (out / "run.json").exists():  # a resume keeps the run's first start time
+            try:
+                first = json.loads((out / "run.json").read_text())
+            except (OSError, ValueError):  # a damaged run.json is written anew
+                first = None
+            if isinstance(first, dict) and isinstance(first.get("created"), str):
+                record["created"] = first["created"]
         atomic_write_json(out / "config.json", cfg.to_dict())
         atomic_write_json(out / "run.json", record)
         emit({"event": "model", "parameters": n_params, "steps": total, "per_epoch": per_epoch})

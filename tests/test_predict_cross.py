@@ -115,7 +115,10 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path: P
     with pytest.raises(Killed):
         train_cross(store, part, cfg, on_event=kill)
     assert [json.loads(ln)["epoch"] for ln in (part / "log.jsonl").read_text().splitlines()] == [1]
+    first = json.loads((part / "run.json").read_text())
+    (part / "run.json").write_text(json.dumps({**first, "created": "2000-01-01T00:00:00+00:00"}))
     rec = train_cross(store, part, resume=True)
+    assert json.loads((part / "run.json").read_text())["created"] == "2000-01-01T00:00:00+00:00"  # the first start
     a = torch.load(whole / "last.pt", weights_only=True)
     b = torch.load(part / "last.pt", weights_only=True)
     for k, v in a["model"].items():
