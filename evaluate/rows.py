@@ -192,8 +192,9 @@ class RowWriter:
         grid = {w: selection_mrr(RerankScorer(base_sel, top_sel, w), sel_task) for w in RERANK_WEIGHTS}
         w = max(grid, key=lambda k: (grid[k], -k))
         self.say(f"re-ranking {name} in {space} space: top {top_sel.cols.shape[1]} by {rr.cross.name} (weight {w})")
-        top = rr.top(test_scorer, self.task, n_rec)
-        self.add(f"{name}{RERANK_SUFFIX}", kind, space, search_task(RerankScorer(test_scorer, top, w), self.task),
+        test = materialized(test_scorer, len(self.task.cand_idx))  # one pass for the top K and the ranks
+        top = rr.top(test, self.task, n_rec)
+        self.add(f"{name}{RERANK_SUFFIX}", kind, space, search_task(RerankScorer(test, top, w), self.task),
                  {**settings, "rerank_weight": w, "rerank_k": int(top.cols.shape[1]), "cross_scorer": rr.cross.name,
                   "cross_scorer_epoch": rr.cross.epoch, "selection_mrr": {str(k): v for k, v in grid.items()}})
 
