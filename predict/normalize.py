@@ -176,6 +176,8 @@ def compute_stats(store: Store, train_idx: np.ndarray, *, outlier_factor: float 
         for j in range(len(run)):
             a, b = int(offs[j]), int(offs[j + 1])
             k = keep[a:b]
+            if not k.any():  # a body made only of outliers: its non-sink tokens, as body_features pools it
+                k = ~special[a:b]
             if k.any():
                 pooled.append(states[a:b][k].mean(0))
             else:

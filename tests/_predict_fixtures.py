@@ -58,7 +58,9 @@ def synthetic_meta(d: int = 32, teacher: str = "synthetic/teacher", max_tokens: 
 def make_store(path: str | Path, *, d: int = 32, n_repos: int = 10, per_repo: int = 40, seed: int = 0,
                body_seed: int = 0, n_val_repos: int = 1, n_test_repos: int = 1, teacher: str = "synthetic/teacher",
                anisotropy: float = 8.0, noise: float = 0.3, body_len: tuple[int, int] = (2, 20),
-               max_tokens: int = 0) -> Path:
+               max_tokens: int = 0, outlier_bodies: int = 0) -> Path:
+    """A synthetic store; the first ``outlier_bodies`` records have bodies made only of
+    outlier-norm tokens (every token × 60)."""
     path = Path(path)
     rin = np.random.default_rng([seed, 0])
     rbody = np.random.default_rng([seed, 1, body_seed])
@@ -87,6 +89,8 @@ def make_store(path: str | Path, *, d: int = 32, n_repos: int = 10, per_repo: in
             g = z @ M + 0.7 * np.tanh(z @ A) @ Bm
             n_body = int(rbody.integers(body_len[0], body_len[1] + 1))
             body = (g + noise * rbody.normal(size=(n_body, d)) + common).astype(np.float32)
+            if len(records) < outlier_bodies:
+                body *= 60.0
             records.append(PendingRecord(
                 id=f"repo{r}::f{j}", split=split, repo=f"repo{r}", truncated=False,
                 input_states=inp, input_token_ids=np.arange(len(inp), dtype=np.int32), input_special=special,

@@ -207,6 +207,22 @@ def test_train_split_statistics_match_a_direct_computation(store_path: Path) -> 
         assert np.allclose(mine, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_train_statistics_pool_the_bodies_as_the_targets_are_pooled(tmp_path: Path) -> None:
+    """A body made only of outlier-norm tokens is a target (body_features falls back to its
+    non-sink tokens), so the train statistics count it the same way, not as an empty body."""
+    from codejepa.predict.data import FeatureSpec, body_features
+    from codejepa.predict.normalize import compute_stats
+
+    with open_store(make_store(tmp_path / "s.h5", outlier_bodies=3)) as st:
+        tr = st.indices("train")
+        stats = compute_stats(st, tr, outlier_factor=10.0)
+        spec = FeatureSpec("mlp", 8, 2, stats.in_outlier_norm, stats.body_outlier_norm)
+        pooled = np.stack([body_features(st.body(int(i)).states, st.body(int(i)).special, spec)[0] for i in tr])
+    assert stats.counts["empty_body"] == 0 and stats.counts["body_outliers"] > 0
+    assert np.allclose(stats.pool_mu, pooled.mean(0), rtol=1e-4, atol=1e-4)
+    assert np.allclose(stats.pool_sd, pooled.std(0), rtol=1e-4, atol=1e-4)
+
+
 def test_pooled_whitening_is_the_shrunk_train_covariance_whatever_the_block_size(
         store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``pool_W`` whitens the train split's pooled bodies with their covariance shrunk towards
