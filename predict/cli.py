@@ -93,13 +93,13 @@ def _same_split(config: Path) -> None:
                           "(that file for the same run, another for another fold)")
 
 
-def _resume_command(store: Path, out: Path, splits: Path | None) -> str:
+def _resume_command(store: Path, out: Path, splits: Path | None, command: str = "train") -> str:
     """The line that continues this training: under torchrun, with as many ranks."""
     world = os.environ.get("WORLD_SIZE", "1").strip()
     launcher = (f"torchrun --nproc-per-node {world} -m codejepa.cli" if world.isdigit() and int(world) > 1
                 else "codejepa")
     with_splits = f" --splits {shlex.quote(str(splits))}" if splits is not None else ""
-    return f"{launcher} predict train {shlex.quote(str(store))} --out {shlex.quote(str(out))}{with_splits} --resume"
+    return f"{launcher} predict {command} {shlex.quote(str(store))} --out {shlex.quote(str(out))}{with_splits} --resume"
 
 
 @app.command("cross")
@@ -109,14 +109,15 @@ def cross_cmd(
     set_: list[str] = typer.Option([], "--set", help="A setting, e.g. --set epochs=3 (repeatable; keys: "
                                                      "`codejepa.predict.cross.CrossConfig`)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="Corpus folder, when it moved since the store was built."),
 ) -> None:
-    """Train a cross-scorer that re-ranks a first stage's top candidates (`evaluate retrieval --rerank`)."""
+    """Train a cross-scorer that re-ranks a first stage's top candidates (`evaluate retrieval --rerank`);
+    under torchrun, DDP over its ranks."""
     from codejepa.core import CLI_ERRORS, error_line
     from codejepa.predict.cross import train_cross
 
-    progress, bar, say = _progress_ui()
+    progress, bar, say = _progress_ui(quiet=os.environ.get("RANK", "0").strip() not in ("0", ""))
 
     def on_event(e: dict[str, Any]) -> None:
         ev = e["event"]
@@ -144,8 +145,7 @@ def cross_cmd(
     except CLI_ERRORS as e:
         _fail(error_line(e))
     except KeyboardInterrupt:
-        _fail(f"interrupted; continue with: codejepa predict cross {shlex.quote(str(store))} "
-              f"--out {shlex.quote(str(out))} --resume", 130)
+        _fail(f"interrupted; continue with: {_resume_command(store, out, None, 'cross')}", 130)
 
 
 @app.command("config")

@@ -28,10 +28,17 @@ A run folder holds ``config.json``, ``run.json`` (store, fingerprint), ``last.pt
 optimizer, position: rewritten every ``checkpoint_every_steps`` steps and at epoch ends,
 atomically), ``best.pt`` and ``log.jsonl``. The data order, the negatives and dropout are
 functions of (seed, epoch, step), so a resumed run gives the weights of an uninterrupted one.
+
+DDP: under ``torchrun`` (``WORLD_SIZE`` > 1) rank 0 computes the hard negatives and sends them
+to every rank; each rank takes every WORLD_SIZE-th query of each global batch (``batch_size``
+must be a multiple of WORLD_SIZE) and the gradients are averaged, so the weights are those of
+one process (tested with two CPU ranks; dropout draws its masks per rank). Rank 0 alone holds
+the run folder's lock, measures val and writes the files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable
@@ -42,6 +49,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -50,7 +58,7 @@ from codejepa.embed.store import Store, open_store
 from codejepa.predict.batching import BatchingError, corpus_columns
 from codejepa.predict.normalize import _Moments
 from codejepa.predict.ridge import RidgePath, fit_ridge
-from codejepa.predict.train import code_version, save_checkpoint
+from codejepa.predict.train import _dist_env, _lost_rank, code_version, resolve_device, save_checkpoint
 
 KIND = "cross"
 Event = Callable[[dict[str, Any]], None]
@@ -388,18 +396,61 @@ def train_cross(store_path: str | Path, out: str | Path, cfg: CrossConfig | None
     ``resume``: continue ``out``'s run from ``last.pt`` (``overrides`` may then change only
     :data:`RESUMABLE` settings). ``corpus``: the store's corpus folder when it moved (its body
     texts tell duplicate bodies apart). Returns the run record (``run.json``)."""
-    emit = on_event or (lambda _e: None)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CrossError(f"--out {out}: not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    with exclusive(out / ".lock", "a cross-scorer training"):
-        return _train(Path(store_path), out, cfg, resume, overrides or [], torch.device(device), corpus, emit)
+    rank, world, local_rank = _dist_env()
+    dev = resolve_device(device, local_rank)
+    emit = (on_event or (lambda _e: None)) if rank == 0 else (lambda _e: None)
+    own_group = False
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        own_group = True
+    try:
+        return _train(Path(store_path), Path(out), cfg, resume, overrides or [], dev, corpus, emit, rank, world)
+    except RuntimeError as e:
+        if world > 1 and _lost_rank(e):
+            raise CrossError("another rank stopped or lost its connection; the last checkpoint is kept: "
+                             "run the same torchrun command with --resume") from None
+        raise
+    finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _agree(error: BaseException | None, rank: int, world: int) -> None:
+    """Every rank's set-up ends here: one rank's bad input stops all of them with its message,
+    rather than leaving the others waiting for it in a collective."""
+    if world > 1:
+        said: list[str | None] = [None] * world
+        dist.all_gather_object(said, None if error is None else str(error))
+        first = next(((r, m) for r, m in enumerate(said) if m is not None), None)
+        if first is not None and error is None:
+            raise CrossError(f"rank {first[0]}: {first[1]}")
+    if error is not None:
+        raise error
 
 
 def _train(store_path: Path, out: Path, cfg: CrossConfig | None, resume: bool, overrides: list[str],
-           dev: torch.device, corpus: str | Path | None, emit: Event) -> dict[str, Any]:
-    last, best, log = out / "last.pt", out / "best.pt", out / "log.jsonl"
+           dev: torch.device, corpus: str | Path | None, emit: Event, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    with contextlib.ExitStack() as stack:
+        try:
+            if out.exists() and not out.is_dir():
+                raise CrossError(f"--out {out}: not a folder")
+            if rank == 0:
+                out.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(exclusive(out / ".lock", "a cross-scorer training"))
+            setup = _setup(store_path, out, cfg, resume, overrides, world)
+            stack.callback(setup[0].close)
+        except (CodejepaError, OSError) as e:
+            _agree(e, rank, world)
+        _agree(None, rank, world)
+        return _fit(*setup, store_path, out, dev, corpus, emit, rank, world)
+
+
+def _setup(store_path: Path, out: Path, cfg: CrossConfig | None, resume: bool, overrides: list[str],
+           world: int) -> tuple[Store, CrossConfig, dict[str, Any] | None]:
+    """The store, the config and the checkpoint to resume from, each checked (bad input: one line)."""
+    last = out / "last.pt"
     ck: dict[str, Any] | None = None
     if last.exists() and not resume:
         raise CrossError(f"{out} holds a run already: continue it with --resume, or choose another --out")
@@ -415,118 +466,150 @@ def _train(store_path: Path, out: Path, cfg: CrossConfig | None, resume: bool, o
                              f"(only {', '.join(RESUMABLE)} may)")
     else:
         cfg = parse_overrides(overrides, cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if cfg.batch_size % world:
+        raise CrossError(f"batch_size {cfg.batch_size} must be a multiple of WORLD_SIZE {world} (each rank an equal share)")
     store = open_store(store_path)
     try:
-        fp = store.fingerprint()
-        if ck is not None and ck["store_fingerprint"] != fp:
+        if ck is not None and ck["store_fingerprint"] != store.fingerprint():
             raise CrossError(f"{out} was trained on a store with other settings than {store_path}: resume with that store")
         train, val = store.indices("train"), store.indices("val")
         if len(train) < 2 or len(val) < 2:
             raise CrossError(f"{store_path}: a cross-scorer needs train and val records (has {len(train)} and {len(val)})")
-        d = store.meta.hidden_size
-        emit({"event": "start", "train": len(train), "val": len(val), "resumed": ck is not None})
+    except BaseException:
+        store.close()
+        raise
+    return store, cfg, ck
+
+
+def _fit(store: Store, cfg: CrossConfig, ck: dict[str, Any] | None, store_path: Path, out: Path, dev: torch.device,
+         corpus: str | Path | None, emit: Event, rank: int, world: int) -> dict[str, Any]:
+    last, best, log = out / "last.pt", out / "best.pt", out / "log.jsonl"
+    main = rank == 0
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    fp = store.fingerprint()
+    train, val = store.indices("train"), store.indices("val")
+    d = store.meta.hidden_size
+    emit({"event": "start", "train": len(train), "val": len(val), "resumed": ck is not None})
+    hn_box: list[HardNegatives | None] = [None]
+    if main:  # one ridge for every rank: another machine's BLAS could break a tie another way
         labels, warning = body_labels(store, corpus)
         if warning:
             emit({"event": "warning", "message": warning})
-        hn = hard_negatives(store, cfg, train, val, labels, np.random.default_rng(cfg.seed))
-        emit({"event": "hard_negatives", "queries": len(hn.queries), "share": hn.train_in_top, "alpha": hn.alpha,
-              "val_queries": len(hn.val_queries), "val_ridge_mrr": hn.val_ridge_mrr})
-        need = np.concatenate([hn.queries, hn.positives, hn.negatives.ravel(), hn.val_queries, hn.val_positives,
-                               hn.val_negatives.ravel()])
-        win = read_windows(store, need, cfg.query_tokens, cfg.body_tokens,
-                           lambda a, b: emit({"event": "windows", "done": a, "total": b}))
-        sample = np.random.default_rng(cfg.seed).permutation(np.unique(np.concatenate([hn.queries, hn.positives])))
-        torch.manual_seed(cfg.seed)  # the initial weights: a function of the seed
-        model = CrossScorer(d, cfg)
-        if ck is None:
-            for k, v in _token_stats(win, sample[: cfg.norm_sample_records]).items():
-                getattr(model, k).copy_(v)
-        model.to(dev)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        epoch, step, history, best_mrr = 0, 0, [], float("-inf")
-        if ck is not None:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            epoch, step, history, best_mrr = int(ck["epoch"]), int(ck["step"]), list(ck["history"]), float(ck["best_val_mrr"])
-        per_epoch = max(1, len(hn.queries) // cfg.batch_size)
-        total = cfg.epochs * per_epoch
-        n_params = sum(p.numel() for p in model.parameters())
-        record = {"kind": KIND, "store": str(Path(store_path).resolve()), "store_fingerprint": fp, "hidden_size": d,
-                  "parameters": n_params, "train_queries": len(hn.queries), "train_in_top": hn.train_in_top,
-                  "ridge_alpha": hn.alpha, "val_queries": len(hn.val_queries), "val_ridge_mrr": hn.val_ridge_mrr,
-                  "code_version": code_version(), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        if ck is not None and (out / "run.json").exists():  # a resume keeps the run's first start time
-            try:
-                first = json.loads((out / "run.json").read_text())
-            except (OSError, ValueError):  # a damaged run.json is written anew
-                first = None
-            if isinstance(first, dict) and isinstance(first.get("created"), str):
-                record["created"] = first["created"]
+        hn_box[0] = hard_negatives(store, cfg, train, val, labels, np.random.default_rng(cfg.seed))
+    if world > 1:
+        dist.broadcast_object_list(hn_box, src=0)
+    hn = hn_box[0]
+    assert hn is not None
+    emit({"event": "hard_negatives", "queries": len(hn.queries), "share": hn.train_in_top, "alpha": hn.alpha,
+          "val_queries": len(hn.val_queries), "val_ridge_mrr": hn.val_ridge_mrr})
+    need = np.concatenate([hn.queries, hn.positives, hn.negatives.ravel(), hn.val_queries, hn.val_positives,
+                           hn.val_negatives.ravel()])
+    win = read_windows(store, need, cfg.query_tokens, cfg.body_tokens,
+                       lambda a, b: emit({"event": "windows", "done": a, "total": b}))
+    sample = np.random.default_rng(cfg.seed).permutation(np.unique(np.concatenate([hn.queries, hn.positives])))
+    torch.manual_seed(cfg.seed)  # the initial weights: a function of the seed
+    core = CrossScorer(d, cfg)
+    if ck is None:
+        for k, v in _token_stats(win, sample[: cfg.norm_sample_records]).items():
+            getattr(core, k).copy_(v)
+    core.to(dev)
+    opt = torch.optim.AdamW(core.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    epoch, step, history, best_mrr = 0, 0, [], float("-inf")
+    if ck is not None:
+        core.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        epoch, step, history, best_mrr = int(ck["epoch"]), int(ck["step"]), list(ck["history"]), float(ck["best_val_mrr"])
+    model: nn.Module = core if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        core, device_ids=[dev.index] if dev.type == "cuda" else None)
+    per_epoch = max(1, len(hn.queries) // cfg.batch_size)
+    total = cfg.epochs * per_epoch
+    n_params = sum(p.numel() for p in core.parameters())
+    record = {"kind": KIND, "store": str(Path(store_path).resolve()), "store_fingerprint": fp, "hidden_size": d,
+              "parameters": n_params, "train_queries": len(hn.queries), "train_in_top": hn.train_in_top,
+              "ridge_alpha": hn.alpha, "val_queries": len(hn.val_queries), "val_ridge_mrr": hn.val_ridge_mrr,
+              "world_size": world, "code_version": code_version(),
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if main and ck is not None and (out / "run.json").exists():  # a resume keeps the run's first start time
+        try:
+            first = json.loads((out / "run.json").read_text())
+        except (OSError, ValueError):  # a damaged run.json is written anew
+            first = None
+        if isinstance(first, dict) and isinstance(first.get("created"), str):
+            record["created"] = first["created"]
+    if main:
         atomic_write_json(out / "config.json", cfg.to_dict())
         atomic_write_json(out / "run.json", record)
-        emit({"event": "model", "parameters": n_params, "steps": total, "per_epoch": per_epoch})
+    emit({"event": "model", "parameters": n_params, "steps": total, "per_epoch": per_epoch})
 
-        def ckpt(**extra: Any) -> dict[str, Any]:
-            return {"format": CKPT_FORMAT, "format_version": CKPT_VERSION, "config": cfg.to_dict(),
-                    "store_fingerprint": fp, "hidden_size": d, "model": model.state_dict(),
-                    "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "history": history,
-                    "best_val_mrr": best_mrr, **extra}
+    def ckpt(**extra: Any) -> dict[str, Any]:
+        return {"format": CKPT_FORMAT, "format_version": CKPT_VERSION, "config": cfg.to_dict(),
+                "store_fingerprint": fp, "hidden_size": d, "model": core.state_dict(),
+                "optimizer": opt.state_dict(), "epoch": epoch, "step": step, "history": history,
+                "best_val_mrr": best_mrr, **extra}
 
-        if ck is None:  # a run killed before its first step can be resumed too
-            save_checkpoint(last, ckpt())
-        elif log.exists():  # entries past the checkpoint (the interrupted epoch's, a torn line): dropped
-            log.write_text("".join(ln + "\n" for ln in log.read_text().splitlines() if _epoch_of(ln) <= epoch))
-        for epoch in range(epoch, cfg.epochs):
-            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(hn.queries))
-            window: list[float] = []
-            while step < per_epoch:
-                g = epoch * per_epoch + step
-                rows = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-                pick = np.random.default_rng([cfg.seed, epoch, step, 1])
-                choice = np.stack([pick.choice(cfg.hard_pool, cfg.negatives, replace=False) for _ in rows])
-                cand = np.concatenate([hn.positives[rows, None], hn.negatives[rows[:, None], choice]], 1)
-                q, ql, _, _ = win.take(np.repeat(hn.queries[rows], cand.shape[1]))
-                _, _, b, bl = win.take(cand.reshape(-1))
-                torch.manual_seed(cfg.seed * 1_000_003 + g)  # dropout: a function of the step
-                model.train()
-                logits = model(*(t.to(dev) for t in (q, ql, b, bl))).view(len(rows), -1)
-                loss = F.cross_entropy(logits.float(), torch.zeros(len(rows), dtype=torch.long, device=dev))
-                if not torch.isfinite(loss):
-                    raise CrossError(f"the loss diverged at epoch {epoch} step {step} (a smaller lr?)")
-                for grp in opt.param_groups:
-                    grp["lr"] = _lr(g, total, cfg)
-                opt.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                step += 1
-                window = (window + [loss.item()])[-50:]
-                emit({"event": "step", "epoch": epoch + 1, "epochs": cfg.epochs, "step": step, "steps": per_epoch,
-                      "loss": float(np.mean(window))})
-                if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < per_epoch:
-                    save_checkpoint(last, ckpt())
-            mrr = _val_mrr(model, win, hn, dev)
-            entry = {"epoch": epoch + 1, "train_loss": float(np.mean(window)) if window else float("nan"),
-                     "val_mrr": mrr, "val_ridge_mrr": hn.val_ridge_mrr}
-            history.append(entry)
-            improved = not mrr <= best_mrr  # nan (no val query) keeps the last epoch
+    if main and ck is None:  # a run killed before its first step can be resumed too
+        save_checkpoint(last, ckpt())
+    elif main and log.exists():  # entries past the checkpoint (the interrupted epoch's, a torn line): dropped
+        log.write_text("".join(ln + "\n" for ln in log.read_text().splitlines() if _epoch_of(ln) <= epoch))
+    for epoch in range(epoch, cfg.epochs):
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(hn.queries))
+        window: list[float] = []
+        while step < per_epoch:
+            g = epoch * per_epoch + step
+            rows = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            pick = np.random.default_rng([cfg.seed, epoch, step, 1])
+            choice = np.stack([pick.choice(cfg.hard_pool, cfg.negatives, replace=False) for _ in rows])
+            # Negatives are drawn for the whole global batch, then each rank takes its share.
+            rows, choice = rows[rank::world], choice[rank::world]
+            cand = np.concatenate([hn.positives[rows, None], hn.negatives[rows[:, None], choice]], 1)
+            q, ql, _, _ = win.take(np.repeat(hn.queries[rows], cand.shape[1]))
+            _, _, b, bl = win.take(cand.reshape(-1))
+            torch.manual_seed(cfg.seed * 1_000_003 + g * world + rank)  # dropout: a function of the step (and rank)
+            model.train()
+            logits = model(*(t.to(dev) for t in (q, ql, b, bl))).view(len(rows), -1)
+            loss = F.cross_entropy(logits.float(), torch.zeros(len(rows), dtype=torch.long, device=dev))
+            seen = loss.detach().clone()
+            if world > 1:  # the global batch's loss, for the log and the divergence check of every rank
+                dist.all_reduce(seen)
+                seen /= world
+            if not torch.isfinite(seen):
+                raise CrossError(f"the loss diverged at epoch {epoch} step {step} (a smaller lr?)")
+            for grp in opt.param_groups:
+                grp["lr"] = _lr(g, total, cfg)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(core.parameters(), 1.0)
+            opt.step()
+            step += 1
+            window = (window + [seen.item()])[-50:]
+            emit({"event": "step", "epoch": epoch + 1, "epochs": cfg.epochs, "step": step, "steps": per_epoch,
+                  "loss": float(np.mean(window))})
+            if main and cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < per_epoch:
+                save_checkpoint(last, ckpt())
+        mrr = _val_mrr(core, win, hn, dev) if main else float("nan")
+        entry = {"epoch": epoch + 1, "train_loss": float(np.mean(window)) if window else float("nan"),
+                 "val_mrr": mrr, "val_ridge_mrr": hn.val_ridge_mrr}
+        history.append(entry)
+        improved = not mrr <= best_mrr  # nan (no val query) keeps the last epoch
+        if improved:
+            best_mrr = mrr if np.isfinite(mrr) else best_mrr
+        step = 0
+        if main:
             if improved:
-                best_mrr = mrr if np.isfinite(mrr) else best_mrr
                 save_checkpoint(best, {**ckpt(), "optimizer": {}, "best_epoch": epoch + 1})
             with log.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
-            step = 0
-            save_checkpoint(last, {**ckpt(), "epoch": epoch + 1, "step": 0})
-            emit({"event": "epoch", **entry, "best": improved})
-        record["history"] = history
-        record["best_val_mrr"] = best_mrr
+            save_checkpoint(last, {**ckpt(), "epoch": epoch + 1})
+        emit({"event": "epoch", **entry, "best": improved})
+        if world > 1:  # the next epoch starts once rank 0's files of this one are written
+            dist.barrier()
+    record["history"] = history
+    record["best_val_mrr"] = best_mrr
+    if main:
         atomic_write_json(out / "run.json", record)
-        emit({"event": "done", "best_val_mrr": best_mrr, "out": str(out)})
-        return record
-    finally:
-        store.close()
+    emit({"event": "done", "best_val_mrr": best_mrr, "out": str(out)})
+    return record
 
 
 # -- loading ---------------------------------------------------------------------------------------

@@ -67,3 +67,22 @@ def make_token_store(root: Path, *, d: int = 16, repos: dict[str, int] | None = 
         for a in range(0, len(pending), 64):
             w.append(pending[a : a + 64])
     return path
+
+
+def cross_ddp_worker(rank: int, world: int, jobs: list) -> None:
+    """One DDP rank (torch.multiprocessing.spawn) of ``train_cross``, env as torchrun sets it.
+    A job that fails writes its one-line message to ``OUT.error-RANK`` instead."""
+    import os
+
+    import torch
+
+    from codejepa.predict.cross import CrossError, train_cross
+
+    torch.set_num_threads(1)
+    for store, cfg, out, port in jobs:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                          WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+        try:
+            train_cross(store, out, cfg, device="cpu")
+        except CrossError as e:
+            Path(f"{out}.error-{rank}").write_text(str(e))

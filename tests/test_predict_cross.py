@@ -4,6 +4,7 @@ first stage cannot see, that a killed run resumes to the same weights, and bad i
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from _cross_fixtures import make_token_store
+from _cross_fixtures import cross_ddp_worker, make_token_store
 from _evaluate_fixtures import make_dataset
 from codejepa.cli import app
 from codejepa.embed.store import open_store
@@ -159,3 +160,41 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
     fails(["evaluate", "retrieval", str(other), "--baselines", "bm25", "--rerank", str(out)], "other settings")
     fails(["evaluate", "retrieval", str(store), "--baselines", "bm25", "--rerank", str(tmp_path)], "not a cross-scorer run")
     fails(["evaluate", "retrieval", str(store), "--baselines", "bm25", "--rerank", str(out), "--rerank-k", "0"], "--rerank-k")
+
+
+@pytest.mark.timeout(240)
+def test_two_gloo_ranks_train_the_weights_of_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.multiprocessing as mp
+
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    store = _small(tmp_path)
+    cfg = CrossConfig(**{**FAST, "hard_pool": 6, "negatives": 3, "batch_size": 8}, epochs=2, checkpoint_every_steps=4)
+    ports: list[int] = []
+    while len(ports) < 2:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            if (p := s.getsockname()[1]) not in ports:
+                ports.append(p)
+    odd = CrossConfig(**{**FAST, "hard_pool": 6, "negatives": 3, "batch_size": 7}, epochs=1)
+    jobs = [(str(store), cfg, str(tmp_path / "ddp"), ports[0]), (str(store), odd, str(tmp_path / "odd"), ports[1])]
+    mp.spawn(cross_ddp_worker, args=(2, jobs), nprocs=2, join=True)
+    rec = train_cross(store, tmp_path / "one", cfg)
+    one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    two = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    assert one["epoch"] == two["epoch"] == 2
+    for k, v in one["model"].items():  # biases the softmax cannot see (key bias, the score's offset) get
+        if k.endswith("weight"):       # zero gradients, whose rounding noise Adam turns into full steps
+            assert torch.allclose(v, two["model"][k], atol=1e-5, rtol=1e-4), k
+    runs = [load_cross(tmp_path / "one"), load_cross(tmp_path / "ddp")]
+    with open_store(store) as st:
+        pairs = np.random.default_rng(0).integers(0, len(st), size=(2, 200))
+        s1, s2 = (r.prepare(st, np.unique(pairs)) or r.scores(*pairs) for r in runs)
+    assert np.allclose(s1 - s1.mean(), s2 - s2.mean(), atol=1e-4)  # the same scores, up to that offset
+    ddp_run = json.loads((tmp_path / "ddp" / "run.json").read_text())
+    assert ddp_run["world_size"] == 2 and abs(ddp_run["best_val_mrr"] - rec["best_val_mrr"]) < 1e-3
+    assert [h["train_loss"] for h in ddp_run["history"]] == pytest.approx([h["train_loss"] for h in rec["history"]], rel=1e-4)
+    # a batch that cannot be shared equally: every rank stops with one line, nothing is written
+    for r in (0, 1):
+        assert "batch_size 7 must be a multiple of WORLD_SIZE 2" in (tmp_path / f"odd.error-{r}").read_text()
+    assert not (tmp_path / "odd" / "last.pt").exists()
