@@ -145,7 +145,8 @@ def cross_cmd(
     except CLI_ERRORS as e:
         _fail(error_line(e))
     except KeyboardInterrupt:
-        _fail(f"interrupted; continue with: {_resume_command(store, out, None, 'cross')}", 130)
+        again = _resume_command(store, out, None, "cross")
+        _fail(f"interrupted; continue with: {again}{f' --corpus {shlex.quote(str(corpus))}' if corpus else ''}", 130)
 
 
 @app.command("config")

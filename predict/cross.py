@@ -43,7 +43,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -403,7 +403,9 @@ def train_cross(store_path: str | Path, out: str | Path, cfg: CrossConfig | None
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        # The other ranks wait while rank 0 fits the ridge of the hard negatives (minutes on a large
+        # store): longer than NCCL's default timeout.
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=2))
         own_group = True
     try:
         return _train(Path(store_path), Path(out), cfg, resume, overrides or [], dev, corpus, emit, rank, world)
@@ -491,16 +493,25 @@ def _fit(store: Store, cfg: CrossConfig, ck: dict[str, Any] | None, store_path: 
     train, val = store.indices("train"), store.indices("val")
     d = store.meta.hidden_size
     emit({"event": "start", "train": len(train), "val": len(val), "resumed": ck is not None})
-    hn_box: list[HardNegatives | None] = [None]
+    box: list[Any] = [None, None]  # the hard negatives, or rank 0's error
     if main:  # one ridge for every rank: another machine's BLAS could break a tie another way
-        labels, warning = body_labels(store, corpus)
-        if warning:
-            emit({"event": "warning", "message": warning})
-        hn_box[0] = hard_negatives(store, cfg, train, val, labels, np.random.default_rng(cfg.seed))
+        try:
+            labels, warning = body_labels(store, corpus)
+            if warning:
+                emit({"event": "warning", "message": warning})
+            box[0] = hard_negatives(store, cfg, train, val, labels, np.random.default_rng(cfg.seed))
+        except CodejepaError as e:
+            if world == 1:
+                raise
+            box[1] = str(e)
     if world > 1:
-        dist.broadcast_object_list(hn_box, src=0)
-    hn = hn_box[0]
-    assert hn is not None
+        dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise CrossError(box[1] if main else f"rank 0: {box[1]}")
+    hn: HardNegatives = box[0]
+    if world > 1 and len(hn.queries) < world:
+        raise CrossError(f"{len(hn.queries)} train queries have their body among the hard negatives: "
+                         f"fewer than the {world} ranks")
     emit({"event": "hard_negatives", "queries": len(hn.queries), "share": hn.train_in_top, "alpha": hn.alpha,
           "val_queries": len(hn.val_queries), "val_ridge_mrr": hn.val_ridge_mrr})
     need = np.concatenate([hn.queries, hn.positives, hn.negatives.ravel(), hn.val_queries, hn.val_positives,
@@ -561,6 +572,7 @@ def _fit(store: Store, cfg: CrossConfig, ck: dict[str, Any] | None, store_path: 
             pick = np.random.default_rng([cfg.seed, epoch, step, 1])
             choice = np.stack([pick.choice(cfg.hard_pool, cfg.negatives, replace=False) for _ in rows])
             # Negatives are drawn for the whole global batch, then each rank takes its share.
+            n_global = len(rows)
             rows, choice = rows[rank::world], choice[rank::world]
             cand = np.concatenate([hn.positives[rows, None], hn.negatives[rows[:, None], choice]], 1)
             q, ql, _, _ = win.take(np.repeat(hn.queries[rows], cand.shape[1]))
@@ -568,11 +580,17 @@ def _fit(store: Store, cfg: CrossConfig, ck: dict[str, Any] | None, store_path: 
             torch.manual_seed(cfg.seed * 1_000_003 + g * world + rank)  # dropout: a function of the step (and rank)
             model.train()
             logits = model(*(t.to(dev) for t in (q, ql, b, bl))).view(len(rows), -1)
-            loss = F.cross_entropy(logits.float(), torch.zeros(len(rows), dtype=torch.long, device=dev))
-            seen = loss.detach().clone()
-            if world > 1:  # the global batch's loss, for the log and the divergence check of every rank
-                dist.all_reduce(seen)
-                seen /= world
+            target = torch.zeros(len(rows), dtype=torch.long, device=dev)
+            if world == 1:
+                loss = F.cross_entropy(logits.float(), target)
+                seen = loss.detach()
+            else:  # DDP averages the ranks' gradients: each rank's sum over the global batch size × world,
+                # so a short batch shared unequally still gives the global batch's mean loss
+                local = F.cross_entropy(logits.float(), target, reduction="sum")
+                loss = local * world / n_global
+                seen = local.detach().clone()
+                dist.all_reduce(seen)  # the global batch's loss, for the log and every rank's divergence check
+                seen /= n_global
             if not torch.isfinite(seen):
                 raise CrossError(f"the loss diverged at epoch {epoch} step {step} (a smaller lr?)")
             for grp in opt.param_groups:
@@ -588,19 +606,23 @@ def _fit(store: Store, cfg: CrossConfig, ck: dict[str, Any] | None, store_path: 
             if main and cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < per_epoch:
                 save_checkpoint(last, ckpt())
         mrr = _val_mrr(core, win, hn, dev) if main else float("nan")
+        if world > 1:  # every rank's history and best epoch are rank 0's
+            said = [mrr]
+            dist.broadcast_object_list(said, src=0)
+            mrr = float(said[0])
         entry = {"epoch": epoch + 1, "train_loss": float(np.mean(window)) if window else float("nan"),
                  "val_mrr": mrr, "val_ridge_mrr": hn.val_ridge_mrr}
         history.append(entry)
         improved = not mrr <= best_mrr  # nan (no val query) keeps the last epoch
         if improved:
             best_mrr = mrr if np.isfinite(mrr) else best_mrr
-        step = 0
         if main:
             if improved:
                 save_checkpoint(best, {**ckpt(), "optimizer": {}, "best_epoch": epoch + 1})
             with log.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
-            save_checkpoint(last, {**ckpt(), "epoch": epoch + 1})
+            save_checkpoint(last, {**ckpt(), "epoch": epoch + 1, "step": 0})
+        step = 0
         emit({"event": "epoch", **entry, "best": improved})
         if world > 1:  # the next epoch starts once rank 0's files of this one are written
             dist.barrier()

@@ -71,18 +71,32 @@ def make_token_store(root: Path, *, d: int = 16, repos: dict[str, int] | None = 
 
 def cross_ddp_worker(rank: int, world: int, jobs: list) -> None:
     """One DDP rank (torch.multiprocessing.spawn) of ``train_cross``, env as torchrun sets it.
-    A job that fails writes its one-line message to ``OUT.error-RANK`` instead."""
+    Each training step's pair count goes to ``OUT.pairs-RANK``; a job that fails writes its
+    one-line message to ``OUT.error-RANK`` instead."""
+    import json
     import os
 
     import torch
 
-    from codejepa.predict.cross import CrossError, train_cross
+    from codejepa.predict.cross import CrossError, CrossScorer, train_cross
 
     torch.set_num_threads(1)
+    forward = CrossScorer.forward
     for store, cfg, out, port in jobs:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                           WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+        pairs: list[int] = []
+
+        def counted(self, q, *rest, _pairs=pairs):  # type: ignore[no-untyped-def]
+            if self.training:
+                _pairs.append(int(q.shape[0]))
+            return forward(self, q, *rest)
+
+        CrossScorer.forward = counted
         try:
             train_cross(store, out, cfg, device="cpu")
         except CrossError as e:
             Path(f"{out}.error-{rank}").write_text(str(e))
+        finally:
+            CrossScorer.forward = forward
+        Path(f"{out}.pairs-{rank}").write_text(json.dumps(pairs))

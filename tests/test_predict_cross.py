@@ -171,13 +171,15 @@ def test_two_gloo_ranks_train_the_weights_of_one_process(tmp_path: Path, monkeyp
     store = _small(tmp_path)
     cfg = CrossConfig(**{**FAST, "hard_pool": 6, "negatives": 3, "batch_size": 8}, epochs=2, checkpoint_every_steps=4)
     ports: list[int] = []
-    while len(ports) < 2:
+    while len(ports) < 3:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             if (p := s.getsockname()[1]) not in ports:
                 ports.append(p)
     odd = CrossConfig(**{**FAST, "hard_pool": 6, "negatives": 3, "batch_size": 7}, epochs=1)
-    jobs = [(str(store), cfg, str(tmp_path / "ddp"), ports[0]), (str(store), odd, str(tmp_path / "odd"), ports[1])]
+    wide = CrossConfig(**{**FAST, "hard_pool": 500, "negatives": 3, "batch_size": 8}, epochs=1)
+    jobs = [(str(store), cfg, str(tmp_path / "ddp"), ports[0]), (str(store), odd, str(tmp_path / "odd"), ports[1]),
+            (str(store), wide, str(tmp_path / "wide"), ports[2])]
     mp.spawn(cross_ddp_worker, args=(2, jobs), nprocs=2, join=True)
     rec = train_cross(store, tmp_path / "one", cfg)
     one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
@@ -194,7 +196,14 @@ def test_two_gloo_ranks_train_the_weights_of_one_process(tmp_path: Path, monkeyp
     ddp_run = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert ddp_run["world_size"] == 2 and abs(ddp_run["best_val_mrr"] - rec["best_val_mrr"]) < 1e-3
     assert [h["train_loss"] for h in ddp_run["history"]] == pytest.approx([h["train_loss"] for h in rec["history"]], rel=1e-4)
-    # a batch that cannot be shared equally: every rank stops with one line, nothing is written
+    for r in (0, 1):  # each rank scored its half of every batch: the query and its 3 negatives
+        pairs = json.loads((tmp_path / f"ddp.pairs-{r}").read_text())
+        assert len(pairs) == 2 * rec["train_queries"] // 8 and set(pairs) == {4 * 4}
+    # a batch that cannot be shared equally, or an error on rank 0 alone (its hard negatives):
+    # every rank stops with one line, nothing is trained
     for r in (0, 1):
         assert "batch_size 7 must be a multiple of WORLD_SIZE 2" in (tmp_path / f"odd.error-{r}").read_text()
     assert not (tmp_path / "odd" / "last.pt").exists()
+    assert "hard_pool 500 needs more distinct train bodies" in (tmp_path / "wide.error-0").read_text()
+    assert (tmp_path / "wide.error-1").read_text().startswith("rank 0: hard_pool 500")
+    assert not (tmp_path / "wide" / "last.pt").exists()
