@@ -112,8 +112,9 @@ def cross_cmd(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="Corpus folder, when it moved since the store was built."),
 ) -> None:
-    """Train a cross-scorer that re-ranks a first stage's top candidates (`evaluate retrieval --rerank`);
-    under torchrun, DDP over its ranks."""
+    """Train a cross-scorer that re-ranks a first stage's top candidates (`evaluate retrieval --rerank`).
+
+    Under torchrun, DDP over its ranks."""
     from codejepa.core import CLI_ERRORS, error_line
     from codejepa.predict.cross import train_cross
 
