@@ -20,16 +20,20 @@ def _plt() -> Any:
     return plt
 
 
-_STYLE = {"": "-", "+csls": "-.", "+bm25": (0, (1, 1)), "+csls+bm25": (0, (4, 1, 1, 1, 1, 1)),
-          "+sib": (0, (6, 2)), "+bm25+sib": (0, (3, 1, 1, 1)), "+csls+bm25+sib": (0, (8, 1, 1, 1))}
+# The suffixes of a derived row (evaluate's row names: NAME+probe+csls+bm25+sib+rerank).
+_CORRECTIONS = ("csls", "bm25", "sib", "rerank", "probe")
+# A method's own row and its best derived row share a colour and differ in line style; rows of
+# space-independent methods (BM25, reverse) get the other pair of styles in every panel.
+_STYLES = {(False, False): "-", (False, True): "--", (True, False): "-.", (True, True): ":"}
 
 
 def _base(method: str) -> str:
-    """The method a derived row comes from: ``tf+csls+bm25`` → ``tf``."""
-    for suffix in sorted(_STYLE, key=len, reverse=True)[:-1]:  # longest first; "" is the method itself
-        if method.endswith(suffix) and len(method) > len(suffix):
-            return method[: -len(suffix)]
-    return method
+    """The method a derived row comes from: ``tf+csls+bm25`` → ``tf``, ``ridge+last+probe+rerank`` →
+    ``ridge+last``, ``bm25+sib`` → ``bm25``."""
+    parts = method.split("+")
+    while len(parts) > 1 and parts[-1] in _CORRECTIONS:
+        parts.pop()
+    return "+".join(parts)
 
 
 def plotted_rows(panel: list[Any]) -> list[Any]:
@@ -52,8 +56,9 @@ def plot_rank_distribution(data: dict[str, Any], rows: list[Any], out_dir: Path)
     """Recall@k curves (share of queries whose true body ranks ≤ k), one panel per space: each
     method alone and its best corrected row (:func:`plotted_rows`).
 
-    Space-independent methods (random, BM25) appear dashed in every panel; the chance line is
-    the diagonal k / pool size.
+    Each method alone is drawn solid and its best derived row dashed; space-independent methods
+    (random, BM25, reverse) appear dash-dotted (alone) and dotted (derived) in every panel. The
+    chance line is the diagonal k / pool size, grey.
     """
     plt = _plt()
     spaces = [s for s in dict.fromkeys(r.space for r in rows) if s != "-"] or ["-"]
@@ -68,8 +73,8 @@ def plot_rank_distribution(data: dict[str, Any], rows: list[Any], out_dir: Path)
     # rounded, not truncated: logspace's last value can fall just short of max_rank (39.99… for 40), and a
     # truncated grid then ends one rank early, so the curve never reaches the queries ranked last
     ks = np.unique(np.rint(np.logspace(0, np.log10(max(max_rank, 2)), 200)).astype(int))
-    # A method and its derived rows (NAME+csls, NAME+bm25, NAME+csls+bm25, …+sib) share a colour and
-    # differ in line style, so that twenty rows need ten colours, not twenty.
+    # A method and its best derived row (NAME+csls, …+bm25+sib, …+rerank) share a colour and differ in
+    # line style, so that twenty rows need ten colours, not twenty.
     bases = list(dict.fromkeys(_base(r.method) for r in rows))
     # tab20's ten dark hues first, then their light partners: the first ten methods never share a hue.
     palette = [plt.get_cmap("tab20")(i) for i in (*range(0, 20, 2), *range(1, 20, 2))]
@@ -80,8 +85,8 @@ def plot_rank_distribution(data: dict[str, Any], rows: list[Any], out_dir: Path)
             curve = np.searchsorted(np.sort(r.ranks), ks, side="right") / len(r.ranks)
             label = f"{r.method}  (R@1 {r.metrics['rank@1'].value:.1%}, MRR {r.metrics['mrr'].value:.2f})"
             ax.plot(ks, curve, label=label, color=colour[_base(r.method)], lw=2.2 if r.kind == "run" else 1.5,
-                    ls="--" if r.space == "-" else _STYLE[r.method[len(_base(r.method)):]])
-        ax.plot(ks, np.minimum(ks / pool_size, 1.0), color="grey", ls=":", lw=1.2, label="chance")
+                    ls=_STYLES[(r.space == "-", r.method != _base(r.method))])
+        ax.plot(ks, np.minimum(ks / pool_size, 1.0), color="grey", ls=(0, (1, 3)), lw=1.2, label="chance")
         ax.set_xscale("log")
         ax.set_xlim(1, max(max_rank, 2))
         ax.set_ylim(0, 1.02)

@@ -66,3 +66,41 @@ def test_the_recall_curve_at_k_counts_the_ranks_up_to_k(tmp_path, monkeypatch) -
         np.testing.assert_allclose(chance.get_ydata(), np.minimum(ks / 50.0, 1.0))
     finally:
         close(fig)
+
+
+def test_every_drawn_line_differs_from_every_other_in_colour_or_style(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """A method and its best derived row share a colour, so their styles must differ, also for
+    space-independent methods (reverse, BM25) and for re-ranked and probe rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from codejepa.evaluate.plots import _base, plot_rank_distribution
+
+    assert _base("ridge+last+probe+csls+bm25+sib+rerank") == "ridge+last"
+    assert [_base(m) for m in ("bm25+sib+rerank", "bm25", "w96+csls", "reverse+csls+bm25+sib")] == \
+        ["bm25", "bm25", "w96", "reverse"]
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda *a, **k: None)
+    rng = np.random.default_rng(0)
+    methods = [("ridge", "canonical", 0.3), ("ridge+csls+bm25+sib", "canonical", 0.4),
+               ("ridge+csls+bm25+sib+rerank", "canonical", 0.45), ("w96", "canonical", 0.35),
+               ("w96+probe+csls+bm25+sib+rerank", "canonical", 0.5), ("reverse", "-", 0.33),
+               ("reverse+csls+bm25+sib", "-", 0.41), ("bm25", "-", 0.2), ("bm25+sib+rerank", "-", 0.3)]
+    rows = [SimpleNamespace(method=m, space=sp, kind="baseline", ranks=rng.integers(1, 100, 50),
+                            metrics={"mrr": SimpleNamespace(value=v), "rank@1": SimpleNamespace(value=v / 2)})
+            for m, sp, v in methods]
+    data = {"pool": {"mean_pool_size": 100.0, "label": "split", "n_queries": 50}, "settings": {"split": "test"}}
+    plot_rank_distribution(data, rows, tmp_path)
+    fig = plt.gcf()
+    try:
+        lines = fig.axes[0].lines
+        drawn = {ln.get_label().split()[0] for ln in lines}
+        assert drawn == {"ridge", "ridge+csls+bm25+sib+rerank", "w96", "w96+probe+csls+bm25+sib+rerank", "reverse",
+                         "reverse+csls+bm25+sib", "bm25", "bm25+sib+rerank", "chance"}
+        looks = [(tuple(np.round(matplotlib.colors.to_rgba(ln.get_color()), 3)), ln.get_linestyle()) for ln in lines]
+        assert len(set(looks)) == len(looks), looks
+    finally:
+        close(fig)
