@@ -79,7 +79,7 @@ class CrossConfig:
     hard_pool: int = 32  # hard negatives come from the cross-fitted ridge's top hard_pool train bodies
     negatives: int = 7  # drawn from them per query and step
     folds: int = 5  # train repositories are cut into this many folds for the cross-fitted ridge
-    epochs: int = 3
+    epochs: int = 12  # python-40's val measure: 0.362 after 3, 0.453 after 6, 0.519 after 12 (cosine to each total)
     batch_size: int = 64
     lr: float = 5e-4
     weight_decay: float = 0.05
