@@ -5,8 +5,9 @@ and gives the pair one score, to re-rank a first stage's top candidates
 The predictors of :mod:`codejepa.predict.train` map a query to one vector and rank bodies by
 cosine (a dual encoder). A joint encoder over both token sequences can compare them token by
 token, which a pooled vector cannot; it is too slow to score every body, so it re-scores the
-few a first stage ranks highest. On python-40 (in-context targets) it added 3-7 rank@1 points
-to every first stage it was put behind, and nothing with body-only targets: what it reads is
+few a first stage ranks highest. On python-40 (in-context targets, 12 epochs) it added 7-21
+rank@1 points to every first stage it was put behind, and (3 epochs) nothing with body-only
+targets: what it reads is
 the signature's echo in the in-context body states (bench/RESULTS.md, "The echo control").
 
 Inputs, and why they are honest: the query side is the first ``query_tokens`` states of the

@@ -122,6 +122,19 @@ def train_killed_at(store: str | Path, cfg: object, out: str | Path, global_step
     raise AssertionError(f"the run ended before step {global_step}")
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free local ports, one fresh rendezvous per DDP job."""
+    import socket
+
+    ports: list[int] = []
+    while len(ports) < n:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            if (p := s.getsockname()[1]) not in ports:
+                ports.append(p)
+    return ports
+
+
 def ddp_worker(rank: int, world: int, jobs: list) -> None:
     """Entry point of one DDP rank (torch.multiprocessing.spawn): env as torchrun sets it.
     Each job gets its own port: a fresh rendezvous, never a stale store of the previous one."""

@@ -4,7 +4,6 @@ first stage cannot see, that a killed run resumes to the same weights, and bad i
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from typer.testing import CliRunner
 
 from _cross_fixtures import cross_ddp_worker, make_token_store
 from _evaluate_fixtures import make_dataset
+from _predict_fixtures import free_ports
 from codejepa.cli import app
 from codejepa.embed.store import open_store
 from codejepa.predict.cross import CrossConfig, CrossError, load_cross, read_windows, train_cross
@@ -170,12 +170,7 @@ def test_two_gloo_ranks_train_the_weights_of_one_process(tmp_path: Path, monkeyp
         monkeypatch.delenv(k, raising=False)
     store = _small(tmp_path)
     cfg = CrossConfig(**{**FAST, "hard_pool": 6, "negatives": 3, "batch_size": 8}, epochs=2, checkpoint_every_steps=4)
-    ports: list[int] = []
-    while len(ports) < 3:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            if (p := s.getsockname()[1]) not in ports:
-                ports.append(p)
+    ports = free_ports(3)
     odd = CrossConfig(**{**FAST, "hard_pool": 6, "negatives": 3, "batch_size": 7}, epochs=1)
     wide = CrossConfig(**{**FAST, "hard_pool": 500, "negatives": 3, "batch_size": 8}, epochs=1)
     jobs = [(str(store), cfg, str(tmp_path / "ddp"), ports[0]), (str(store), odd, str(tmp_path / "odd"), ports[1]),

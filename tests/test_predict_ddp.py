@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -12,16 +11,10 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _predict_fixtures import ddp_worker, make_store  # noqa: E402
+from _predict_fixtures import ddp_worker, free_ports, make_store  # noqa: E402
 
 from codejepa.predict.config import resolve_config  # noqa: E402
 from codejepa.predict.train import train  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.timeout(240)
@@ -46,10 +39,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path, monkeypatch: pytest.Mo
             "model.width": 32, "model.depth": 1, "model.heads": 2, "model.body_slots": 4,
             "model.max_input_tokens": 16}),
     }
-    ports: list[int] = []
-    while len(ports) < len(cfgs):
-        if (p := _free_port()) not in ports:
-            ports.append(p)
+    ports = free_ports(len(cfgs))
     jobs = [(str(store), cfg, str(tmp_path / f"ddp-{name}"), port) for (name, cfg), port in zip(cfgs.items(), ports)]
     mp.spawn(ddp_worker, args=(2, jobs), nprocs=2, join=True)
     for name, cfg in cfgs.items():
