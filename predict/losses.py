@@ -6,14 +6,13 @@ pooled body (MLP); cosine, InfoNCE and the variance hinge on the pooled predicti
 - regression: SmoothL1 or MSE — what the seed used; alone it regresses towards the mean;
 - cosine: 1 − cos(pred, target);
 - InfoNCE: each prediction must pick its own body among the batch's bodies — the objective
-  instance-level retrieval needs (under DDP every rank's bodies are gathered, so the negatives
-  are the global batch's, as in one process; not for the symmetric or BM25-offset forms, whose
-  negatives stay the rank's own); in the pooled space or in the evaluate stage's canonical
-  space (``loss.space``);
+  instance-level retrieval needs (under DDP every rank scores the whole global batch, so the
+  negatives are the global batch's, as in one process, in every form); in the pooled space or
+  in the evaluate stage's canonical space (``loss.space``);
 - with ``loss.lexical_weight``, InfoNCE ranks by the BM25 hybrid's score rather than the
   cosine alone (``codejepa.predict.lexical``);
 - variance hinge (VICReg / V-JEPA): mean over dimensions of relu(γ − std of predictions over
-  the batch), against collapse to a prototype.
+  the batch — the global batch under DDP), against collapse to a prototype.
 """
 
 from __future__ import annotations
@@ -40,13 +39,13 @@ def regression(pred: torch.Tensor, target: torch.Tensor, cfg: LossConfig, mask: 
 
 
 def infonce(pred: torch.Tensor, target: torch.Tensor, temperature: float, symmetric: bool = False,
-            offset: torch.Tensor | None = None, first: int = 0) -> torch.Tensor:
-    """``offset`` (batch × batch, cosine units) is added to the cosines before the softmax: the
-    BM25 term of the hybrid score (``loss.lexical_weight``). ``target`` may hold more rows than
-    ``pred`` (the whole batch's bodies under DDP): prediction i's own body is row ``first + i``."""
+            offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Prediction i's own body is ``target`` row i. ``offset`` (batch × batch, cosine units) is
+    added to the cosines before the softmax: the BM25 term of the hybrid score
+    (``loss.lexical_weight``)."""
     cos = F.normalize(pred, dim=-1) @ F.normalize(target, dim=-1).T
     logits = (cos if offset is None else cos + offset) / temperature
-    labels = torch.arange(len(pred), device=pred.device) + first
+    labels = torch.arange(len(pred), device=pred.device)
     loss = F.cross_entropy(logits, labels)
     if symmetric:  # each body must also pick its own prediction among the batch's predictions
         loss = 0.5 * (loss + F.cross_entropy(logits.T, labels))
@@ -62,16 +61,22 @@ def variance_hinge(pred: torch.Tensor, gamma: float) -> torch.Tensor:
 
 def gathered(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Every DDP rank's rows of ``t`` (equal counts), in rank order, with this rank's own rows
-    kept in the autograd graph; and where they start. ``t`` itself outside DDP."""
+    kept in the autograd graph; and the number of ranks. ``t`` itself, 1, outside DDP."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return t, 0
+        return t, 1
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.detach().contiguous())
-    rank = dist.get_rank()
-    parts[rank] = t
-    return torch.cat(parts), rank * len(t)
+    parts[dist.get_rank()] = t
+    return torch.cat(parts), len(parts)
+
+
+def ranks_share(term: torch.Tensor, world: int) -> torch.Tensor:
+    """A term every rank computes over the whole global batch, its gradient scaled by ``world``
+    (its value unchanged): each rank's gradient reaches only its own rows, and DDP averages
+    the ranks' gradients, so the sum over ranks must come out whole."""
+    return term if world == 1 else term + (world - 1) * (term - term.detach())
 
 
 def compute_loss(out: dict[str, torch.Tensor], pooled_target: torch.Tensor,
@@ -83,9 +88,10 @@ def compute_loss(out: dict[str, torch.Tensor], pooled_target: torch.Tensor,
     maps pooled vectors into the space InfoNCE ranks in (``loss.space``; the pooled space when
     None): the regression stays in the pooled space, where the prediction lives. ``lexical``
     (the batch's standardised BM25 matrix and the reference bodies, unit rows in the scoring
-    space) adds ``loss.lexical_weight``'s BM25 offset to InfoNCE. ``gather`` (DDP training
-    steps, every rank at once): InfoNCE's negatives are the bodies of every rank's share of
-    the batch, so that N ranks take the step one process takes with the whole batch."""
+    space; the BM25 matrix of the whole global batch under DDP) adds ``loss.lexical_weight``'s
+    BM25 offset to InfoNCE. ``gather`` (DDP training steps, every rank at once): InfoNCE and
+    the variance hinge see every rank's share of the batch, so that N ranks take the step one
+    process takes with the whole batch."""
     pred = out["pooled"].float()
     parts: dict[str, torch.Tensor] = {}
     total = pred.new_zeros(())
@@ -102,17 +108,18 @@ def compute_loss(out: dict[str, torch.Tensor], pooled_target: torch.Tensor,
         total = total + cfg.cosine_weight * c
     if cfg.infonce_weight:
         sp, st = (pred, pooled_target) if to_score is None else (to_score(pred), to_score(pooled_target))
+        world = 1
+        if gather:
+            (sp, world), (st, _) = gathered(sp), gathered(st)
         offset = None
         if lexical is not None and cfg.lexical_weight:
             offset = lexical_offset(sp, lexical[0], lexical[1], cfg.lexical_weight)
-        first = 0
-        if gather and offset is None and not cfg.symmetric:
-            st, first = gathered(st)
-        n = infonce(sp, st, cfg.temperature, cfg.symmetric, offset, first)
+        n = ranks_share(infonce(sp, st, cfg.temperature, cfg.symmetric, offset), world)
         parts["infonce"] = n
         total = total + cfg.infonce_weight * n
     if cfg.variance_weight:
-        v = variance_hinge(pred, cfg.variance_gamma)
+        everyone, world = gathered(pred) if gather else (pred, 1)
+        v = ranks_share(variance_hinge(everyone, cfg.variance_gamma), world)
         parts["variance"] = v
         total = total + cfg.variance_weight * v
     return total, {k: v.detach() for k, v in parts.items()}

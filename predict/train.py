@@ -17,8 +17,9 @@ with ``torch.load(weights_only=True)``.
 
 DDP: when ``WORLD_SIZE`` > 1 (torchrun), every rank takes an equal shard of each global
 batch (``train.batch_size`` is global); gradients are averaged, so a mean-reduced loss gives
-the same step as one process with the whole batch, InfoNCE included (its negatives are
-gathered from every rank; see ``losses.compute_loss``). Dropout draws its masks per rank.
+the same step as one process with the whole batch, InfoNCE and the variance hinge included
+(every rank scores the whole global batch; see ``losses.compute_loss``). Dropout draws its
+masks per rank.
 Rank 0 validates and writes the run.
 """
 
@@ -575,8 +576,8 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
         for epoch in range(pos.epoch, cfg.train.epochs):
             perm = epoch_order(len(train_idx), np.random.default_rng([cfg.train.seed, epoch]), group_keys,
                                cfg.train.group_size)
-            shards = [perm[s * B + rank * per_rank: s * B + (rank + 1) * per_rank]
-                      for s in range(pos.step, steps_per_epoch)]
+            batches = [perm[s * B: (s + 1) * B] for s in range(pos.step, steps_per_epoch)]
+            shards = [b[rank * per_rank: (rank + 1) * per_rank] for b in batches]
             loader = batch_loader(train_tab, shards, reveal=reveal_spec, epoch=epoch, prefetch=cfg.data.prefetch,
                                   workers=cfg.data.workers)
             t_epoch = time.perf_counter()
@@ -585,7 +586,7 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                 reveal = torch.from_numpy(b.pop("reveal")).to(dev) if "reveal" in b else None
                 lex = None
                 if lex_train is not None and lex_ref is not None:
-                    lex = (lex_train.z(shards[i], shards[i]).to(dev), lex_ref)
+                    lex = (lex_train.z(batches[i], batches[i]).to(dev), lex_ref)  # the global batch's
                 stepped = _step(net, model, opt, to_device(b, dev), cfg, lr, reveal, lex, world, amp)
                 if stepped is None:
                     raise _diverged(paths, cfg, pos, epoch, lr, ckpt_at, main, start_mrr)

@@ -509,15 +509,15 @@ def test_every_loss_term_and_norm_option_trains(store_path: Path, tmp_path: Path
 
 
 def test_infonce_labels_its_own_body_and_the_variance_hinge_penalises_low_spread() -> None:
-    """InfoNCE's class for prediction i is its own body, row ``first + i`` of a DDP-gathered
-    target; the symmetric form adds the bodies → predictions direction (the transposed logits);
+    """InfoNCE's class for prediction i is its own body, row i of the targets (extra rows are
+    more negatives); the symmetric form adds the bodies → predictions direction (the transposed logits);
     the variance hinge penalises a spread below γ (collapse), never one above it."""
     from codejepa.predict.losses import infonce, variance_hinge
 
     g = torch.Generator().manual_seed(0)
     pred, tgt = torch.randn(5, 8, generator=g), torch.randn(9, 8, generator=g)
     cos = F.normalize(pred, dim=-1) @ F.normalize(tgt, dim=-1).T
-    assert torch.isclose(infonce(pred, tgt, 0.1, first=3), F.cross_entropy(cos / 0.1, torch.arange(5) + 3))
+    assert torch.isclose(infonce(pred, tgt, 0.1), F.cross_entropy(cos / 0.1, torch.arange(5)))  # more bodies than queries
     sq = cos[:, :5] / 0.1  # the square case: prediction i against body i
     want = 0.5 * (F.cross_entropy(sq, torch.arange(5)) + F.cross_entropy(sq.T, torch.arange(5)))
     assert torch.isclose(infonce(pred, tgt[:5], 0.1, symmetric=True), want)

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _predict_fixtures import ddp_worker, free_ports, make_store  # noqa: E402
+from _predict_fixtures import ddp_worker, free_ports, make_store, write_corpus  # noqa: E402
 
 from codejepa.predict.config import resolve_config  # noqa: E402
 from codejepa.predict.train import train  # noqa: E402
@@ -23,6 +23,13 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path, monkeypatch: pytest.Mo
         monkeypatch.delenv(k, raising=False)
     torch.set_num_threads(1)
     store = make_store(tmp_path / "s.h5", n_repos=6, per_repo=32, n_val_repos=1, n_test_repos=1)  # 128 train
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf"]
+
+    def texts(rid: str) -> tuple[str, str]:  # BM25 finds a body by its signature's rare name
+        repo, j = rid.split("::f")
+        return f"def get_{words[int(j) % 7]}_{repo}_{j}():", f"return {words[int(j) % 7]}_{repo}_{j} + common"
+
+    corpus = write_corpus(tmp_path / "corpus", store, texts)
     common = {"train.batch_size": 32, "train.epochs": 2, "train.plot_every_s": -1, "optim.lr": 3e-3}
     cfgs = {
         "mlp": resolve_config("mlp", overrides={**common, "model.mlp_hidden": "64,32,64"}),
@@ -30,7 +37,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path, monkeypatch: pytest.Mo
             **common, "model.width": 32, "model.depth": 1, "model.heads": 2, "model.body_slots": 4,
             "model.max_input_tokens": 16, "optim.warmup_steps": 2, "loss.infonce_weight": 0.0}),
         # ridge and the input-view statistics are fitted on rank 0 only: DDP must broadcast them;
-        # InfoNCE's negatives are gathered from both ranks (no dropout: each rank draws its own masks)
+        # InfoNCE's negatives are both ranks' bodies (no dropout: each rank draws its own masks)
         "ridge-residual": resolve_config("mlp", preset="ridge-residual", overrides={
             **common, "model.mlp_hidden": "64", "model.dropout": 0.0, "model.input_dropout": 0.0}),
         # the transformer on the ridge path: its slot head gets no gradient (pooled loss only)
@@ -38,6 +45,12 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path, monkeypatch: pytest.Mo
             **common, "model.mlp_hidden": "64", "model.dropout": 0.0, "model.input_dropout": 0.0,
             "model.width": 32, "model.depth": 1, "model.heads": 2, "model.body_slots": 4,
             "model.max_input_tokens": 16}),
+        # every rank scores the whole global batch: the bodies → predictions direction, the BM25
+        # offset (the global batch's matrix) and the variance hinge's spread over the global batch
+        "symmetric-bm25-variance": resolve_config("mlp", preset="ridge-residual", overrides={
+            **common, "model.mlp_hidden": "64", "model.dropout": 0.0, "model.input_dropout": 0.0,
+            "loss.symmetric": True, "loss.lexical_weight": 0.5, "loss.variance_weight": 1.0,
+            "loss.variance_gamma": 2.0, "data.corpus": str(corpus)}),
     }
     ports = free_ports(len(cfgs))
     jobs = [(str(store), cfg, str(tmp_path / f"ddp-{name}"), port) for (name, cfg), port in zip(cfgs.items(), ports)]
