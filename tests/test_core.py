@@ -167,6 +167,35 @@ def test_progress_to_a_pipe_prints_no_stray_blank_line(task: bool, transient: bo
     assert out.getvalue() == (f"{expected}\n" if expected else "")
 
 
+def test_progress_to_a_file_writes_a_plain_line_now_and_then(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job in the background (output to a file) says where it is every ``line_every_s``; a
+    terminal gets the bar alone."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import TextColumn
+
+    from codejepa.progress import Progress
+
+    monkeypatch.setattr(Progress, "line_every_s", 0.0)
+    for interactive in (False, True):
+        out = io.StringIO()
+        console = Console(file=out, width=60, force_terminal=interactive, force_interactive=interactive)
+        with Progress(TextColumn("{task.description}"), console=console, transient=True) as bar:
+            job = bar.add_task("embedding", total=2)
+            bar.advance(job)
+            bar.update(job, description="writing", advance=1)
+        if interactive:
+            assert "1/2  00:00:00" not in out.getvalue()
+        else:
+            assert out.getvalue().splitlines() == ["embedding  1/2  00:00:00", "writing  2/2  00:00:00"]
+    monkeypatch.setattr(Progress, "line_every_s", 3600.0)
+    out = io.StringIO()
+    with Progress(TextColumn("{task.description}"), console=Console(file=out, width=60), transient=True) as bar:
+        bar.advance(bar.add_task("embedding", total=2))
+    assert out.getvalue() == ""
+
+
 def test_atomic_writes_honour_the_umask_like_files_written_in_place(tmp_path: Path) -> None:
     # mkstemp makes 0600 files: a shared corpus's manifest would be unreadable to a collaborator
     old = os.umask(0o022)
