@@ -16,6 +16,7 @@ import torch
 from codejepa.evaluate.errors import EvaluateError
 from codejepa.evaluate.spaces import Space, fit_space
 from codejepa.predict.lexical import BM25Scorer, code_tokens  # noqa: F401  (BM25 lives with the training-time offset)
+from codejepa.predict.ridge import RidgePath
 
 # ridge+last: ridge on [signature mean, the signature's last-token state], the pooled views the
 # ridge-residual and transformer-residual predictors read — what their learned part must beat.
@@ -45,44 +46,28 @@ def parse_baselines(spec: str | None) -> tuple[str, ...]:
 # -- ridge ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RidgeFit:
-    """Closed-form ridge from input vectors to body vectors, for a grid of λ at once.
+    """Closed-form ridge from input vectors to body vectors, for a grid of λ at once: the
+    predict stage's :class:`~codejepa.predict.ridge.RidgePath` (one eigendecomposition, float64
+    sums over row chunks, λ relative to the mean eigenvalue), arrays in and out."""
 
-    With centred X and XᵀX = V diag(e) Vᵀ, B(λ) = V diag(1 / (e + λ)) Vᵀ XᵀY: one d × d
-    eigendecomposition serves every λ, and memory stays O(d²) however many train functions.
-    λ is given relative to the mean eigenvalue of XᵀX so that the grid means the same thing
-    at every scale.
-    """
-
-    x_mean: np.ndarray
-    y_mean: np.ndarray
-    v: np.ndarray  # [d_in, d_in]
-    e: np.ndarray  # [d_in] eigenvalues of XᵀX
-    vtxty: np.ndarray  # [d_in, d_out]
-    scale: float  # mean eigenvalue of XᵀX
+    path: RidgePath
 
     @classmethod
     def fit(cls, x: np.ndarray, y: np.ndarray, *, chunk: int = 8192) -> RidgeFit:
         if len(x) != len(y) or len(x) < 2:
             raise EvaluateError(f"ridge needs at least 2 train pairs, got {len(x)}")
-        xm = np.asarray(x, dtype=np.float64).mean(0)
-        ym = np.asarray(y, dtype=np.float64).mean(0)
-        xtx = np.zeros((len(xm), len(xm)))
-        xty = np.zeros((len(xm), len(ym)))
-        for a in range(0, len(x), chunk):  # float64 accumulation without a float64 copy of X
-            xc = np.asarray(x[a : a + chunk], dtype=np.float64) - xm
-            xtx += xc.T @ xc
-            xty += xc.T @ (np.asarray(y[a : a + chunk], dtype=np.float64) - ym)
-        e, v = np.linalg.eigh(xtx)
-        e = np.maximum(e, 0.0)
-        scale = float(e.sum()) / len(e)
-        return cls(xm, ym, v, e, v.T @ xty, max(scale, 1e-12))
+        return cls(RidgePath(np.asarray(x), np.asarray(y), chunk=chunk))
+
+    @property
+    def scale(self) -> float:
+        return self.path.scale
 
     def coef(self, alpha: float) -> np.ndarray:
-        lam = alpha * self.scale
-        return (self.v / (self.e + lam)) @ self.vtxty
+        return self.path.coef(alpha).numpy()
 
     def predict(self, x: np.ndarray, alpha: float) -> np.ndarray:
-        return ((np.asarray(x, dtype=np.float64) - self.x_mean) @ self.coef(alpha) + self.y_mean).astype(np.float32)
+        p = self.path
+        return ((np.asarray(x, dtype=np.float64) - p.x_mean.numpy()) @ self.coef(alpha) + p.y_mean.numpy()).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -38,19 +38,36 @@ class RidgeSolution:
 
 
 class RidgePath:
-    """One eigendecomposition of the centred XᵀX serves every λ of a grid."""
+    """One eigendecomposition of the centred XᵀX serves every λ of a grid.
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x, y = x.double(), y.double()
-        self.x_mean, self.y_mean = x.mean(0), y.mean(0)
-        xc, yc = x - self.x_mean, y - self.y_mean
-        e, v = torch.linalg.eigh(xc.T @ xc)
+    With XᵀX = V diag(e) Vᵀ, B(λ) = V diag(1 / (e + λ)) Vᵀ XᵀY. The sums are accumulated in
+    float64 over row chunks, so memory stays O(d²) however many train pairs (no float64 copy of
+    X); λ is relative to the mean eigenvalue of XᵀX, so a grid means the same at every scale.
+    Takes tensors or arrays; the evaluate stage's ridge baselines fit with it too.
+    """
+
+    def __init__(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, *, chunk: int = 8192) -> None:
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        if len(x) != len(y) or len(x) < 2:
+            raise ValueError(f"ridge needs at least 2 train pairs, got {len(x)}")
+        self.x_mean, self.y_mean = x.mean(0, dtype=torch.float64), y.mean(0, dtype=torch.float64)
+        xtx = torch.zeros(len(self.x_mean), len(self.x_mean), dtype=torch.float64)
+        xty = torch.zeros(len(self.x_mean), len(self.y_mean), dtype=torch.float64)
+        for a in range(0, len(x), chunk):
+            xc = x[a : a + chunk].double() - self.x_mean
+            xtx += xc.T @ xc
+            xty += xc.T @ (y[a : a + chunk].double() - self.y_mean)
+        e, v = torch.linalg.eigh(xtx)
         self.e, self.v = e.clamp(min=0), v
-        self.vtxty = v.T @ (xc.T @ yc)
+        self.vtxty = v.T @ xty
         self.scale = max(float(self.e.mean()), 1e-12)
 
+    def coef(self, alpha: float) -> torch.Tensor:
+        """B(λ) in float64, [d_in, d_out]."""
+        return (self.v / (self.e + alpha * self.scale)) @ self.vtxty
+
     def solve(self, alpha: float) -> RidgeSolution:
-        w = (self.v / (self.e + alpha * self.scale)) @ self.vtxty
+        w = self.coef(alpha)
         return RidgeSolution(w.float(), (self.y_mean - self.x_mean @ w).float(), float(alpha))
 
 

@@ -428,13 +428,14 @@ def test_ridge_closed_form_matches_normal_equations() -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((80, 5))
     y = x @ rng.standard_normal((5, 3)) + 2.0 + 0.1 * rng.standard_normal((80, 3))
-    r = RidgeFit.fit(x, y)
-    alpha = 0.3
-    lam = alpha * r.scale
-    xc, yc = x - x.mean(0), y - y.mean(0)
-    b = np.linalg.solve(xc.T @ xc + lam * np.eye(5), xc.T @ yc)
-    np.testing.assert_allclose(r.coef(alpha), b, rtol=1e-8, atol=1e-10)
-    np.testing.assert_allclose(r.predict(x[:4], alpha), (x[:4] - x.mean(0)) @ b + y.mean(0), rtol=1e-5, atol=1e-5)
+    for chunk in (8192, 7):  # the sums over row chunks (7 leaves a short last one) equal one pass
+        r = RidgeFit.fit(x, y, chunk=chunk)
+        alpha = 0.3
+        lam = alpha * r.scale
+        xc, yc = x - x.mean(0), y - y.mean(0)
+        b = np.linalg.solve(xc.T @ xc + lam * np.eye(5), xc.T @ yc)
+        np.testing.assert_allclose(r.coef(alpha), b, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(r.predict(x[:4], alpha), (x[:4] - x.mean(0)) @ b + y.mean(0), rtol=1e-5, atol=1e-5)
     with pytest.raises(EvaluateError):
         RidgeFit.fit(x[:1], y[:1])
 
