@@ -1,7 +1,7 @@
 """The python-40 benchmark: the whole pipeline on 40 real projects, stage by stage, timed.
 
     python bench/pipeline.py [--out ~/.cache/codejepa/bench40] [--layer N] [--targets in-context]
-                             [--stages corpus,embed,train,evaluate,ceilings]  (+ probe: opt-in)
+                             [--stages corpus,embed,train,evaluate,ceilings]  (+ probe, cross: opt-in)
                              [--models seed-mlp,ridge-residual,ridge-residual-files,transformer-residual,transformer-residual-files]
                              [--extra-train bench/extra-train.txt] [--folds 5]
 
@@ -17,6 +17,12 @@ The ``probe`` stage (opt-in: ``--stages corpus,embed,probe,train,evaluate,ceilin
 ``codejepa embed probe`` after the embedding (four more teacher passes per record: about twice
 the embedding's time) and gives the evaluations ``--probe``, so that every run and ridge+last
 also get a ``NAME+probe`` row.
+
+The ``cross`` stage (opt-in, like ``probe``) trains the cross-scorer (``codejepa predict cross``,
+12 epochs: about an hour on one CPU thread) after the predictors, and gives the evaluations
+``--rerank`` with ``--rerank-rows`` (``--rerank-rows``' default: every row with all the
+corrections, and BM25 + sib), so that those rows also get a ``NAME+rerank`` row: the best rows
+of the README's table. Not with ``--folds`` (one scorer per fold is not wired up).
 
 ``--extra-train LIST`` is the data-scaling variant: the projects of LIST (pinned like
 python-40's) join the corpus in the train split only (``corpus build --train-only-file``), so
@@ -73,6 +79,8 @@ def main() -> None:
     ap.add_argument("--extra-train", type=Path, default=None,
                     help="pinned projects (name==version a line) added to the train split only")
     ap.add_argument("--folds", type=int, default=0, help="K-fold cross-validation over repositories (0: the corpus's split)")
+    ap.add_argument("--rerank-rows", default="*+csls+bm25+sib,bm25+sib",
+                    help="evaluate retrieval's --rerank-rows, with the cross stage")
     ap.add_argument("--fold-eval", default="--space canonical --baselines random,prototype,ridge,ridge+last,bm25,ridge+bm25,reverse "
                     "--no-plots", help="evaluate retrieval options of each fold (with --folds)")
     args = ap.parse_args()
@@ -114,6 +122,8 @@ def main() -> None:
         run([exe, "embed", "probe", str(store)], timings, "probe_s")
 
     presets = [m for m in args.models.split(",") if m]
+    if args.folds and "cross" in stages:
+        sys.exit("pipeline: the cross stage is not wired up for --folds (one scorer per fold); leave it out")
     if args.folds:
         cross_validate(args, exe, out, corpus, store, tag, presets, stages, timings)
         stages -= {"train", "evaluate", "ceilings"}
@@ -125,10 +135,16 @@ def main() -> None:
             run(train_cmd(exe, store, run_dir, preset, [a for s in args.set for a in ("--set", s)], []),
                 timings, f"train_{preset}_s")
 
+    cross = out / "runs" / f"{tag}-cross"
+    if "cross" in stages and not _cross_finished(cross):
+        resume = ["--resume"] if (cross / "last.pt").is_file() else []
+        run([exe, "predict", "cross", str(store), "--out", str(cross), *resume], timings, "cross_s")
+
     if "evaluate" in stages:
         for pool in ("split", "all"):
             cmd = [exe, "evaluate", "retrieval", str(store), "--pool", pool, "--out", str(out / f"eval-{tag}-{pool}")]
             cmd += ["--probe", str(probe)] if "probe" in stages else []
+            cmd += ["--rerank", str(cross), "--rerank-rows", args.rerank_rows] if "cross" in stages else []
             for r in runs:
                 if (r / "best.pt").is_file():
                     cmd += ["--run", str(r)]
@@ -153,6 +169,20 @@ def main() -> None:
     print(json.dumps(record, indent=2))
 
 
+def _finished(run_dir: Path) -> bool:
+    """A predict train run's log.jsonl holds its ``done`` event."""
+    log = run_dir / "log.jsonl"
+    return log.is_file() and '"event": "done"' in log.read_text()
+
+
+def _cross_finished(run_dir: Path) -> bool:
+    """predict cross writes its epochs' history into run.json once the last epoch is done."""
+    try:
+        return "history" in json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def train_cmd(exe: str, store: Path, run_dir: Path, preset: str, sets: list[str], extra: list[str]) -> list[str]:
     kind = "transformer" if preset.startswith("transformer") else "mlp"
     if (run_dir / "last.pt").is_file():
@@ -173,7 +203,7 @@ def cross_validate(args: argparse.Namespace, exe: str, out: Path, corpus: Path, 
         runs = [fold_dir / f"{tag}-{p}" for p in presets]
         if "train" in stages:
             for preset, run_dir in zip(presets, runs):
-                if '"event": "done"' not in ((run_dir / "log.jsonl").read_text() if (run_dir / "log.jsonl").is_file() else ""):
+                if not _finished(run_dir):
                     run(train_cmd(exe, store, run_dir, preset, sets, ["--splits", str(split_file)]), timings, f"train_{preset}_s")
         ev = fold_dir / f"eval-{tag}-split"
         evals.append(ev)

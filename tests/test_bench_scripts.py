@@ -148,3 +148,47 @@ def test_the_cross_rerank_experiment_refuses_bad_input_in_one_line(tmp_path: Pat
     r = subprocess.run([sys.executable, str(ROOT / "bench/cross_rerank.py"), str(ds.store_path), "--Ktrain", "8",
                         "--neg", "3", "--load", str(wrong)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr and "not a cross-scorer" in r.stderr, r.stderr
+
+
+def test_the_pipelines_cross_stage_trains_the_scorer_once_and_reranks_both_evaluations(tmp_path: Path) -> None:
+    """The opt-in cross stage: `predict cross` into runs/TAG-cross (resumed when its last.pt is
+    there, skipped once its run.json holds the history), and both evaluations get --rerank with
+    the rows asked for. A stand-in `codejepa` on PATH records each command the pipeline runs."""
+    import json
+    import os
+
+    bin_dir, out = tmp_path / "bin", tmp_path / "out"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    fake = bin_dir / "codejepa"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+    def pipeline(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "bench/pipeline.py"), "--out", str(out), "--stages",
+                               "cross,evaluate", "--models", "ridge-residual", *extra],
+                              capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+
+    r = pipeline("--rerank-rows", "bm25+sib")
+    assert r.returncode == 0, r.stderr
+    lines = calls.read_text().splitlines()
+    store, cross = out / "store-Lmid-in-context.h5", out / "runs" / "Lmid-in-context-cross"
+    assert lines[0] == f"predict cross {store} --out {cross}"
+    evals = [ln for ln in lines if ln.startswith("evaluate retrieval")]
+    assert len(evals) == 2 and all(f"--rerank {cross} --rerank-rows bm25+sib" in ln for ln in evals)
+
+    calls.unlink()
+    cross.mkdir(parents=True)
+    (cross / "last.pt").write_bytes(b"")  # an interrupted scorer: continued, not started again
+    assert pipeline().returncode == 0
+    assert calls.read_text().splitlines()[0] == f"predict cross {store} --out {cross} --resume"
+    assert "--rerank-rows *+csls+bm25+sib,bm25+sib" in calls.read_text()
+
+    calls.unlink()
+    (cross / "run.json").write_text(json.dumps({"history": [{"epoch": 1}]}))  # finished: not trained again
+    assert pipeline().returncode == 0
+    assert not any(ln.startswith("predict cross") for ln in calls.read_text().splitlines())
+
+    r = pipeline("--folds", "5")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "not wired up for --folds" in r.stderr
