@@ -22,7 +22,7 @@ The ``cross`` stage (opt-in, like ``probe``) trains the cross-scorer (``codejepa
 12 epochs: about an hour on one CPU thread) after the predictors, and gives the evaluations
 ``--rerank`` with ``--rerank-rows`` (``--rerank-rows``' default: every row with all the
 corrections, and BM25 + sib), so that those rows also get a ``NAME+rerank`` row: the best rows
-of the README's table. Not with ``--folds`` (one scorer per fold is not wired up).
+of the README's table. With ``--folds``, one scorer per fold (``predict cross --splits``).
 
 ``--extra-train LIST`` is the data-scaling variant: the projects of LIST (pinned like
 python-40's) join the corpus in the train split only (``corpus build --train-only-file``), so
@@ -122,11 +122,9 @@ def main() -> None:
         run([exe, "embed", "probe", str(store)], timings, "probe_s")
 
     presets = [m for m in args.models.split(",") if m]
-    if args.folds and "cross" in stages:
-        sys.exit("pipeline: the cross stage is not wired up for --folds (one scorer per fold); leave it out")
     if args.folds:
         cross_validate(args, exe, out, corpus, store, tag, presets, stages, timings)
-        stages -= {"train", "evaluate", "ceilings"}
+        stages -= {"train", "cross", "evaluate", "ceilings"}
     runs = []
     for preset in presets:
         run_dir = out / "runs" / f"{tag}-{preset}"
@@ -136,15 +134,14 @@ def main() -> None:
                 timings, f"train_{preset}_s")
 
     cross = out / "runs" / f"{tag}-cross"
-    if "cross" in stages and not _cross_finished(cross):
-        resume = ["--resume"] if (cross / "last.pt").is_file() else []
-        run([exe, "predict", "cross", str(store), "--out", str(cross), *resume], timings, "cross_s")
+    if "cross" in stages:
+        train_cross(exe, store, cross, [], timings)
 
     if "evaluate" in stages:
         for pool in ("split", "all"):
             cmd = [exe, "evaluate", "retrieval", str(store), "--pool", pool, "--out", str(out / f"eval-{tag}-{pool}")]
             cmd += ["--probe", str(probe)] if "probe" in stages else []
-            cmd += ["--rerank", str(cross), "--rerank-rows", args.rerank_rows] if "cross" in stages else []
+            cmd += rerank_args(args, cross, stages)
             for r in runs:
                 if (r / "best.pt").is_file():
                     cmd += ["--run", str(r)]
@@ -183,6 +180,17 @@ def _cross_finished(run_dir: Path) -> bool:
         return False
 
 
+def train_cross(exe: str, store: Path, run_dir: Path, extra: list[str], timings: dict[str, float]) -> None:
+    """``predict cross`` into ``run_dir``: started, resumed from its last.pt, or skipped when done."""
+    if not _cross_finished(run_dir):
+        resume = ["--resume"] if (run_dir / "last.pt").is_file() else []
+        run([exe, "predict", "cross", str(store), "--out", str(run_dir), *extra, *resume], timings, "cross_s")
+
+
+def rerank_args(args: argparse.Namespace, cross: Path, stages: set[str]) -> list[str]:
+    return ["--rerank", str(cross), "--rerank-rows", args.rerank_rows] if "cross" in stages else []
+
+
 def train_cmd(exe: str, store: Path, run_dir: Path, preset: str, sets: list[str], extra: list[str]) -> list[str]:
     kind = "transformer" if preset.startswith("transformer") else "mlp"
     if (run_dir / "last.pt").is_file():
@@ -192,11 +200,14 @@ def train_cmd(exe: str, store: Path, run_dir: Path, preset: str, sets: list[str]
 
 def cross_validate(args: argparse.Namespace, exe: str, out: Path, corpus: Path, store: Path, tag: str,
                    presets: list[str], stages: set[str], timings: dict[str, float]) -> None:
-    """Train and evaluate every fold (each step skipped when its output is complete), then pool."""
+    """Train and evaluate every fold (each step skipped when its output is complete), then pool.
+    With the cross stage the evaluations are new folders (``…-rerank``): a fold evaluated
+    before without re-ranking would otherwise be skipped as done."""
     folds = out / ("folds-plus" if args.extra_train else "folds")
     if not (folds / f"fold-{args.folds - 1}.json").is_file():
         run([exe, "corpus", "folds", str(corpus), "--out", str(folds), "--folds", str(args.folds)], timings, "folds_s")
     sets = [a for s in args.set for a in ("--set", s)]
+    suffix = "-rerank" if "cross" in stages else ""
     evals = []
     for k in range(args.folds):
         split_file, fold_dir = folds / f"fold-{k}.json", folds / f"k{k}"
@@ -205,14 +216,18 @@ def cross_validate(args: argparse.Namespace, exe: str, out: Path, corpus: Path, 
             for preset, run_dir in zip(presets, runs):
                 if not _finished(run_dir):
                     run(train_cmd(exe, store, run_dir, preset, sets, ["--splits", str(split_file)]), timings, f"train_{preset}_s")
-        ev = fold_dir / f"eval-{tag}-split"
+        cross = fold_dir / f"{tag}-cross"
+        if "cross" in stages:
+            train_cross(exe, store, cross, ["--splits", str(split_file)], timings)
+        ev = fold_dir / f"eval-{tag}-split{suffix}"
         evals.append(ev)
         if "evaluate" in stages and not (ev / "ranks.npz").is_file():
             run([exe, "evaluate", "retrieval", str(store), "--splits", str(split_file), *args.fold_eval.split(),
+                 *rerank_args(args, cross, stages),
                  *[a for r in runs if (r / "best.pt").is_file() for a in ("--run", str(r))], "--out", str(ev)],
                 timings, "evaluate_split_s")
     if "evaluate" in stages:
-        run([exe, "evaluate", "folds", *map(str, evals), "--out", str(folds / f"pooled-{tag}")], timings, "evaluate_folds_s")
+        run([exe, "evaluate", "folds", *map(str, evals), "--out", str(folds / f"pooled-{tag}{suffix}")], timings, "evaluate_folds_s")
 
 
 if __name__ == "__main__":

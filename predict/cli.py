@@ -93,6 +93,12 @@ def _same_split(config: Path) -> None:
                           "(that file for the same run, another for another fold)")
 
 
+def _split_line(e: dict[str, Any]) -> str:
+    return (f"split from {e['file']}: {e['label']}"
+            + (f" ({e['listed_records_not_in_store']} of its records are not in the store)"
+               if e["listed_records_not_in_store"] else ""))
+
+
 def _resume_command(store: Path, out: Path, splits: Path | None, command: str = "train") -> str:
     """The line that continues this training: under torchrun, with as many ranks."""
     world = os.environ.get("WORLD_SIZE", "1").strip()
@@ -111,6 +117,8 @@ def cross_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     corpus: Optional[Path] = typer.Option(None, "--corpus", help="Corpus folder, when it moved since the store was built."),
+    splits: Optional[Path] = typer.Option(  # noqa: UP007
+        None, "--splits", help="A split file of `codejepa corpus folds` (one fold) instead of the store's own split."),
 ) -> None:
     """Train a cross-scorer that re-ranks a first stage's top candidates (`evaluate retrieval --rerank`).
 
@@ -137,16 +145,19 @@ def cross_cmd(
                 f"{e['val_mrr']:.3f} (ridge {e['val_ridge_mrr']:.3f}){'  best' if e['best'] else ''}")
         elif ev == "warning":
             say(f"warning: {e['message']}", style="yellow")
+        elif ev == "splits":
+            say(_split_line(e))
         elif ev == "done":
             say(f"best val MRR {e['best_val_mrr']:.3f} → {e['out']}/best.pt")
 
     try:
         with progress:
-            train_cross(store, out, resume=resume, overrides=set_, device=device, corpus=corpus, on_event=on_event)
+            train_cross(store, out, resume=resume, overrides=set_, device=device, corpus=corpus, on_event=on_event,
+                        splits=splits)
     except CLI_ERRORS as e:
         _fail(error_line(e))
     except KeyboardInterrupt:
-        again = _resume_command(store, out, None, "cross")
+        again = _resume_command(store, out, splits, "cross")
         _fail(f"interrupted; continue with: {again}{f' --corpus {shlex.quote(str(corpus))}' if corpus else ''}", 130)
 
 
@@ -219,9 +230,7 @@ def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str, splits: Pa
         elif ev == "warning":
             say(f"warning: {e['message']}", style="yellow")
         elif ev == "splits":
-            say(f"split from {e['file']}: {e['label']}"
-                + (f" ({e['listed_records_not_in_store']} of its records are not in the store)"
-                   if e["listed_records_not_in_store"] else ""))
+            say(_split_line(e))
         elif ev == "ridge_init":
             say(f"linear path initialised with train-split ridge on {e['views']}: "
                 f"λ {e['alpha']:g} (val MRR {e['val_mrr']:.3f})")

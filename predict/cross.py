@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from codejepa.core import CodejepaError, atomic_write_json, exclusive, printable, read_json_object
-from codejepa.embed.store import Store, open_store
+from codejepa.embed.store import Store, open_store, use_split_file
 from codejepa.predict.batching import BatchingError, corpus_columns
 from codejepa.predict.normalize import _Moments
 from codejepa.predict.ridge import RidgePath, fit_ridge
@@ -391,12 +391,15 @@ def _val_mrr(model: CrossScorer, win: Windows, hn: HardNegatives, dev: torch.dev
 
 def train_cross(store_path: str | Path, out: str | Path, cfg: CrossConfig | None = None, *, resume: bool = False,
                 overrides: list[str] | None = None, device: str = "cpu", corpus: str | Path | None = None,
-                on_event: Event | None = None) -> dict[str, Any]:
+                on_event: Event | None = None, splits: str | Path | None = None) -> dict[str, Any]:
     """Train a cross-scorer on ``store_path``'s train split into the run folder ``out``.
 
     ``resume``: continue ``out``'s run from ``last.pt`` (``overrides`` may then change only
     :data:`RESUMABLE` settings). ``corpus``: the store's corpus folder when it moved (its body
-    texts tell duplicate bodies apart). Returns the run record (``run.json``)."""
+    texts tell duplicate bodies apart). ``splits``: a split file (``codejepa corpus folds``, one
+    fold) instead of the store's own split, as ``predict train --splits`` (the scorer then fits
+    only that fold's evaluation: its fingerprint holds the split). Returns the run record
+    (``run.json``)."""
     rank, world, local_rank = _dist_env()
     dev = resolve_device(device, local_rank)
     emit = (on_event or (lambda _e: None)) if rank == 0 else (lambda _e: None)
@@ -409,7 +412,8 @@ def train_cross(store_path: str | Path, out: str | Path, cfg: CrossConfig | None
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=2))
         own_group = True
     try:
-        return _train(Path(store_path), Path(out), cfg, resume, overrides or [], dev, corpus, emit, rank, world)
+        return _train(Path(store_path), Path(out), cfg, resume, overrides or [], dev, corpus, emit, rank, world,
+                      None if splits is None else Path(splits))
     except RuntimeError as e:
         if world > 1 and _lost_rank(e):
             raise CrossError("another rank stopped or lost its connection; the last checkpoint is kept: "
@@ -434,7 +438,8 @@ def _agree(error: BaseException | None, rank: int, world: int) -> None:
 
 
 def _train(store_path: Path, out: Path, cfg: CrossConfig | None, resume: bool, overrides: list[str],
-           dev: torch.device, corpus: str | Path | None, emit: Event, rank: int = 0, world: int = 1) -> dict[str, Any]:
+           dev: torch.device, corpus: str | Path | None, emit: Event, rank: int = 0, world: int = 1,
+           splits: Path | None = None) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         try:
             if out.exists() and not out.is_dir():
@@ -442,17 +447,21 @@ def _train(store_path: Path, out: Path, cfg: CrossConfig | None, resume: bool, o
             if rank == 0:
                 out.mkdir(parents=True, exist_ok=True)
                 stack.enter_context(exclusive(out / ".lock", "a cross-scorer training"))
-            setup = _setup(store_path, out, cfg, resume, overrides, world)
+            setup = _setup(store_path, out, cfg, resume, overrides, world, splits)
             stack.callback(setup[0].close)
         except (CodejepaError, OSError) as e:
             _agree(e, rank, world)
         _agree(None, rank, world)
+        if setup[3] is not None:
+            emit({"event": "splits", **setup[3]})
         return _fit(*setup, store_path, out, dev, corpus, emit, rank, world)
 
 
 def _setup(store_path: Path, out: Path, cfg: CrossConfig | None, resume: bool, overrides: list[str],
-           world: int) -> tuple[Store, CrossConfig, dict[str, Any] | None]:
-    """The store, the config and the checkpoint to resume from, each checked (bad input: one line)."""
+           world: int, splits: Path | None = None,
+           ) -> tuple[Store, CrossConfig, dict[str, Any] | None, dict[str, Any] | None]:
+    """The store (with ``splits``' assignment), the config, the checkpoint to resume from and
+    what the split file is, each checked (bad input: one line)."""
     last = out / "last.pt"
     ck: dict[str, Any] | None = None
     if last.exists() and not resume:
@@ -472,19 +481,26 @@ def _setup(store_path: Path, out: Path, cfg: CrossConfig | None, resume: bool, o
     if cfg.batch_size % world:
         raise CrossError(f"batch_size {cfg.batch_size} must be a multiple of WORLD_SIZE {world} (each rank an equal share)")
     store = open_store(store_path)
+    split_info = None
     try:
+        if splits is not None:
+            assignment, missing = use_split_file(store, splits)
+            split_info = {"file": str(splits.resolve()), "key": assignment.key, "label": assignment.label,
+                          "listed_records_not_in_store": missing}
         if ck is not None and ck["store_fingerprint"] != store.fingerprint():
-            raise CrossError(f"{out} was trained on a store with other settings than {store_path}: resume with that store")
+            raise CrossError(f"{out} was trained on a store with other settings than {store_path} (or another "
+                             "--splits file, or none): resume with that store and split")
         train, val = store.indices("train"), store.indices("val")
         if len(train) < 2 or len(val) < 2:
             raise CrossError(f"{store_path}: a cross-scorer needs train and val records (has {len(train)} and {len(val)})")
     except BaseException:
         store.close()
         raise
-    return store, cfg, ck
+    return store, cfg, ck, split_info
 
 
-def _fit(store: Store, cfg: CrossConfig, ck: dict[str, Any] | None, store_path: Path, out: Path, dev: torch.device,
+def _fit(store: Store, cfg: CrossConfig, ck: dict[str, Any] | None, split_info: dict[str, Any] | None,
+         store_path: Path, out: Path, dev: torch.device,
          corpus: str | Path | None, emit: Event, rank: int, world: int) -> dict[str, Any]:
     last, best, log = out / "last.pt", out / "best.pt", out / "log.jsonl"
     main = rank == 0
@@ -540,7 +556,7 @@ def _fit(store: Store, cfg: CrossConfig, ck: dict[str, Any] | None, store_path: 
     record = {"kind": KIND, "store": str(Path(store_path).resolve()), "store_fingerprint": fp, "hidden_size": d,
               "parameters": n_params, "train_queries": len(hn.queries), "train_in_top": hn.train_in_top,
               "ridge_alpha": hn.alpha, "val_queries": len(hn.val_queries), "val_ridge_mrr": hn.val_ridge_mrr,
-              "world_size": world, "code_version": code_version(),
+              "world_size": world, "splits": split_info, "code_version": code_version(),
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     if main and ck is not None and (out / "run.json").exists():  # a resume keeps the run's first start time
         try:

@@ -153,7 +153,8 @@ def test_the_cross_rerank_experiment_refuses_bad_input_in_one_line(tmp_path: Pat
 def test_the_pipelines_cross_stage_trains_the_scorer_once_and_reranks_both_evaluations(tmp_path: Path) -> None:
     """The opt-in cross stage: `predict cross` into runs/TAG-cross (resumed when its last.pt is
     there, skipped once its run.json holds the history), and both evaluations get --rerank with
-    the rows asked for. A stand-in `codejepa` on PATH records each command the pipeline runs."""
+    the rows asked for; with --folds one scorer per fold, on its split file. A stand-in
+    `codejepa` on PATH records each command the pipeline runs."""
     import json
     import os
 
@@ -190,5 +191,18 @@ def test_the_pipelines_cross_stage_trains_the_scorer_once_and_reranks_both_evalu
     assert pipeline().returncode == 0
     assert not any(ln.startswith("predict cross") for ln in calls.read_text().splitlines())
 
-    r = pipeline("--folds", "5")
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "not wired up for --folds" in r.stderr
+    # with folds: one scorer per fold, on that fold's split file, and each fold's evaluation re-ranked by its own
+    calls.unlink()
+    folds = out / "folds"
+    folds.mkdir()
+    for k in range(2):
+        (folds / f"fold-{k}.json").write_text("{}")
+    assert pipeline("--folds", "2").returncode == 0
+    lines = calls.read_text().splitlines()
+    for k in range(2):
+        kc = folds / f"k{k}" / "Lmid-in-context-cross"
+        assert f"predict cross {store} --out {kc} --splits {folds / f'fold-{k}.json'}" in lines
+        ev = next(ln for ln in lines if ln.startswith("evaluate retrieval") and f"fold-{k}.json" in ln)
+        assert f"--rerank {kc} " in ev and ev.endswith(f"--out {folds / f'k{k}' / 'eval-Lmid-in-context-split-rerank'}")
+    assert not any(ln.startswith("predict cross") and "--splits" not in ln for ln in lines)
+    assert lines[-1].startswith("evaluate folds") and lines[-1].endswith(f"--out {folds / 'pooled-Lmid-in-context-rerank'}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import random
+from dataclasses import asdict
 import sys
 from pathlib import Path
 
@@ -236,6 +237,46 @@ def test_a_split_file_replaces_the_stores_split_and_its_fingerprint(cv) -> None:
     other = make_dataset(cv[3], name="other")
     with open_store(other.store_path) as store, pytest.raises(StoreError, match="another corpus"):
         use_split_file(store, paths[0])
+
+
+def test_a_cross_scorer_trained_on_a_fold_reranks_that_fold_only(cv, tmp_path: Path) -> None:
+    """`predict cross --splits`: hard negatives and training from the fold's train split, its
+    run.json names the file, evaluate re-ranks that fold with it and refuses it on another fold
+    (whose test repositories it may have trained on) or on the store's own split."""
+    from codejepa.predict.cross import CrossConfig, CrossError, train_cross
+
+    ds, owner, paths, _ = cv
+    cfg = CrossConfig(hard_pool=8, negatives=3, width=16, heads=2, depth=1, batch_size=8, epochs=1, query_tokens=2,
+                      body_tokens=2, threads=1)
+    run = tmp_path / "cross-k0"
+    events: list[dict] = []
+    rec = train_cross(ds.store_path, run, cfg, splits=paths[0], on_event=events.append)
+    fold = read_splits(paths[0])
+    assert rec["splits"]["key"] == fold.key and rec["splits"]["label"] == "fold 0 of 3 (seed 0)"
+    assert json.loads((run / "run.json").read_text())["splits"]["key"] == fold.key
+    assert any(e["event"] == "splits" for e in events)
+    with open_store(ds.store_path) as store:
+        use_split_file(store, paths[0])
+        fold_train = set(store.ids[store.indices("train")])
+    start = next(e for e in events if e["event"] == "start")
+    assert start["train"] == len(fold_train) != int((ds.splits == "train").sum())
+    r = evaluate_retrieval(ds.store_path, [], splits=paths[0], baselines="bm25", spaces="whitened", n_boot=20,
+                           plots=False, rerank=run, rerank_rows="bm25")
+    reranked = r.row("bm25+rerank", "-")
+    assert {str(x) for x in reranked.clusters} == {n for n, s in fold.repos.items() if s == "test"}
+    for other in ({"splits": paths[1]}, {}):
+        with pytest.raises(EvaluateError, match="--rerank: .*other settings"):
+            evaluate_retrieval(ds.store_path, [], baselines="bm25", spaces="whitened", plots=False, rerank=run,
+                               rerank_rows="bm25", **other)
+    with pytest.raises(CrossError, match="another --splits file"):
+        train_cross(ds.store_path, run, resume=True, splits=paths[1])
+    # the command line passes the file on and says which fold it trains on
+    sets = [a for k, v in asdict(cfg).items() for a in ("--set", f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}")]
+    res = runner.invoke(app, ["predict", "cross", str(ds.store_path), "--out", str(tmp_path / "cli"), "--splits",
+                              str(paths[1]), *sets])
+    assert res.exit_code == 0, res.output
+    assert "split from" in res.output and "fold 1 of 3" in res.output
+    assert json.loads((tmp_path / "cli" / "run.json").read_text())["splits"]["key"] == read_splits(paths[1]).key
 
 
 def test_folds_train_evaluate_and_pool_over_every_repository(cv, tmp_path: Path) -> None:
