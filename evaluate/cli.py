@@ -76,6 +76,9 @@ def retrieval(
     siblings: bool = typer.Option(True, "--siblings/--no-siblings",
                                   help="Also score BM25 and every BM25-fused row with the sibling softmax (each query "
                                        "competes with its own file's other functions; NAME+sib rows, T and β chosen on val)."),
+    fuse_reverse: bool = typer.Option(False, "--fuse-reverse", help="Also fuse every BM25-fused row's scorer (ridge, "
+                                                                    "each run, plain and +csls) with the reverse baseline's "
+                                                                    "scores: NAME+rev rows, with +bm25 and +sib of their own."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Skip the PNG plots."),
     splits: Optional[Path] = typer.Option(None, "--splits", help="A split file of `codejepa corpus folds` (one fold) "
                                                                  "instead of the store's own split; runs must share it."),
@@ -114,7 +117,7 @@ def retrieval(
                 whitening_shrinkage=shrinkage, n_boot=n_boot, pool_seeds=pool_seeds, plots=not no_plots,
                 noisy_of=noisy_of, bm25_query=bm25_query, fuse_bm25=fuse_bm25, hubness_correction=hubness,
                 sibling_softmax=siblings, splits=splits, probe=probe, rerank=rerank, rerank_k=rerank_k,
-                rerank_rows=rerank_rows,
+                rerank_rows=rerank_rows, fuse_reverse=fuse_reverse,
                 log=lambda m: bar.update(job, description=escape(m[:70])),
                 progress=lambda done, total: bar.update(job, completed=done, total=total),
             )

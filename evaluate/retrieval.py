@@ -335,6 +335,7 @@ def evaluate_retrieval(
     rerank: str | os.PathLike[str] | None = None,
     rerank_k: int = DEFAULT_RERANK_K,
     rerank_rows: Sequence[str] | str = "*",
+    fuse_reverse: bool = False,
     log: Log | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> RetrievalResult:
@@ -363,6 +364,10 @@ def evaluate_retrieval(
     whose name matches a ``rerank_rows`` glob then also gets ``NAME+rerank``: its top
     ``rerank_k`` candidates re-scored, the weight chosen on val (see :mod:`codejepa.evaluate.rerank`;
     split and all pools only).
+    ``fuse_reverse`` (needs the ``reverse`` baseline): every row fused with BM25 above — ridge,
+    each run and method, plain and ``+csls`` — also gets ``NAME+rev``, its scores fused with
+    reverse's (the pair scored in both directions; weight chosen on val), with ``+bm25`` and
+    ``+sib`` rows of its own.
     """
     from codejepa.embed.store import open_store
 
@@ -373,6 +378,8 @@ def evaluate_retrieval(
                                                    n_boot, out_dir)
     if not names and not runs and not methods:
         raise EvaluateError("nothing to evaluate: no --run and --baselines none")
+    if fuse_reverse and "reverse" not in names:
+        raise EvaluateError("--fuse-reverse fuses rows with the reverse baseline: add reverse to --baselines")
     notes: list[str] = []
     split_file: dict[str, Any] | None = None
 
@@ -469,9 +476,9 @@ def evaluate_retrieval(
         vector_baselines = [n for n in names if n in ("prototype", "signature", "ridge", "ridge+last", "nn", "oracle",
                                                       "noisy_oracle")]
         expected = _expected_rows(names, len(space_names), len(run_preds), len(vector_baselines), fuse_runs=fuse_runs,
-                                  fuse_reverse=need_bm25 and fuse_bm25, hub_spaces=len(hub_spaces),
+                                  reverse_bm25=need_bm25 and fuse_bm25, hub_spaces=len(hub_spaces),
                                   hub_methods=hub_methods, hubness_correction=hubness_correction,
-                                  sibling_softmax=sibling_softmax)
+                                  sibling_softmax=sibling_softmax, both_directions=fuse_reverse and sel_task is not None)
         reranker, rerank_info = _reranker(rerank, rerank_k, rerank_rows, store, task, sel_task, notes, say)
         out = RowWriter(task, sel_task, pspec.label, n_boot, seed, expected, say, progress, sibling_softmax,
                         cv.files[q_idx], cv.files[sel_idx] if sel_task is not None else None, store.repos, fit_idx,
@@ -488,7 +495,7 @@ def evaluate_retrieval(
                 out.siblings("bm25", "baseline", NO_SPACE, bm25_sel, bm25_test, {"query": bm25_settings["query"]})
         if "reverse" in names and sel_task is not None and last_x is not None:
             reverse_rows(out, last_x, bodies, inp.cand_raw, fit_idx, sel_idx, q_idx, whitening_shrinkage,
-                         fuse=fuse_bm25, hubness_correction=hubness_correction)
+                         fuse=fuse_bm25, hubness_correction=hubness_correction, keep=fuse_reverse)
         projections: dict[str, dict[str, np.ndarray]] = {}
         for sname in space_names:
             space_rows(inp, out, sname, spaces_fit[sname], hubness=sname in hub_spaces and bool(hub_methods),
@@ -508,7 +515,8 @@ def evaluate_retrieval(
             "split": split, "pool": pspec.to_json(), "spaces": space_names, "baselines": list(names),
             "ridge_input": ridge_input, "ridge_alphas": list(RIDGE_ALPHAS), "fusion_weights": list(FUSION_WEIGHTS),
             "whitening_shrinkage": whitening_shrinkage, "n_boot": n_boot, "seed": seed, "noisy_of": noisy_of,
-            "bm25_query": bm25_query, "fuse_bm25": fuse_runs, **_fixed_settings(hub_spaces, hub_methods, sibling_softmax),
+            "bm25_query": bm25_query, "fuse_bm25": fuse_runs, "fuse_reverse": fuse_reverse,
+            **_fixed_settings(hub_spaces, hub_methods, sibling_softmax),
             "selection": {"fit_records": int(len(fit_idx)), "selection_records": int(len(sel_idx))},
             "probe": probe_info or None, "rerank": rerank_info or None, "split_file": split_file, "code_version": code_version(),
             "versions": library_versions("numpy", "scipy", "torch", "h5py", "bm25s", "transformers"),
@@ -661,14 +669,16 @@ def _pooled_inputs(store: Any, names: Sequence[str], space_names: Sequence[str],
 
 
 def _expected_rows(names: Sequence[str], n_spaces: int, n_runs: int, n_vector_baselines: int, *, fuse_runs: bool,
-                   fuse_reverse: bool, hub_spaces: int, hub_methods: Sequence[str], hubness_correction: bool,
-                   sibling_softmax: bool) -> int:
+                   reverse_bm25: bool, hub_spaces: int, hub_methods: Sequence[str], hubness_correction: bool,
+                   sibling_softmax: bool, both_directions: bool = False) -> int:
     """How many rows the evaluation writes (the progress bar's total)."""
-    n_fused = (("reverse" in names) * (1 + hubness_correction) * fuse_reverse
-               + n_spaces * (n_runs * fuse_runs + ("ridge+bm25" in names))
-               + hub_spaces * ((n_runs if fuse_runs else 0) + ("ridge+bm25" in names and "ridge" in hub_methods)))
+    n_vec_fused = (n_spaces * (n_runs * fuse_runs + ("ridge+bm25" in names))
+                   + hub_spaces * ((n_runs if fuse_runs else 0) + ("ridge+bm25" in names and "ridge" in hub_methods)))
+    n_fused = ("reverse" in names) * (1 + hubness_correction) * reverse_bm25 + n_vec_fused
+    n_rev = n_vec_fused * both_directions  # each: NAME+rev, NAME+rev+bm25 and its +sib
     return (("random" in names) + ("bm25" in names) * (1 + sibling_softmax) + ("reverse" in names) * (1 + hubness_correction)
-            + n_spaces * (n_runs + n_vector_baselines) + hub_spaces * len(hub_methods) + n_fused * (1 + sibling_softmax))
+            + n_spaces * (n_runs + n_vector_baselines) + hub_spaces * len(hub_methods) + n_fused * (1 + sibling_softmax)
+            + n_rev * (2 + sibling_softmax))
 
 
 def _store_record(store: Any, cv: CorpusView) -> dict[str, Any]:

@@ -5,7 +5,8 @@ query repositories, hubness of its top-1 wins) and derives the corrected rows fr
 ``NAME+bm25`` (fused with BM25's scores), ``NAME+csls`` (the hubness correction) and
 ``NAME+sib`` (the sibling softmax), each setting chosen on the selection split's MRR, never on
 the queries'. :func:`reverse_rows` adds the ``reverse`` baseline (bodies mapped to the
-signature views they imply) with its variants.
+signature views they imply) with its variants; with ``--fuse-reverse`` a body-predicting
+scorer also gets ``NAME+rev``, fused with ``reverse`` (the pair scored in both directions).
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ from codejepa.evaluate.siblings import SUFFIX as SIB_SUFFIX
 Log = Callable[[str], None]
 NO_SPACE = "-"  # methods that do not depend on the vector space (random, BM25)
 FUSED_SUFFIX = "+bm25"  # a run's scores fused with BM25's: NAME+bm25
+REVERSE_SUFFIX = "+rev"  # a body-predicting scorer fused with the reverse baseline's: NAME+rev
 # NAME+csls: its scores hubness-corrected; NAME+sib: its scores with the sibling softmax;
 # NAME+rerank: its top K re-scored by a cross-scorer
-RESERVED_SUFFIXES = (FUSED_SUFFIX, CSLS_SUFFIX, SIB_SUFFIX, RERANK_SUFFIX)
+RESERVED_SUFFIXES = (FUSED_SUFFIX, REVERSE_SUFFIX, CSLS_SUFFIX, SIB_SUFFIX, RERANK_SUFFIX)
 
 
 @dataclass
@@ -115,6 +117,7 @@ class RowWriter:
     bm25_test: Any = None
     bm25_sel: Any = None
     reranker: Reranker | None = None  # --rerank: NAME+rerank rows
+    reverse: tuple[Any, Any] | None = None  # --fuse-reverse: the reverse baseline's (selection, test) scorers
     rows: list[MethodRow] = field(default_factory=list)
     sizes: np.ndarray = field(init=False)
     clusters: np.ndarray = field(init=False)
@@ -161,24 +164,48 @@ class RowWriter:
                  {**info, "selection_mrr": {f"T={a},beta={b}": v for (a, b), v in grid.items()}})
         self.rerank(f"{name}{SIB_SUFFIX}", kind, space, SiblingScorer(base, self.files_sel, t * spread, beta), sib_test, info)
 
+    def _fusion(self, a_sel: Any, b_sel: Any, a_test: Any, b_test: Any) -> tuple[float, dict, FusedScorer, FusedScorer]:
+        """The weight of ``w · z(a) + (1 − w) · z(b)`` with the best selection MRR (ties to 0.5),
+        its grid, and the fused selection and test scorers."""
+        assert self.sel_task is not None
+        cols_sel = np.arange(len(self.sel_task.cand_idx))
+        a_sel, b_sel = materialized(a_sel, len(cols_sel)), materialized(b_sel, len(cols_sel))
+        st = (ScoreSampleStats(a_sel, cols_sel), ScoreSampleStats(b_sel, cols_sel))
+        wsc = {w: selection_mrr(FusedScorer(a_sel, b_sel, w, cols_sel, stats=st), self.sel_task)
+               for w in FUSION_WEIGHTS}
+        w = max(wsc, key=lambda k: (wsc[k], -abs(k - 0.5)))
+        return (w, wsc, FusedScorer(a_sel, b_sel, w, cols_sel, stats=st),
+                FusedScorer(a_test, b_test, w, np.arange(len(self.task.cand_idx))))
+
     def fuse(self, name: str, kind: str, space: str, dense_sel: Any, dense_test: Any, settings: dict) -> None:
         """``name``: a dense scorer fused with BM25's scores, the weight chosen on selection MRR
         (``dense_sel`` scores the selection split, ``dense_test`` the task); then its ``+sib`` row."""
         assert self.sel_task is not None and self.bm25_sel is not None
-        cols_sel = np.arange(len(self.sel_task.cand_idx))
-        dense_sel = materialized(dense_sel, len(cols_sel))
-        st = (ScoreSampleStats(dense_sel, cols_sel), ScoreSampleStats(self.bm25_sel, cols_sel))
-        wsc = {w: selection_mrr(FusedScorer(dense_sel, self.bm25_sel, w, cols_sel, stats=st), self.sel_task)
-               for w in FUSION_WEIGHTS}
-        w = max(wsc, key=lambda k: (wsc[k], -abs(k - 0.5)))
-        fused = FusedScorer(dense_test, self.bm25_test, w, np.arange(len(self.task.cand_idx)))
+        w, wsc, fused_sel, fused = self._fusion(dense_sel, self.bm25_sel, dense_test, self.bm25_test)
         self.say(f"searching {name} in {space} space (weight {w})")
         self.add(name, kind, space, search_task(fused, self.task),
                  {"dense_weight": w, **settings, "selection_mrr": {str(k): v for k, v in wsc.items()},
                   "normalisation": f"per-query z-score over a fixed sample of {SCORE_SAMPLE} pool candidates"})
-        fused_sel = FusedScorer(dense_sel, self.bm25_sel, w, cols_sel, stats=st)
         self.rerank(name, kind, space, fused_sel, fused, {"dense_weight": w, **settings})
         self.siblings(name, kind, space, fused_sel, fused, {"dense_weight": w, **settings})
+
+    def with_reverse(self, name: str, kind: str, space: str, dense_sel: Any, dense_test: Any, settings: dict) -> None:
+        """``name+rev``: a body-predicting scorer fused with ``reverse`` — the same pair scored in
+        the other direction (the candidate's implied signature views against the query's) — the
+        weight chosen on selection MRR; then its ``+bm25`` row (and that row's ``+sib``)."""
+        if self.reverse is None or self.sel_task is None:
+            return
+        rev_sel, rev_test = self.reverse
+        w, wsc, both_sel, both = self._fusion(dense_sel, rev_sel, dense_test, rev_test)
+        rname = f"{name}{REVERSE_SUFFIX}"
+        self.say(f"searching {rname} in {space} space (weight {w})")
+        info = {**settings, "forward_weight": w}
+        self.add(rname, kind, space, search_task(both, self.task),
+                 {**info, "selection_mrr": {str(k): v for k, v in wsc.items()},
+                  "reverse": "the reverse baseline's scores (candidate body → signature views), z-scored per query"})
+        self.rerank(rname, kind, space, both_sel, both, info)
+        if self.fusing:
+            self.fuse(f"{rname}{FUSED_SUFFIX}", kind, space, both_sel, both, info)
 
     def rerank(self, name: str, kind: str, space: str, sel_scorer: Any, test_scorer: Any, settings: dict) -> None:
         """``name+rerank``: the scorer's top K per query re-scored by the cross-scorer
@@ -216,9 +243,11 @@ class RowWriter:
 
 
 def reverse_rows(out: RowWriter, last_x: np.ndarray, bodies: np.ndarray, cand_raw: np.ndarray, fit_idx: np.ndarray,
-                  sel_idx: np.ndarray, q_idx: np.ndarray, shrinkage: float, *, fuse: bool, hubness_correction: bool) -> None:
+                  sel_idx: np.ndarray, q_idx: np.ndarray, shrinkage: float, *, fuse: bool, hubness_correction: bool,
+                  keep: bool = False) -> None:
     """``reverse`` (each candidate body mapped to the signature views it implies, ridge fitted
-    on train, λ on selection) and its ``+bm25``, ``+csls`` and ``+csls+bm25`` rows."""
+    on train, λ on selection) and its ``+bm25``, ``+csls`` and ``+csls+bm25`` rows; with ``keep``
+    its plain scorers stay on ``out`` for the ``NAME+rev`` rows of the vector methods."""
     out.say("reverse: ridge from whitened bodies to the whitened signature views")
     sel_task = out.sel_task
     assert sel_task is not None
@@ -232,6 +261,8 @@ def reverse_rows(out: RowWriter, last_x: np.ndarray, bodies: np.ndarray, cand_ra
     rev_info = {"alpha": a_rev, "direction": "candidate body → signature mean + last token, whitened (train)",
                 "selection_mrr": {str(k): v for k, v in rev_sc.items()}, "n_fit": len(fit_idx)}
     out.add("reverse", "baseline", NO_SPACE, search_task(rev_test, out.task), rev_info)
+    if keep:
+        out.reverse = (materialized(rev_sel, len(sel_task.cand_idx)), rev_test)
     out.rerank("reverse", "baseline", NO_SPACE, rev_sel, rev_test, {"alpha": a_rev})
     if out.fusing and fuse:
         out.fuse(f"reverse{FUSED_SUFFIX}", "baseline", NO_SPACE, rev_sel, rev_test, {"alpha": a_rev})

@@ -3,8 +3,9 @@
 Runs, ``--probe`` mixes and the vector baselines (prototype, signature, ridge, ridge+last, nn,
 oracle, noisy oracle) each give query vectors in teacher space; :func:`space_rows` maps them
 and the candidates into one fitted space, searches each exactly, and adds the ``+csls`` rows
-(hubness against the method's own train-split predictions) and the ``+bm25`` fusions (with
-their ``+sib`` rows) that :class:`~codejepa.evaluate.rows.RowWriter` derives. Everything the
+(hubness against the method's own train-split predictions), the ``+bm25`` fusions (with
+their ``+sib`` rows) and, with ``--fuse-reverse``, the ``+rev`` fusions that
+:class:`~codejepa.evaluate.rows.RowWriter` derives. Everything the
 rows need is prepared once per evaluation in :class:`VectorInputs`; only the space changes.
 """
 
@@ -187,6 +188,7 @@ def _csls_rows(inp: VectorInputs, out: RowWriter, sname: str, sp: Space, vec: Ve
         if out.fusing and ((name in inp.run_preds and inp.fuse_runs) or (name == "ridge" and "ridge+bm25" in inp.names)):
             # The hybrid of the corrected scores, as ridge+bm25 / RUN+bm25 are of the plain ones.
             out.fuse(f"{name}{CSLS_SUFFIX}{FUSED_SUFFIX}", kind, sname, hub_sel, hub_test, info)
+            out.with_reverse(f"{name}{CSLS_SUFFIX}", kind, sname, hub_sel, hub_test, info)
 
     for hname in inp.hub_methods:
         if hname == "ridge" and inp.ridge is not None and "ridge" in vec:
@@ -207,8 +209,10 @@ def _fusion_rows(inp: VectorInputs, out: RowWriter, sname: str, sp: Space, vec: 
         return DenseScorer(sp.apply(q_sel), sel_c), DenseScorer(q_test, cand_unit, normalized=True)
 
     if "ridge+bm25" in inp.names and inp.ridge is not None:
-        out.fuse("ridge+bm25", "baseline", sname, *dense(inp.ridge.predict(inp.ridge_x[inp.sel_idx], ridge_alpha),
-                                                         vec["ridge"][2]), {"alpha": ridge_alpha})
+        ridge_sc = dense(inp.ridge.predict(inp.ridge_x[inp.sel_idx], ridge_alpha), vec["ridge"][2])
+        out.fuse("ridge+bm25", "baseline", sname, *ridge_sc, {"alpha": ridge_alpha})
+        out.with_reverse("ridge", "baseline", sname, *ridge_sc, {"alpha": ridge_alpha})
     for rname, pr_sel in inp.sel_preds.items() if inp.fuse_runs else ():
-        out.fuse(f"{rname}{FUSED_SUFFIX}", inp.method_kinds.get(rname, "run"), sname, *dense(pr_sel, vec[rname][2]),
-                 {"run": rname})
+        kind, run_sc = inp.method_kinds.get(rname, "run"), dense(pr_sel, vec[rname][2])
+        out.fuse(f"{rname}{FUSED_SUFFIX}", kind, sname, *run_sc, {"run": rname})
+        out.with_reverse(rname, kind, sname, *run_sc, {"run": rname})

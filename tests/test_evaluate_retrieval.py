@@ -368,15 +368,53 @@ def test_every_setting_is_chosen_on_val_whatever_the_test_predictions(ds) -> Non
     other = pred.copy()
     test = np.flatnonzero(ds.splits == "test")
     other[test] = ds.bodies[test] + 2.0 * rng.standard_normal((len(test), d)).astype(np.float32)
-    kw = dict(baselines="bm25", spaces="whitened", n_boot=20, plots=False, bm25_query="signature")
+    kw = dict(baselines="bm25,reverse", spaces="whitened", n_boot=20, plots=False, bm25_query="signature",
+              fuse_reverse=True)
     a = evaluate_retrieval(ds.store_path, methods={"m": lambda store, idx: pred[idx]}, **kw)
     b = evaluate_retrieval(ds.store_path, methods={"m": lambda store, idx: other[idx]}, **kw)
     derived = [r.method for r in a.rows if r.method.startswith("m+")]
-    assert {"m+bm25", "m+csls", "m+bm25+sib", "m+csls+bm25"} <= set(derived)
+    assert {"m+bm25", "m+csls", "m+bm25+sib", "m+csls+bm25", "m+rev", "m+csls+rev+bm25+sib"} <= set(derived)
     for name in derived:
         sa, sb = a.row(name, "whitened").settings, b.row(name, "whitened").settings
         assert sa == sb, name
     assert not np.array_equal(a.row("m", "whitened").ranks, b.row("m", "whitened").ranks)
+
+
+def test_fuse_reverse_scores_each_pair_in_both_directions(ds) -> None:
+    """``--fuse-reverse``: a body-predicting scorer fused with the reverse baseline. Its weight
+    grid's ends are the two scorers alone (1.0: the forward scorer, 0.0: reverse), so the
+    grid pairs the right scorers; the fusion gets BM25 and the sibling softmax like any row,
+    ridge gets the same rows as the runs do, and the progress total counts every row."""
+    weak = _instance(ds, noise=1.0)
+    seen: list[tuple[int, int]] = []
+    res = evaluate_retrieval(ds.store_path, baselines="bm25,reverse,ridge,ridge+bm25", spaces="whitened", n_boot=50,
+                             plots=False, methods={"m": weak}, fuse_reverse=True,
+                             progress=lambda done, total: seen.append((done, total)))
+    names = {r.method for r in res.rows}
+    for base in ("m", "m+csls", "ridge", "ridge+csls"):
+        assert {f"{base}+rev", f"{base}+rev+bm25", f"{base}+rev+bm25+sib"} <= names, base
+    assert seen[-1] == (len(res.rows), len(res.rows))
+    rev_sel = res.row("reverse", "-").settings["selection_mrr"]
+    for base, forward in (("m+csls", res.row("m+csls", "whitened").settings["selection_mrr"]),
+                          ("ridge+csls", res.row("ridge+csls", "whitened").settings["selection_mrr"])):
+        row = res.row(f"{base}+rev", "whitened")
+        grid = row.settings["selection_mrr"]
+        assert grid["1.0"] == pytest.approx(max(forward.values()))
+        assert grid["0.0"] == pytest.approx(max(rev_sel.values()))
+        assert grid[str(row.settings["forward_weight"])] == max(grid.values())
+        assert row.kind == ("run" if base.startswith("m") else "baseline")
+    # A weak forward scorer gains from the other direction here (the fixture's signatures are
+    # a function of the bodies, so reverse is strong): the chosen weight is not an end.
+    fused, alone = res.row("m+csls+rev", "whitened"), res.row("m+csls", "whitened")
+    assert 0.0 < fused.settings["forward_weight"] < 1.0
+    assert fused.metrics["mrr"].value > alone.metrics["mrr"].value
+    hybrid = res.row("m+csls+rev+bm25", "whitened").settings
+    assert hybrid["forward_weight"] == fused.settings["forward_weight"] and "dense_weight" in hybrid
+    plain = evaluate_retrieval(ds.store_path, baselines="bm25,reverse", spaces="whitened", n_boot=20, plots=False,
+                               methods={"m": weak})
+    assert not any("+rev" in r.method for r in plain.rows)  # opt-in
+    with pytest.raises(EvaluateError, match="add reverse to --baselines"):
+        evaluate_retrieval(ds.store_path, baselines="bm25", plots=False, methods={"m": weak}, fuse_reverse=True)
 
 
 def test_ridge_is_fitted_on_train_alone(ds) -> None:
