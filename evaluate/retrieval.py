@@ -380,6 +380,10 @@ def evaluate_retrieval(
         raise EvaluateError("nothing to evaluate: no --run and --baselines none")
     if fuse_reverse and "reverse" not in names:
         raise EvaluateError("--fuse-reverse fuses rows with the reverse baseline: add reverse to --baselines")
+    if fuse_reverse and not (fuse_bm25 and {"bm25", "ridge+bm25"} & set(names)):
+        # Otherwise the flag would silently add nothing: only BM25-fused rows get +rev.
+        raise EvaluateError("--fuse-reverse adds +rev to the rows fused with BM25: add bm25 to --baselines "
+                            "and leave out --no-fuse-bm25")
     notes: list[str] = []
     split_file: dict[str, Any] | None = None
 
@@ -478,7 +482,7 @@ def evaluate_retrieval(
         expected = _expected_rows(names, len(space_names), len(run_preds), len(vector_baselines), fuse_runs=fuse_runs,
                                   reverse_bm25=need_bm25 and fuse_bm25, hub_spaces=len(hub_spaces),
                                   hub_methods=hub_methods, hubness_correction=hubness_correction,
-                                  sibling_softmax=sibling_softmax, both_directions=fuse_reverse and sel_task is not None)
+                                  sibling_softmax=sibling_softmax, both_directions=fuse_reverse)
         reranker, rerank_info = _reranker(rerank, rerank_k, rerank_rows, store, task, sel_task, notes, say)
         out = RowWriter(task, sel_task, pspec.label, n_boot, seed, expected, say, progress, sibling_softmax,
                         cv.files[q_idx], cv.files[sel_idx] if sel_task is not None else None, store.repos, fit_idx,

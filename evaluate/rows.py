@@ -193,7 +193,7 @@ class RowWriter:
         """``name+rev``: a body-predicting scorer fused with ``reverse`` — the same pair scored in
         the other direction (the candidate's implied signature views against the query's) — the
         weight chosen on selection MRR; then its ``+bm25`` row (and that row's ``+sib``)."""
-        if self.reverse is None or self.sel_task is None:
+        if self.reverse is None:
             return
         rev_sel, rev_test = self.reverse
         w, wsc, both_sel, both = self._fusion(dense_sel, rev_sel, dense_test, rev_test)
@@ -261,11 +261,12 @@ def reverse_rows(out: RowWriter, last_x: np.ndarray, bodies: np.ndarray, cand_ra
     rev_info = {"alpha": a_rev, "direction": "candidate body → signature mean + last token, whitened (train)",
                 "selection_mrr": {str(k): v for k, v in rev_sc.items()}, "n_fit": len(fit_idx)}
     out.add("reverse", "baseline", NO_SPACE, search_task(rev_test, out.task), rev_info)
+    scored_sel = materialized(rev_sel, len(sel_task.cand_idx))  # one pass for re-ranking and every fusion
     if keep:
-        out.reverse = (materialized(rev_sel, len(sel_task.cand_idx)), rev_test)
-    out.rerank("reverse", "baseline", NO_SPACE, rev_sel, rev_test, {"alpha": a_rev})
+        out.reverse = (scored_sel, rev_test)
+    out.rerank("reverse", "baseline", NO_SPACE, scored_sel, rev_test, {"alpha": a_rev})
     if out.fusing and fuse:
-        out.fuse(f"reverse{FUSED_SUFFIX}", "baseline", NO_SPACE, rev_sel, rev_test, {"alpha": a_rev})
+        out.fuse(f"reverse{FUSED_SUFFIX}", "baseline", NO_SPACE, scored_sel, rev_test, {"alpha": a_rev})
     if hubness_correction and len(np.unique(out.repos[fit_idx].astype(str))) > 1:
         # Space-free like the row itself, so no --space choice turns it off. The reference:
         # the train split's own signature views, what the queries are made of.

@@ -415,6 +415,9 @@ def test_fuse_reverse_scores_each_pair_in_both_directions(ds) -> None:
     assert not any("+rev" in r.method for r in plain.rows)  # opt-in
     with pytest.raises(EvaluateError, match="add reverse to --baselines"):
         evaluate_retrieval(ds.store_path, baselines="bm25", plots=False, methods={"m": weak}, fuse_reverse=True)
+    for kw in (dict(baselines="reverse"), dict(baselines="bm25,reverse", fuse_bm25=False)):  # nothing to add +rev to
+        with pytest.raises(EvaluateError, match="rows fused with BM25"):
+            evaluate_retrieval(ds.store_path, plots=False, methods={"m": weak}, fuse_reverse=True, **kw)
 
 
 def test_ridge_is_fitted_on_train_alone(ds) -> None:
