@@ -64,14 +64,9 @@ def train_cmd(
         elif resume and not has_run and model is None:
             raise ConfigError(f"{out}: no run to resume here (no config.json); start one with --model")
         else:
-            if model is None and config is not None:  # a config file that names its kind (a run's config.json)
-                from codejepa.predict.config import load_toml
-
-                model = load_toml(config).get("model.kind")
             if config is not None and splits is None:
                 _same_split(config)
-            if model is None:
-                raise ConfigError("--model is required (mlp or transformer)")
+            # without --model, the config file names the kind (a run's config.json does)
             cfg = resolve_config(model, preset=preset, file=config, overrides=overrides)
         _run(store, cfg, out, resume, device, splits)
     except CLI_ERRORS as e:

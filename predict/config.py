@@ -430,26 +430,32 @@ def resolve_config(
     file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> PredictConfig:
-    """Preset (default: the model's) → TOML file → overrides → ``model.kind = model``."""
+    """Preset (default: the model's) → TOML file → overrides → ``model.kind = model``.
+
+    Without ``model`` the file must name the kind (a run's ``config.json`` does), so that a run
+    can be trained again from what it recorded; no kind at all is refused rather than guessed."""
+    file_keys = load_toml(file) if file is not None else {}
+    if model is None:
+        model = file_keys.get("model.kind")
+        if model is None:
+            raise ConfigError("--model is required (mlp or transformer)")
     if preset is None:
-        preset = DEFAULT_PRESET.get(model or "mlp")
+        preset = DEFAULT_PRESET.get(model)
         if preset is None:
             raise ConfigError(f"--model must be mlp or transformer, not {model!r}")
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     kind = PRESETS[preset].get("model.kind")
-    if model is not None and kind not in (None, model):
+    if kind not in (None, model):
         raise ConfigError(f"preset {preset!r} is a {kind} preset: use --model {kind}, or a preset of the {model}")
-    file_keys = load_toml(file) if file is not None else {}
     for where, keys in (("the config file", file_keys), ("--set", overrides or {})):
         # --model decides the kind; a second, silently overruled answer would mislead.
-        if model is not None and keys.get("model.kind", model) != model:
+        if keys.get("model.kind", model) != model:
             raise ConfigError(f"model.kind = {keys['model.kind']!r} in {where} contradicts --model {model}")
     cfg = apply_overrides(PredictConfig(name=preset), PRESETS[preset])
     if file_keys:
         cfg = apply_overrides(cfg, file_keys)
     if overrides:
         cfg = apply_overrides(cfg, overrides)
-    if model is not None:
-        cfg = apply_overrides(cfg, {"model.kind": model})
+    cfg = apply_overrides(cfg, {"model.kind": model})
     return cfg.validate()

@@ -66,6 +66,14 @@ def test_config_overrides_toml_and_errors(tmp_path: Path) -> None:
     assert load_toml(toml)["optim.lr"] == 0.01
     cfg = resolve_config("mlp", file=toml, overrides={"optim.lr": "0.02"})
     assert (cfg.name, cfg.optim.lr, cfg.model.mlp_hidden, cfg.loss.infonce_weight) == ("mine", 0.02, (16, 8), 1.0)
+    # without a model the file must name its kind, as a run's config.json does; none is refused, not guessed
+    with pytest.raises(ConfigError, match="--model is required"):
+        resolve_config(None, file=toml)
+    tfr = tmp_path / "config.json"
+    tfr.write_text(json.dumps(resolve_config("transformer", overrides={"model.depth": 3}).to_dict()))
+    assert (resolve_config(None, file=tfr).model.kind, resolve_config(None, file=tfr).model.depth) == ("transformer", 3)
+    with pytest.raises(ConfigError, match="is a mlp preset"):
+        resolve_config(None, preset="ridge-residual", file=tfr)
     with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'.*optim.lr"):
         resolve_config("mlp", overrides={"optim.lrr": "1"})
     with pytest.raises(ConfigError, match="model.depth"):
