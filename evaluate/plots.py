@@ -52,6 +52,17 @@ def plotted_rows(panel: list[Any]) -> list[Any]:
     return keep
 
 
+def _rank_title(data: dict[str, Any]) -> str:
+    """What was ranked among what, in words: a pool label such as "split" alone reads as jargon."""
+    pool, split = data["pool"], data["settings"]["split"]
+    size = f"{pool['mean_pool_size']:.0f}"
+    among = {"split": f"the {split} split", "all": "the whole corpus", "repo": "the query's repository"}.get(
+        pool["label"], f"{size} drawn at random")
+    mean = "" if pool["label"] in ("split", "all") else "on average "
+    return (f"Where the true body ranks — {pool['n_queries']} {split} queries, each among {mean}{size} distinct "
+            f"bodies (pool: {among})")
+
+
 def plot_rank_distribution(data: dict[str, Any], rows: list[Any], out_dir: Path) -> Path:
     """Recall@k curves (share of queries whose true body ranks ≤ k), one panel per space: each
     method alone and its best corrected row (:func:`plotted_rows`).
@@ -96,9 +107,7 @@ def plot_rank_distribution(data: dict[str, Any], rows: list[Any], out_dir: Path)
         # Below the panel: curves crowd the top-left corner, where a legend would hide them.
         ax.legend(fontsize=8.5, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
     axes[0][0].set_ylabel("share of queries with rank ≤ k (recall@k)", fontsize=11)
-    pool = data["pool"]
-    fig.suptitle(_fit(fig, f"Where the true body ranks — {data['settings']['split']} split, pool {pool['label']}, "
-                           f"{pool['n_queries']} queries, {pool['mean_pool_size']:.0f} distinct bodies\n"
+    fig.suptitle(_fit(fig, _rank_title(data) + "\n"
                            "each method alone and its best corrected row (every row: table.txt)", 13), fontsize=13)
     fig.tight_layout()
     path = out_dir / RANK_PLOT

@@ -29,13 +29,26 @@ def test_a_long_title_is_wrapped_inside_a_one_panel_figure() -> None:
     from codejepa.evaluate.plots import _fit
 
     fig = plt.figure(figsize=(6.4, 5.4))
-    title = ("Where the true body ranks — test split, pool split, 6055 queries, 6055 distinct bodies\n"
+    title = ("Where the true body ranks — 6055 test queries, each among 6055 distinct bodies (pool: the test split)\n"
              "each method alone and its best corrected row (every row: table.txt)")
     t = fig.suptitle(_fit(fig, title, 13), fontsize=13)
     fig.canvas.draw()
     box, page = t.get_window_extent(), fig.bbox
     assert page.x0 <= box.x0 and box.x1 <= page.x1, (box, page)
     plt.close(fig)
+
+
+def test_the_rank_plot_says_in_words_what_each_query_was_ranked_among() -> None:
+    from codejepa.evaluate.plots import _rank_title
+
+    def title(label: str, size: float) -> str:
+        return _rank_title({"pool": {"label": label, "n_queries": 6055, "mean_pool_size": size},
+                            "settings": {"split": "test"}})
+
+    assert title("split", 6055.0).endswith("6055 test queries, each among 6055 distinct bodies (pool: the test split)")
+    assert title("all", 45218.0).endswith("each among 45218 distinct bodies (pool: the whole corpus)")
+    assert title("repo", 756.9).endswith("each among on average 757 distinct bodies (pool: the query's repository)")
+    assert title("random-1500", 1500.0).endswith("on average 1500 distinct bodies (pool: 1500 drawn at random)")
 
 
 def test_the_recall_curve_at_k_counts_the_ranks_up_to_k(tmp_path, monkeypatch) -> None:  # noqa: ANN001
