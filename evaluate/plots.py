@@ -58,7 +58,7 @@ def _rank_title(data: dict[str, Any]) -> str:
     size = f"{pool['mean_pool_size']:.0f}"
     among = {"split": f"the {split} split", "all": "the whole corpus", "repo": "the query's repository"}.get(
         pool["label"], f"{size} drawn at random")
-    mean = "" if pool["label"] in ("split", "all") else "on average "
+    mean = "on average " if pool["label"] == "repo" else ""  # only a repository pool's size varies by query
     return (f"Where the true body ranks — {pool['n_queries']} {split} queries, each among {mean}{size} distinct "
             f"bodies (pool: {among})")
 

@@ -435,14 +435,15 @@ def resolve_config(
     Without ``model`` the file must name the kind (a run's ``config.json`` does), so that a run
     can be trained again from what it recorded; no kind at all is refused rather than guessed."""
     file_keys = load_toml(file) if file is not None else {}
+    source = "--model"
     if model is None:
-        model = file_keys.get("model.kind")
+        model, source = file_keys.get("model.kind"), "the config file's model.kind"
         if model is None:
             raise ConfigError("--model is required (mlp or transformer)")
     if preset is None:
         preset = DEFAULT_PRESET.get(model)
         if preset is None:
-            raise ConfigError(f"--model must be mlp or transformer, not {model!r}")
+            raise ConfigError(f"{source} must be mlp or transformer, not {model!r}")
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     kind = PRESETS[preset].get("model.kind")
@@ -451,7 +452,7 @@ def resolve_config(
     for where, keys in (("the config file", file_keys), ("--set", overrides or {})):
         # --model decides the kind; a second, silently overruled answer would mislead.
         if keys.get("model.kind", model) != model:
-            raise ConfigError(f"model.kind = {keys['model.kind']!r} in {where} contradicts --model {model}")
+            raise ConfigError(f"model.kind = {keys['model.kind']!r} in {where} contradicts {source} {model}")
     cfg = apply_overrides(PredictConfig(name=preset), PRESETS[preset])
     if file_keys:
         cfg = apply_overrides(cfg, file_keys)

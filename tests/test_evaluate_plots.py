@@ -48,7 +48,7 @@ def test_the_rank_plot_says_in_words_what_each_query_was_ranked_among() -> None:
     assert title("split", 6055.0).endswith("6055 test queries, each among 6055 distinct bodies (pool: the test split)")
     assert title("all", 45218.0).endswith("each among 45218 distinct bodies (pool: the whole corpus)")
     assert title("repo", 756.9).endswith("each among on average 757 distinct bodies (pool: the query's repository)")
-    assert title("random-1500", 1500.0).endswith("on average 1500 distinct bodies (pool: 1500 drawn at random)")
+    assert title("random-1500", 1500.0).endswith("each among 1500 distinct bodies (pool: 1500 drawn at random)")
 
 
 def test_the_recall_curve_at_k_counts_the_ranks_up_to_k(tmp_path, monkeypatch) -> None:  # noqa: ANN001

@@ -74,6 +74,13 @@ def test_config_overrides_toml_and_errors(tmp_path: Path) -> None:
     assert (resolve_config(None, file=tfr).model.kind, resolve_config(None, file=tfr).model.depth) == ("transformer", 3)
     with pytest.raises(ConfigError, match="is a mlp preset"):
         resolve_config(None, preset="ridge-residual", file=tfr)
+    # an error names where the kind came from: the user gave no --model
+    with pytest.raises(ConfigError, match="model.kind = 'mlp' in --set contradicts the config file's model.kind transformer"):
+        resolve_config(None, file=tfr, overrides={"model.kind": "mlp"})
+    foreign = tmp_path / "foreign.toml"
+    foreign.write_text('[model]\nkind = "lstm"\n')
+    with pytest.raises(ConfigError, match="the config file's model.kind must be mlp or transformer, not 'lstm'"):
+        resolve_config(None, file=foreign)
     with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'.*optim.lr"):
         resolve_config("mlp", overrides={"optim.lrr": "1"})
     with pytest.raises(ConfigError, match="model.depth"):
