@@ -448,7 +448,9 @@ def resolve_config(
         raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     kind = PRESETS[preset].get("model.kind")
     if kind not in (None, model):
-        raise ConfigError(f"preset {preset!r} is a {kind} preset: use --model {kind}, or a preset of the {model}")
+        # Name the remedy for where the kind came from: changing the file's kind is the user's call.
+        fix = f"use --model {kind}" if source == "--model" else f"set model.kind = {kind!r} in the config file"
+        raise ConfigError(f"preset {preset!r} is a {kind} preset, but {source} is {model}: {fix}, or a preset of the {model}")
     for where, keys in (("the config file", file_keys), ("--set", overrides or {})):
         # --model decides the kind; a second, silently overruled answer would mislead.
         if keys.get("model.kind", model) != model:

@@ -72,7 +72,8 @@ def test_config_overrides_toml_and_errors(tmp_path: Path) -> None:
     tfr = tmp_path / "config.json"
     tfr.write_text(json.dumps(resolve_config("transformer", overrides={"model.depth": 3}).to_dict()))
     assert (resolve_config(None, file=tfr).model.kind, resolve_config(None, file=tfr).model.depth) == ("transformer", 3)
-    with pytest.raises(ConfigError, match="is a mlp preset"):
+    with pytest.raises(ConfigError, match="is a mlp preset, but the config file's model.kind is transformer: "
+                                          "set model.kind = 'mlp' in the config file, or a preset of the transformer"):
         resolve_config(None, preset="ridge-residual", file=tfr)
     # an error names where the kind came from: the user gave no --model
     with pytest.raises(ConfigError, match="model.kind = 'mlp' in --set contradicts the config file's model.kind transformer"):

@@ -83,7 +83,7 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
         (["--model", "cnn", "--out", str(tmp_path / "y")], "--model must be mlp or transformer"),
         (["--model", "mlp", "--device", "foo", "--out", str(tmp_path / "y")], "expected auto, cpu, cuda or cuda:N"),
         (["--model", "mlp", "--preset", "transformer-residual", "--out", str(tmp_path / "y")],
-         "is a transformer preset: use --model transformer"),
+         "is a transformer preset, but --model is mlp: use --model transformer"),
         (["--model", "mlp", "--set", "model.kind=transformer", "--out", str(tmp_path / "y")],
          "model.kind = 'transformer' in --set contradicts --model mlp"),
         (["--model", "mlp", "--set", "train.checkpoint_every_steps=-5", "--out", str(tmp_path / "y")],
