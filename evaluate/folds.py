@@ -29,6 +29,7 @@ from codejepa.evaluate.report import (
     add_columns,
     add_row,
     check_out_dir,
+    cluster_wins,
     damaged_error,
     fit_width,
     load_ranks,
@@ -215,7 +216,8 @@ def render_folds(res: PooledResult, console: Console) -> None:
             ov = c["cis_overlap"].get(x["metric"])
             console.print(f"{c['a']} vs {c['b']}: {x['metric']} {x['a']:.4f} vs {x['b']:.4f}, diff {x['diff']:+.4f} "
                           f"[{x['ci_low']:+.4f}, {x['ci_high']:+.4f}], p = {x['p_value']:.4f}"
-                          + ("" if ov is None else ("; CIs overlap" if ov else "; CIs do not overlap")), **plain)
+                          + ("" if ov is None else ("; CIs overlap" if ov else "; CIs do not overlap"))
+                          + cluster_wins(x), **plain)
     for n in res.notes:
         console.print(f"note: {n}", style="yellow", **plain)
 

@@ -198,6 +198,12 @@ class PairedComparison:
     p_value: float  # two-sided: could the true difference be zero (or of the other sign)?
     n_queries: int
     n_clusters: int
+    # The clusters (repositories; queries where there is only one) where each method's own
+    # figure is the better one: a consistent lead and one carried by a few clusters can have
+    # the same mean difference.
+    clusters_a_better: int = 0
+    clusters_b_better: int = 0
+    cluster_unit: str = "repository"
 
     def to_json(self) -> dict[str, float | int | str]:
         return dict(self.__dict__)
@@ -222,8 +228,9 @@ def paired_bootstrap(
     if len(ra) != len(rb):
         raise EvaluateError("a paired comparison needs both methods' ranks on the same queries")
     cl, n_cl = _cluster_index(clusters)
+    unit = "repository"
     if n_cl < 2:
-        cl, n_cl = np.arange(len(ra)), len(ra)
+        cl, n_cl, unit = np.arange(len(ra)), len(ra), "query"
     counts = _resample_counts(n_cl, n_boot, seed)
     ba, bb = _boot_stats(ra, cl, n_cl, counts), _boot_stats(rb, cl, n_cl, counts)
     pa, pb = compute_metrics(ra), compute_metrics(rb)
@@ -239,5 +246,16 @@ def paired_bootstrap(
         tail = min(np.sum(d <= 0), np.sum(d >= 0)) if obs != 0 else n
         p = min(1.0, 2.0 * (tail + 1) / (n + 1))
         lo, hi = np.quantile(d, [al, 1 - al])
-        out.append(PairedComparison(m, pa[m], pb[m], obs, float(lo), float(hi), float(p), len(ra), n_cl))
+        ca, cb = _per_cluster(ra, cl, n_cl, m), _per_cluster(rb, cl, n_cl, m)
+        sign = 1.0 if HIGHER_IS_BETTER[m] else -1.0
+        out.append(PairedComparison(m, pa[m], pb[m], obs, float(lo), float(hi), float(p), len(ra), n_cl,
+                                    int(np.sum(sign * (ca - cb) > 0)), int(np.sum(sign * (ca - cb) < 0)), unit))
     return out
+
+
+def _per_cluster(ranks: np.ndarray, cl: np.ndarray, n_cl: int, metric: str) -> np.ndarray:
+    """One metric within each cluster: [n_cl]."""
+    if metric == "median_rank":
+        return np.array([np.median(ranks[cl == c]) for c in range(n_cl)])
+    v = per_query_values(ranks)[metric]
+    return np.bincount(cl, weights=v, minlength=n_cl) / np.maximum(np.bincount(cl, minlength=n_cl), 1)

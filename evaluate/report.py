@@ -127,8 +127,17 @@ def comparison_lines(data: dict[str, Any]) -> list[str]:
                 verdict = "A better" if res["diff"] < 0 else "B better"
             out.append(f"{c['a']} vs {c['b']}: {res['metric']} {res['a']:.4f} vs {res['b']:.4f}, "
                        f"diff {res['diff']:+.4f} [{res['ci_low']:+.4f}, {res['ci_high']:+.4f}], "
-                       f"p = {res['p_value']:.4f} ({verdict})")
+                       f"p = {res['p_value']:.4f} ({verdict}){cluster_wins(res)}")
     return out
+
+
+def cluster_wins(res: dict[str, Any]) -> str:
+    """"; A better in 7 of 8 repositories, B in 1" (absent from results saved before it was kept)."""
+    if "clusters_a_better" not in res:
+        return ""
+    unit = res.get("cluster_unit", "repository")
+    plural = {"repository": "repositories", "query": "queries"}.get(unit, unit + "s")
+    return f"; A better in {res['clusters_a_better']} of {res['n_clusters']} {plural}, B in {res['clusters_b_better']}"
 
 
 def render(data: dict[str, Any], console: Console) -> None:

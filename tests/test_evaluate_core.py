@@ -28,6 +28,7 @@ from codejepa.evaluate.search import (
 )
 from codejepa.evaluate.spaces import canonical_map, fit_space
 from codejepa.evaluate.baselines import BM25Scorer, RidgeFit, code_tokens, noisy_oracle
+from codejepa.evaluate.report import comparison_lines
 
 torch.set_num_threads(1)
 
@@ -185,7 +186,7 @@ def test_one_repository_resamples_queries_instead() -> None:
     assert ci["rank@1"].high - ci["rank@1"].low > 0.1
     assert ci["mrr"].high > ci["mrr"].value > ci["mrr"].low
     (c,) = paired_bootstrap(ranks, ranks[::-1].copy(), one, metrics=("mrr",), n_boot=300)
-    assert c.n_clusters == len(ranks) and c.ci_high > c.ci_low
+    assert c.n_clusters == len(ranks) and c.ci_high > c.ci_low and c.cluster_unit == "query"
 
 
 def test_paired_bootstrap_is_symmetric_and_paired() -> None:
@@ -211,6 +212,17 @@ def test_paired_bootstrap_is_symmetric_and_paired() -> None:
     b = np.where(np.isin(reps, ["a", "b", "c"]), 9, 1)
     (c,) = paired_bootstrap(a, b, reps, metrics=("rank@1",), n_boot=1000)
     assert c.diff == pytest.approx(0.2) and c.n_clusters == 5 and c.p_value > 0.05 and c.ci_low < 0 < c.ci_high
+    # … and the comparison says how many repositories each method wins: 3 against 2 here.
+    assert (c.clusters_a_better, c.clusters_b_better, c.cluster_unit) == (3, 2, "repository")
+    # A rank summary is better when lower; a repository where both are level counts for neither.
+    a2 = np.where(reps == "e", 9, a)
+    b2 = np.where(reps == "e", 9, b)
+    (m,) = paired_bootstrap(a2, b2, reps, metrics=("median_rank",), n_boot=200)
+    assert (m.clusters_a_better, m.clusters_b_better) == (3, 1)
+    line = comparison_lines({"comparisons": [{"a": "A", "b": "B", "results": [c.to_json()]}]})[0]
+    assert line.endswith("(no significant difference); A better in 3 of 5 repositories, B in 2")
+    old = {k: v for k, v in c.to_json().items() if not k.startswith("cluster")}  # saved before the counts were kept
+    assert comparison_lines({"comparisons": [{"a": "A", "b": "B", "results": [old]}]})[0].endswith("difference)")
 
 
 # -- search -----------------------------------------------------------------------------------

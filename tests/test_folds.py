@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 from dataclasses import asdict
 import sys
 from pathlib import Path
@@ -341,6 +342,8 @@ def test_folds_train_evaluate_and_pool_over_every_repository(cv, tmp_path: Path)
                             "--compare", "mlp@whitened,prototype@whitened", "--n-boot", "50"])
     assert r.exit_code == 0, r.output
     assert "3 folds pooled" in r.output and "CIs" in r.output
+    # how many of the 12 test repositories each side wins, beside the pooled difference
+    assert re.search(r"A better in \d+ of 12 repositories, B in \d+", " ".join(r.output.split()))
     assert json.loads((tmp_path / "pooled" / "folds.json").read_text())["rows"]
     # The same fold twice, or an evaluation on the store's own split, cannot be pooled.
     with pytest.raises(EvaluateError, match="tested in two folds"):
