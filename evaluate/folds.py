@@ -22,14 +22,14 @@ from rich.table import Table
 
 from codejepa.core import atomic_write_bytes, atomic_write_json
 from codejepa.evaluate.errors import EvaluateError
-from codejepa.evaluate.metrics import MetricCI, bootstrap_cis, check_n_boot, paired_bootstrap
+from codejepa.evaluate.metrics import MetricCI, bootstrap_cis, check_n_boot, cis_overlap, paired_bootstrap
 from codejepa.evaluate.report import (
     JSON_FILE,
     RANKS_FILE,
     add_columns,
     add_row,
     check_out_dir,
-    cluster_wins,
+    comparison_lines,
     damaged_error,
     fit_width,
     load_ranks,
@@ -126,10 +126,8 @@ def pool_folds(eval_dirs: Sequence[str | Path], *, compare: Sequence[tuple[str, 
             continue
         res = paired_bootstrap(np.concatenate([f[a] for f in all_ranks]), np.concatenate([f[b] for f in all_ranks]),
                                clusters, n_boot=max(n_boot, 2000), seed=seed)
-        overlap = {m: by_key[a].metrics[m].low <= by_key[b].metrics[m].high
-                   and by_key[b].metrics[m].low <= by_key[a].metrics[m].high for m in ("rank@1", "mrr")}
         comparisons.append({"a": a, "b": b, "n_boot": max(n_boot, 2000), "results": [c.to_json() for c in res],
-                            "cis_overlap": overlap})
+                            "cis_overlap": cis_overlap(by_key[a].metrics, by_key[b].metrics)})
     return PooledResult(folds, rows, comparisons, notes)
 
 
@@ -211,13 +209,8 @@ def folds_table(res: PooledResult, drop: Collection[str] = ()) -> Table:
 def render_folds(res: PooledResult, console: Console) -> None:
     console.print(fit_width(lambda drop: folds_table(res, drop), ("R@10", "rank@1 per fold"), console))
     plain = {"soft_wrap": True, "markup": False, "highlight": False}
-    for c in res.comparisons:
-        for x in c["results"]:
-            ov = c["cis_overlap"].get(x["metric"])
-            console.print(f"{c['a']} vs {c['b']}: {x['metric']} {x['a']:.4f} vs {x['b']:.4f}, diff {x['diff']:+.4f} "
-                          f"[{x['ci_low']:+.4f}, {x['ci_high']:+.4f}], p = {x['p_value']:.4f}"
-                          + ("" if ov is None else ("; CIs overlap" if ov else "; CIs do not overlap"))
-                          + cluster_wins(x), **plain)
+    for line in comparison_lines({"comparisons": res.comparisons}):
+        console.print(line, **plain)
     for n in res.notes:
         console.print(f"note: {n}", style="yellow", **plain)
 

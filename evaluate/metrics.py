@@ -153,6 +153,12 @@ class MetricCI:
         return {"value": self.value, "ci_low": self.low, "ci_high": self.high}
 
 
+def cis_overlap(a: dict[str, MetricCI], b: dict[str, MetricCI], metrics: Sequence[str] = ("rank@1", "mrr")) -> dict[str, bool]:
+    """Whether two methods' own 95% intervals overlap, metric by metric: the stricter test
+    beside the paired one (which takes out what moves both methods alike)."""
+    return {m: a[m].low <= b[m].high and b[m].low <= a[m].high for m in metrics if m in a and m in b}
+
+
 def bootstrap_cis(
     ranks: np.ndarray,
     clusters: Sequence[str] | np.ndarray,

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from codejepa.core import atomic_write_bytes, atomic_write_json
 from codejepa.evaluate.errors import EvaluateError
-from codejepa.evaluate.metrics import check_n_boot, paired_bootstrap
+from codejepa.evaluate.metrics import MetricCI, check_n_boot, cis_overlap, paired_bootstrap
 
 RANKS_FILE = "ranks.npz"
 JSON_FILE = "retrieval.json"
@@ -125,9 +125,11 @@ def comparison_lines(data: dict[str, Any]) -> list[str]:
             verdict = ("A better" if res["diff"] > 0 else "B better") if res["p_value"] < 0.05 else "no significant difference"
             if res["metric"] in ("median_rank", "mean_rank") and res["p_value"] < 0.05:
                 verdict = "A better" if res["diff"] < 0 else "B better"
+            ov = (c.get("cis_overlap") or {}).get(res["metric"])
             out.append(f"{c['a']} vs {c['b']}: {res['metric']} {res['a']:.4f} vs {res['b']:.4f}, "
                        f"diff {res['diff']:+.4f} [{res['ci_low']:+.4f}, {res['ci_high']:+.4f}], "
-                       f"p = {res['p_value']:.4f} ({verdict}){cluster_wins(res)}")
+                       f"p = {res['p_value']:.4f} ({verdict}){cluster_wins(res)}"
+                       + ("" if ov is None else ("; their own CIs overlap" if ov else "; their own CIs do not overlap")))
     return out
 
 
@@ -264,4 +266,19 @@ def compare_saved(out_dir: str | Path, a: str, b: str, *, n_boot: int = 2000, se
         if k not in ranks:
             raise EvaluateError(f"no saved result {k!r}; available: {', '.join(sorted(ranks))}")
     comps = paired_bootstrap(ranks[a], ranks[b], cl, metrics=metrics, n_boot=n_boot, seed=seed)
-    return {"a": a, "b": b, "results": [c.to_json() for c in comps]}
+    out: dict[str, Any] = {"a": a, "b": b, "results": [c.to_json() for c in comps]}
+    cis = _saved_cis(out_dir)
+    if a in cis and b in cis:
+        out["cis_overlap"] = cis_overlap(cis[a], cis[b], metrics)
+    return out
+
+
+def _saved_cis(out_dir: str | Path) -> dict[str, dict[str, MetricCI]]:
+    """Each saved row's own intervals as the evaluation reported them (none where
+    ``retrieval.json`` is missing or damaged: the paired figures need only the ranks)."""
+    try:
+        rows = load_result(out_dir).get("rows") or []
+        return {f"{r['method']}@{r['space']}": {m: MetricCI(v["value"], v["ci_low"], v["ci_high"])
+                                                for m, v in r["metrics"].items()} for r in rows}
+    except (EvaluateError, KeyError, TypeError, AttributeError):
+        return {}

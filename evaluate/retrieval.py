@@ -23,7 +23,7 @@ from codejepa.evaluate.diagnostics import collapse_warning
 from codejepa.evaluate.errors import EvaluateError
 from codejepa.evaluate.hubness import CSLS_BETAS, CSLS_KS
 from codejepa.evaluate.hubness import SUFFIX as CSLS_SUFFIX
-from codejepa.evaluate.metrics import MetricCI, PairedComparison, check_n_boot, paired_bootstrap
+from codejepa.evaluate.metrics import MetricCI, PairedComparison, check_n_boot, cis_overlap, paired_bootstrap
 from codejepa.evaluate.pools import PoolSpec, Task, build_task, parse_pool, search_task
 from codejepa.evaluate.probe import Memo, ProbeMix
 from codejepa.evaluate.probe import SUFFIX as PROBE_SUFFIX
@@ -854,7 +854,8 @@ def _compare_rows(rows: list[MethodRow], a: str, b: str, n_boot: int, seed: int)
     # At least 1,000 resamples whatever --n-boot: a p-value's resolution is 1/(n + 1).
     n = max(n_boot, 1000)
     comps: list[PairedComparison] = paired_bootstrap(ra.ranks, rb.ranks, ra.clusters, n_boot=n, seed=seed)
-    return {"a": a, "b": b, "n_boot": n, "results": [c.to_json() for c in comps]}
+    return {"a": a, "b": b, "n_boot": n, "results": [c.to_json() for c in comps],
+            "cis_overlap": cis_overlap(ra.metrics, rb.metrics)}
 
 
 def _auto_comparisons(rows: list[MethodRow], n_boot: int, seed: int) -> list[dict[str, Any]]:

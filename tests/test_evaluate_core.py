@@ -8,8 +8,10 @@ import torch
 
 from codejepa.evaluate.errors import EvaluateError
 from codejepa.evaluate.metrics import (
+    MetricCI,
     bootstrap_cis,
     chance_metrics,
+    cis_overlap,
     compute_metrics,
     paired_bootstrap,
     per_query_values,
@@ -212,6 +214,12 @@ def test_paired_bootstrap_is_symmetric_and_paired() -> None:
     b = np.where(np.isin(reps, ["a", "b", "c"]), 9, 1)
     (c,) = paired_bootstrap(a, b, reps, metrics=("rank@1",), n_boot=1000)
     assert c.diff == pytest.approx(0.2) and c.n_clusters == 5 and c.p_value > 0.05 and c.ci_low < 0 < c.ci_high
+    # Their own CIs: two intervals that touch overlap; disjoint ones do not.
+    def ci(lo: float, hi: float) -> dict[str, MetricCI]:
+        return {"rank@1": MetricCI((lo + hi) / 2, lo, hi)}
+
+    assert cis_overlap(ci(0.1, 0.3), ci(0.3, 0.5)) == {"rank@1": True}
+    assert cis_overlap(ci(0.1, 0.29), ci(0.3, 0.5)) == {"rank@1": False} == cis_overlap(ci(0.3, 0.5), ci(0.1, 0.29))
     # … and the comparison says how many repositories each method wins: 3 against 2 here.
     assert (c.clusters_a_better, c.clusters_b_better, c.cluster_unit) == (3, 2, "repository")
     # A rank summary is better when lower; a repository where both are level counts for neither.

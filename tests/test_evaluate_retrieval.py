@@ -20,7 +20,7 @@ from _evaluate_fixtures import make_dataset  # noqa: E402
 from codejepa.core import CodejepaError  # noqa: E402
 from codejepa.evaluate.baselines import FUSION_WEIGHTS, ReverseFit, RidgeFit  # noqa: E402
 from codejepa.evaluate.errors import EvaluateError  # noqa: E402
-from codejepa.evaluate.report import compare_saved, render  # noqa: E402
+from codejepa.evaluate.report import compare_saved, comparison_lines, render  # noqa: E402
 from codejepa.evaluate.retrieval import evaluate_retrieval  # noqa: E402
 
 torch.set_num_threads(1)
@@ -137,6 +137,7 @@ def test_all_baselines_outputs_and_comparison(ds, tmp_path: Path) -> None:
     assert row["diagnostics"]["rankme_pred"] > 0 and row["chance"]["rank@1"] > 0
     expl = [c for c in data["comparisons"] if c["a"] == "ridge@whitened" and c["b"] == "classproto@whitened"]
     assert expl and expl[0]["results"][0]["p_value"] < 0.05 and expl[0]["results"][0]["diff"] > 0
+    assert set(expl[0]["cis_overlap"]) == {"rank@1", "mrr"} and "n_clusters" in expl[0]["results"][0]
     for f in ("rank_distribution.png", "projection.png", "table.txt", "ranks.npz"):
         assert (out / f).stat().st_size > 1000
     assert "ridge" in (out / "table.txt").read_text()
@@ -157,6 +158,13 @@ def test_all_baselines_outputs_and_comparison(ds, tmp_path: Path) -> None:
     assert "warning: WARNING" not in sio.getvalue() and "WARNING x (raw" in sio.getvalue()
     c = compare_saved(out, "ridge@whitened", "classproto@whitened", n_boot=300)
     assert c["results"][1]["metric"] == "mrr" and c["results"][1]["diff"] > 0
+    # beside the paired test, whether the two rows' own CIs (as the evaluation reported them) overlap
+    rows = {f"{r['method']}@{r['space']}": r["metrics"] for r in data["rows"]}
+    ra, rc = rows["ridge@whitened"]["mrr"], rows["classproto@whitened"]["mrr"]
+    assert c["cis_overlap"]["mrr"] == (ra["ci_low"] <= rc["ci_high"] and rc["ci_low"] <= ra["ci_high"])
+    assert "their own CIs" in comparison_lines({"comparisons": [c]})[1]
+    (out / "retrieval.json").write_text("{")  # the paired figures need only the ranks
+    assert "cis_overlap" not in compare_saved(out, "ridge@whitened", "classproto@whitened", n_boot=50)
     with pytest.raises(EvaluateError, match="no saved result"):
         compare_saved(out, "ridge@whitened", "nope@raw")
 
