@@ -84,6 +84,8 @@ def retrieval(
                                                                  "instead of the store's own split; runs must share it."),
     probe: Optional[Path] = typer.Option(None, "--probe", help="The store's probe view (`codejepa embed probe`): adds a "
                                                                "NAME+probe row for every run and for ridge+last."),
+    probe_select: str = typer.Option("plain", "--probe-select", help="What val scores the probe weight by: plain (the "
+                                     "mix's own cosines) or chain (its most corrected row, re-ranking included)."),
     rerank: Optional[Path] = typer.Option(None, "--rerank", help="A cross-scorer run (`codejepa predict cross`): adds "
                                                                  "NAME+rerank rows, each row's top K re-scored by it."),
     rerank_k: int = typer.Option(50, "--rerank-k", help="Candidates per query the cross-scorer re-scores."),
@@ -116,7 +118,8 @@ def retrieval(
                 corpus_dir=corpus, compare=_parse_compare(compare), ridge_input=ridge_input,
                 whitening_shrinkage=shrinkage, n_boot=n_boot, pool_seeds=pool_seeds, plots=not no_plots,
                 noisy_of=noisy_of, bm25_query=bm25_query, fuse_bm25=fuse_bm25, hubness_correction=hubness,
-                sibling_softmax=siblings, splits=splits, probe=probe, rerank=rerank, rerank_k=rerank_k,
+                sibling_softmax=siblings, splits=splits, probe=probe, probe_select=probe_select,
+                rerank=rerank, rerank_k=rerank_k,
                 rerank_rows=rerank_rows, fuse_reverse=fuse_reverse,
                 log=lambda m: bar.update(job, description=escape(m[:70])),
                 progress=lambda done, total: bar.update(job, completed=done, total=total),

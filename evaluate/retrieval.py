@@ -26,6 +26,7 @@ from codejepa.evaluate.hubness import SUFFIX as CSLS_SUFFIX
 from codejepa.evaluate.metrics import MetricCI, PairedComparison, check_n_boot, cis_overlap, paired_bootstrap
 from codejepa.evaluate.pools import PoolSpec, Task, build_task, parse_pool, search_task
 from codejepa.evaluate.probe import Memo, ProbeMix
+from codejepa.evaluate.probe import SELECT as PROBE_SELECT
 from codejepa.evaluate.probe import SUFFIX as PROBE_SUFFIX
 from codejepa.evaluate.rerank import DEFAULT_K as DEFAULT_RERANK_K
 from codejepa.evaluate.rerank import POOLS as RERANK_POOLS
@@ -332,6 +333,7 @@ def evaluate_retrieval(
     sibling_softmax: bool = True,
     splits: str | os.PathLike[str] | None = None,
     probe: str | os.PathLike[str] | None = None,
+    probe_select: str = "plain",
     rerank: str | os.PathLike[str] | None = None,
     rerank_k: int = DEFAULT_RERANK_K,
     rerank_rows: Sequence[str] | str = "*",
@@ -358,7 +360,9 @@ def evaluate_retrieval(
     have been trained with the same file. Pool the folds' results with :func:`pool_folds`.
     ``probe``: the store's probe view (``codejepa embed probe``); every run and method, and ridge+last,
     then also gets a ``NAME+probe`` method: its predictions mixed with the probe view at a weight
-    chosen on val (see :mod:`codejepa.evaluate.probe`), with every correction the others get.
+    chosen on val (see :mod:`codejepa.evaluate.probe`), with every correction the others get;
+    ``probe_select`` says what val scores the weight by: ``plain`` (the mix's own cosines) or
+    ``chain`` (its most corrected row, with every correction and the re-ranking).
     ``rerank``: a cross-scorer run (``codejepa predict cross``) trained on this store; every row
     with a selection-split scorer (BM25, reverse, and the ``+csls``, ``+bm25`` and ``+sib`` rows)
     whose name matches a ``rerank_rows`` glob then also gets ``NAME+rerank``: its top
@@ -378,6 +382,8 @@ def evaluate_retrieval(
                                                    n_boot, out_dir)
     if not names and not runs and not methods:
         raise EvaluateError("nothing to evaluate: no --run and --baselines none")
+    if probe_select not in PROBE_SELECT:
+        raise EvaluateError(f"--probe-select must be one of {', '.join(PROBE_SELECT)}, not {probe_select!r}")
     if fuse_reverse and "reverse" not in names:
         raise EvaluateError("--fuse-reverse fuses rows with the reverse baseline: add reverse to --baselines")
     if fuse_reverse and not (fuse_bm25 and {"bm25", "ridge+bm25"} & set(names)):
@@ -445,12 +451,29 @@ def evaluate_retrieval(
         whole = len(task.cand_idx) == len(bodies) and np.array_equal(task.cand_idx, all_idx)
 
         ridge_last = RidgeFit.fit(last_x[fit_idx], bodies[fit_idx]) if "ridge+last" in names else None
+        bm25_test, bm25_sel, bm25_settings = (
+            _bm25_scorers(cv, bm25_query, task, sel_task, q_idx, sel_idx, need_sel_scores=(
+                "ridge+bm25" in names or fuse_runs or ("reverse" in names and fuse_bm25) or (sibling_softmax and "bm25" in names)),
+                say=say) if need_bm25 else (None, None, {}))
+
+        vector_baselines = [n for n in names if n in ("prototype", "signature", "ridge", "ridge+last", "nn", "oracle",
+                                                      "noisy_oracle")]
+        expected = _expected_rows(names, len(space_names), len(loaded) + len(method_runs), len(vector_baselines),
+                                  fuse_runs=fuse_runs, reverse_bm25=need_bm25 and fuse_bm25, hub_spaces=len(hub_spaces),
+                                  hub_methods=hub_methods, hubness_correction=hubness_correction,
+                                  sibling_softmax=sibling_softmax, both_directions=fuse_reverse)
+        reranker, rerank_info = _reranker(rerank, rerank_k, rerank_rows, store, task, sel_task, notes, say)
+        out = RowWriter(task, sel_task, pspec.label, n_boot, seed, expected, say, progress, sibling_softmax,
+                        cv.files[q_idx], cv.files[sel_idx] if sel_task is not None else None, store.repos, fit_idx,
+                        bm25_test, bm25_sel, reranker)
         if mixes:
             assert sel_task is not None
+            chain = _ProbeChain(out, hub_methods, fuse_runs) if probe_select == "chain" else None
             _choose_probe_weights(mixes, store, spaces_fit, bodies, train_idx, fit_idx, sel_idx, sel_task, last_x,
-                                  ridge_last, whitening_shrinkage, say)
+                                  ridge_last, whitening_shrinkage, say, chain)
             probe_info["weights"] = {k: m.weight for k, m in mixes.items()}
             probe_info["selection_mrr"] = {k: m.selection_mrr for k, m in mixes.items()}
+            probe_info["select"] = probe_select if chain is None else f"chain ({chain.space_name} space)"
         run_preds = {r.name: _predict(r, store, q_idx) for r in [*loaded, *method_runs]}
         sel_preds: dict[str, np.ndarray] = {}
         ref_preds: dict[str, np.ndarray] = {}  # train-split predictions: the hubness reference
@@ -472,21 +495,6 @@ def evaluate_retrieval(
             run_preds=run_preds, sel_preds=sel_preds, ref_preds=ref_preds, mixes=mixes, method_kinds=method_kinds,
             hub_methods=hub_methods, fuse_runs=fuse_runs, shrinkage=whitening_shrinkage, noisy_of=noisy_of,
             seed=seed, notes=notes)
-        bm25_test, bm25_sel, bm25_settings = (
-            _bm25_scorers(cv, bm25_query, task, sel_task, q_idx, sel_idx, need_sel_scores=(
-                "ridge+bm25" in names or fuse_runs or ("reverse" in names and fuse_bm25) or (sibling_softmax and "bm25" in names)),
-                say=say) if need_bm25 else (None, None, {}))
-
-        vector_baselines = [n for n in names if n in ("prototype", "signature", "ridge", "ridge+last", "nn", "oracle",
-                                                      "noisy_oracle")]
-        expected = _expected_rows(names, len(space_names), len(run_preds), len(vector_baselines), fuse_runs=fuse_runs,
-                                  reverse_bm25=need_bm25 and fuse_bm25, hub_spaces=len(hub_spaces),
-                                  hub_methods=hub_methods, hubness_correction=hubness_correction,
-                                  sibling_softmax=sibling_softmax, both_directions=fuse_reverse)
-        reranker, rerank_info = _reranker(rerank, rerank_k, rerank_rows, store, task, sel_task, notes, say)
-        out = RowWriter(task, sel_task, pspec.label, n_boot, seed, expected, say, progress, sibling_softmax,
-                        cv.files[q_idx], cv.files[sel_idx] if sel_task is not None else None, store.repos, fit_idx,
-                        bm25_test, bm25_sel, reranker)
 
         if "random" in names:
             rng = np.random.default_rng(seed)
@@ -800,10 +808,33 @@ def _probe_mixes(probe: str | os.PathLike[str], store: Any, split: str, names: S
     return mixes, {"path": str(pv.path), "meta": asdict(pv.meta)}
 
 
+@dataclass
+class _ProbeChain:
+    """``--probe-select chain``: what a probe weight is scored by — the mix's most corrected
+    row, as the rows will make it (see :meth:`RowWriter.chain_selection_mrr`)."""
+
+    out: RowWriter
+    hub_methods: list[str]
+    fuse: bool
+    space_name: str = ""
+
+    def score(self, mix: ProbeMix, name: str, store: Any, sp: Space, sel_unit: np.ndarray, sel_idx: np.ndarray,
+              fit_idx: np.ndarray) -> Callable[[float], float]:
+        def mrr(w: float) -> float:
+            dense = DenseScorer(sp.apply(mix.mixed(store, sel_idx, w)), sel_unit, normalized=True)
+            refs = (unit_rows(sp.apply(mix.mixed(store, fit_idx, w)), inplace=True)
+                    if name in self.hub_methods else None)
+            return self.out.chain_selection_mrr(name, dense, refs, fuse=self.fuse)
+        return mrr
+
+
 def _choose_probe_weights(mixes: dict[str, ProbeMix], store: Any, spaces_fit: dict[str, Space], bodies: np.ndarray,
                           train_idx: np.ndarray, fit_idx: np.ndarray, sel_idx: np.ndarray, sel_task: Task,
-                          last_x: np.ndarray | None, ridge_last: RidgeFit | None, shrinkage: float, say: Log) -> None:
-    """Each mix's weight on the selection split, scored in the whitened space where it mixes."""
+                          last_x: np.ndarray | None, ridge_last: RidgeFit | None, shrinkage: float, say: Log,
+                          chain: _ProbeChain | None = None) -> None:
+    """Each mix's weight on the selection split: scored by its plain cosines in the whitened
+    space where it mixes, or (``chain``) by its most corrected row in the canonical space (the
+    whitened one where the canonical is not evaluated)."""
     white = spaces_fit.get("whitened") or fit_space("whitened", bodies[train_idx], shrinkage=shrinkage)
     sel_c = unit_rows(white.apply(bodies[sel_task.cand_idx]), inplace=True)
 
@@ -816,10 +847,19 @@ def _choose_probe_weights(mixes: dict[str, ProbeMix], store: Any, spaces_fit: di
         sc = {a: mrr_of(ridge_last.predict(last_x[sel_idx], a)) for a in RIDGE_ALPHAS}
         alpha = max(sc, key=lambda a: (sc[a], a))
         mixes[rl_name].base = lambda _s, idx: ridge_last.predict(last_x[idx], alpha)
+    if chain is not None:
+        chain.space_name = "canonical" if "canonical" in spaces_fit else "whitened"
+        sp = spaces_fit.get(chain.space_name) or white
+        sp_sel = unit_rows(sp.apply(bodies[sel_task.cand_idx]), inplace=True)
     for name, mix in mixes.items():
-        say(f"choosing the probe weight of {name} on the selection split")
         mix.whitened = white
-        mix.choose(store, sel_idx, mrr_of)
+        if chain is None:
+            say(f"choosing the probe weight of {name} on the selection split")
+            mix.choose(lambda w, mix=mix: mrr_of(mix.mixed(store, sel_idx, w)))
+        else:
+            say(f"choosing the probe weight of {name} on the selection split by its most corrected row "
+                f"({chain.space_name} space)")
+            mix.choose(chain.score(mix, name, store, sp, sp_sel, sel_idx, fit_idx))
 
 
 def _flag(rows: list[MethodRow]) -> list[str]:

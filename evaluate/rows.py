@@ -147,26 +147,33 @@ class RowWriter:
     def siblings(self, name: str, kind: str, space: str, sel_scorer: Any, test_scorer: Any, settings: dict) -> None:
         """``name+sib``: a scorer with the sibling softmax over each query's file; T (in units of
         the scores' spread on the selection pool) and β chosen on selection MRR."""
-        sel_task = self.sel_task
-        if not self.sibling_softmax or sel_task is None:
+        if not self.sibling_softmax or self.sel_task is None:
             return
-        n_c = len(sel_task.cand_idx)
-        base = materialized(sel_scorer, n_c)
-        spread = score_spread(base, n_c)
-        grid = {(t, b): selection_mrr(SiblingScorer(base, self.files_sel, t * spread, b), sel_task)
-                for t in SIB_TEMPERATURES for b in SIB_BETAS if b > 0 or t == SIB_TEMPERATURES[0]}
-        t, beta = max(grid, key=lambda tb: (grid[tb], -tb[1]))
+        t, beta, spread, grid, sib_sel = self._siblings_on_selection(sel_scorer)
         self.say(f"searching {name}{SIB_SUFFIX} in {space} space (T {t} × {spread:.3g}, β {beta})")
         sib_test = SiblingScorer(test_scorer, self.files_q, t * spread, beta)
         info = {**settings, "temperature": t, "spread": spread, "beta": beta,
                 "siblings": "the query split's functions of the query's own source file, itself included"}
         self.add(f"{name}{SIB_SUFFIX}", kind, space, search_task(sib_test, self.task),
                  {**info, "selection_mrr": {f"T={a},beta={b}": v for (a, b), v in grid.items()}})
-        self.rerank(f"{name}{SIB_SUFFIX}", kind, space, SiblingScorer(base, self.files_sel, t * spread, beta), sib_test, info)
+        self.rerank(f"{name}{SIB_SUFFIX}", kind, space, sib_sel, sib_test, info)
 
-    def _fusion(self, a_sel: Any, b_sel: Any, a_test: Any, b_test: Any) -> tuple[float, dict, FusedScorer, FusedScorer]:
-        """The weight of ``w · z(a) + (1 − w) · z(b)`` with the best selection MRR (ties to 0.5),
-        its grid, and the fused selection and test scorers."""
+    def _siblings_on_selection(self, sel_scorer: Any) -> tuple[float, float, float, dict, SiblingScorer]:
+        """The sibling softmax's T (in units of the scores' spread) and β with the best
+        selection MRR (ties to the smaller β), the spread, the grid and the selection scorer."""
+        sel_task = self.sel_task
+        assert sel_task is not None and self.files_sel is not None
+        n_c = len(sel_task.cand_idx)
+        base = materialized(sel_scorer, n_c)
+        spread = score_spread(base, n_c)
+        grid = {(t, b): selection_mrr(SiblingScorer(base, self.files_sel, t * spread, b), sel_task)
+                for t in SIB_TEMPERATURES for b in SIB_BETAS if b > 0 or t == SIB_TEMPERATURES[0]}
+        t, beta = max(grid, key=lambda tb: (grid[tb], -tb[1]))
+        return t, beta, spread, grid, SiblingScorer(base, self.files_sel, t * spread, beta)
+
+    def _fusion_on_selection(self, a_sel: Any, b_sel: Any) -> tuple[float, dict, FusedScorer]:
+        """The weight of ``w · z(a) + (1 − w) · z(b)`` with the best selection MRR (ties to
+        0.5), its grid, and the fused selection scorer."""
         assert self.sel_task is not None
         cols_sel = np.arange(len(self.sel_task.cand_idx))
         a_sel, b_sel = materialized(a_sel, len(cols_sel)), materialized(b_sel, len(cols_sel))
@@ -174,8 +181,12 @@ class RowWriter:
         wsc = {w: selection_mrr(FusedScorer(a_sel, b_sel, w, cols_sel, stats=st), self.sel_task)
                for w in FUSION_WEIGHTS}
         w = max(wsc, key=lambda k: (wsc[k], -abs(k - 0.5)))
-        return (w, wsc, FusedScorer(a_sel, b_sel, w, cols_sel, stats=st),
-                FusedScorer(a_test, b_test, w, np.arange(len(self.task.cand_idx))))
+        return w, wsc, FusedScorer(a_sel, b_sel, w, cols_sel, stats=st)
+
+    def _fusion(self, a_sel: Any, b_sel: Any, a_test: Any, b_test: Any) -> tuple[float, dict, FusedScorer, FusedScorer]:
+        """:meth:`_fusion_on_selection`, and the fused test scorer with the chosen weight."""
+        w, wsc, fused_sel = self._fusion_on_selection(a_sel, b_sel)
+        return w, wsc, fused_sel, FusedScorer(a_test, b_test, w, np.arange(len(self.task.cand_idx)))
 
     def fuse(self, name: str, kind: str, space: str, dense_sel: Any, dense_test: Any, settings: dict) -> None:
         """``name``: a dense scorer fused with BM25's scores, the weight chosen on selection MRR
@@ -210,35 +221,72 @@ class RowWriter:
     def rerank(self, name: str, kind: str, space: str, sel_scorer: Any, test_scorer: Any, settings: dict) -> None:
         """``name+rerank``: the scorer's top K per query re-scored by the cross-scorer
         (:mod:`codejepa.evaluate.rerank`), the fusion weight chosen on selection MRR."""
-        rr, sel_task = self.reranker, self.sel_task
-        if rr is None or sel_task is None or self.task.pool.kind not in RERANK_POOLS or not rr.wants(name):
+        rr = self.reranker
+        if not self._reranks(name):
             return
+        assert rr is not None
         n_rec = len(self.repos)
-        base_sel = materialized(sel_scorer, len(sel_task.cand_idx))
-        top_sel = rr.top(base_sel, sel_task, n_rec)
-        grid = {w: selection_mrr(RerankScorer(base_sel, top_sel, w), sel_task) for w in RERANK_WEIGHTS}
-        w = max(grid, key=lambda k: (grid[k], -k))
-        self.say(f"re-ranking {name} in {space} space: top {top_sel.cols.shape[1]} by {rr.cross.name} (weight {w})")
+        w, grid, top_k = self._rerank_on_selection(sel_scorer)
+        self.say(f"re-ranking {name} in {space} space: top {top_k} by {rr.cross.name} (weight {w})")
         test = materialized(test_scorer, len(self.task.cand_idx))  # one pass for the top K and the ranks
         top = rr.top(test, self.task, n_rec)
         self.add(f"{name}{RERANK_SUFFIX}", kind, space, search_task(RerankScorer(test, top, w), self.task),
                  {**settings, "rerank_weight": w, "rerank_k": int(top.cols.shape[1]), "cross_scorer": rr.cross.name,
                   "cross_scorer_epoch": rr.cross.epoch, "selection_mrr": {str(k): v for k, v in grid.items()}})
 
+    def _reranks(self, name: str) -> bool:
+        rr = self.reranker
+        return (rr is not None and self.sel_task is not None and self.task.pool.kind in RERANK_POOLS
+                and rr.wants(name))
+
+    def _rerank_on_selection(self, sel_scorer: Any) -> tuple[float, dict, int]:
+        """The re-ranking weight with the best selection MRR (ties to the smaller), its grid and K."""
+        rr, sel_task = self.reranker, self.sel_task
+        assert rr is not None and sel_task is not None
+        base_sel = materialized(sel_scorer, len(sel_task.cand_idx))
+        top_sel = rr.top(base_sel, sel_task, len(self.repos))
+        grid = {w: selection_mrr(RerankScorer(base_sel, top_sel, w), sel_task) for w in RERANK_WEIGHTS}
+        return max(grid, key=lambda k: (grid[k], -k)), grid, int(top_sel.cols.shape[1])
+
+    def _csls_on_selection(self, dense_sel: DenseScorer, refs: Any) -> tuple[int, float, dict, HubScorer]:
+        """CSLS's k and β with the best selection MRR (ties to the smaller correction), the
+        grid and the corrected selection scorer."""
+        assert self.sel_task is not None
+        sel_task = self.sel_task
+        pen_sel = hub_penalties(dense_sel.c, refs, CSLS_KS, cand_groups=self.repos[sel_task.cand_idx],
+                                ref_groups=self.repos[self.fit_idx])
+        base = materialized(dense_sel, len(sel_task.cand_idx))
+        grid = {(k, b): selection_mrr(HubScorer(base, pen_sel[k], b), sel_task) for k in CSLS_KS for b in CSLS_BETAS}
+        k, beta = max(grid, key=lambda kb: (grid[kb], -kb[1]))
+        return k, beta, grid, HubScorer(base, pen_sel[k], beta)
+
     def hub_corrected(self, dense_sel: DenseScorer, dense_test: DenseScorer, refs: Any) -> tuple[HubScorer, HubScorer, dict, dict]:
         """CSLS of a dense scorer: its cosines minus β × each candidate's mean cosine to its k
         nearest ``refs`` (unit rows of train-split vectors, the candidate's own repository left
         out); k and β chosen on selection MRR, ties to the smaller correction. Returns the
         corrected selection and test scorers, {k, beta} and the selection grid."""
-        assert self.sel_task is not None
-        sel_task, ref_groups = self.sel_task, self.repos[self.fit_idx]
-        pen_sel = hub_penalties(dense_sel.c, refs, CSLS_KS, cand_groups=self.repos[sel_task.cand_idx], ref_groups=ref_groups)
-        base = materialized(dense_sel, len(sel_task.cand_idx))
-        grid = {(k, b): selection_mrr(HubScorer(base, pen_sel[k], b), sel_task) for k in CSLS_KS for b in CSLS_BETAS}
-        k, beta = max(grid, key=lambda kb: (grid[kb], -kb[1]))
-        pen = hub_penalties(dense_test.c, refs, [k], cand_groups=self.repos[self.task.cand_idx], ref_groups=ref_groups)[k]
-        return (HubScorer(base, pen_sel[k], beta), HubScorer(dense_test, pen, beta), {"k": k, "beta": beta},
+        k, beta, grid, hub_sel = self._csls_on_selection(dense_sel, refs)
+        pen = hub_penalties(dense_test.c, refs, [k], cand_groups=self.repos[self.task.cand_idx],
+                            ref_groups=self.repos[self.fit_idx])[k]
+        return (hub_sel, HubScorer(dense_test, pen, beta), {"k": k, "beta": beta},
                 {f"k={a},beta={b}": v for (a, b), v in grid.items()})
+
+    def chain_selection_mrr(self, name: str, dense_sel: DenseScorer, refs: Any | None, *, fuse: bool) -> float:
+        """The selection MRR of ``name``'s most corrected row as this evaluation makes it: CSLS
+        (against ``refs``; none: no CSLS), the BM25 fusion (``fuse``) and its sibling softmax,
+        and the re-ranking, each setting chosen on the selection split as the rows choose it. What
+        a setting upstream of the rows (the probe weight) is chosen by; no test query is read."""
+        assert self.sel_task is not None
+        s: Any = dense_sel
+        if refs is not None:
+            s, name = self._csls_on_selection(dense_sel, refs)[3], name + CSLS_SUFFIX
+        if fuse and self.fusing:  # the sibling softmax follows the BM25 fusion, as in the rows
+            s, name = self._fusion_on_selection(s, self.bm25_sel)[2], name + FUSED_SUFFIX
+            if self.sibling_softmax:
+                s, name = self._siblings_on_selection(s)[4], name + SIB_SUFFIX
+        if self._reranks(name):
+            return max(self._rerank_on_selection(s)[1].values())
+        return selection_mrr(s, self.sel_task)
 
 
 

@@ -149,3 +149,20 @@ def make_dataset(
             w.append(pending[a : a + 64])
     return Dataset(store_path, corpus_dir, np.array(ids, dtype=object), np.array(splits), np.array(repo_names, dtype=object),
                    bodies_a, sigs_a, np.array(classes), meta)
+
+
+def write_view(store_path: Path, out: Path, view: np.ndarray, upto: int | None = None, probe_record: int = 0) -> Path:
+    """A probe view file for a synthetic store (no teacher: the rows are given)."""
+    from codejepa.embed.probe import ProbeMeta, _commit, _writer
+    from codejepa.embed.store import open_store
+
+    with open_store(store_path) as s:
+        meta = ProbeMeta(store_fingerprint=s.meta.fingerprint(), teacher=s.meta.teacher, weights_hash="",
+                         layer=s.meta.layer, hidden_size=s.meta.hidden_size, n_probes=1, min_tokens=1,
+                         max_tokens=80, seed=0, probe_records=[str(s.ids[probe_record])], probe_lengths=[2])
+        f = _writer(out, meta, s)
+        n = len(s) if upto is None else upto
+        _commit(f, s.ids[:n], view[:n].astype(np.float32), 0)
+        f.close()
+    return out
+

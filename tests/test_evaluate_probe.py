@@ -10,11 +10,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _evaluate_fixtures import make_dataset  # noqa: E402
+from _evaluate_fixtures import make_dataset, write_view  # noqa: E402
 
 import codejepa.evaluate.probe as probe_mod  # noqa: E402
-from codejepa.embed.probe import ProbeMeta, _commit, _writer  # noqa: E402
-from codejepa.embed.store import open_store  # noqa: E402
 from codejepa.evaluate.errors import EvaluateError  # noqa: E402
 from codejepa.evaluate.probe import mix_probe  # noqa: E402
 from codejepa.evaluate.retrieval import evaluate_retrieval  # noqa: E402
@@ -26,19 +24,6 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory: pytest.TempPathFactory):
     return make_dataset(tmp_path_factory.mktemp("probe"), duplicate_test_bodies=0, text_ids=False)
-
-
-def write_view(store_path: Path, out: Path, view: np.ndarray, upto: int | None = None, probe_record: int = 0) -> Path:
-    """A probe view file for a synthetic store (no teacher: the rows are given)."""
-    with open_store(store_path) as s:
-        meta = ProbeMeta(store_fingerprint=s.meta.fingerprint(), teacher=s.meta.teacher, weights_hash="",
-                         layer=s.meta.layer, hidden_size=s.meta.hidden_size, n_probes=1, min_tokens=1,
-                         max_tokens=80, seed=0, probe_records=[str(s.ids[probe_record])], probe_lengths=[2])
-        f = _writer(out, meta, s)
-        n = len(s) if upto is None else upto
-        _commit(f, s.ids[:n], view[:n].astype(np.float32), 0)
-        f.close()
-    return out
 
 
 def _class_prototype(ds):
@@ -62,8 +47,10 @@ def test_mix_is_a_rotation_towards_the_probe_in_the_whitened_space() -> None:
     np.testing.assert_allclose(u(half), u(u(qw) + u(pw)), atol=1e-5)
     # weights that tie on val: the smaller one, so the probe is used only where it helps
     mix = probe_mod.ProbeMix(base=lambda store, idx: q[idx], probes=p, whitened=white)
-    mix.choose(None, np.arange(4), lambda queries: 0.5)
+    mix.choose(lambda w: 0.5)
     assert mix.weight == 0.0 and len(mix.selection_mrr) == len(probe_mod.PROBE_WEIGHTS)
+    mix.choose(lambda w: 1.0 - abs(w - 0.3))  # otherwise the best one
+    assert mix.weight == 0.3 and mix(None, np.arange(4)).tolist() == mix.mixed(None, np.arange(4), 0.3).tolist()
 
 
 def test_probe_rows_find_what_the_probe_knows_with_every_correction(ds, tmp_path: Path) -> None:
@@ -89,6 +76,30 @@ def test_probe_rows_find_what_the_probe_knows_with_every_correction(ds, tmp_path
     assert mixed.settings["probe_weight"] == w["classproto+probe"] and mixed.settings["base"] == "classproto"
     # Runs are compared with the best baseline, the probe-mixed ridge+last among them.
     assert any(c["b"].startswith("ridge+last+probe") for c in res.comparisons if c["a"] == "classproto+probe@canonical")
+
+
+def test_chain_select_scores_each_weight_by_the_most_corrected_row(ds, tmp_path: Path) -> None:
+    """``--probe-select chain``: each weight's val score is the val MRR the most corrected row
+    (canonical + CSLS + BM25 + sib) reaches with it, so at the chosen weight it is that row's own
+    best val setting; and the choice is still val's best."""
+    rng = np.random.default_rng(3)
+    view = ds.bodies + 0.6 * rng.standard_normal(ds.bodies.shape).astype(np.float32)
+    path = write_view(ds.store_path, tmp_path / "v.probe.h5", view)
+    kw = dict(spaces="whitened,canonical", baselines="ridge+last,bm25", n_boot=50, plots=False,
+              methods={"classproto": _class_prototype(ds)}, probe=path)
+    res = evaluate_retrieval(ds.store_path, probe_select="chain", **kw)
+    info = res.settings["probe"]
+    assert info["select"] == "chain (canonical space)"
+    for name in ("classproto+probe", "ridge+last+probe"):
+        w, sel = info["weights"][name], info["selection_mrr"][name]
+        assert sel[str(w)] == max(sel.values())
+        final = res.row(f"{name}+csls+bm25+sib", "canonical")
+        assert sel[str(w)] == pytest.approx(max(final.settings["selection_mrr"].values()), abs=1e-12)
+    plain = evaluate_retrieval(ds.store_path, **kw)
+    assert plain.settings["probe"]["select"] == "plain"
+    assert plain.settings["probe"]["selection_mrr"] != info["selection_mrr"]  # another criterion
+    with pytest.raises(EvaluateError, match="--probe-select must be one of plain, chain"):
+        evaluate_retrieval(ds.store_path, probe_select="final", **kw)
 
 
 def test_weight_zero_reproduces_the_method_exactly(ds, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

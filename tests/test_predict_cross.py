@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from _cross_fixtures import cross_ddp_worker, make_token_store
-from _evaluate_fixtures import make_dataset
+from _evaluate_fixtures import make_dataset, write_view
 from _predict_fixtures import free_ports
 from codejepa.cli import app
 from codejepa.embed.store import open_store
@@ -77,6 +77,27 @@ def test_the_cross_scorer_learns_the_instance_a_pooled_first_stage_cannot_see(to
                              rerank=out)
     assert not [r for r in res.rows if r.method.endswith("+rerank")]
     assert any("no row re-ranked" in n for n in res.notes)
+
+
+def test_chain_select_scores_the_probe_weight_after_the_re_ranking(token_store: Path, trained: tuple[Path, dict],
+                                                                    tmp_path: Path) -> None:
+    """``--probe-select chain`` with ``--rerank``: a weight's val score is what the re-ranked
+    row reaches on val with it (the re-ranking's own best val weight)."""
+    from codejepa.evaluate import evaluate_retrieval
+
+    st = open_store(token_store)
+    rng = np.random.default_rng(0)
+    bodies = np.stack([st.body(i).states[~st.body(i).special].mean(0) for i in range(len(st))]).astype(np.float32)
+    view = bodies + rng.standard_normal(bodies.shape).astype(np.float32) * bodies.std()
+    probe = write_view(token_store, tmp_path / "v.probe.h5", view, probe_record=int(st.indices("train")[0]))
+    res = evaluate_retrieval(token_store, [], baselines="ridge+last", spaces="whitened", n_boot=50, plots=False,
+                             probe=probe, probe_select="chain", rerank=trained[0], rerank_k=16,
+                             rerank_rows="ridge+last+probe+csls")
+    info = res.settings["probe"]
+    w, sel = info["weights"]["ridge+last+probe"], info["selection_mrr"]["ridge+last+probe"]
+    assert info["select"] == "chain (whitened space)" and sel[str(w)] == max(sel.values())
+    again = res.row("ridge+last+probe+csls+rerank", "whitened")
+    assert sel[str(w)] == pytest.approx(max(again.settings["selection_mrr"].values()), abs=1e-12)
 
 
 def test_duplicate_bodies_are_the_evaluate_stages(tmp_path: Path) -> None:
