@@ -84,8 +84,8 @@ def retrieval(
                                                                  "instead of the store's own split; runs must share it."),
     probe: Optional[Path] = typer.Option(None, "--probe", help="The store's probe view (`codejepa embed probe`): adds a "
                                                                "NAME+probe row for every run and for ridge+last."),
-    probe_select: str = typer.Option("plain", "--probe-select", help="What val scores the probe weight by: plain (the "
-                                     "mix's own cosines) or chain (its most corrected row, re-ranking included)."),
+    probe_select: str = typer.Option("chain", "--probe-select", help="What val scores the probe weight by: chain (the "
+                                     "mix's most corrected row, re-ranking included) or plain (its own cosines)."),
     rerank: Optional[Path] = typer.Option(None, "--rerank", help="A cross-scorer run (`codejepa predict cross`): adds "
                                                                  "NAME+rerank rows, each row's top K re-scored by it."),
     rerank_k: int = typer.Option(50, "--rerank-k", help="Candidates per query the cross-scorer re-scores."),

@@ -333,7 +333,7 @@ def evaluate_retrieval(
     sibling_softmax: bool = True,
     splits: str | os.PathLike[str] | None = None,
     probe: str | os.PathLike[str] | None = None,
-    probe_select: str = "plain",
+    probe_select: str = "chain",
     rerank: str | os.PathLike[str] | None = None,
     rerank_k: int = DEFAULT_RERANK_K,
     rerank_rows: Sequence[str] | str = "*",
@@ -361,8 +361,8 @@ def evaluate_retrieval(
     ``probe``: the store's probe view (``codejepa embed probe``); every run and method, and ridge+last,
     then also gets a ``NAME+probe`` method: its predictions mixed with the probe view at a weight
     chosen on val (see :mod:`codejepa.evaluate.probe`), with every correction the others get;
-    ``probe_select`` says what val scores the weight by: ``plain`` (the mix's own cosines) or
-    ``chain`` (its most corrected row, with every correction and the re-ranking).
+    ``probe_select`` says what val scores the weight by: ``chain`` (the mix's most corrected row,
+    with every correction and the re-ranking) or ``plain`` (its own cosines).
     ``rerank``: a cross-scorer run (``codejepa predict cross``) trained on this store; every row
     with a selection-split scorer (BM25, reverse, and the ``+csls``, ``+bm25`` and ``+sib`` rows)
     whose name matches a ``rerank_rows`` glob then also gets ``NAME+rerank``: its top

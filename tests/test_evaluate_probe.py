@@ -87,7 +87,7 @@ def test_chain_select_scores_each_weight_by_the_most_corrected_row(ds, tmp_path:
     path = write_view(ds.store_path, tmp_path / "v.probe.h5", view)
     kw = dict(spaces="whitened,canonical", baselines="ridge+last,bm25", n_boot=50, plots=False,
               methods={"classproto": _class_prototype(ds)}, probe=path)
-    res = evaluate_retrieval(ds.store_path, probe_select="chain", **kw)
+    res = evaluate_retrieval(ds.store_path, **kw)  # chain: the default
     info = res.settings["probe"]
     assert info["select"] == "chain (canonical space)"
     for name in ("classproto+probe", "ridge+last+probe"):
@@ -95,7 +95,7 @@ def test_chain_select_scores_each_weight_by_the_most_corrected_row(ds, tmp_path:
         assert sel[str(w)] == max(sel.values())
         final = res.row(f"{name}+csls+bm25+sib", "canonical")
         assert sel[str(w)] == pytest.approx(max(final.settings["selection_mrr"].values()), abs=1e-12)
-    plain = evaluate_retrieval(ds.store_path, **kw)
+    plain = evaluate_retrieval(ds.store_path, probe_select="plain", **kw)
     assert plain.settings["probe"]["select"] == "plain"
     assert plain.settings["probe"]["selection_mrr"] != info["selection_mrr"]  # another criterion
     with pytest.raises(EvaluateError, match="--probe-select must be one of plain, chain"):
