@@ -468,7 +468,8 @@ def evaluate_retrieval(
                         bm25_test, bm25_sel, reranker)
         if mixes:
             assert sel_task is not None
-            chain = _ProbeChain(out, hub_methods, fuse_runs) if probe_select == "chain" else None
+            chain = (_ProbeChain(out, hub_methods, fuse_runs, "canonical" if "canonical" in spaces_fit else "whitened")
+                     if probe_select == "chain" else None)
             _choose_probe_weights(mixes, store, spaces_fit, bodies, train_idx, fit_idx, sel_idx, sel_task, last_x,
                                   ridge_last, whitening_shrinkage, say, chain)
             probe_info["weights"] = {k: m.weight for k, m in mixes.items()}
@@ -816,7 +817,7 @@ class _ProbeChain:
     out: RowWriter
     hub_methods: list[str]
     fuse: bool
-    space_name: str = ""
+    space_name: str  # the canonical space where it is evaluated, else the whitened one
 
     def score(self, mix: ProbeMix, name: str, store: Any, sp: Space, sel_unit: np.ndarray, sel_idx: np.ndarray,
               fit_idx: np.ndarray) -> Callable[[float], float]:
@@ -848,7 +849,6 @@ def _choose_probe_weights(mixes: dict[str, ProbeMix], store: Any, spaces_fit: di
         alpha = max(sc, key=lambda a: (sc[a], a))
         mixes[rl_name].base = lambda _s, idx: ridge_last.predict(last_x[idx], alpha)
     if chain is not None:
-        chain.space_name = "canonical" if "canonical" in spaces_fit else "whitened"
         sp = spaces_fit.get(chain.space_name) or white
         sp_sel = unit_rows(sp.apply(bodies[sel_task.cand_idx]), inplace=True)
     for name, mix in mixes.items():
