@@ -84,8 +84,9 @@ def retrieval(
                                                                  "instead of the store's own split; runs must share it."),
     probe: Optional[Path] = typer.Option(None, "--probe", help="The store's probe view (`codejepa embed probe`): adds a "
                                                                "NAME+probe row for every run and for ridge+last."),
-    probe_select: str = typer.Option("chain", "--probe-select", help="What val scores the probe weight by: chain (the "
-                                     "mix's most corrected row, re-ranking included) or plain (its own cosines)."),
+    probe_select: Optional[str] = typer.Option(None, "--probe-select", help="What val scores the probe weight by: chain "
+                                               "(the default: the mix's most corrected row, re-ranking included) or "
+                                               "plain (its own cosines). Only with --probe."),
     rerank: Optional[Path] = typer.Option(None, "--rerank", help="A cross-scorer run (`codejepa predict cross`): adds "
                                                                  "NAME+rerank rows, each row's top K re-scored by it."),
     rerank_k: int = typer.Option(50, "--rerank-k", help="Candidates per query the cross-scorer re-scores."),
@@ -109,6 +110,11 @@ def retrieval(
     except ValueError:
         _fail(f"--seeds takes comma-separated integers, not {seeds!r}")
         return
+    if probe_select is not None and probe is None:
+        # Not an error: the evaluation is still the one asked for, but a user who meant to mix
+        # the probe view in should learn that it was not.
+        err.print("note: --probe-select has no effect without --probe (no probe view is mixed in)",
+                  markup=False, highlight=False)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=err, transient=True) as bar:
@@ -118,7 +124,7 @@ def retrieval(
                 corpus_dir=corpus, compare=_parse_compare(compare), ridge_input=ridge_input,
                 whitening_shrinkage=shrinkage, n_boot=n_boot, pool_seeds=pool_seeds, plots=not no_plots,
                 noisy_of=noisy_of, bm25_query=bm25_query, fuse_bm25=fuse_bm25, hubness_correction=hubness,
-                sibling_softmax=siblings, splits=splits, probe=probe, probe_select=probe_select,
+                sibling_softmax=siblings, splits=splits, probe=probe, probe_select=probe_select or "chain",
                 rerank=rerank, rerank_k=rerank_k,
                 rerank_rows=rerank_rows, fuse_reverse=fuse_reverse,
                 log=lambda m: bar.update(job, description=escape(m[:70])),

@@ -29,7 +29,9 @@ import numpy as np
 from codejepa.evaluate.spaces import Space
 
 SUFFIX = "+probe"
-PROBE_WEIGHTS = tuple(round(0.05 * k, 2) for k in range(13))  # 0 … 0.6
+# 0.05 steps where the plain cosines peak (0.25 on python-40), 0.1 steps on to the probe view
+# alone (1.0), where the corrected rows' optimum may lie (0.6, the old grid's edge, in session 39).
+PROBE_WEIGHTS = tuple(round(0.05 * k, 2) for k in range(12)) + tuple(round(0.6 + 0.1 * k, 1) for k in range(5))
 SELECT = ("plain", "chain")  # what the weight is chosen by (see above)
 
 

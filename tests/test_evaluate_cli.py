@@ -285,15 +285,36 @@ def test_every_retrieval_flag_reaches_the_evaluation(tmp_path: Path, monkeypatch
                             "--no-plots", "--bm25-query", "signature", "--no-fuse-bm25", "--no-hubness",
                             "--no-siblings", "--noisy-of", "ridge", "--out", str(tmp_path / "o"),
                             "--corpus", str(tmp_path / "c"), "--splits", str(tmp_path / "f.json"),
-                            "--probe", str(tmp_path / "p.h5"), "--compare", "ridge@raw,bm25@-", "--fuse-reverse"])
+                            "--probe", str(tmp_path / "p.h5"), "--probe-select", "plain", "--compare", "ridge@raw,bm25@-",
+                            "--fuse-reverse"])
     one_error_line(r, "captured")
     want = {"store": tmp_path / "s.h5", "runs": [tmp_path / "r"], "split": "val", "pool": "repo", "spaces": "raw",
             "baselines": "ridge", "ridge_input": "inputs", "whitening_shrinkage": 0.3, "n_boot": 77,
             "pool_seeds": (4, 5), "plots": False, "bm25_query": "signature", "fuse_bm25": False,
             "hubness_correction": False, "sibling_softmax": False, "noisy_of": "ridge", "out_dir": tmp_path / "o",
             "corpus_dir": tmp_path / "c", "splits": tmp_path / "f.json", "probe": tmp_path / "p.h5",
-            "compare": [("ridge@raw", "bm25@-")], "fuse_reverse": True}
+            "probe_select": "plain", "compare": [("ridge@raw", "bm25@-")], "fuse_reverse": True}
     assert {k: seen.get(k) for k in want} == want
+
+
+def test_probe_select_without_a_probe_view_says_it_does_nothing(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """--probe-select alone changes nothing: the user learns it, and the evaluation still runs (with
+    the default selection passed on), while --probe alone says nothing about it."""
+    import codejepa.evaluate.retrieval as retrieval_mod
+
+    seen: dict = {}
+
+    def capture(store, runs, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen.update(kw)
+        raise EvaluateError("captured")
+
+    monkeypatch.setattr(retrieval_mod, "evaluate_retrieval", capture)
+    r = runner.invoke(app, ["evaluate", "retrieval", str(tmp_path / "s.h5"), "--probe-select", "plain"])
+    assert "--probe-select has no effect without --probe" in r.output and "captured" in r.output, r.output
+    assert seen["probe"] is None
+    r = runner.invoke(app, ["evaluate", "retrieval", str(tmp_path / "s.h5"), "--probe", str(tmp_path / "p.h5")])
+    assert "no effect" not in r.output and seen["probe_select"] == "chain", r.output
 
 
 def test_ctrl_c_during_an_evaluation_exits_130_saying_what_was_kept(tmp_path: Path,

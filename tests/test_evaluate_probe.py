@@ -51,6 +51,10 @@ def test_mix_is_a_rotation_towards_the_probe_in_the_whitened_space() -> None:
     assert mix.weight == 0.0 and len(mix.selection_mrr) == len(probe_mod.PROBE_WEIGHTS)
     mix.choose(lambda w: 1.0 - abs(w - 0.3))  # otherwise the best one
     assert mix.weight == 0.3 and mix(None, np.arange(4)).tolist() == mix.mixed(None, np.arange(4), 0.3).tolist()
+    # a val score that keeps rising is followed to the probe view alone (session 39's optimum lay
+    # at 0.6, the old grid's edge)
+    mix.choose(lambda w: w)
+    assert mix.weight == 1.0 and mix.selection_mrr["1.0"] == 1.0
 
 
 def test_probe_rows_find_what_the_probe_knows_with_every_correction(ds, tmp_path: Path) -> None:
