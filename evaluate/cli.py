@@ -87,6 +87,8 @@ def retrieval(
     probe_select: Optional[str] = typer.Option(None, "--probe-select", help="What val scores the probe weight by: chain "
                                                "(the default: the mix's most corrected row, re-ranking included) or "
                                                "plain (its own cosines). Only with --probe."),
+    probe_weights: Optional[str] = typer.Option(None, "--probe-weights", help="Comma list of the probe weights val "
+                                                "chooses from (default 0, 0.05, …, 0.6, 0.7, …, 1). Only with --probe."),
     rerank: Optional[Path] = typer.Option(None, "--rerank", help="A cross-scorer run (`codejepa predict cross`): adds "
                                                                  "NAME+rerank rows, each row's top K re-scored by it."),
     rerank_k: int = typer.Option(50, "--rerank-k", help="Candidates per query the cross-scorer re-scores."),
@@ -110,11 +112,12 @@ def retrieval(
     except ValueError:
         _fail(f"--seeds takes comma-separated integers, not {seeds!r}")
         return
-    if probe_select is not None and probe is None:
-        # Not an error: the evaluation is still the one asked for, but a user who meant to mix
-        # the probe view in should learn that it was not.
-        err.print("note: --probe-select has no effect without --probe (no probe view is mixed in)",
-                  markup=False, highlight=False)
+    for flag, given in (("--probe-select", probe_select), ("--probe-weights", probe_weights)):
+        if given is not None and probe is None:
+            # Not an error: the evaluation is still the one asked for, but a user who meant to
+            # mix the probe view in should learn that it was not.
+            err.print(f"note: {flag} has no effect without --probe (no probe view is mixed in)",
+                      markup=False, highlight=False)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=err, transient=True) as bar:
@@ -125,6 +128,7 @@ def retrieval(
                 whitening_shrinkage=shrinkage, n_boot=n_boot, pool_seeds=pool_seeds, plots=not no_plots,
                 noisy_of=noisy_of, bm25_query=bm25_query, fuse_bm25=fuse_bm25, hubness_correction=hubness,
                 sibling_softmax=siblings, splits=splits, probe=probe, probe_select=probe_select or "chain",
+                probe_weights=probe_weights,
                 rerank=rerank, rerank_k=rerank_k,
                 rerank_rows=rerank_rows, fuse_reverse=fuse_reverse,
                 log=lambda m: bar.update(job, description=escape(m[:70])),

@@ -20,7 +20,7 @@ corrected rows 0.6, which lifted the re-ranked rows by 2.6–3.4 points on test.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +33,22 @@ SUFFIX = "+probe"
 # alone (1.0), where the corrected rows' optimum may lie (0.6, the old grid's edge, in session 39).
 PROBE_WEIGHTS = tuple(round(0.05 * k, 2) for k in range(12)) + tuple(round(0.6 + 0.1 * k, 1) for k in range(5))
 SELECT = ("plain", "chain")  # what the weight is chosen by (see above)
+
+
+def weight_grid(weights: str | Sequence[float] | None) -> tuple[float, ...]:
+    """The probe weights val chooses from: ``None`` for :data:`PROBE_WEIGHTS`, else a comma list
+    (or sequence) of weights in [0, 1], returned sorted and without repeats. Raises ``ValueError``
+    with one line on anything else."""
+    if weights is None:
+        return PROBE_WEIGHTS
+    items = [w.strip() for w in weights.split(",")] if isinstance(weights, str) else list(weights)
+    try:
+        grid = sorted({float(w) for w in items if w != ""})
+    except (TypeError, ValueError):
+        raise ValueError(f"--probe-weights takes comma-separated numbers in [0, 1], not {weights!r}") from None
+    if not grid or not all(0.0 <= w <= 1.0 for w in grid):  # NaN fails the range test too
+        raise ValueError(f"--probe-weights takes one or more weights in [0, 1], not {weights!r}")
+    return tuple(grid)
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
@@ -68,10 +84,10 @@ class ProbeMix:
         assert self.base is not None and self.whitened is not None
         return mix_probe(np.asarray(self.base(store, idx), np.float32), self.probes[idx], weight, self.whitened)
 
-    def choose(self, score_of: Callable[[float], float]) -> None:
-        """Pick ``weight``: the one of :data:`PROBE_WEIGHTS` with the best selection-split
-        score ``score_of(weight)``; ties go to the smaller weight."""
-        scores = {w: score_of(w) for w in PROBE_WEIGHTS}
+    def choose(self, score_of: Callable[[float], float], weights: Sequence[float] | None = None) -> None:
+        """Pick ``weight``: the one of ``weights`` (default :data:`PROBE_WEIGHTS`) with the best
+        selection-split score ``score_of(weight)``; ties go to the smaller weight."""
+        scores = {w: score_of(w) for w in (PROBE_WEIGHTS if weights is None else weights)}
         self.weight = max(scores, key=lambda w: (scores[w], -w))
         self.selection_mrr = {str(w): float(v) for w, v in scores.items()}
 

@@ -26,6 +26,7 @@ from codejepa.evaluate.hubness import SUFFIX as CSLS_SUFFIX
 from codejepa.evaluate.metrics import MetricCI, PairedComparison, check_n_boot, cis_overlap, paired_bootstrap
 from codejepa.evaluate.pools import PoolSpec, Task, build_task, parse_pool, search_task
 from codejepa.evaluate.probe import Memo, ProbeMix
+from codejepa.evaluate.probe import weight_grid as probe_weight_grid
 from codejepa.evaluate.probe import SELECT as PROBE_SELECT
 from codejepa.evaluate.probe import SUFFIX as PROBE_SUFFIX
 from codejepa.evaluate.rerank import DEFAULT_K as DEFAULT_RERANK_K
@@ -334,6 +335,7 @@ def evaluate_retrieval(
     splits: str | os.PathLike[str] | None = None,
     probe: str | os.PathLike[str] | None = None,
     probe_select: str = "chain",
+    probe_weights: Sequence[float] | str | None = None,
     rerank: str | os.PathLike[str] | None = None,
     rerank_k: int = DEFAULT_RERANK_K,
     rerank_rows: Sequence[str] | str = "*",
@@ -362,7 +364,8 @@ def evaluate_retrieval(
     then also gets a ``NAME+probe`` method: its predictions mixed with the probe view at a weight
     chosen on val (see :mod:`codejepa.evaluate.probe`), with every correction the others get;
     ``probe_select`` says what val scores the weight by: ``chain`` (the mix's most corrected row,
-    with every correction and the re-ranking) or ``plain`` (its own cosines).
+    with every correction and the re-ranking) or ``plain`` (its own cosines); ``probe_weights`` the
+    weights it chooses from (default :data:`~codejepa.evaluate.probe.PROBE_WEIGHTS`).
     ``rerank``: a cross-scorer run (``codejepa predict cross``) trained on this store; every row
     with a selection-split scorer (BM25, reverse, and the ``+csls``, ``+bm25`` and ``+sib`` rows)
     whose name matches a ``rerank_rows`` glob then also gets ``NAME+rerank``: its top
@@ -384,6 +387,10 @@ def evaluate_retrieval(
         raise EvaluateError("nothing to evaluate: no --run and --baselines none")
     if probe_select not in PROBE_SELECT:
         raise EvaluateError(f"--probe-select must be one of {', '.join(PROBE_SELECT)}, not {probe_select!r}")
+    try:
+        probe_grid = probe_weight_grid(probe_weights)
+    except ValueError as e:
+        raise EvaluateError(str(e)) from None
     if fuse_reverse and "reverse" not in names:
         raise EvaluateError("--fuse-reverse fuses rows with the reverse baseline: add reverse to --baselines")
     if fuse_reverse and not (fuse_bm25 and {"bm25", "ridge+bm25"} & set(names)):
@@ -471,7 +478,8 @@ def evaluate_retrieval(
             chain = (_ProbeChain(out, hub_methods, fuse_runs, "canonical" if "canonical" in spaces_fit else "whitened")
                      if probe_select == "chain" else None)
             _choose_probe_weights(mixes, store, spaces_fit, bodies, train_idx, fit_idx, sel_idx, sel_task, last_x,
-                                  ridge_last, whitening_shrinkage, say, chain)
+                                  ridge_last, whitening_shrinkage, say, chain, probe_grid)
+            probe_info["grid"] = list(probe_grid)
             probe_info["weights"] = {k: m.weight for k, m in mixes.items()}
             probe_info["selection_mrr"] = {k: m.selection_mrr for k, m in mixes.items()}
             probe_info["select"] = probe_select if chain is None else f"chain ({chain.space_name} space)"
@@ -832,10 +840,10 @@ class _ProbeChain:
 def _choose_probe_weights(mixes: dict[str, ProbeMix], store: Any, spaces_fit: dict[str, Space], bodies: np.ndarray,
                           train_idx: np.ndarray, fit_idx: np.ndarray, sel_idx: np.ndarray, sel_task: Task,
                           last_x: np.ndarray | None, ridge_last: RidgeFit | None, shrinkage: float, say: Log,
-                          chain: _ProbeChain | None = None) -> None:
+                          chain: _ProbeChain | None, grid: Sequence[float]) -> None:
     """Each mix's weight on the selection split: scored by its plain cosines in the whitened
     space where it mixes, or (``chain``) by its most corrected row in the canonical space (the
-    whitened one where the canonical is not evaluated)."""
+    whitened one where the canonical is not evaluated); each chosen among ``grid``."""
     white = spaces_fit.get("whitened") or fit_space("whitened", bodies[train_idx], shrinkage=shrinkage)
     sel_c = unit_rows(white.apply(bodies[sel_task.cand_idx]), inplace=True)
 
@@ -855,11 +863,11 @@ def _choose_probe_weights(mixes: dict[str, ProbeMix], store: Any, spaces_fit: di
         mix.whitened = white
         if chain is None:
             say(f"choosing the probe weight of {name} on the selection split")
-            mix.choose(lambda w, mix=mix: mrr_of(mix.mixed(store, sel_idx, w)))
+            mix.choose(lambda w, mix=mix: mrr_of(mix.mixed(store, sel_idx, w)), grid)
         else:
             say(f"choosing the probe weight of {name} on the selection split by its most corrected row "
                 f"({chain.space_name} space)")
-            mix.choose(chain.score(mix, name, store, sp, sp_sel, sel_idx, fit_idx))
+            mix.choose(chain.score(mix, name, store, sp, sp_sel, sel_idx, fit_idx), grid)
 
 
 def _flag(rows: list[MethodRow]) -> list[str]:

@@ -285,7 +285,7 @@ def test_every_retrieval_flag_reaches_the_evaluation(tmp_path: Path, monkeypatch
                             "--no-plots", "--bm25-query", "signature", "--no-fuse-bm25", "--no-hubness",
                             "--no-siblings", "--noisy-of", "ridge", "--out", str(tmp_path / "o"),
                             "--corpus", str(tmp_path / "c"), "--splits", str(tmp_path / "f.json"),
-                            "--probe", str(tmp_path / "p.h5"), "--probe-select", "plain", "--compare", "ridge@raw,bm25@-",
+                            "--probe", str(tmp_path / "p.h5"), "--probe-select", "plain", "--probe-weights", "0,0.5", "--compare", "ridge@raw,bm25@-",
                             "--fuse-reverse"])
     one_error_line(r, "captured")
     want = {"store": tmp_path / "s.h5", "runs": [tmp_path / "r"], "split": "val", "pool": "repo", "spaces": "raw",
@@ -293,14 +293,14 @@ def test_every_retrieval_flag_reaches_the_evaluation(tmp_path: Path, monkeypatch
             "pool_seeds": (4, 5), "plots": False, "bm25_query": "signature", "fuse_bm25": False,
             "hubness_correction": False, "sibling_softmax": False, "noisy_of": "ridge", "out_dir": tmp_path / "o",
             "corpus_dir": tmp_path / "c", "splits": tmp_path / "f.json", "probe": tmp_path / "p.h5",
-            "probe_select": "plain", "compare": [("ridge@raw", "bm25@-")], "fuse_reverse": True}
+            "probe_select": "plain", "probe_weights": "0,0.5", "compare": [("ridge@raw", "bm25@-")], "fuse_reverse": True}
     assert {k: seen.get(k) for k in want} == want
 
 
-def test_probe_select_without_a_probe_view_says_it_does_nothing(tmp_path: Path,
+def test_probe_flags_without_a_probe_view_say_they_do_nothing(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """--probe-select alone changes nothing: the user learns it, and the evaluation still runs (with
-    the default selection passed on), while --probe alone says nothing about it."""
+    """--probe-select or --probe-weights alone changes nothing: the user learns it, and the evaluation
+    still runs (with the defaults passed on), while --probe alone says nothing about them."""
     import codejepa.evaluate.retrieval as retrieval_mod
 
     seen: dict = {}
@@ -310,11 +310,12 @@ def test_probe_select_without_a_probe_view_says_it_does_nothing(tmp_path: Path,
         raise EvaluateError("captured")
 
     monkeypatch.setattr(retrieval_mod, "evaluate_retrieval", capture)
-    r = runner.invoke(app, ["evaluate", "retrieval", str(tmp_path / "s.h5"), "--probe-select", "plain"])
-    assert "--probe-select has no effect without --probe" in r.output and "captured" in r.output, r.output
-    assert seen["probe"] is None
+    for flag, value in (("--probe-select", "plain"), ("--probe-weights", "0,1")):
+        r = runner.invoke(app, ["evaluate", "retrieval", str(tmp_path / "s.h5"), flag, value])
+        assert f"{flag} has no effect without --probe" in r.output and "captured" in r.output, r.output
+        assert seen["probe"] is None
     r = runner.invoke(app, ["evaluate", "retrieval", str(tmp_path / "s.h5"), "--probe", str(tmp_path / "p.h5")])
-    assert "no effect" not in r.output and seen["probe_select"] == "chain", r.output
+    assert "no effect" not in r.output and seen["probe_select"] == "chain" and seen["probe_weights"] is None, r.output
 
 
 def test_ctrl_c_during_an_evaluation_exits_130_saying_what_was_kept(tmp_path: Path,

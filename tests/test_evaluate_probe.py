@@ -104,14 +104,24 @@ def test_chain_select_scores_each_weight_by_the_most_corrected_row(ds, tmp_path:
     assert plain.settings["probe"]["selection_mrr"] != info["selection_mrr"]  # another criterion
     with pytest.raises(EvaluateError, match="--probe-select must be one of plain, chain"):
         evaluate_retrieval(ds.store_path, probe_select="final", **kw)
+    # the grid val chooses from is the user's to set (a past grid, or a finer one), and is recorded
+    coarse = evaluate_retrieval(ds.store_path, probe_select="plain", probe_weights="0.5, 0, 0.5", **kw)
+    assert coarse.settings["probe"]["grid"] == [0.0, 0.5]
+    assert all(set(v) == {"0.0", "0.5"} for v in coarse.settings["probe"]["selection_mrr"].values())
+    for name, sel in coarse.settings["probe"]["selection_mrr"].items():
+        assert sel == {w: plain.settings["probe"]["selection_mrr"][name][w] for w in sel}  # the same scores
+    for bad in ("", "0,x", "0,1.5", "-0.1", "nan"):
+        with pytest.raises(EvaluateError, match="--probe-weights takes"):
+            evaluate_retrieval(ds.store_path, probe_weights=bad, **kw)
 
 
-def test_weight_zero_reproduces_the_method_exactly(ds, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_weight_zero_reproduces_the_method_exactly(ds, tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     path = write_view(ds.store_path, tmp_path / "v.probe.h5", rng.standard_normal(ds.bodies.shape).astype(np.float32))
-    monkeypatch.setattr(probe_mod, "PROBE_WEIGHTS", (0.0,))
     res = evaluate_retrieval(ds.store_path, spaces="whitened,canonical", baselines="ridge+last,bm25", n_boot=50,
-                             plots=False, methods={"classproto": _class_prototype(ds)}, probe=path)
+                             plots=False, methods={"classproto": _class_prototype(ds)}, probe=path,
+                             probe_weights=(0.0,))
+    assert res.settings["probe"]["grid"] == [0.0] and set(res.settings["probe"]["weights"].values()) == {0.0}
     for base, suffixes, spaces in (
         ("classproto", ("", "+csls", "+csls+bm25+sib"), ("whitened", "canonical")),
         # ridge+last+probe is one method with the whitened space's λ, where the mix is made
