@@ -16,6 +16,10 @@ where it is evaluated (else the whitened one); or ``plain``, the mix's own cosin
 whitened space. The corrections change which weight is best: CSLS takes out the direction the
 probe view shares across queries, so on python-40 the plain cosines chose 0.25 and the
 corrected rows 0.6, which lifted the re-ranked rows by 2.6–3.4 points on test.
+
+The view alone is a baseline of its own, the ``probe`` row: the teacher's reading with no
+predictor trained at all, given every correction the mixes get (a mix at ``w = 1`` ranks as it
+does). A predictor mixed with the view earns its place only where it beats that row.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 from codejepa.evaluate.spaces import Space
 
 SUFFIX = "+probe"
+VIEW_ROW = "probe"  # the probe view alone as the query: a baseline that trains no predictor
 # 0.05 steps where the plain cosines peak (0.25 on python-40), 0.1 steps on to the probe view
 # alone (1.0), where the corrected rows' optimum may lie (0.6, the old grid's edge, in session 39).
 PROBE_WEIGHTS = tuple(round(0.05 * k, 2) for k in range(12)) + tuple(round(0.6 + 0.1 * k, 1) for k in range(5))

@@ -29,6 +29,7 @@ from codejepa.evaluate.probe import Memo, ProbeMix
 from codejepa.evaluate.probe import weight_grid as probe_weight_grid
 from codejepa.evaluate.probe import SELECT as PROBE_SELECT
 from codejepa.evaluate.probe import SUFFIX as PROBE_SUFFIX
+from codejepa.evaluate.probe import VIEW_ROW as PROBE_VIEW_ROW
 from codejepa.evaluate.rerank import DEFAULT_K as DEFAULT_RERANK_K
 from codejepa.evaluate.rerank import POOLS as RERANK_POOLS
 from codejepa.evaluate.rerank import RERANK_WEIGHTS, Reranker
@@ -412,11 +413,11 @@ def evaluate_retrieval(
                 notes.append(note)
                 say(f"note: {note}")
         mixes: dict[str, ProbeMix] = {}
-        method_kinds: dict[str, str] = {}  # methods that are baselines (ridge+last+probe)
+        method_kinds: dict[str, str] = {}  # methods that are baselines (ridge+last+probe, probe)
         probe_info: dict[str, Any] = {}
         if probe is not None:
             loaded, methods, mixes, probe_info = _with_probe_mixes(probe, store, split, names, loaded, methods)
-            method_kinds = {f"ridge+last{PROBE_SUFFIX}": "baseline"}
+            method_kinds = {f"ridge+last{PROBE_SUFFIX}": "baseline", PROBE_VIEW_ROW: "baseline"}
         method_runs = _method_runs(methods or {}, loaded)
         say(f"reading corpus texts and pooling {len(store)} stored records")
         cv = load_corpus_view(store, corpus_dir)
@@ -766,16 +767,18 @@ def _bm25_scorers(cv: CorpusView, bm25_query: str, task: Task, sel_task: Task | 
 def _with_probe_mixes(probe: str | os.PathLike[str], store: Any, split: str, names: Sequence[str],
                       loaded: list[LoadedRun], methods: Mapping[str, Any] | None
                       ) -> tuple[list[LoadedRun], dict[str, Any], dict[str, ProbeMix], dict[str, Any]]:
-    """The runs and methods with a ``NAME+probe`` mix of each (and of ridge+last) among the
-    methods; each predictor memoised, since its plain row and its mix ask for the same records."""
+    """The runs and methods with a ``NAME+probe`` mix of each (and of ridge+last) and the view
+    alone (``probe``, a baseline) among the methods; each predictor memoised, since its plain
+    row and its mix ask for the same records."""
     mixes, probe_info = _probe_mixes(probe, store, split, names, loaded, methods)
+    view = next(iter(mixes.values())).probes
     loaded = [replace(r, predictor=Memo(r.predictor)) for r in loaded]
     memo = {m: Memo(_FnPredictor(fn)).predict_pooled for m, fn in (methods or {}).items()}
     for bname, mix in mixes.items():
         if mix.base is None and bname != f"ridge+last{PROBE_SUFFIX}":
             base = next((r for r in loaded if f"{r.name}{PROBE_SUFFIX}" == bname), None)
             mix.base = base.predictor.predict_pooled if base is not None else memo[bname[: -len(PROBE_SUFFIX)]]
-    return loaded, {**memo, **mixes}, mixes, probe_info
+    return loaded, {**memo, **mixes, PROBE_VIEW_ROW: lambda _s, idx: view[idx]}, mixes, probe_info
 
 
 def _probe_mixes(probe: str | os.PathLike[str], store: Any, split: str, names: Sequence[str],
@@ -814,6 +817,8 @@ def _probe_mixes(probe: str | os.PathLike[str], store: Any, split: str, names: S
     for m in mixes:
         if m in {r.name for r in loaded} or m in (methods or {}):
             raise EvaluateError(f"method name {m!r} is taken: {PROBE_SUFFIX!r} names the probe-mixed rows")
+    if PROBE_VIEW_ROW in {r.name for r in loaded} or PROBE_VIEW_ROW in (methods or {}):
+        raise EvaluateError(f"method name {PROBE_VIEW_ROW!r} is taken: with --probe it names the probe view's own row")
     return mixes, {"path": str(pv.path), "meta": asdict(pv.meta)}
 
 

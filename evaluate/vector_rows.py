@@ -57,7 +57,7 @@ class VectorInputs:
     sel_preds: dict[str, np.ndarray]  # … of the selection split (fusion weights, CSLS settings)
     ref_preds: dict[str, np.ndarray]  # … of the fit split (the hubness reference)
     mixes: dict[str, ProbeMix]
-    method_kinds: dict[str, str]  # methods that are baselines (ridge+last+probe)
+    method_kinds: dict[str, str]  # methods that are baselines (ridge+last+probe, probe)
     hub_methods: list[str]
     fuse_runs: bool
     shrinkage: float

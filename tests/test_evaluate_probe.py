@@ -80,6 +80,16 @@ def test_probe_rows_find_what_the_probe_knows_with_every_correction(ds, tmp_path
     assert mixed.settings["probe_weight"] == w["classproto+probe"] and mixed.settings["base"] == "classproto"
     # Runs are compared with the best baseline, the probe-mixed ridge+last among them.
     assert any(c["b"].startswith("ridge+last+probe") for c in res.comparisons if c["a"] == "classproto+probe@canonical")
+    # The view alone is a baseline with every correction; a mix at weight 1 is the view alone.
+    for m in ("probe", "probe+csls", "probe+csls+bm25+sib"):
+        assert res.row(m, "canonical").kind == "baseline", m
+    alone = evaluate_retrieval(ds.store_path, spaces="whitened,canonical", baselines="ridge+last,bm25", n_boot=20,
+                               plots=False, methods={"classproto": _class_prototype(ds)}, probe=path,
+                               probe_weights="1")
+    for m in ("", "+csls", "+csls+bm25+sib"):
+        for space in ("whitened", "canonical"):
+            np.testing.assert_array_equal(alone.row(f"probe{m}", space).ranks,
+                                          alone.row(f"classproto+probe{m}", space).ranks)
 
 
 def test_chain_select_scores_each_weight_by_the_most_corrected_row(ds, tmp_path: Path) -> None:
@@ -180,7 +190,7 @@ def test_cli_adds_probe_rows_and_reports_a_bad_view_in_one_line(ds, tmp_path: Pa
                             "--no-hubness", "--probe", str(path), "--out", str(out), "--n-boot", "50", "--no-plots"])
     assert r.exit_code == 0, r.output
     data = json.loads((out / "retrieval.json").read_text())
-    assert {row["method"] for row in data["rows"]} == {"ridge+last", "ridge+last+probe"}
+    assert {row["method"] for row in data["rows"]} == {"ridge+last", "ridge+last+probe", "probe"}
     assert data["settings"]["probe"]["path"] == str(path) and "ridge+last+probe" in r.output
     bad = tmp_path / "bad.probe.h5"
     bad.write_text("no")
