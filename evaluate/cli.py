@@ -83,7 +83,8 @@ def retrieval(
     splits: Optional[Path] = typer.Option(None, "--splits", help="A split file of `codejepa corpus folds` (one fold) "
                                                                  "instead of the store's own split; runs must share it."),
     probe: Optional[Path] = typer.Option(None, "--probe", help="The store's probe view (`codejepa embed probe`): adds a "
-                                                               "NAME+probe row for every run and for ridge+last."),
+                                                               "NAME+probe row for every run and for ridge+last, and "
+                                                               "the view alone as the baseline probe."),
     probe_select: Optional[str] = typer.Option(None, "--probe-select", help="What val scores the probe weight by: chain "
                                                "(the default: the mix's most corrected row, re-ranking included) or "
                                                "plain (its own cosines). Only with --probe."),
