@@ -814,11 +814,11 @@ def _probe_mixes(probe: str | os.PathLike[str], store: Any, split: str, names: S
     if not bases:
         raise EvaluateError("--probe mixes the probe view into runs, methods or ridge+last: none is being evaluated")
     mixes = {f"{b}{PROBE_SUFFIX}": ProbeMix(None, pv.view, None) for b in bases}  # type: ignore[arg-type]
-    for m in mixes:
-        if m in {r.name for r in loaded} or m in (methods or {}):
-            raise EvaluateError(f"method name {m!r} is taken: {PROBE_SUFFIX!r} names the probe-mixed rows")
-    if PROBE_VIEW_ROW in {r.name for r in loaded} or PROBE_VIEW_ROW in (methods or {}):
-        raise EvaluateError(f"method name {PROBE_VIEW_ROW!r} is taken: with --probe it names the probe view's own row")
+    taken = {r.name for r in loaded} | set(methods or {})
+    for m in [*mixes, PROBE_VIEW_ROW]:
+        if m in taken:
+            raise EvaluateError(f"method name {m!r} is taken: with --probe it names a probe row "
+                                f"({PROBE_VIEW_ROW!r} the view alone, NAME{PROBE_SUFFIX} the mixes)")
     return mixes, {"path": str(pv.path), "meta": asdict(pv.meta)}
 
 

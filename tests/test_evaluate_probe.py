@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -90,6 +91,11 @@ def test_probe_rows_find_what_the_probe_knows_with_every_correction(ds, tmp_path
         for space in ("whitened", "canonical"):
             np.testing.assert_array_equal(alone.row(f"probe{m}", space).ranks,
                                           alone.row(f"classproto+probe{m}", space).ranks)
+    # a method whose name a probe row would take is refused in one line, before any work
+    for taken in ("probe", "classproto+probe"):
+        with pytest.raises(EvaluateError, match=f"method name '{re.escape(taken)}' is taken"):
+            evaluate_retrieval(ds.store_path, baselines="ridge+last", plots=False, probe=path,
+                               methods={"classproto": _class_prototype(ds), taken: _class_prototype(ds)})
 
 
 def test_chain_select_scores_each_weight_by_the_most_corrected_row(ds, tmp_path: Path) -> None:
