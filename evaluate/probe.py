@@ -27,7 +27,7 @@ python-40's middle layer the view alone, re-ranked, came within 0.9 points of th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -85,6 +85,8 @@ class ProbeMix:
     whitened: Space | None  # set once the train split's whitening is fitted
     weight: float = 0.0
     selection_mrr: dict[str, float] | None = None
+    # --probe-select chain: per weight, each correction's setting chosen on val and the MRR after it
+    selection_chain: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def mixed(self, store: Any, idx: np.ndarray, weight: float) -> np.ndarray:
         """Raw queries of ``idx`` mixed at ``weight`` (any weight, not only the chosen one)."""

@@ -483,6 +483,8 @@ def evaluate_retrieval(
             probe_info["grid"] = list(probe_grid)
             probe_info["weights"] = {k: m.weight for k, m in mixes.items()}
             probe_info["selection_mrr"] = {k: m.selection_mrr for k, m in mixes.items()}
+            if chain is not None:
+                probe_info["selection_chain"] = {k: m.selection_chain for k, m in mixes.items()}
             probe_info["select"] = probe_select if chain is None else f"chain ({chain.space_name} space)"
         run_preds = {r.name: _predict(r, store, q_idx) for r in [*loaded, *method_runs]}
         sel_preds: dict[str, np.ndarray] = {}
@@ -825,7 +827,8 @@ def _probe_mixes(probe: str | os.PathLike[str], store: Any, split: str, names: S
 @dataclass
 class _ProbeChain:
     """``--probe-select chain``: what a probe weight is scored by — the mix's most corrected
-    row, as the rows will make it (see :meth:`RowWriter.chain_selection_mrr`)."""
+    row, as the rows will make it (see :meth:`RowWriter.chain_selection`); each weight's
+    stage settings are kept on the mix (``ProbeMix.selection_chain``)."""
 
     out: RowWriter
     hub_methods: list[str]
@@ -838,7 +841,9 @@ class _ProbeChain:
             dense = DenseScorer(sp.apply(mix.mixed(store, sel_idx, w)), sel_unit, normalized=True)
             refs = (unit_rows(sp.apply(mix.mixed(store, fit_idx, w)), inplace=True)
                     if name in self.hub_methods else None)
-            return self.out.chain_selection_mrr(name, dense, refs, fuse=self.fuse)
+            score, trace = self.out.chain_selection(name, dense, refs, fuse=self.fuse)
+            mix.selection_chain[str(w)] = trace
+            return score
         return mrr
 
 

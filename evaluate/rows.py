@@ -271,23 +271,32 @@ class RowWriter:
         return (hub_sel, HubScorer(dense_test, pen, beta), {"k": k, "beta": beta},
                 {f"k={a},beta={b}": v for (a, b), v in grid.items()})
 
-    def chain_selection_mrr(self, name: str, dense_sel: DenseScorer, refs: Any | None, *, fuse: bool) -> float:
+    def chain_selection(self, name: str, dense_sel: DenseScorer, refs: Any | None, *, fuse: bool) -> tuple[float, dict]:
         """The selection MRR of ``name``'s most corrected row as this evaluation makes it: CSLS
         (against ``refs``; none: no CSLS), the BM25 fusion (``fuse``) and its sibling softmax,
         and the re-ranking, each setting chosen on the selection split as the rows choose it. What
-        a setting upstream of the rows (the probe weight) is chosen by; no test query is read."""
+        a setting upstream of the rows (the probe weight) is chosen by; no test query is read.
+        Also returns each stage's chosen setting and the selection MRR after it: each stage is
+        chosen on its own, so a switch upstream shows as a step in the final MRR."""
         assert self.sel_task is not None
         s: Any = dense_sel
+        trace: dict[str, Any] = {"plain": {"mrr": selection_mrr(dense_sel, self.sel_task)}}
         if refs is not None:
-            s, name = self._csls_on_selection(dense_sel, refs)[3], name + CSLS_SUFFIX
+            k, beta, grid, s = self._csls_on_selection(dense_sel, refs)
+            name += CSLS_SUFFIX
+            trace["csls"] = {"k": k, "beta": beta, "mrr": grid[(k, beta)]}
         if fuse and self.fusing:  # the sibling softmax follows the BM25 fusion, as in the rows
-            s, name = self._fusion_on_selection(s, self.bm25_sel)[2], name + FUSED_SUFFIX
+            w, wsc, s = self._fusion_on_selection(s, self.bm25_sel)
+            name += FUSED_SUFFIX
+            trace["bm25"] = {"dense_weight": w, "mrr": wsc[w]}
             if self.sibling_softmax:
-                s, name = self._siblings_on_selection(s)[4], name + SIB_SUFFIX
+                t, beta, _, grid, s = self._siblings_on_selection(s)
+                name += SIB_SUFFIX
+                trace["sib"] = {"temperature": t, "beta": beta, "mrr": grid[(t, beta)]}
         if self._reranks(name):
-            return max(self._rerank_on_selection(s)[1].values())
-        return selection_mrr(s, self.sel_task)
-
+            w, grid, _ = self._rerank_on_selection(s)
+            trace["rerank"] = {"weight": w, "mrr": grid[w]}
+        return list(trace.values())[-1]["mrr"], trace
 
 
 def reverse_rows(out: RowWriter, last_x: np.ndarray, bodies: np.ndarray, cand_raw: np.ndarray, fit_idx: np.ndarray,

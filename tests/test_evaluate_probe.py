@@ -115,9 +115,20 @@ def test_chain_select_scores_each_weight_by_the_most_corrected_row(ds, tmp_path:
         assert sel[str(w)] == max(sel.values())
         final = res.row(f"{name}+csls+bm25+sib", "canonical")
         assert sel[str(w)] == pytest.approx(max(final.settings["selection_mrr"].values()), abs=1e-12)
+        # every weight's stage settings are kept, and at the chosen weight they are the rows' own
+        chain = info["selection_chain"][name]
+        assert set(chain) == set(sel) and all(chain[k]["sib"]["mrr"] == sel[k] for k in sel)
+        stages = chain[str(w)]
+        assert list(stages) == ["plain", "csls", "bm25", "sib"]
+        csls = res.row(f"{name}+csls", "canonical").settings
+        assert (stages["csls"]["k"], stages["csls"]["beta"]) == (csls["k"], csls["beta"])
+        assert stages["bm25"]["dense_weight"] == final.settings["dense_weight"]
+        assert (stages["sib"]["temperature"], stages["sib"]["beta"]) == (final.settings["temperature"],
+                                                                         final.settings["beta"])
     plain = evaluate_retrieval(ds.store_path, probe_select="plain", **kw)
     assert plain.settings["probe"]["select"] == "plain"
     assert plain.settings["probe"]["selection_mrr"] != info["selection_mrr"]  # another criterion
+    assert "selection_chain" not in plain.settings["probe"]
     with pytest.raises(EvaluateError, match="--probe-select must be one of plain, chain"):
         evaluate_retrieval(ds.store_path, probe_select="final", **kw)
     # the grid val chooses from is the user's to set (a past grid, or a finer one), and is recorded

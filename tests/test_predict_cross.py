@@ -98,6 +98,8 @@ def test_chain_select_scores_the_probe_weight_after_the_re_ranking(token_store: 
     assert info["select"] == "chain (whitened space)" and sel[str(w)] == max(sel.values())
     again = res.row("ridge+last+probe+csls+rerank", "whitened")
     assert sel[str(w)] == pytest.approx(max(again.settings["selection_mrr"].values()), abs=1e-12)
+    stages = info["selection_chain"]["ridge+last+probe"][str(w)]
+    assert list(stages) == ["plain", "csls", "rerank"] and stages["rerank"]["weight"] == again.settings["rerank_weight"]
 
 
 def test_duplicate_bodies_are_the_evaluate_stages(tmp_path: Path) -> None:
