@@ -76,6 +76,9 @@ def retrieval(
     siblings: bool = typer.Option(True, "--siblings/--no-siblings",
                                   help="Also score BM25 and every BM25-fused row with the sibling softmax (each query "
                                        "competes with its own file's other functions; NAME+sib rows, T and β chosen on val)."),
+    sib_fusion: str = typer.Option("inherit", "--sib-fusion", help="Where a BM25-fused row's +sib row takes its "
+                                   "fusion weight: inherit (the +bm25 row's) or joint (chosen again with T and β, "
+                                   "on the +sib row's own val MRR)."),
     fuse_reverse: bool = typer.Option(False, "--fuse-reverse", help="Also fuse every BM25-fused row's scorer (ridge, "
                                                                     "each run, plain and +csls) with the reverse baseline's "
                                                                     "scores: NAME+rev rows, with +bm25 and +sib of their own."),
@@ -128,8 +131,8 @@ def retrieval(
                 corpus_dir=corpus, compare=_parse_compare(compare), ridge_input=ridge_input,
                 whitening_shrinkage=shrinkage, n_boot=n_boot, pool_seeds=pool_seeds, plots=not no_plots,
                 noisy_of=noisy_of, bm25_query=bm25_query, fuse_bm25=fuse_bm25, hubness_correction=hubness,
-                sibling_softmax=siblings, splits=splits, probe=probe, probe_select=probe_select or "chain",
-                probe_weights=probe_weights,
+                sibling_softmax=siblings, sib_fusion=sib_fusion, splits=splits, probe=probe,
+                probe_select=probe_select or "chain", probe_weights=probe_weights,
                 rerank=rerank, rerank_k=rerank_k,
                 rerank_rows=rerank_rows, fuse_reverse=fuse_reverse,
                 log=lambda m: bar.update(job, description=escape(m[:70])),

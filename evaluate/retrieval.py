@@ -43,7 +43,7 @@ from codejepa.evaluate.rows import (
     selection_mrr,
 )
 from codejepa.evaluate.search import SCORE_SAMPLE, DenseScorer, SearchResult, materialized, unit_rows
-from codejepa.evaluate.siblings import SIB_BETAS, SIB_TEMPERATURES
+from codejepa.evaluate.siblings import SIB_BETAS, SIB_FUSION, SIB_TEMPERATURES
 from codejepa.evaluate.siblings import SUFFIX as SIB_SUFFIX
 from codejepa.evaluate.spaces import SPACE_NAMES, Space, fit_space
 from codejepa.evaluate.vector_rows import VectorInputs, space_rows
@@ -333,6 +333,7 @@ def evaluate_retrieval(
     fuse_bm25: bool = True,
     hubness_correction: bool = True,
     sibling_softmax: bool = True,
+    sib_fusion: str = "inherit",
     splits: str | os.PathLike[str] | None = None,
     probe: str | os.PathLike[str] | None = None,
     probe_select: str = "chain",
@@ -358,7 +359,9 @@ def evaluate_retrieval(
     train-split predictions (see :mod:`codejepa.evaluate.hubness`), k and β chosen on val.
     With ``sibling_softmax``, BM25 and every BM25-fused row (runs and baselines alike) also get a
     ``NAME+sib`` row: each query competes for a candidate with the other queries of its own source
-    file (see :mod:`codejepa.evaluate.siblings`), T and β chosen on val.
+    file (see :mod:`codejepa.evaluate.siblings`), T and β chosen on val; ``sib_fusion`` says where a
+    BM25-fused row's ``+sib`` row takes its fusion weight from: ``inherit`` (the ``+bm25`` row's)
+    or ``joint`` (chosen again with T and β, on the ``+sib`` row's own val MRR).
     ``splits``: a split file (``codejepa corpus folds``) replacing the store's own split; runs must
     have been trained with the same file. Pool the folds' results with :func:`pool_folds`.
     ``probe``: the store's probe view (``codejepa embed probe``); every run and method, and ridge+last,
@@ -386,6 +389,8 @@ def evaluate_retrieval(
                                                    n_boot, out_dir)
     if not names and not runs and not methods:
         raise EvaluateError("nothing to evaluate: no --run and --baselines none")
+    if sib_fusion not in SIB_FUSION:
+        raise EvaluateError(f"--sib-fusion must be one of {', '.join(SIB_FUSION)}, not {sib_fusion!r}")
     if probe_select not in PROBE_SELECT:
         raise EvaluateError(f"--probe-select must be one of {', '.join(PROBE_SELECT)}, not {probe_select!r}")
     try:
@@ -473,7 +478,7 @@ def evaluate_retrieval(
         reranker, rerank_info = _reranker(rerank, rerank_k, rerank_rows, store, task, sel_task, notes, say)
         out = RowWriter(task, sel_task, pspec.label, n_boot, seed, expected, say, progress, sibling_softmax,
                         cv.files[q_idx], cv.files[sel_idx] if sel_task is not None else None, store.repos, fit_idx,
-                        bm25_test, bm25_sel, reranker)
+                        bm25_test, bm25_sel, reranker, sib_fusion=sib_fusion)
         if mixes:
             assert sel_task is not None
             chain = (_ProbeChain(out, hub_methods, fuse_runs, "canonical" if "canonical" in spaces_fit else "whitened")
@@ -540,7 +545,7 @@ def evaluate_retrieval(
             "ridge_input": ridge_input, "ridge_alphas": list(RIDGE_ALPHAS), "fusion_weights": list(FUSION_WEIGHTS),
             "whitening_shrinkage": whitening_shrinkage, "n_boot": n_boot, "seed": seed, "noisy_of": noisy_of,
             "bm25_query": bm25_query, "fuse_bm25": fuse_runs, "fuse_reverse": fuse_reverse,
-            **_fixed_settings(hub_spaces, hub_methods, sibling_softmax),
+            **_fixed_settings(hub_spaces, hub_methods, sibling_softmax, sib_fusion),
             "selection": {"fit_records": int(len(fit_idx)), "selection_records": int(len(sel_idx))},
             "probe": probe_info or None, "rerank": rerank_info or None, "split_file": split_file, "code_version": code_version(),
             "versions": library_versions("numpy", "scipy", "torch", "h5py", "bm25s", "transformers"),
@@ -633,12 +638,14 @@ def _query_split_notes(split: str, query_repos: np.ndarray, *, selects: bool) ->
     return notes
 
 
-def _fixed_settings(hub_spaces: list[str], hub_methods: list[str], sibling_softmax: bool) -> dict[str, Any]:
+def _fixed_settings(hub_spaces: list[str], hub_methods: list[str], sibling_softmax: bool,
+                    sib_fusion: str) -> dict[str, Any]:
     """The grids and conventions every evaluation records beside its own arguments."""
     return {
         "hubness": {"spaces": hub_spaces, "methods": hub_methods, "ks": list(CSLS_KS), "betas": list(CSLS_BETAS)},
         "sibling_softmax": {"on": sibling_softmax, "temperatures": list(SIB_TEMPERATURES), "betas": list(SIB_BETAS),
-                            "temperature_unit": f"median per-query score std over {SCORE_SAMPLE} selection candidates"},
+                            "temperature_unit": f"median per-query score std over {SCORE_SAMPLE} selection candidates",
+                            "fusion_weight": sib_fusion},
         "ci": "95% percentile bootstrap over repositories", "ties": "pessimistic",
         "distinct_bodies": "candidates with equal normalised body hash count once (best member scores)",
     }

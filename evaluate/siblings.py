@@ -33,6 +33,9 @@ SIB_TEMPERATURES = (0.125, 0.25, 0.5, 1.0)  # × the wrapped scores' spread
 # steps of 0.25, β 0.5 and 0.75 tied on val to 0.001 MRR yet moved test rank@1 by 3 points.
 SIB_BETAS = (0.0, 0.25, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 1.0)
 SUFFIX = "+sib"
+# Where a BM25-fused row's +sib row takes its fusion weight: the +bm25 row's, or its own
+# (chosen again with T and β, see RowWriter._fused_siblings_on_selection).
+SIB_FUSION = ("inherit", "joint")
 
 
 class SiblingScorer:

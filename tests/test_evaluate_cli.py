@@ -283,7 +283,7 @@ def test_every_retrieval_flag_reaches_the_evaluation(tmp_path: Path, monkeypatch
                             "--split", "val", "--pool", "repo", "--space", "raw", "--baselines", "ridge",
                             "--ridge-input", "inputs", "--shrinkage", "0.3", "--n-boot", "77", "--seeds", "4,5",
                             "--no-plots", "--bm25-query", "signature", "--no-fuse-bm25", "--no-hubness",
-                            "--no-siblings", "--noisy-of", "ridge", "--out", str(tmp_path / "o"),
+                            "--no-siblings", "--sib-fusion", "joint", "--noisy-of", "ridge", "--out", str(tmp_path / "o"),
                             "--corpus", str(tmp_path / "c"), "--splits", str(tmp_path / "f.json"),
                             "--probe", str(tmp_path / "p.h5"), "--probe-select", "plain", "--probe-weights", "0,0.5",
                             "--compare", "ridge@raw,bm25@-", "--fuse-reverse"])
@@ -291,7 +291,7 @@ def test_every_retrieval_flag_reaches_the_evaluation(tmp_path: Path, monkeypatch
     want = {"store": tmp_path / "s.h5", "runs": [tmp_path / "r"], "split": "val", "pool": "repo", "spaces": "raw",
             "baselines": "ridge", "ridge_input": "inputs", "whitening_shrinkage": 0.3, "n_boot": 77,
             "pool_seeds": (4, 5), "plots": False, "bm25_query": "signature", "fuse_bm25": False,
-            "hubness_correction": False, "sibling_softmax": False, "noisy_of": "ridge", "out_dir": tmp_path / "o",
+            "hubness_correction": False, "sibling_softmax": False, "sib_fusion": "joint", "noisy_of": "ridge", "out_dir": tmp_path / "o",
             "corpus_dir": tmp_path / "c", "splits": tmp_path / "f.json", "probe": tmp_path / "p.h5",
             "probe_select": "plain", "probe_weights": "0,0.5", "compare": [("ridge@raw", "bm25@-")],
             "fuse_reverse": True}

@@ -129,6 +129,15 @@ def test_chain_select_scores_each_weight_by_the_most_corrected_row(ds, tmp_path:
     assert plain.settings["probe"]["select"] == "plain"
     assert plain.settings["probe"]["selection_mrr"] != info["selection_mrr"]  # another criterion
     assert "selection_chain" not in plain.settings["probe"]
+    # with the +sib row's own fusion weight (--sib-fusion joint) the chain scores that row too
+    joint = evaluate_retrieval(ds.store_path, sib_fusion="joint", probe_weights="0,0.5", **kw)
+    for name in ("classproto+probe", "ridge+last+probe"):
+        w = joint.settings["probe"]["weights"][name]
+        sib = joint.settings["probe"]["selection_chain"][name][str(w)]["sib"]
+        final = joint.row(f"{name}+csls+bm25+sib", "canonical").settings
+        assert (sib["dense_weight"], sib["temperature"], sib["beta"]) == (final["dense_weight"], final["temperature"],
+                                                                          final["beta"])
+        assert sib["mrr"] == pytest.approx(max(final["selection_mrr"].values()), abs=1e-12)
     with pytest.raises(EvaluateError, match="--probe-select must be one of plain, chain"):
         evaluate_retrieval(ds.store_path, probe_select="final", **kw)
     # the grid val chooses from is the user's to set (a past grid, or a finer one), and is recorded

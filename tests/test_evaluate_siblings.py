@@ -99,6 +99,29 @@ def test_sibling_softmax_repairs_confusions_within_a_file(ds) -> None:
         evaluate_retrieval(ds.store_path, baselines="bm25", plots=False, methods={"x+sib": _file_offset(ds, 1.0, 0.3)})
 
 
+def test_joint_fusion_weight_is_chosen_for_the_sib_row_itself(ds) -> None:
+    """``sib_fusion="joint"``: the +sib row re-chooses the BM25 fusion weight with its own T and β,
+    so its val MRR is never below the inherited weight's, and the move is recorded."""
+    kw = dict(baselines="bm25", spaces="whitened", n_boot=20, plots=False, hubness_correction=False,
+              methods={"filey": _file_offset(ds, 2.0, 1.0)})
+    rows = {}
+    for mode in ("inherit", "joint"):
+        res = evaluate_retrieval(ds.store_path, sib_fusion=mode, **kw)
+        assert res.settings["sibling_softmax"]["fusion_weight"] == mode
+        rows[mode] = (res.row("filey+bm25", "whitened"), res.row("filey+bm25+sib", "whitened"))
+    (fused, inherit), (fused_j, joint) = rows["inherit"], rows["joint"]
+    assert fused.settings == fused_j.settings and np.array_equal(fused.ranks, fused_j.ranks)  # +bm25 untouched
+    assert inherit.settings["dense_weight"] == fused.settings["dense_weight"]
+    assert joint.settings["dense_weight_of_bm25_row"] == fused.settings["dense_weight"]
+    assert joint.settings["dense_weight"] != fused.settings["dense_weight"]  # this fixture moves it (0.95 → 0.97)
+    best_i, best_j = max(inherit.settings["selection_mrr"].values()), max(joint.settings["selection_mrr"].values())
+    assert best_j > best_i
+    grid = joint.settings["selection_mrr"]
+    assert grid[f"T={joint.settings['temperature']},beta={joint.settings['beta']}"] == best_j
+    with pytest.raises(EvaluateError, match="--sib-fusion must be one of inherit, joint"):
+        evaluate_retrieval(ds.store_path, sib_fusion="both", **kw)
+
+
 def test_a_querys_rank_depends_only_on_its_own_files_queries(ds) -> None:
     """Predictions of every test query outside one file change: that file's ranks must not (the
     correction's sum runs over the file's queries; T and β come from val)."""
