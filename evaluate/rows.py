@@ -35,7 +35,7 @@ from codejepa.evaluate.search import (
     materialized,
     unit_rows,
 )
-from codejepa.evaluate.siblings import SIB_BETAS, SIB_TEMPERATURES, SiblingScorer, score_spread
+from codejepa.evaluate.siblings import SIB_BETAS, SIB_TEMPERATURES, SiblingGrid, SiblingScorer, score_spread
 from codejepa.evaluate.siblings import SUFFIX as SIB_SUFFIX
 
 Log = Callable[[str], None]
@@ -178,10 +178,11 @@ class RowWriter:
         n_c = len(sel_task.cand_idx)
         base = materialized(sel_scorer, n_c)
         spread = score_spread(base, n_c)
-        grid = {(t, b): selection_mrr(SiblingScorer(base, self.files_sel, t * spread, b), sel_task)
+        sib = SiblingGrid(base, self.files_sel, n_c)
+        grid = {(t, b): selection_mrr(sib.scorer(t * spread, b), sel_task)
                 for t in SIB_TEMPERATURES for b in SIB_BETAS if b > 0 or t == SIB_TEMPERATURES[0]}
         t, beta = max(grid, key=lambda tb: (grid[tb], -tb[1]))
-        return t, beta, spread, grid, SiblingScorer(base, self.files_sel, t * spread, beta)
+        return t, beta, spread, grid, sib.scorer(t * spread, beta)
 
     def _fused_siblings_on_selection(self, a_sel: Any, b_sel: Any, w0: float,
                                      rounds: int = 2) -> tuple[float, float, float, float, dict, SiblingScorer]:
@@ -208,7 +209,8 @@ class RowWriter:
             scores = {}
             for v in FUSION_WEIGHTS:
                 base = materialized(fused(v), n_c)
-                scores[v] = selection_mrr(SiblingScorer(base, self.files_sel, t * score_spread(base, n_c), beta), sel_task)
+                sib_v = SiblingGrid(base, self.files_sel, n_c).scorer(t * score_spread(base, n_c), beta)
+                scores[v] = selection_mrr(sib_v, sel_task)
             v = max(scores, key=lambda k: (scores[k], -abs(k - w)))  # ties stay at the current weight
             if scores[v] <= best:
                 break

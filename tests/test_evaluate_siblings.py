@@ -16,7 +16,7 @@ from _evaluate_fixtures import make_dataset  # noqa: E402
 from codejepa.evaluate.errors import EvaluateError  # noqa: E402
 from codejepa.evaluate.retrieval import evaluate_retrieval, load_corpus_view  # noqa: E402
 from codejepa.evaluate.search import MaterializedScorer  # noqa: E402
-from codejepa.evaluate.siblings import SIB_BETAS, SIB_TEMPERATURES, SiblingScorer  # noqa: E402
+from codejepa.evaluate.siblings import SIB_BETAS, SIB_TEMPERATURES, SiblingGrid, SiblingScorer  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -46,6 +46,13 @@ def test_scores_are_the_inverted_softmax_over_the_querys_file() -> None:
     assert np.allclose(sc.block(np.arange(23), np.arange(17)).numpy(), ref, atol=1e-5)
     # A function alone in its file: (1 − β)·s, the same ranking as without the correction.
     assert np.allclose(ref[5], (1 - beta) * s[5]) and np.allclose(sc.block(np.array([5]), np.arange(17)).numpy()[0], ref[5], atol=1e-5)
+    # the grid's scorers (the files' log-sum-exp computed once per T, in chunks of whole files) agree
+    grid = SiblingGrid(_Matrix(s), files, 17, rows_per_chunk=4)
+    for b in (beta, 0.3):  # s − b·T·lse, where ref = s − β·T·lse
+        assert np.allclose(grid.scorer(t, b).block(q, cols).numpy(), (s - b * (s - ref) / beta)[np.ix_(q, cols)],
+                           atol=1e-5)
+    assert len(grid._lse) == 1  # one log-sum-exp for both β
+    assert torch.equal(grid.scorer(t, beta).block(q, cols), sc.block(q, cols))  # the same numbers, bit for bit
     plain = SiblingScorer(_Matrix(s), files, t, 0.0)
     assert torch.equal(plain.block(q, cols), _Matrix(s).block(q, cols))
     cached = MaterializedScorer(_Matrix(s), 17, q_block=4)
