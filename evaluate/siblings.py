@@ -87,7 +87,7 @@ class SiblingScorer:
 class SiblingGrid:
     """One scorer's sibling softmax at many (T, β), as a selection grid needs it: the files'
     log-sum-exp over all ``n_cols`` columns is computed once per T (it does not depend on β),
-    which is where nearly all of a :class:`SiblingScorer` pass goes."""
+    which is most of a :class:`SiblingScorer` block's work (``bench/sibling_grid.py``)."""
 
     def __init__(self, base: Scorer, files: Sequence[str] | np.ndarray, n_cols: int, *, rows_per_chunk: int = 512) -> None:
         self.base, self.files, self.n_cols, self.rows_per_chunk = base, files, n_cols, rows_per_chunk
