@@ -148,18 +148,17 @@ class RowWriter:
         return row
 
     def siblings(self, name: str, kind: str, space: str, sel_scorer: Any, test_scorer: Any, settings: dict,
-                 fused: tuple[Any, Any, Any, Any, float] | None = None) -> None:
+                 fused_test: tuple[Any, Any] | None = None) -> None:
         """``name+sib``: a scorer with the sibling softmax over each query's file; T (in units of
-        the scores' spread on the selection pool) and β chosen on selection MRR. ``fused``: the
-        scorer is a BM25 fusion, given as (dense selection, BM25 selection, dense test, BM25
-        test, weight); with ``sib_fusion == "joint"`` the weight is chosen again with T and β."""
+        the scores' spread on the selection pool) and β chosen on selection MRR. ``fused_test``:
+        the scorer is a BM25 fusion (``sel_scorer`` a :class:`FusedScorer`) of these two test
+        scorers; with ``sib_fusion == "joint"`` its weight is chosen again with T and β."""
         if not self.sibling_softmax or self.sel_task is None:
             return
-        if fused is not None and self.sib_fusion == "joint":
-            a_sel, b_sel, a_test, b_test, w0 = fused
-            w, t, beta, spread, grid, sib_sel = self._fused_siblings_on_selection(a_sel, b_sel, w0)
-            test_scorer = FusedScorer(a_test, b_test, w, np.arange(len(self.task.cand_idx)))
-            settings = {**settings, "dense_weight": w, "dense_weight_of_bm25_row": w0}
+        if fused_test is not None and self.sib_fusion == "joint":
+            w, t, beta, spread, grid, sib_sel = self._fused_siblings_on_selection(sel_scorer)
+            test_scorer = FusedScorer(*fused_test, w, np.arange(len(self.task.cand_idx)))
+            settings = {**settings, "dense_weight": w, "dense_weight_of_bm25_row": sel_scorer.w}
         else:
             t, beta, spread, grid, sib_sel = self._siblings_on_selection(sel_scorer)
         self.say(f"searching {name}{SIB_SUFFIX} in {space} space (T {t} × {spread:.3g}, β {beta})")
@@ -184,10 +183,11 @@ class RowWriter:
         t, beta = max(grid, key=lambda tb: (grid[tb], -tb[1]))
         return t, beta, spread, grid, sib.scorer(t * spread, beta)
 
-    def _fused_siblings_on_selection(self, a_sel: Any, b_sel: Any, w0: float,
+    def _fused_siblings_on_selection(self, fused_sel: FusedScorer,
                                      rounds: int = 2) -> tuple[float, float, float, float, dict, SiblingScorer]:
-        """The sibling softmax over ``w · z(a) + (1 − w) · z(b)`` with w chosen for the ``+sib``
-        row itself: T and β at ``w0`` (the ``+bm25`` row's weight), then the weight at that T and
+        """The sibling softmax over ``w · z(a) + (1 − w) · z(b)`` (``fused_sel``'s scorers and
+        statistics, as :meth:`_fusion_on_selection` made them) with w chosen for the ``+sib``
+        row itself: T and β at ``fused_sel``'s weight (the ``+bm25`` row's), then the weight at that T and
         β, then T and β again wherever the weight moved (each step only where val's MRR rises).
         Why: the fusion weight best for the ``+bm25`` row is not the best under the softmax; on
         python-40 a switch from 0.9 to 0.85 (0.002 of val MRR for ``+bm25``) cost the ``+sib``
@@ -196,14 +196,12 @@ class RowWriter:
         assert sel_task is not None and self.files_sel is not None
         n_c = len(sel_task.cand_idx)
         cols = np.arange(n_c)
-        a_sel, b_sel = materialized(a_sel, n_c), materialized(b_sel, n_c)
-        st = (ScoreSampleStats(a_sel, cols), ScoreSampleStats(b_sel, cols))
 
         def fused(w: float) -> FusedScorer:
-            return FusedScorer(a_sel, b_sel, w, cols, stats=st)
+            return FusedScorer(fused_sel.a, fused_sel.b, w, cols, stats=(fused_sel.sa, fused_sel.sb))
 
-        w = w0
-        t, beta, spread, grid, sib = self._siblings_on_selection(fused(w))
+        w = fused_sel.w
+        t, beta, spread, grid, sib = self._siblings_on_selection(fused_sel)
         best = grid[(t, beta)]
         for _ in range(rounds):
             scores = {}
@@ -247,7 +245,7 @@ class RowWriter:
                   "normalisation": f"per-query z-score over a fixed sample of {SCORE_SAMPLE} pool candidates"})
         self.rerank(name, kind, space, fused_sel, fused, {"dense_weight": w, **settings})
         self.siblings(name, kind, space, fused_sel, fused, {"dense_weight": w, **settings},
-                      fused=(dense_sel, self.bm25_sel, dense_test, self.bm25_test, w))
+                      fused_test=(dense_test, self.bm25_test))
 
     def with_reverse(self, name: str, kind: str, space: str, dense_sel: Any, dense_test: Any, settings: dict) -> None:
         """``name+rev``: a body-predicting scorer fused with ``reverse`` — the same pair scored in
@@ -335,12 +333,12 @@ class RowWriter:
             name += CSLS_SUFFIX
             trace["csls"] = {"k": k, "beta": beta, "mrr": grid[(k, beta)]}
         if fuse and self.fusing:  # the sibling softmax follows the BM25 fusion, as in the rows
-            dense, (w, wsc, s) = s, self._fusion_on_selection(s, self.bm25_sel)
+            w, wsc, s = self._fusion_on_selection(s, self.bm25_sel)
             name += FUSED_SUFFIX
             trace["bm25"] = {"dense_weight": w, "mrr": wsc[w]}
             if self.sibling_softmax:
                 if self.sib_fusion == "joint":
-                    w, t, beta, _, grid, s = self._fused_siblings_on_selection(dense, self.bm25_sel, w)
+                    w, t, beta, _, grid, s = self._fused_siblings_on_selection(s)
                 else:
                     t, beta, _, grid, s = self._siblings_on_selection(s)
                 name += SIB_SUFFIX
