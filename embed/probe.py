@@ -267,6 +267,14 @@ def read_probe_view(path: str | Path, store: Store) -> ProbeView:
     return ProbeView(path, meta, view, n)
 
 
+def probes_outside_train(meta: ProbeMeta, store: Store) -> list[str]:
+    """The probe records of a view that are not in ``store``'s train part (its own split, or
+    the split file applied to it). A probe is read after every record: a probe body that is
+    a val or test record's own would leak that body into every record's view."""
+    where = store.index_of()
+    return [r for r in meta.probe_records if r not in where or store.splits[where[r]] != "train"]
+
+
 # -- computing it -----------------------------------------------------------------------------
 
 def compute_probe_view(

@@ -227,6 +227,16 @@ def _mismatch(run_dir: Path, store: Any) -> str:
     return store_mismatch(info, store, "evaluation")
 
 
+def _probe_trained_note(run: LoadedRun, probe: Any) -> list[str]:
+    """A run trained for the probe mix (``loss.probe_weight``), evaluated without ``--probe``:
+    its own row ranks a residual meant to complement the view, not a prediction of the body."""
+    w = run.predictor.config.loss.probe_weight
+    if probe is not None or not w:
+        return []
+    return [f"run {run.name} was trained to be mixed with its probe view (loss.probe_weight = {w:g}): its row "
+            f"alone is not what it was trained for; add --probe for its {run.name}{PROBE_SUFFIX} rows"]
+
+
 def _run_notes(run_dir: Path, name: str, store: Any) -> list[str]:
     """What a reader of a run's row must know about how the run came to be: trained on another
     store of the same fingerprint (another window, other records) or while its store was
@@ -414,7 +424,7 @@ def evaluate_retrieval(
             split_file = _use_split_file(store, splits, notes)
         loaded = load_runs(runs, store)
         for r in loaded:
-            for note in r.info["notes"]:
+            for note in r.info["notes"] + _probe_trained_note(r, probe):
                 notes.append(note)
                 say(f"note: {note}")
         mixes: dict[str, ProbeMix] = {}
@@ -798,7 +808,7 @@ def _probe_mixes(probe: str | os.PathLike[str], store: Any, split: str, names: S
     Refuses probe records outside the train part or among the queries of ``split``."""
     from dataclasses import asdict
 
-    from codejepa.embed.probe import ProbeError, read_probe_view
+    from codejepa.embed.probe import ProbeError, probes_outside_train, read_probe_view
 
     try:
         pv = read_probe_view(probe, store)
@@ -807,10 +817,7 @@ def _probe_mixes(probe: str | os.PathLike[str], store: Any, split: str, names: S
     if pv.committed < len(store):
         raise EvaluateError(f"{probe}: the probe view covers {pv.committed} of {len(store)} records; "
                             f"finish it first (`codejepa embed probe {shlex.quote(str(store.path))} --out {shlex.quote(str(probe))}` resumes it)")
-    where = store.index_of()
-    outside = [r for r in pv.meta.probe_records if r not in where or store.splits[where[r]] != "train"]
-    if outside:
-        # A probe is read after every query: a probe body that is a query's own would be a leak.
+    if outside := probes_outside_train(pv.meta, store):
         raise EvaluateError(f"{probe}: probe record(s) {', '.join(outside)} are not in this split's train part; "
                             "compute a view for this split (`codejepa embed probe STORE --splits FILE --out …`)")
     queries = set(store.ids[store.indices(split)].tolist())

@@ -46,6 +46,9 @@ def train_cmd(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     splits: Optional[Path] = typer.Option(  # noqa: UP007
         None, "--splits", help="A split file of `codejepa corpus folds` (one fold) instead of the store's own split."),
+    probe: Optional[Path] = typer.Option(  # noqa: UP007
+        None, "--probe", help="The probe view (`codejepa embed probe`) that loss.probe_weight mixes into InfoNCE's "
+                              "query (default: STORE.probe.h5; a resumed run: the view it started with)."),
 ) -> None:
     """Train a predictor; model selection on validation retrieval (MRR)."""
     from codejepa.core import CLI_ERRORS, error_line
@@ -68,7 +71,7 @@ def train_cmd(
                 _same_split(config)
             # without --model, the config file names the kind (a run's config.json does)
             cfg = resolve_config(model, preset=preset, file=config, overrides=overrides)
-        _run(store, cfg, out, resume, device, splits)
+        _run(store, cfg, out, resume, device, splits, probe)
     except CLI_ERRORS as e:
         _fail(error_line(e))
     except KeyboardInterrupt:
@@ -201,7 +204,8 @@ def _progress_ui(quiet: bool = False) -> tuple[Any, Callable[..., None], Callabl
     return progress, bar, say
 
 
-def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str, splits: Path | None = None) -> None:
+def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str, splits: Path | None = None,
+         probe: Path | None = None) -> None:
     from codejepa.predict.train import train
 
     quiet = os.environ.get("RANK", "0").strip() not in ("0", "")  # a bad RANK is refused by train()
@@ -226,6 +230,9 @@ def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str, splits: Pa
             say(f"warning: {e['message']}", style="yellow")
         elif ev == "splits":
             say(_split_line(e))
+        elif ev == "probe":
+            say(f"InfoNCE and val retrieval rank each prediction mixed with its probe view at weight {e['weight']:g} "
+                f"({e['file']}): evaluate this run with `evaluate retrieval --probe`")
         elif ev == "ridge_init":
             say(f"linear path initialised with train-split ridge on {e['views']}: "
                 f"λ {e['alpha']:g} (val MRR {e['val_mrr']:.3f})")
@@ -244,7 +251,7 @@ def _run(store: Path, cfg: Any, out: Path, resume: bool, device: str, splits: Pa
             say(f"best: {which}, val MRR {e['best_val_mrr']:.3f} → {out}/best.pt")
 
     with progress:
-        train(store, cfg, out, resume=resume, device=device, on_event=on_event, splits=splits)
+        train(store, cfg, out, resume=resume, device=device, on_event=on_event, splits=splits, probe=probe)
 
 
 if __name__ == "__main__":  # pragma: no cover

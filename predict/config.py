@@ -107,6 +107,12 @@ class LossConfig:
     # (codejepa.predict.lexical): trains the predictor for the BM25 hybrid evaluate scores it in.
     # 0: off. The evaluate stage's fusion weight w corresponds to κ = (1 − w)/w.
     lexical_weight: float = 0.0
+    # w of the probe view (`codejepa embed probe`: the teacher's own reading of a body position
+    # after the query's inputs) in InfoNCE's query and in the validation retrieval,
+    # unit((1 − w)·unit(pred) + w·unit(view)), as evaluate's `+probe` rows mix it: the predictor
+    # learns what the view lacks instead of repeating it. Its own predictions are then meant to
+    # be evaluated with `evaluate retrieval --probe`. 0: off.
+    probe_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -198,6 +204,9 @@ class PredictConfig:
             (lo.lexical_weight >= 0, "loss.lexical_weight must be ≥ 0"),
             (not lo.lexical_weight or lo.infonce_weight,
              "loss.lexical_weight offsets InfoNCE's logits: it needs loss.infonce_weight > 0"),
+            (0.0 <= lo.probe_weight < 1.0, f"loss.probe_weight must be in [0, 1), not {lo.probe_weight}"),
+            (not lo.probe_weight or lo.infonce_weight,
+             "loss.probe_weight mixes the probe view into InfoNCE's query: it needs loss.infonce_weight > 0"),
             (t.batch_groups in ("none", "file", "repo"), f"train.batch_groups must be none, file or repo, not {t.batch_groups!r}"),
             (t.group_size >= 1, "train.group_size must be positive"),
             (t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be ≥ 0 (0: at epoch ends only)"),

@@ -11,6 +11,8 @@ pooled body (MLP); cosine, InfoNCE and the variance hinge on the pooled predicti
   in the evaluate stage's canonical space (``loss.space``);
 - with ``loss.lexical_weight``, InfoNCE ranks by the BM25 hybrid's score rather than the
   cosine alone (``codejepa.predict.lexical``);
+- with ``loss.probe_weight``, InfoNCE's query is the prediction mixed with the probe view
+  (:func:`probe_mix`), as evaluate's ``+probe`` rows use it;
 - variance hinge (VICReg / V-JEPA): mean over dimensions of relu(γ − std of predictions over
   the batch — the global batch under DDP), against collapse to a prototype.
 """
@@ -52,6 +54,14 @@ def infonce(pred: torch.Tensor, target: torch.Tensor, temperature: float, symmet
     return loss
 
 
+def probe_mix(pred: torch.Tensor, view: torch.Tensor, weight: float) -> torch.Tensor:
+    """unit((1 − w)·unit(pred) + w·unit(view)) scaled by |pred|: evaluate's ``+probe`` mix
+    (``codejepa.evaluate.probe.mix_probe``) in the space InfoNCE scores in. The view is a
+    constant: the gradient reaches the prediction only."""
+    m = (1.0 - weight) * F.normalize(pred, dim=-1) + weight * F.normalize(view.detach().to(pred.dtype), dim=-1)
+    return F.normalize(m, dim=-1) * pred.norm(dim=-1, keepdim=True)
+
+
 def variance_hinge(pred: torch.Tensor, gamma: float) -> torch.Tensor:
     if len(pred) < 2:
         return pred.sum() * 0.0
@@ -83,7 +93,7 @@ def compute_loss(out: dict[str, torch.Tensor], pooled_target: torch.Tensor,
                  slot_target: torch.Tensor | None, cfg: LossConfig,
                  to_score: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  lexical: tuple[torch.Tensor, torch.Tensor] | None = None, *, gather: bool = False,
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 view: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the enabled terms, and each term (detached) for the log. ``to_score``
     maps pooled vectors into the space InfoNCE ranks in (``loss.space``; the pooled space when
     None): the regression stays in the pooled space, where the prediction lives. ``lexical``
@@ -91,7 +101,9 @@ def compute_loss(out: dict[str, torch.Tensor], pooled_target: torch.Tensor,
     space; the BM25 matrix of the whole global batch under DDP) adds ``loss.lexical_weight``'s
     BM25 offset to InfoNCE. ``gather`` (DDP training steps, every rank at once): InfoNCE and
     the variance hinge see every rank's share of the batch, so that N ranks take the step one
-    process takes with the whole batch."""
+    process takes with the whole batch. ``view``: the batch's probe views in the pooled space,
+    mixed into InfoNCE's query at ``loss.probe_weight`` (the regression and the other terms read
+    the prediction alone)."""
     pred = out["pooled"].float()
     parts: dict[str, torch.Tensor] = {}
     total = pred.new_zeros(())
@@ -107,7 +119,10 @@ def compute_loss(out: dict[str, torch.Tensor], pooled_target: torch.Tensor,
         parts["cosine"] = c
         total = total + cfg.cosine_weight * c
     if cfg.infonce_weight:
-        sp, st = (pred, pooled_target) if to_score is None else (to_score(pred), to_score(pooled_target))
+        score = to_score or (lambda x: x)
+        sp, st = score(pred), score(pooled_target)
+        if view is not None and cfg.probe_weight:
+            sp = probe_mix(sp, score(view.float()), cfg.probe_weight)
         world = 1
         if gather:
             (sp, world), (st, _) = gathered(sp), gathered(st)

@@ -58,6 +58,7 @@ from codejepa.predict.lexical import LexicalOffsets
 from codejepa.predict.metrics import validation_metrics
 from codejepa.predict.models import build_model, count_parameters
 from codejepa.predict.normalize import NormStats, compute_stats
+from codejepa.predict.probe import ProbeViews, load_probe_views
 from codejepa.predict.ridge import init_input_stats, init_linear_path
 
 code_version = functools.lru_cache(maxsize=1)(_code_version)  # a git call, once per process
@@ -174,23 +175,28 @@ def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> dict
 # -- the forward pass + loss of one batch -----------------------------------------------------
 def batch_loss(model: torch.nn.Module, norm: Any, bt: dict[str, torch.Tensor], cfg: PredictConfig,
                reveal: torch.Tensor | None = None, lexical: tuple[torch.Tensor, torch.Tensor] | None = None,
-               gather: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+               gather: bool = False, view: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Loss of a batch. With ``reveal`` (multi-block training) the batch is run twice in ONE
     forward — the evaluation view (all slots masked) and the revealed view — so that DDP sees
     one forward per backward; the revealed view adds a regression on its masked slots.
     ``lexical``: the batch's BM25 offset inputs (``loss.lexical_weight``, see compute_loss);
-    ``gather``: a DDP training step (InfoNCE's negatives from every rank, see compute_loss)."""
+    ``gather``: a DDP training step (InfoNCE's negatives from every rank, see compute_loss);
+    ``view``: the batch's raw probe views (``loss.probe_weight``, see compute_loss)."""
     pooled_t = norm.body_to_norm(bt["body"])
     slot_t = norm.slots_to_norm(bt["slots"]) if "slots" in bt else None
+    view_n = None if view is None else norm.body_to_norm(view.float())
     if reveal is None:
         out = model(bt)
-        loss, parts = losses.compute_loss(out, pooled_t, slot_t, cfg.loss, norm.to_score, lexical, gather=gather)
+        loss, parts = losses.compute_loss(out, pooled_t, slot_t, cfg.loss, norm.to_score, lexical, gather=gather,
+                                          view=view_n)
         return loss, parts, out
     B = len(reveal)
     both = {k: torch.cat([v, v]) for k, v in bt.items()}
     out2 = model(both, reveal=torch.cat([torch.zeros_like(reveal), reveal]))
     out = {k: v[:B] for k, v in out2.items()}
-    loss, parts = losses.compute_loss(out, pooled_t, slot_t, cfg.loss, norm.to_score, lexical, gather=gather)
+    loss, parts = losses.compute_loss(out, pooled_t, slot_t, cfg.loss, norm.to_score, lexical, gather=gather,
+                                      view=view_n)
     aux_cfg = cfg.loss if cfg.loss.regression != "none" else cfg.loss.__class__(regression="smoothl1")
     aux = losses.regression(out2["slots"][B:].float(), slot_t, aux_cfg, mask=~reveal)
     parts["masked_aux"] = aux.detach()
@@ -199,10 +205,12 @@ def batch_loss(model: torch.nn.Module, norm: Any, bt: dict[str, torch.Tensor], c
 
 @torch.no_grad()
 def evaluate_table(model: torch.nn.Module, table: Any, cfg: PredictConfig, device: torch.device,
-                   lexical: LexicalOffsets | None = None) -> dict[str, float]:
+                   lexical: LexicalOffsets | None = None, probe: ProbeViews | None = None) -> dict[str, float]:
     """Val loss (train-batch-sized batches), retrieval and collapse diagnostics on a table.
     With ``lexical`` (BM25 of the table's signatures against its bodies) the selection MRR is
-    the BM25 hybrid's (``loss.lexical_weight``)."""
+    the BM25 hybrid's (``loss.lexical_weight``); with ``probe`` it ranks the predictions mixed
+    with their probe views at ``loss.probe_weight`` (the cosines and collapse diagnostics stay
+    the predictions' own)."""
     was_training = model.training
     model.eval()
     norm = model.norm
@@ -212,7 +220,8 @@ def evaluate_table(model: torch.nn.Module, table: Any, cfg: PredictConfig, devic
     for a in range(0, len(table), bs):
         rows = np.arange(a, min(a + bs, len(table)))
         bt = to_device(table.batch(rows), device)
-        loss, _, out = batch_loss(model, norm, bt, cfg)
+        view = probe.rows(table.index[rows], device) if probe is not None else None
+        loss, _, out = batch_loss(model, norm, bt, cfg, view=view)
         loss_sum += float(loss) * len(rows)
         n_sum += len(rows)
         pn, tn = out["pooled"].float(), norm.body_to_norm(bt["body"]).float()
@@ -220,7 +229,10 @@ def evaluate_table(model: torch.nn.Module, table: Any, cfg: PredictConfig, devic
         preds_r.append(model.raw(out).float().cpu())
         tg_n.append(tn.cpu())
         tg_r.append(bt["body"].float().cpu())
-        preds_s.append(norm.to_score(pn).cpu())  # retrieval ranks in loss.space's space
+        ps = norm.to_score(pn)  # retrieval ranks in loss.space's space
+        if view is not None:
+            ps = losses.probe_mix(ps, norm.to_score(norm.body_to_norm(view.float())), cfg.loss.probe_weight)
+        preds_s.append(ps.cpu())
         tg_s.append(norm.to_score(tn).cpu())
     model.train(was_training)
     m = validation_metrics(torch.cat(preds_n), torch.cat(tg_n), torch.cat(preds_r), torch.cat(tg_r),
@@ -374,6 +386,7 @@ def train(
     device: str = "auto",
     on_event: Event | None = None,
     splits: str | os.PathLike[str] | None = None,
+    probe: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train a predictor; returns a summary (best epoch and its metrics, paths).
 
@@ -381,8 +394,11 @@ def train(
     ``splits``: a split file (``codejepa corpus folds``) that replaces the store's own split,
     e.g. one fold of a cross-validation over repositories; the run records it and can only be
     resumed and evaluated with the same file.
+    ``probe``: the probe view ``loss.probe_weight`` mixes into InfoNCE's query and val's
+    retrieval (default: the file a resumed run recorded, else the store's ``STORE.probe.h5``;
+    :mod:`codejepa.predict.probe`); refused when ``loss.probe_weight`` is 0.
     ``on_event`` receives progress events as dicts keyed by ``event``: ``stats``, ``cache``,
-    ``step``, ``epoch``, ``done``, and ``warning``, ``splits``, ``ridge_init``, ``score_map``,
+    ``step``, ``epoch``, ``done``, and ``warning``, ``splits``, ``probe``, ``ridge_init``, ``score_map``,
     ``start_val`` (what the CLI prints).
     Raises :class:`TrainingError` (or a store/config error) with one clear line on bad input.
     """
@@ -397,7 +413,7 @@ def train(
         own_group = True
     try:
         return _train(Path(store_path), config, Path(out_dir), resume, dev, rank, world, emit,
-                      None if splits is None else Path(splits))
+                      None if splits is None else Path(splits), None if probe is None else Path(probe))
     except RuntimeError as e:
         if world > 1 and _lost_rank(e):  # not a 50-line gloo/NCCL traceback on every survivor
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -443,7 +459,8 @@ class _Position:
 
 
 def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bool, dev: torch.device,
-           rank: int, world: int, emit: Event, splits: Path | None = None) -> dict[str, Any]:
+           rank: int, world: int, emit: Event, splits: Path | None = None,
+           probe_path: Path | None = None) -> dict[str, Any]:
     main = rank == 0
     paths = {k: out / v for k, v in dict(config="config.json", run="run.json", stats="stats.pt",
                                           stats_json="stats.json", last="last.pt", best="best.pt",
@@ -476,6 +493,9 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         train_idx, val_idx, dropped = _usable_records(store, store_path)
+        probe = _probe_views(cfg, store, store_path, probe_path, paths["run"])
+        if main and probe is not None:
+            emit({"event": "probe", "file": str(probe.path), "weight": cfg.loss.probe_weight})
         B = _global_batch(cfg.train.batch_size, len(train_idx), world)
         steps_per_epoch = len(train_idx) // B
         total_steps = steps_per_epoch * cfg.train.epochs
@@ -520,7 +540,7 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                 "versions": library_versions("torch", "numpy", "h5py"),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "train_records": int(len(train_idx)), "val_records": int(len(val_idx)), "dropped": dropped,
-                "splits": split_info})
+                "splits": split_info, "probe": probe.record if probe is not None else None})
         o = cfg.optim
         opt = (torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam)(
             model.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
@@ -547,7 +567,7 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
             lex_val = (LexicalOffsets(columns["signature"][val_idx], columns["body"][val_idx], seed=cfg.train.seed)
                        if main else None)
         if ckpt is None and main:
-            _fit_start(model, opt, cfg, store, train_tab, val_tab, lex_val, pos, paths, dev, emit)
+            _fit_start(model, opt, cfg, store, train_tab, val_tab, lex_val, probe, pos, paths, dev, emit)
         # The start's validation (this run's or, after a resume, the log's): the curves draw it,
         # and the summary reports it when no epoch beat it.
         start_val = next((e for e in reversed(read_log(paths["log"])) if e.get("event") == "start_val"),
@@ -587,7 +607,8 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                 lex = None
                 if lex_train is not None and lex_ref is not None:
                     lex = (lex_train.z(batches[i], batches[i]).to(dev), lex_ref)  # the global batch's
-                stepped = _step(net, model, opt, to_device(b, dev), cfg, lr, reveal, lex, world, amp)
+                view = probe.rows(b["index"], dev) if probe is not None else None
+                stepped = _step(net, model, opt, to_device(b, dev), cfg, lr, reveal, lex, world, amp, view)
                 if stepped is None:
                     raise _diverged(paths, cfg, pos, epoch, lr, ckpt_at, main, start_mrr)
                 loss_v, parts = stepped
@@ -610,7 +631,7 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                 dist.all_reduce(tl)
             pos.epoch, pos.step, pos.loss_sum, pos.loss_steps = epoch + 1, 0, 0.0, 0
             if main:
-                entry = _end_epoch(model, opt, cfg, store, val_tab, lex_val, pos, paths, dev,
+                entry = _end_epoch(model, opt, cfg, store, val_tab, lex_val, probe, pos, paths, dev,
                                    train_loss=float(tl[0] / max(1.0, float(tl[1]))),
                                    lr=lr_at(pos.global_step, total_steps, cfg),
                                    data_wait_share=loader.wait_s / max(1e-9, epoch_s))
@@ -705,6 +726,18 @@ def _best_lost(best: Path, ckpt: dict[str, Any]) -> str | None:
     return None
 
 
+def _probe_views(cfg: PredictConfig, store: Store, store_path: Path, path: Path | None,
+                 run_json: Path) -> ProbeViews | None:
+    """The probe view ``loss.probe_weight`` trains with, checked (see load_probe_views); None
+    when the weight is 0. A resumed run reads the view it recorded unless ``path`` says."""
+    if not cfg.loss.probe_weight:
+        if path is not None:
+            raise TrainingError("--probe is read only with loss.probe_weight > 0 (e.g. --set loss.probe_weight=0.5)")
+        return None
+    recorded = run_record(run_json.parent).get("probe") if run_json.exists() else None
+    return load_probe_views(store, store_path, path, recorded if isinstance(recorded, dict) else None)
+
+
 def _usable_records(store: Store, store_path: Path) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """The train and val records with a body token to predict, and how many of each had none."""
     train_idx, val_idx = store.indices("train"), store.indices("val")
@@ -759,13 +792,13 @@ def _fit_stats(paths: dict[str, Path], store: Store, train_idx: np.ndarray, cfg:
 
 def _step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimizer, bt: dict[str, torch.Tensor],
           cfg: PredictConfig, lr: float, reveal: torch.Tensor | None, lex: Any, world: int,
-          amp: bool) -> tuple[float, dict[str, float]] | None:
+          amp: bool, view: torch.Tensor | None = None) -> tuple[float, dict[str, float]] | None:
     """One optimiser step at ``lr``: the loss and its parts, or None (nothing updated) when the
     loss is not finite on some rank — every rank then stops at the same step."""
     for g in opt.param_groups:
         g["lr"] = lr
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-        loss, parts, _ = batch_loss(net, model.norm, bt, cfg, reveal, lex, gather=world > 1)
+        loss, parts, _ = batch_loss(net, model.norm, bt, cfg, reveal, lex, gather=world > 1, view=view)
     bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
     if world > 1:
         dist.all_reduce(bad)
@@ -836,8 +869,8 @@ def _trim_log(log: Path, pos: _Position) -> None:
 
 
 def _fit_start(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: PredictConfig, store: Store, train_tab: Any,
-               val_tab: Any, lex_val: LexicalOffsets | None, pos: _Position, paths: dict[str, Path],
-               dev: torch.device, emit: Event) -> None:
+               val_tab: Any, lex_val: LexicalOffsets | None, probe: ProbeViews | None, pos: _Position,
+               paths: dict[str, Path], dev: torch.device, emit: Event) -> None:
     """A new run's fitted start: input statistics, the ridge path, the canonical score map."""
     if getattr(model, "view_mu", None) is not None:
         init_input_stats(model, train_tab)
@@ -854,7 +887,7 @@ def _fit_start(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: PredictC
         # The ridge start competes for best.pt as "epoch 0": a residual that only loses on
         # val (on the demo's 2,000 records it overfits from the first epoch) falls back to
         # the linear map it started from, not to its least bad epoch.
-        start_entry = {"event": "start_val", "epoch": 0, **evaluate_table(model, val_tab, cfg, dev, lex_val),
+        start_entry = {"event": "start_val", "epoch": 0, **evaluate_table(model, val_tab, cfg, dev, lex_val, probe),
                        "time": time.time()}
         pos.best_mrr, pos.best_epoch = start_entry["val_mrr"], 0
         save_checkpoint(paths["best"], _without_optimizer(_ckpt(model, opt, cfg, store, pos)))
@@ -873,10 +906,11 @@ def _wrap_ddp(model: torch.nn.Module, cfg: PredictConfig, dev: torch.device, mul
 
 
 def _end_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: PredictConfig, store: Store, val_tab: Any,
-               lex_val: LexicalOffsets | None, pos: _Position, paths: dict[str, Path], dev: torch.device, *,
+               lex_val: LexicalOffsets | None, probe: ProbeViews | None, pos: _Position, paths: dict[str, Path],
+               dev: torch.device, *,
                train_loss: float, lr: float, data_wait_share: float) -> dict[str, Any]:
     """Validate the epoch just finished (``pos.epoch``), checkpoint it and log it; its log entry."""
-    m = evaluate_table(model, val_tab, cfg, dev, lex_val)
+    m = evaluate_table(model, val_tab, cfg, dev, lex_val, probe)
     entry = {"event": "epoch", "epoch": pos.epoch, "global_step": pos.global_step, "lr": lr,
              "train_loss": train_loss, **m, "data_wait_share": data_wait_share, "time": time.time()}
     improved = m["val_mrr"] > pos.best_mrr

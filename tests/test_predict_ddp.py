@@ -11,8 +11,11 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _evaluate_fixtures import write_view  # noqa: E402
 from _predict_fixtures import ddp_worker, free_ports, make_store, write_corpus  # noqa: E402
 
+from codejepa.embed.probe import default_probe_path  # noqa: E402
+from codejepa.embed.store import open_store  # noqa: E402
 from codejepa.predict.config import resolve_config  # noqa: E402
 from codejepa.predict.train import train  # noqa: E402
 
@@ -30,6 +33,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path, monkeypatch: pytest.Mo
         return f"def get_{words[int(j) % 7]}_{repo}_{j}():", f"return {words[int(j) % 7]}_{repo}_{j} + common"
 
     corpus = write_corpus(tmp_path / "corpus", store, texts)
+    with open_store(store) as st:  # a probe view beside the store, read by loss.probe_weight on every rank
+        write_view(store, default_probe_path(store), st.pooled("signature", st.indices()))
     common = {"train.batch_size": 32, "train.epochs": 2, "train.plot_every_s": -1, "optim.lr": 3e-3}
     cfgs = {
         "mlp": resolve_config("mlp", overrides={**common, "model.mlp_hidden": "64,32,64"}),
@@ -51,6 +56,10 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path, monkeypatch: pytest.Mo
             **common, "model.mlp_hidden": "64", "model.dropout": 0.0, "model.input_dropout": 0.0,
             "loss.symmetric": True, "loss.lexical_weight": 0.5, "loss.variance_weight": 1.0,
             "loss.variance_gamma": 2.0, "data.corpus": str(corpus)}),
+        # the probe mix: each rank mixes its own rows' views before InfoNCE gathers the global batch
+        "probe-mix": resolve_config("mlp", preset="ridge-residual", overrides={
+            **common, "model.mlp_hidden": "64", "model.dropout": 0.0, "model.input_dropout": 0.0,
+            "loss.probe_weight": 0.5}),
     }
     ports = free_ports(len(cfgs))
     jobs = [(str(store), cfg, str(tmp_path / f"ddp-{name}"), port) for (name, cfg), port in zip(cfgs.items(), ports)]
