@@ -45,7 +45,7 @@ def oracle_view(store_path: Path, out: Path, probe_record: int = 0) -> Path:
     return write_view(store_path, out, view, probe_record=probe_record)
 
 
-def test_probe_mix_is_evaluates_mix_and_trains_the_prediction_only() -> None:
+def test_probe_mix_is_the_evaluate_stages_mix_and_trains_the_prediction_only() -> None:
     g = torch.Generator().manual_seed(0)
     pred = torch.randn(6, 8, generator=g, requires_grad=True)
     view = torch.randn(6, 8, generator=g, requires_grad=True)
