@@ -77,6 +77,10 @@ def test_training_ranks_and_selects_on_the_mix(store_path: Path, tmp_path: Path)
     # the same ridge start: mixed half-way with each body itself, val finds nearly every body
     assert start["mix"]["val_mrr"] > 0.95 > start["plain"]["val_mrr"] + 0.1
     assert start["mix"]["val_cos"] == pytest.approx(start["plain"]["val_cos"])  # diagnostics: the prediction's own
+    # training steps read each batch row's own view: mixed with its own body, InfoNCE is easy (a
+    # view of other records, e.g. a misaligned index, makes it harder than no view at all)
+    losses_of = {name: [e["train_loss"] for e in log[name] if e["event"] == "epoch"] for name in log}
+    assert all(m < 0.8 * p for m, p in zip(losses_of["mix"], losses_of["plain"], strict=True))
     assert any(e["event"] == "probe" and e["weight"] == 0.5 for e in events)
     info = json.loads((tmp_path / "mix" / "run.json").read_text())
     with open_store(store_path) as st:
