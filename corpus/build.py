@@ -31,6 +31,7 @@ from codejepa.core import (
     atomic_write_lines,
     code_version,
     library_versions,
+    printable,
     sha256_json,
 )
 from codejepa.corpus import sources as src
@@ -126,6 +127,18 @@ class BuildResult:
     def ok(self) -> bool:
         """False when nothing could be built (the CLI's exit code)."""
         return any(r["status"] == "ok" for r in self.repos)
+
+
+# Records are UTF-8 JSON and name their file: a name that is not UTF-8 cannot be one.
+NON_UTF8_NAME = "file name is not valid UTF-8"
+
+
+def _is_utf8_name(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that did not decode, kept as lone surrogates
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- workers
@@ -553,13 +566,26 @@ class _Build:
             entry.update(got, resumed=True)
             self.state[entry["name"]] = entry
             self._save_state()
+            self._say_damaged(entry)
             self.obs.on_repo_done(entry)
             return None
         entry["commit"] = got.commit
-        entry["skipped"] = [{"path": p, "reason": r} for p, r in got.skipped]
-        self.obs.on_repo_files(source.name, len(got.files))
+        files = [(p, data) for p, data in got.files if _is_utf8_name(p)]
+        entry["skipped"] = [{"path": p, "reason": r} for p, r in got.skipped] + [
+            {"path": p, "reason": NON_UTF8_NAME} for p, _ in got.files if not _is_utf8_name(p)]
+        self._say_damaged(entry)
+        self.obs.on_repo_files(source.name, len(files))
         return _RepoJob(source, entry, started, meta=(source.name, source.url, got.commit, entry["split"]),
-                        chunks=_chunks(got.files))
+                        chunks=_chunks(files))
+
+    def _say_damaged(self, entry: dict[str, Any]) -> None:
+        # The build goes on without these files, but a corpus quietly missing part of a
+        # repository must not pass unnoticed: the console says so, once per repository.
+        bad = [s["path"] for s in entry.get("skipped", ()) if src.is_unreadable_blob(s["reason"])]
+        if bad:
+            self.say(f"{entry['name']}: {len(bad)} file{'s' if len(bad) > 1 else ''} unreadable, first "
+                     f"{printable(bad[0])}: git objects missing or corrupt (damaged repository; try "
+                     "`git fsck` and clone it again); built without them")
 
     def _parsed(self, job: _RepoJob, results: list[dict[str, Any]]) -> None:
         job.results.extend(results)

@@ -389,6 +389,11 @@ def _unreadable_blob(sha: str) -> str:
     return f"git object {sha[:12]} missing or corrupt (damaged repository; try `git fsck`)"
 
 
+def is_unreadable_blob(reason: str) -> bool:
+    """Whether a skip reason says the repository itself is damaged (not the file's content)."""
+    return reason.startswith("git object ") and reason.endswith("(damaged repository; try `git fsck`)")
+
+
 def _symlink_reason(path: str, target: str) -> str:
     joined = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
     if target.startswith("/") or joined == ".." or joined.startswith("../"):

@@ -14,6 +14,7 @@ which copy of a duplicate survives does not depend on the order sources were giv
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -35,8 +36,8 @@ def parse_ratios(text: str) -> tuple[float, float, float]:
         vals = [float(p) for p in parts]
     except ValueError:
         raise CodejepaError(f"split ratios {text!r}: expected three numbers like 80/10/10") from None
-    if len(vals) != 3 or any(v < 0 for v in vals) or sum(vals) <= 0:
-        raise CodejepaError(f"split ratios {text!r}: expected three non-negative numbers like 80/10/10")
+    if len(vals) != 3 or not all(math.isfinite(v) and v >= 0 for v in vals) or sum(vals) <= 0:
+        raise CodejepaError(f"split ratios {text!r}: expected three finite non-negative numbers like 80/10/10")
     total = sum(vals)
     return (vals[0] / total, vals[1] / total, vals[2] / total)
 

@@ -222,6 +222,7 @@ def info_cmd(
             info = {
                 "path": str(store), "records": len(s),
                 "complete": s.complete,
+                "checksums": s.checksummed,
                 "per_split": counts,
                 "truncated": int(s.truncated.sum()),
                 "input_tokens": int(s.lengths("inputs").sum()), "body_tokens": int(s.lengths("targets").sum()),
@@ -242,6 +243,8 @@ def info_cmd(
     for k, v in info.items():
         if k == "complete":
             v = {True: "yes", False: "NO: its `embed run` stopped early or is still going", None: "not recorded"}[v]
+        if k == "checksums":
+            v = "Fletcher-32 per chunk" if v else "none (written before 2026-12-06)"
         if k != "path":
             t.add_row(k, escape(str(v)))
     for k, v in m.items():

@@ -150,14 +150,12 @@ def _append(w: StoreWriter, batch: list[PendingRecord], copied: int) -> int:
 
 def _read_block(s: Any, a: int, b: int, keep: set[int]) -> list[PendingRecord]:
     """Records ``a..b`` of an open store in their stored dtype (one read per dataset)."""
-    f = s.f
     raw: dict[str, dict[str, np.ndarray]] = {}
     off: dict[str, np.ndarray] = {}
     for name in PASSES:
         o = s._off[name][a : b + 1]
-        g = f[name]
         lo, hi = int(o[0]), int(o[-1])
-        raw[name] = {k: g[k][lo:hi] for k in ("states", "token_ids", "special")}
+        raw[name] = {k: s.read_slice(name, k, lo, hi) for k in ("states", "token_ids", "special")}
         off[name] = o - lo
     seg = s._segments[a:b]
     out: list[PendingRecord] = []

@@ -40,7 +40,7 @@ import h5py
 import numpy as np
 
 from codejepa.core import CodejepaError, code_version
-from codejepa.embed.store import Store, StoreError, ensure_free_space, open_format_file, open_store
+from codejepa.embed.store import CHECKSUM, Store, StoreError, ensure_free_space, open_format_file, open_store
 from codejepa.embed.template import pad_token_id
 
 PROBE_FORMAT = "codejepa-probe-view"
@@ -298,6 +298,9 @@ def compute_probe_view(
     emit = progress or (lambda _e, _i: None)
     shard = _checked_shard(settings)
     path = shard_path(Path(out) if out is not None else default_probe_path(store_path), *shard)
+    if path.resolve() == Path(store_path).resolve():
+        raise ProbeError(f"--out {path} is the store itself; a probe view is a file of its own "
+                         f"(by default {default_probe_path(store_path)})")
     try:
         store = open_store(store_path)
     except StoreError as e:
@@ -467,9 +470,9 @@ def _create(path: Path, meta: ProbeMeta) -> h5py.File:
     f.attrs["format_version"] = PROBE_FORMAT_VERSION
     f.attrs["meta"] = json.dumps(asdict(meta), sort_keys=True)
     f.attrs["committed"] = 0
-    f.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(1024,))
+    f.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=h5py.string_dtype(), chunks=(1024,))  # no filter takes strings
     f.create_dataset("view", shape=(0, meta.hidden_size), maxshape=(None, meta.hidden_size), dtype=np.float32,
-                     chunks=(256, meta.hidden_size))
+                     chunks=(256, meta.hidden_size), **CHECKSUM)
     f.flush()
     return f
 

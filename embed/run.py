@@ -120,6 +120,8 @@ def parse_splits(text: str | None) -> tuple[str, ...] | None:
     if not text:
         return None
     names = tuple(s.strip() for s in text.split(",") if s.strip())
+    if not names:  # an empty selection would embed nothing and mark the store complete
+        raise EmbedError(f"--split {text!r}: names no split; expected a subset of {','.join(SPLITS)}")
     bad = [s for s in names if s not in SPLITS]
     if bad:
         raise EmbedError(f"--split {text!r}: unknown split(s) {bad}; expected a subset of {','.join(SPLITS)}")

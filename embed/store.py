@@ -50,6 +50,11 @@ SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 SPLIT_NAMES = np.array(["train", "val", "test"])
 PASSES = ("inputs", "targets")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+# A checksum per chunk: damage inside the file (a bad disk, a bad copy) is then a clear error
+# when read, not NaNs or wrong states passed on to training. Measured here: about 1 ms per MB
+# written and 0.5 ms per MB read (150 MB of float16 states: 0.09 → 0.26 s, 0.08 → 0.16 s).
+# Stores written before it carry none and read as before.
+CHECKSUM = {"fletcher32": True}
 
 
 class StoreError(CodejepaError):
@@ -174,6 +179,8 @@ class StoreWriter:
                 corpus = f"its corpus {meta.corpus_dir}" if meta.corpus_dir else "its corpus"
                 why = (f"{corpus} was built again since this store was embedded from it; "
                        if "corpus_manifest_hash" in diff else "")
+                if why and existing.corpus_dir and meta.corpus_dir and existing.corpus_dir != meta.corpus_dir:
+                    why = f"this store was embedded from another corpus, {existing.corpus_dir}; "
                 raise StoreError(
                     f"{self.path}: built with other settings, refusing to append ({why}"
                     f"stored vs requested: {diff}); use another --out"
@@ -208,17 +215,19 @@ class StoreWriter:
         r = f.create_group("records")
         r.attrs["committed"] = 0
         for name in STRING_FIELDS:
-            r.create_dataset(f"{name}_utf8", (0,), maxshape=(None,), dtype=np.uint8, chunks=(65536,))
-            r.create_dataset(f"{name}_end", (0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
-        r.create_dataset("split", (0,), maxshape=(None,), dtype=np.uint8, chunks=(4096,))
-        r.create_dataset("truncated", (0,), maxshape=(None,), dtype=bool, chunks=(4096,))
+            r.create_dataset(f"{name}_utf8", (0,), maxshape=(None,), dtype=np.uint8, chunks=(65536,), **CHECKSUM)
+            r.create_dataset(f"{name}_end", (0,), maxshape=(None,), dtype=np.int64, chunks=(4096,), **CHECKSUM)
+        r.create_dataset("split", (0,), maxshape=(None,), dtype=np.uint8, chunks=(4096,), **CHECKSUM)
+        r.create_dataset("truncated", (0,), maxshape=(None,), dtype=bool, chunks=(4096,), **CHECKSUM)
         for name in PASSES:
             g = f.create_group(name)
-            g.create_dataset("states", (0, d), maxshape=(None, d), dtype=self._dtype, chunks=(chunk_tokens, d))
-            g.create_dataset("token_ids", (0,), maxshape=(None,), dtype=np.int32, chunks=(8192,))
-            g.create_dataset("special", (0,), maxshape=(None,), dtype=bool, chunks=(8192,))
-            g.create_dataset("offsets", (1,), maxshape=(None,), dtype=np.int64, chunks=(4096,), data=[0])
-        f["inputs"].create_dataset("segments", (0, 2, 2), maxshape=(None, 2, 2), dtype=np.int32, chunks=(4096, 2, 2))
+            g.create_dataset("states", (0, d), maxshape=(None, d), dtype=self._dtype, chunks=(chunk_tokens, d),
+                             **CHECKSUM)
+            g.create_dataset("token_ids", (0,), maxshape=(None,), dtype=np.int32, chunks=(8192,), **CHECKSUM)
+            g.create_dataset("special", (0,), maxshape=(None,), dtype=bool, chunks=(8192,), **CHECKSUM)
+            g.create_dataset("offsets", (1,), maxshape=(None,), dtype=np.int64, chunks=(4096,), data=[0], **CHECKSUM)
+        f["inputs"].create_dataset("segments", (0, 2, 2), maxshape=(None, 2, 2), dtype=np.int32, chunks=(4096, 2, 2),
+                                   **CHECKSUM)
         f.flush()
 
     @property
@@ -443,6 +452,11 @@ class Store:
         return self.n
 
     @property
+    def checksummed(self) -> bool:
+        """Whether the store's chunks carry checksums (stores written since 2026-12-06)."""
+        return bool(self.f["targets/states"].fletcher32)
+
+    @property
     def complete(self) -> bool | None:
         """Whether the `embed run` (or `embed merge`) that wrote the store finished: False for a
         killed or partial one, whose records are a subset of the corpus; None when not recorded."""
@@ -500,12 +514,44 @@ class Store:
     def index_of(self) -> dict[str, int]:
         return {rid: i for i, rid in enumerate(self.ids)}
 
+    def read_slice(self, name: str, dataset: str, a: int, b: int) -> np.ndarray:
+        """Rows ``a:b`` of one dataset of a pass (``inputs`` or ``targets``), as stored; a chunk
+        that fails its checksum (or cannot be read at all) raises :class:`StoreError`."""
+        try:
+            x = self.f[name][dataset][a:b]
+        except OSError as e:
+            raise StoreError(f"{self.path}: damaged store: {name}/{dataset} rows {a}..{b - 1} do not read back "
+                             f"({e}); embed it again into a new store") from None
+        return x
+
+    def non_finite(self, name: str, record: int) -> StoreError:
+        """The error for a record whose states in pass ``name`` hold NaN or inf. The writer
+        refuses them, so it is damage that a store without checksums (written before they were
+        added) shows only this way; read on, it would poison the statistics and the training
+        (a linear-algebra traceback, or a loss that diverges and blames the learning rate).
+        Readers check what they compute anyway (norms, pooled means): a scan of every state
+        would cost as much as converting it."""
+        return StoreError(f"{self.path}: damaged store: record {record} ({self.ids[record]}) has non-finite "
+                          f"{name} states (the writer refuses them); embed it again into a new store")
+
+    def check_finite(self, name: str, values: np.ndarray, run: np.ndarray, offs: np.ndarray) -> None:
+        """Raise :meth:`non_finite` for the first record of an :meth:`iter_blocks` block whose
+        tokens' ``values`` (the states, or one value per token such as its norm) are not finite."""
+        ok = np.isfinite(values)
+        if ok.ndim > 1:
+            ok = ok.all(axis=1)
+        bad = np.flatnonzero(~ok)
+        if len(bad):
+            raise self.non_finite(name, int(run[np.searchsorted(offs, bad[0], side="right") - 1]))
+
     def _read(self, name: str, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not 0 <= i < self.n:
             raise StoreError(f"record index {i} is out of range: {self.path} holds {self.n} records")
         a, b = int(self._off[name][i]), int(self._off[name][i + 1])
-        g = self.f[name]
-        return g["states"][a:b].astype(np.float32), g["token_ids"][a:b], g["special"][a:b]
+        states = self.read_slice(name, "states", a, b).astype(np.float32)
+        if not np.isfinite(states).all():
+            raise self.non_finite(name, i)
+        return states, self.read_slice(name, "token_ids", a, b), self.read_slice(name, "special", a, b)
 
     def inputs(self, i: int) -> RecordStates:
         s, t, sp = self._read("inputs", i)
@@ -531,13 +577,13 @@ class Store:
         if name not in PASSES:
             raise StoreError(f"unknown pass {name!r}; expected one of {list(PASSES)}")
         end = int(self._off[name][-1])
-        return self.f[name]["token_ids"][:end].astype(np.int64), self.special(name)
+        return self.read_slice(name, "token_ids", 0, end).astype(np.int64), self.special(name)
 
     def special(self, name: str) -> np.ndarray:
         """The flat sink flags alone (bool) of a pass, as :meth:`tokens` gives them, without the ids."""
         if name not in PASSES:
             raise StoreError(f"unknown pass {name!r}; expected one of {list(PASSES)}")
-        return self.f[name]["special"][: int(self._off[name][-1])].astype(bool)
+        return self.read_slice(name, "special", 0, int(self._off[name][-1])).astype(bool)
 
     def iter_blocks(
         self, name: str, indices: np.ndarray | None = None, block_tokens: int = 1 << 18, *, as_float32: bool = True
@@ -551,7 +597,6 @@ class Store:
         """
         idx = np.arange(self.n) if indices is None else np.asarray(indices)
         off = self._off[name]
-        g = self.f[name]
         start = 0
         while start < len(idx):
             stop = start + 1
@@ -560,10 +605,10 @@ class Store:
                 stop += 1
             run = idx[start:stop]
             a, b = int(off[run[0]]), int(off[run[-1] + 1])
-            states = g["states"][a:b]
+            states = self.read_slice(name, "states", a, b)
             if as_float32:
                 states = states.astype(np.float32)
-            special = g["special"][a:b]
+            special = self.read_slice(name, "special", a, b)
             yield run, states, special, off[run[0] : run[-1] + 2] - a
             start = stop
 
@@ -621,6 +666,10 @@ class Store:
                         w = (1.0 / counts[owner]).astype(np.float32)
                         avg = sparse.csr_matrix((w, (owner, np.arange(len(sel)))), shape=(len(run), len(sel)))
                         out[view][rows[has]] = (avg @ states[sel].astype(np.float32))[has]
+        for view, a in out.items():  # a non-finite state makes its record's mean non-finite
+            bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
+            if len(bad):
+                raise self.non_finite("targets" if view == "body" else "inputs", int(idx[bad[0]]))
         return out
 
     def close(self) -> None:

@@ -337,7 +337,26 @@ def load_tokenizer(ref: TeacherRef) -> Any:
         raise TeacherError(f"{ref.path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
     if not getattr(tok, "is_fast", False):
         raise TeacherError(f"{ref.path}: needs a fast (Rust) tokenizer (tokenizer.json)")
+    _check_covers_code(tok, ref)
     return tok
+
+
+# A folder whose vocabulary files are missing still loads: transformers builds a tokenizer of a
+# handful of special tokens, and every state would then be the unknown token's.
+_CODE_SAMPLE = "def read_config(path: str) -> dict:\n    with open(path) as f:\n        return json.load(f)\n"
+
+
+def _check_covers_code(tok: Any, ref: TeacherRef) -> None:
+    unk = getattr(tok, "unk_token_id", None)
+    if unk is None:
+        return  # byte-level vocabularies (Qwen2's) cover every input
+    ids = tok(_CODE_SAMPLE, add_special_tokens=False)["input_ids"]
+    n_unk = sum(1 for i in ids if i == unk)
+    if not ids or n_unk * 2 > len(ids):
+        raise TeacherError(
+            f"{ref.path}: the tokenizer does not cover code ({n_unk} of {len(ids)} tokens of a short "
+            f"function are unknown; {len(tok)} tokens in its vocabulary): are its vocabulary files missing?"
+        )
 
 
 def open_teacher(

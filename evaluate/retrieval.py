@@ -691,11 +691,7 @@ def _pooled_inputs(store: Any, names: Sequence[str], space_names: Sequence[str],
     the signature mean (None when none needs it), ridge's input view, and ridge+last's
     [signature mean, last signature token]."""
     all_idx = np.arange(len(store))
-    bodies = store.pooled("body", all_idx)
-    if not np.isfinite(bodies).all():  # the writer refuses non-finite states: the file was damaged since
-        bad = int((~np.isfinite(bodies).all(axis=1)).sum())
-        raise EvaluateError(f"{store.path}: damaged store ({bad} records have non-finite body states); "
-                            "re-run `codejepa embed run` into a new store")
+    bodies = store.pooled("body", all_idx)  # a non-finite state is refused there, as damage
     canonical = "canonical" in space_names  # fitted on the ridge+last inputs: signature mean + last token
     need_sig = canonical or any(n in names for n in ("signature", "ridge", "ridge+last", "nn", "ridge+bm25", "reverse",
                                                      "noisy_oracle"))

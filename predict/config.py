@@ -8,6 +8,7 @@ silently ignored setting. The resolved config is written to the run directory as
 from __future__ import annotations
 
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from codejepa.core import CodejepaError, read_json_object
+
+# Seeds feed torch.manual_seed (an unsigned 64-bit number) after arithmetic: kept well inside it.
+SEED_LIMIT = 2**32
 
 
 class ConfigError(CodejepaError):
@@ -192,14 +196,14 @@ class PredictConfig:
             (0.0 <= self.norm.whiten_shrink <= 1.0, "norm.whiten_shrink must be in [0, 1]"),
             (lo.regression in ("smoothl1", "mse", "none"), f"loss.regression {lo.regression!r} unknown"),
             (o.name in ("adam", "adamw"), f"optim.name {o.name!r} unknown"),
-            (o.lr > 0, "optim.lr must be positive"),
+            (math.isfinite(o.lr) and o.lr > 0, f"optim.lr must be a positive number, not {o.lr}"),
             (len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas), "optim.betas must be two numbers in [0, 1)"),
-            (o.weight_decay >= 0, "optim.weight_decay must be ≥ 0"),
+            (math.isfinite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay must be ≥ 0"),
             (lo.smoothl1_beta > 0, "loss.smoothl1_beta must be positive"),
             (t.epochs >= 1, f"train.epochs must be ≥ 1, not {t.epochs}"),
             (t.batch_size >= 1, f"train.batch_size must be ≥ 1, not {t.batch_size}"),
-            (t.seed >= 0, f"train.seed must be ≥ 0, not {t.seed}"),
-            (lo.temperature > 0, "loss.temperature must be positive"),
+            (0 <= t.seed < SEED_LIMIT, f"train.seed must be in [0, 2**32), not {t.seed}"),
+            (math.isfinite(lo.temperature) and lo.temperature > 0, "loss.temperature must be positive"),
             (lo.space in ("pooled", "canonical"), f"loss.space must be pooled or canonical, not {lo.space!r}"),
             (lo.lexical_weight >= 0, "loss.lexical_weight must be ≥ 0"),
             (not lo.lexical_weight or lo.infonce_weight,

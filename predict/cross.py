@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timedelta, timezone
@@ -57,6 +58,7 @@ import torch.nn.functional as F
 from codejepa.core import CodejepaError, atomic_write_json, exclusive, printable, read_json_object
 from codejepa.embed.store import Store, open_store, use_split_file
 from codejepa.predict.batching import BatchingError, corpus_columns
+from codejepa.predict.config import SEED_LIMIT
 from codejepa.predict.normalize import _Moments
 from codejepa.predict.ridge import RidgePath, fit_ridge
 from codejepa.predict.train import _dist_env, _lost_rank, code_version, resolve_device, save_checkpoint
@@ -100,7 +102,9 @@ class CrossConfig:
             (1 <= self.negatives <= self.hard_pool, "1 ≤ negatives ≤ hard_pool is needed"),
             (self.folds >= 2, "folds must be ≥ 2"),
             (self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be ≥ 1"),
-            (self.lr > 0 and self.weight_decay >= 0, "lr must be > 0 and weight_decay ≥ 0"),
+            (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             "lr must be > 0 and weight_decay ≥ 0"),
+            (0 <= self.seed < SEED_LIMIT, f"seed must be in [0, 2**32), not {self.seed}"),
             (0 <= self.whiten_shrink <= 1, "whiten_shrink must be in [0, 1]"),
             (self.norm_sample_records >= 1 and self.val_queries >= 1, "norm_sample_records and val_queries must be ≥ 1"),
             (self.checkpoint_every_steps >= 0 and self.threads >= 0, "checkpoint_every_steps and threads must be ≥ 0"),
@@ -373,6 +377,29 @@ def _read_ckpt(path: Path) -> dict[str, Any]:
     return ck
 
 
+def _restore_best(best: Path, ck: dict[str, Any]) -> str | None:
+    """Before a resume: a lost or damaged best.pt is rewritten from last.pt when its epoch is
+    the best one (its weights are there), else refused. Otherwise the run would end "done" with
+    no usable best.pt, or train on unless a later epoch beat the lost one."""
+    history, best_mrr = list(ck.get("history") or []), float(ck.get("best_val_mrr", float("-inf")))
+    if not history:
+        return None  # no epoch has ended: no best yet
+    try:
+        _read_ckpt(best)
+        return None
+    except CrossError:
+        why = f"{best} is {'damaged' if best.exists() else 'missing'}"
+    mrrs = [float(e.get("val_mrr", float("nan"))) for e in history]
+    # The epoch that wrote best.pt: the first that reached the best measure (a later tie does not
+    # replace it), or the last one when no epoch had a measure (nan keeps the last epoch).
+    best_epoch = next((k + 1 for k, m in enumerate(mrrs) if m == best_mrr), len(history))
+    if best_epoch != int(ck["epoch"]) or int(ck["step"]) != 0:
+        raise CrossError(f"{why}; last.pt (epoch {ck['epoch']}) is intact, but the best epoch's ({best_epoch}) "
+                         "weights are lost: restore best.pt, or start a new --out")
+    save_checkpoint(best, {**ck, "optimizer": {}, "best_epoch": best_epoch})
+    return f"{why}; rewritten from last.pt, whose epoch ({best_epoch}) is the best"
+
+
 def _epoch_of(line: str) -> float:
     try:
         return float(json.loads(line)["epoch"])
@@ -441,6 +468,7 @@ def _train(store_path: Path, out: Path, cfg: CrossConfig | None, resume: bool, o
            dev: torch.device, corpus: str | Path | None, emit: Event, rank: int = 0, world: int = 1,
            splits: Path | None = None) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
+        note = None
         try:
             if out.exists() and not out.is_dir():
                 raise CrossError(f"--out {out}: not a folder")
@@ -449,9 +477,12 @@ def _train(store_path: Path, out: Path, cfg: CrossConfig | None, resume: bool, o
                 stack.enter_context(exclusive(out / ".lock", "a cross-scorer training"))
             setup = _setup(store_path, out, cfg, resume, overrides, world, splits)
             stack.callback(setup[0].close)
+            note = _restore_best(out / "best.pt", setup[2]) if rank == 0 and setup[2] is not None else None
         except (CodejepaError, OSError) as e:
             _agree(e, rank, world)
         _agree(None, rank, world)
+        if note is not None:
+            emit({"event": "warning", "message": note})
         if setup[3] is not None:
             emit({"event": "splits", **setup[3]})
         return _fit(*setup, store_path, out, dev, corpus, emit, rank, world)
@@ -565,6 +596,16 @@ def _fit(store: Store, cfg: CrossConfig, ck: dict[str, Any] | None, split_info: 
             first = None
         if isinstance(first, dict) and isinstance(first.get("created"), str):
             record["created"] = first["created"]
+        earlier = first.get("resumed_with_changes") if isinstance(first, dict) else None
+        if isinstance(earlier, list):
+            record["resumed_with_changes"] = earlier
+    if ck is not None:
+        # epochs moves the cosine schedule from here on: config.json alone no longer retrains these weights
+        then = CrossConfig.from_dict(ck["config"])
+        changes = {k: [getattr(then, k), getattr(cfg, k)] for k in RESUMABLE if getattr(then, k) != getattr(cfg, k)}
+        if changes:
+            record.setdefault("resumed_with_changes", []).append(
+                {"epoch": int(ck["epoch"]), "step": int(ck["step"]), "changes": changes})
     if main:
         atomic_write_json(out / "config.json", cfg.to_dict())
         atomic_write_json(out / "run.json", record)
@@ -580,9 +621,12 @@ def _fit(store: Store, cfg: CrossConfig, ck: dict[str, Any] | None, split_info: 
         save_checkpoint(last, ckpt())
     elif main and log.exists():  # entries past the checkpoint (the interrupted epoch's, a torn line): dropped
         log.write_text("".join(ln + "\n" for ln in log.read_text().splitlines() if _epoch_of(ln) <= epoch))
+    # The loss window of an epoch cut by a kill: its log line then averages the same steps as an
+    # uninterrupted run's (the weights match either way).
+    carried = [float(x) for x in (ck.get("window") or [])] if ck is not None and step > 0 else []
     for epoch in range(epoch, cfg.epochs):
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(hn.queries))
-        window: list[float] = []
+        window, carried = carried, []
         while step < per_epoch:
             g = epoch * per_epoch + step
             rows = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
@@ -621,7 +665,7 @@ def _fit(store: Store, cfg: CrossConfig, ck: dict[str, Any] | None, split_info: 
             emit({"event": "step", "epoch": epoch + 1, "epochs": cfg.epochs, "step": step, "steps": per_epoch,
                   "loss": float(np.mean(window))})
             if main and cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and step < per_epoch:
-                save_checkpoint(last, ckpt())
+                save_checkpoint(last, ckpt(window=window))
         mrr = _val_mrr(core, win, hn, dev) if main else float("nan")
         if world > 1:  # every rank's history and best epoch are rank 0's
             said = [mrr]

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from codejepa.core import CodejepaError
 from codejepa.embed.store import Store
 from codejepa.predict.normalize import BLOCK_TOKENS
 
@@ -144,6 +145,7 @@ class FeatureTable:
             self.tok_seg = np.zeros(int(self.tok_off[-1]), np.int8)
         total, done = len(order) * (2 if with_body else 1), 0
         for run, states, special, offs in store.iter_blocks("inputs", order, block_tokens=BLOCK_TOKENS):
+            store.check_finite("inputs", states, run, offs)  # val and test records too: stats saw train's
             for j, rec in enumerate(run):
                 a, b = int(offs[j]), int(offs[j + 1])
                 k = row[int(rec)]
@@ -162,6 +164,7 @@ class FeatureTable:
             if spec.kind == "transformer":
                 self.slots = np.zeros((n, spec.body_slots, d), np.float16)
             for run, states, special, offs in store.iter_blocks("targets", order, block_tokens=BLOCK_TOKENS):
+                store.check_finite("targets", states, run, offs)
                 for j, rec in enumerate(run):
                     a, b = int(offs[j]), int(offs[j + 1])
                     k = row[int(rec)]
@@ -353,12 +356,17 @@ class _StoreBatches:
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        if self._table is None or self._pid != os.getpid():
-            from codejepa.embed.store import open_store
+    def __getitem__(self, i: int) -> dict[str, np.ndarray] | CodejepaError:
+        try:
+            if self._table is None or self._pid != os.getpid():
+                from codejepa.embed.store import open_store
 
-            self._table, self._pid = StreamingTable(open_store(self.path), self.idx, self.spec), os.getpid()
-        return add_reveal(self._table.batch(self.batches[i]), self.reveal, self.epoch)
+                self._table, self._pid = StreamingTable(open_store(self.path), self.idx, self.spec), os.getpid()
+            return add_reveal(self._table.batch(self.batches[i]), self.reveal, self.epoch)
+        except CodejepaError as e:
+            # Handed back as a value: raised in the worker, the DataLoader would re-raise it
+            # with the worker's traceback folded into its message, not as one line.
+            return e
 
 
 def _no_collate(x: Any) -> Any:
@@ -406,6 +414,8 @@ class WorkerLoader:
                 return
             finally:
                 self.wait_s += time.perf_counter() - t
+            if isinstance(b, CodejepaError):
+                raise b
             yield b
 
 

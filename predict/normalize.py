@@ -147,6 +147,7 @@ def compute_stats(store: Store, train_idx: np.ndarray, *, outlier_factor: float 
     done = 0
     for run, states, special, offs in store.iter_blocks("inputs", idx, block_tokens=BLOCK_TOKENS):
         norms = np.linalg.norm(states, axis=1)
+        store.check_finite("inputs", norms, run, offs)  # a token's norm is finite iff its states are
         outl = (norms > in_thr) & ~special
         keep = ~special & ~outl
         c["input_tokens"] += len(states)
@@ -166,6 +167,7 @@ def compute_stats(store: Store, train_idx: np.ndarray, *, outlier_factor: float 
             progress(done, total)
     for run, states, special, offs in store.iter_blocks("targets", idx, block_tokens=BLOCK_TOKENS):
         norms = np.linalg.norm(states, axis=1)
+        store.check_finite("targets", norms, run, offs)
         outl = (norms > body_thr) & ~special
         keep = ~special & ~outl
         c["body_tokens"] += len(states)

@@ -483,10 +483,18 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
         # ---- checks before anything is written (every rank reaches the same verdict) ----
         existing = paths["run"].exists() or paths["last"].exists()
         if existing and not resume:
-            raise TrainingError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
+            nothing = (not paths["last"].exists() and not paths["best"].exists()
+                       and not any(e.get("event") == "epoch" for e in read_log(paths["log"])))
+            raise TrainingError(f"{out}: already holds a run; pass --resume to continue it or choose another --out"
+                                + (" (it holds no checkpoint yet: delete it to start again with other settings)"
+                                   if nothing else ""))
         ckpt = None
+        changes: dict[str, tuple[Any, Any]] = {}
         if resume and existing:
             config, ckpt = _resume_point(paths, store, store_path, config, main, emit)
+            # Settings a resume may change (RESUMABLE_CHANGES); train.epochs moves the learning
+            # rate's schedule from here on, so config.json alone no longer retrains these weights.
+            changes = _config_diff(read_run_config(paths["config"]).to_dict(), config.to_dict())
         if config is None:
             raise TrainingError("no config given and no run to resume")
         cfg = config.validate()
@@ -551,7 +559,9 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
             torch.set_rng_state(ckpt["torch_rng"].cpu())
             pos = _Position.of(ckpt)
             if main:
-                _trim_log(paths["log"], pos)
+                _trim_log(paths["log"], pos, changes)
+                if changes:
+                    _record_resume_changes(paths["run"], pos, changes)
 
         # ---- data, and the linear start (rank 0 only: DDP broadcasts rank 0's parameters and
         # buffers when it wraps the model) ----
@@ -815,8 +825,10 @@ def _step(net: torch.nn.Module, model: torch.nn.Module, opt: torch.optim.Optimiz
 def _diverged(paths: dict[str, Path], cfg: PredictConfig, pos: _Position, epoch: int, lr: float, ckpt_at: str,
               main: bool, start_mrr: float | None) -> DivergedError:
     """Log a non-finite loss at ``pos`` and draw the curves so far; the error to raise."""
+    # Without a checkpoint nothing trained is lost by starting again, and a --resume would meet
+    # the same settings: the way out is a new run with other settings.
     kept = (f"the last good checkpoint is kept: {paths['last']} ({ckpt_at})" if ckpt_at
-            else "no checkpoint had been written yet")
+            else f"no checkpoint had been written yet (delete {paths['last'].parent} to start again)")
     if main:
         _append_log(paths["log"], {"event": "diverged", "epoch": epoch + 1, "step": pos.step,
                                    "global_step": pos.global_step, "lr": lr, "time": time.time()})
@@ -856,7 +868,14 @@ def _stats_stale(path: Path, key: dict[str, Any]) -> str | None:
     return f"fitted with other settings ({', '.join(diff)})" if diff else None
 
 
-def _trim_log(log: Path, pos: _Position) -> None:
+def _record_resume_changes(run_json: Path, pos: _Position, changes: dict[str, tuple[Any, Any]]) -> None:
+    run = read_json_object(run_json, "run record", TrainingError, RESUME_REFUSED)
+    run.setdefault("resumed_with_changes", []).append(
+        {"epoch": pos.epoch, "step_in_epoch": pos.step, "changes": {k: list(v) for k, v in sorted(changes.items())}})
+    atomic_write_json(run_json, run)
+
+
+def _trim_log(log: Path, pos: _Position, changes: dict[str, tuple[Any, Any]] | None = None) -> None:
     """Drop log lines written after the checkpoint (a kill between the two) and mark the resume."""
     kept = [e for e in read_log(log) if not (e.get("event") == "epoch" and e["epoch"] > pos.epoch)]
     logged = {e["epoch"] for e in kept if e.get("event") == "epoch"}
@@ -865,7 +884,8 @@ def _trim_log(log: Path, pos: _Position) -> None:
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     # The code that continues the run: another commit than run.json's is visible here.
     _append_log(log, {"event": "resume", "epoch": pos.epoch, "step_in_epoch": pos.step, "world_size": world,
-                      "code_version": code_version(), "threads": torch.get_num_threads(), "time": time.time()})
+                      "code_version": code_version(), "threads": torch.get_num_threads(), "time": time.time(),
+                      **({"changes": {k: list(v) for k, v in sorted(changes.items())}} if changes else {})})
 
 
 def _fit_start(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: PredictConfig, store: Store, train_tab: Any,

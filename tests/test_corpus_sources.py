@@ -198,6 +198,20 @@ def test_a_missing_blob_skips_its_file_and_keeps_the_rest(tmp_path: Path) -> Non
     res = build_corpus([str(repo)], tmp_path / "c")
     assert res.repos[0]["status"] == "ok" and res.repos[0]["functions"] == 2
     assert {s["path"] for s in res.repos[0]["skipped"]} == {"b.py", "link.py"}
+    # ... and the console says so in one line, not only the manifest: again when it resumes.
+    for run in (res, build_corpus([str(repo)], tmp_path / "c")):
+        said = [m for m in run.messages if "unreadable" in m]
+        assert len(said) == 1 and "2 files unreadable" in said[0] and "git fsck" in said[0], run.messages
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_with_that_reason(tmp_path: Path) -> None:
+    repo = tmp_path / "r"
+    latin1 = "caf\udce9.py"  # b"caf\xe9.py": a Latin-1 name, kept by Python as a lone surrogate
+    make_repo(repo, {"a.py": "def a():\n    return 1\n", latin1: "def b():\n    return 2\n"})
+    res = build_corpus([str(repo)], tmp_path / "c")
+    entry = res.repos[0]
+    assert entry["status"] == "ok" and entry["functions"] == 1
+    assert [s["reason"] for s in entry["skipped"]] == ["file name is not valid UTF-8"]
 
 
 # --------------------------------------------------------------------------- archives

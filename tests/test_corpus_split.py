@@ -46,7 +46,8 @@ def test_ratios() -> None:
     assert parse_ratios("80/10/10") == pytest.approx((0.8, 0.1, 0.1))
     assert parse_ratios("1,1,2") == pytest.approx((0.25, 0.25, 0.5))
     assert all(assign_split(n, ratios=(0.0, 0.0, 1.0)) == "test" for n in NAMES[:50])
-    for bad in ("80/20", "a/b/c", "-1/1/1", "0/0/0"):  # all zero: one line, not a ZeroDivisionError
+    # all zero: one line, not a ZeroDivisionError; nan would send every repository to one split
+    for bad in ("80/20", "a/b/c", "-1/1/1", "0/0/0", "nan/1/1", "inf/1/1", "1e400/1/1"):
         with pytest.raises(CodejepaError):
             parse_ratios(bad)
 

@@ -38,8 +38,9 @@ def test_run_info_shards_and_merge_with_the_default_teacher(tmp_path: Path) -> N
     assert r.exit_code == 0
     info = json.loads(r.stdout)
     assert info["records"] == 8 and info["meta"]["extra"]["complete"] is True and info["complete"] is True
+    assert info["checksums"] is True
     r = runner.invoke(app, ["embed", "info", str(out)])
-    assert r.exit_code == 0 and "complete" in r.stdout and "yes" in r.stdout
+    assert r.exit_code == 0 and "complete" in r.stdout and "yes" in r.stdout and "Fletcher-32 per chunk" in r.stdout
     # rerun: nothing to do; then add the missing split to the same store
     r = runner.invoke(app, ["embed", "run", str(corpus), "--out", str(out), "--device", "cpu"])
     assert r.exit_code == 0, r.output
@@ -70,6 +71,7 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
                  ["embed", "run", str(tmp_path), "--out", str(tmp_path / "x.h5")],
                  ["embed", "run", str(corpus), "--out", str(tmp_path / "x.h5"), "--shard", "3/2"],
                  ["embed", "run", str(corpus), "--out", str(tmp_path / "x.h5"), "--split", "dev"],
+                 ["embed", "run", str(corpus), "--out", str(tmp_path / "x.h5"), "--split", ",,"],
                  ["embed", "run", str(corpus), "--out", str(tmp_path / "x.h5"), "--max-tokens", "3"],
                  ["embed", "run", str(corpus), "--out", str(tmp_path / "x.h5"), "--batch-tokens", "0"],
                  ["embed", "probe", str(tmp_path / "bad.h5"), "--seed", "-1"],

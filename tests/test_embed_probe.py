@@ -257,6 +257,10 @@ def test_cli_probes_with_the_default_teacher_and_fails_in_one_line(tmp_path: Pat
     bad.write_bytes(b"not hdf5 at all")
     r = runner.invoke(app, ["embed", "probe", str(store), "--out", str(bad)])
     assert r.exit_code == 1 and "not a readable probe view" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["embed", "probe", str(store), "--out", str(store)])  # not "a corrupt probe view"
+    assert r.exit_code == 1 and "is the store itself" in r.output and "Traceback" not in r.output
+    with open_store(store) as s:
+        assert len(s) == 15
     empty = tmp_path / "empty.probe.h5"
     empty.touch()  # HDF5 would make an empty file an empty HDF5 file, then refuse that
     r = runner.invoke(app, ["embed", "probe", str(store), "--out", str(empty)])

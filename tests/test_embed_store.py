@@ -145,6 +145,11 @@ def test_refuses_other_settings_and_foreign_files(tmp_path: Path) -> None:
         assert "built again" not in str(e.value)
     with pytest.raises(StoreError, match="its corpus /c was built again since this store was embedded from it"):
         StoreWriter(p, meta(corpus_dir="/c", corpus_manifest_hash="rebuilt"))
+    q = tmp_path / "from-a.h5"
+    with StoreWriter(q, meta(corpus_dir="/a")) as w:
+        w.append([rec(0)])
+    with pytest.raises(StoreError, match="this store was embedded from another corpus, /a;"):
+        StoreWriter(q, meta(corpus_dir="/b", corpus_manifest_hash="b's"))
     with StoreWriter(p, meta(code_version="later")) as w:  # same settings: resumes
         assert w.committed == 1
     (tmp_path / "junk.h5").write_bytes(b"not hdf5 at all" * 10)
@@ -234,6 +239,29 @@ def test_a_disk_too_full_for_the_next_batch_stops_before_writing(tmp_path: Path,
     monkeypatch.undo()
     with open_store(p) as s:
         assert list(s.ids) == ["id0"]
+
+
+def test_bytes_damaged_inside_the_states_fail_their_checksum_in_one_line(tmp_path: Path) -> None:
+    """A store whose header and bookkeeping are intact but whose states were damaged on disk:
+    without checksums it would read back as plausible numbers (or NaNs) and train on them."""
+    p = tmp_path / "s.h5"
+    with StoreWriter(p, meta(), chunk_tokens=4) as w:
+        w.append([rec(i) for i in range(6)])
+    with h5py.File(p, "r") as f:
+        ds = f["targets/states"]
+        assert ds.fletcher32
+        hit = ds.id.get_chunk_info(2)  # rows 8..11: record 1's body
+    with open(p, "r+b") as fh:
+        fh.seek(hit.byte_offset + 8)
+        fh.write(bytes(8))
+    with open_store(p) as s:  # what it holds is still listed ...
+        assert len(s) == 6
+        np.testing.assert_allclose(s.body(0).states, rec(0).body_states, rtol=1e-3, atol=1e-3)
+        for read in (lambda: s.body(1), lambda: s.pooled("body")):  # ... the damage is named
+            with pytest.raises(StoreError, match=r"damaged store: targets/states rows .* do not read back") as e:
+                read()
+            assert "\n" not in str(e.value)
+        assert s.pooled("signature").shape == (6, D)  # the other pass reads on
 
 
 def test_a_damaged_split_code_is_a_damaged_store(tmp_path: Path) -> None:

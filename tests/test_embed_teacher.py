@@ -115,6 +115,18 @@ def test_bad_device_and_dtype(qwen_dir: Path) -> None:
             open_teacher(str(qwen_dir), device="cuda")
 
 
+def test_a_tokenizer_without_its_vocabulary_is_refused(tmp_path: Path) -> None:
+    """Without vocab.txt and tokenizer.json transformers still builds a BERT tokenizer, of five
+    special tokens: every input would embed as [UNK] and the run would end "complete"."""
+    folder = make_tiny_bert(tmp_path / "bert", layers=1)
+    assert open_teacher(str(folder), device="cpu").tokenizer is not None  # whole, it loads
+    (folder / "vocab.txt").unlink()
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(TeacherError) as e:
+        open_teacher(str(folder), device="cpu")
+    assert "does not cover code" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_hf_cache_name_resolves_offline_to_the_snapshot(qwen_dir: Path, tmp_path: Path) -> None:
     """A Hugging Face cache laid out as the hub client writes it: blobs named by content
     hash, a snapshot folder of links, refs/main naming the commit."""

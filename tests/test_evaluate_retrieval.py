@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _evaluate_fixtures import make_dataset  # noqa: E402
 
 from codejepa.core import CodejepaError  # noqa: E402
+from codejepa.embed.store import StoreError  # noqa: E402
 from codejepa.evaluate.baselines import FUSION_WEIGHTS, ReverseFit, RidgeFit  # noqa: E402
 from codejepa.evaluate.errors import EvaluateError  # noqa: E402
 from codejepa.evaluate.report import compare_saved, comparison_lines, render  # noqa: E402
@@ -346,7 +347,7 @@ def test_non_finite_states_are_a_damaged_store(ds, tmp_path: Path) -> None:
     shutil.copy(ds.store_path, store)
     with h5py.File(store, "r+") as f:  # the writer refuses NaN: only damage puts one there
         f["targets/states"][0] = np.nan
-    with pytest.raises(EvaluateError, match="damaged store .*non-finite body states"):
+    with pytest.raises(StoreError, match="damaged store: record 0 .* non-finite targets states"):
         evaluate_retrieval(store, corpus_dir=ds.corpus_dir, baselines="random", spaces="raw", n_boot=10, plots=False)
 
 

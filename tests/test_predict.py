@@ -409,6 +409,33 @@ def test_streaming_from_the_store_equals_the_ram_cache(store_path: Path, tmp_pat
         assert_same_weights(weights(ref), weights(tmp_path / name), atol=1e-6)
 
 
+def test_a_store_damaged_under_the_loader_workers_is_one_line(store_path: Path, tmp_path: Path) -> None:
+    """A chunk that fails its checksum while worker processes read batches: the DataLoader would
+    re-raise the worker's error with its traceback folded into the message."""
+    import shutil
+
+    import h5py
+
+    from codejepa.embed.store import StoreError
+    from codejepa.predict.data import StreamingTable, WorkerLoader
+
+    p = tmp_path / "s.h5"
+    shutil.copy(store_path, p)
+    with h5py.File(p, "r") as f:
+        hit = f["inputs/states"].id.get_chunk_info(1)
+    with open(p, "r+b") as fh:
+        fh.seek(hit.byte_offset + 64)
+        fh.write(b"\x07" * 32)
+    spec = FeatureSpec("transformer", 16, 0, float("inf"), float("inf"))
+    with open_store(p) as st:
+        table = StreamingTable(st, st.indices("train"), spec)
+        loader = WorkerLoader(table, [np.arange(k, k + 8) for k in range(0, len(table), 8)], None, 0, 2, 4)
+        with pytest.raises(StoreError, match="damaged store: inputs/states rows") as e:
+            for _ in loader:
+                pass
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
+
+
 def test_runs_checkpoint_mid_epoch_by_default(store_path: Path, tmp_path: Path) -> None:
     """An epoch of a big store lasts half an hour: without a setting, a kill mid-epoch must
     keep the last 100-step checkpoint, not only the previous epoch's."""
@@ -481,6 +508,40 @@ def test_bad_inputs_give_one_clear_error(store_path: Path, tmp_path: Path) -> No
         train(tmp_path / "missing.h5", cfg, tmp_path / "r3", device="cpu")
     with pytest.raises(PredictorError, match="not a predict run"):
         load_predictor(tmp_path)
+    for key, value in (("train.seed", 2**40), ("optim.lr", float("inf"))):  # torch.manual_seed's traceback, a nan loss
+        with pytest.raises(ConfigError, match=key):
+            resolve_config("mlp", overrides={key: value})
+    stopped = tmp_path / "stopped"  # a run stopped before its first checkpoint: starting again loses nothing
+    stopped.mkdir()
+    (stopped / "run.json").write_text((run / "run.json").read_text())
+    with pytest.raises(TrainingError, match="holds no checkpoint yet: delete it to start again"):
+        train(store_path, cfg, stopped, device="cpu")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("model", ["mlp", "ridge-residual"])
+def test_non_finite_states_are_a_damaged_store_not_a_divergence(store_path: Path, tmp_path: Path, split: str,
+                                                                model: str) -> None:
+    """The writer refuses NaN and inf: one in a store is damage. Read on, it made a linear-algebra
+    traceback (ridge) or a loss that diverged and blamed the learning rate (the MLP)."""
+    import shutil
+
+    import h5py
+
+    from codejepa.embed.store import StoreError
+
+    p = tmp_path / "nan.h5"
+    shutil.copy(store_path, p)
+    with open_store(p) as st:
+        rec = int(st.indices(split)[3])
+        row = int(st.lengths("targets")[:rec].sum())
+        rid = st.ids[rec]
+    with h5py.File(p, "r+") as f:
+        f["targets/states"][row + 1] = np.nan
+    cfg = (resolve_config("mlp", preset="ridge-residual", overrides={"train.epochs": 1, "train.plot_every_s": -1})
+           if model == "ridge-residual" else resolve_config("mlp", overrides={**TINY_MLP, "train.epochs": 1}))
+    with pytest.raises(StoreError, match=f"damaged store: record {rec} \\({rid}\\) has non-finite targets states"):
+        train(p, cfg, tmp_path / "run", device="cpu")
 
 
 def test_checkpoints_are_data_and_code_is_refused(store_path: Path, tmp_path: Path) -> None:

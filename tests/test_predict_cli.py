@@ -103,7 +103,7 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
         (["--out", str(bad_mid), "--resume", "--set", "train.epochs=4"],
          "best.pt is damaged; last.pt (epoch 3) is intact, but the best epoch's (3)"),
         (["--out", str(out), "--resume", "--set", "train.epochs=2"], "train.epochs = 2 is below what this run has trained (3 epochs)"),
-        (["--model", "mlp", "--set", "train.seed=-1", "--out", str(tmp_path / "y")], "train.seed must be ≥ 0"),
+        (["--model", "mlp", "--set", "train.seed=-1", "--out", str(tmp_path / "y")], "train.seed must be in [0, 2**32)"),
         (["--model", "mlp", "--set", "train.epochs=0", "--out", str(tmp_path / "y")], "train.epochs must be ≥ 1"),
     ]:
         r = runner.invoke(app, ["predict", "train", str(store), *args])
@@ -120,6 +120,15 @@ def test_cli_trains_resumes_and_reports_errors_in_one_line(tmp_path: Path) -> No
     assert r.exit_code == 0 and "rewritten from last.pt" in r.output, r.output
     best, last = (torch.load(bad_last_best / n, weights_only=True) for n in ("best.pt", "last.pt"))
     assert best["epoch"] == 3 and all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+    # more epochs on a resume move the learning rate's schedule: run.json and the log's resume line say so
+    r = runner.invoke(app, ["predict", "train", str(store), "--out", str(bad_last_best), "--resume",
+                            "--set", "train.epochs=4"])
+    assert r.exit_code == 0, r.output
+    said = {"epoch": 3, "step_in_epoch": 0, "changes": {"train.epochs": [3, 4]}}
+    earlier = {"epoch": 2, "step_in_epoch": 0, "changes": {"train.epochs": [2, 3]}}  # `out`'s own, copied
+    assert json.loads((bad_last_best / "run.json").read_text())["resumed_with_changes"] == [earlier, said]
+    resumes = [e for e in map(json.loads, (bad_last_best / "log.jsonl").read_text().splitlines()) if e["event"] == "resume"]
+    assert [e.get("changes") for e in resumes] == [earlier["changes"], None, said["changes"]], resumes
     # a run folder another training holds is refused, for a resume and for a new run alike
     from codejepa.core import exclusive
 

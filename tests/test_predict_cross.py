@@ -151,6 +151,9 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path: P
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
     assert [h["epoch"] for h in rec["history"]] == [1, 2, 3]
+    # the cut epoch's loss averages the same steps as the uninterrupted run's, not only those after the resume
+    assert rec["history"] == json.loads((whole / "run.json").read_text())["history"]
+    assert "resumed_with_changes" not in json.loads((part / "run.json").read_text())
     assert [json.loads(ln)["epoch"] for ln in (part / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert load_cross(part).val_mrr == load_cross(whole).val_mrr
 
@@ -178,6 +181,17 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
     assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
     fails(["predict", "cross", str(store), "--out", str(out), *small], "--resume")
     fails(["predict", "cross", str(store), "--out", str(out), "--resume", "--set", "width=8"], "width may not change")
+    # A lost best.pt whose epoch is last.pt's own is rewritten from it; the run does not end
+    # "done" without one (an earlier best epoch's loss: test_a_lost_best_epoch_is_refused_...).
+    (out / "best.pt").unlink()
+    r = runner.invoke(app, ["predict", "cross", str(store), "--out", str(out), "--resume", "--set", "epochs=2"])
+    assert r.exit_code == 0 and "best.pt is missing; rewritten from last.pt, whose epoch (1)" in r.output, r.output
+    assert load_cross(out).epoch in (1, 2)
+    # more epochs move the schedule: config.json alone no longer retrains these weights, and run.json says so
+    assert json.loads((out / "run.json").read_text())["resumed_with_changes"] == [
+        {"epoch": 1, "step": 0, "changes": {"epochs": [1, 2]}}]
+    for bad in ("seed=-1", "seed=99999999999999999999999", "lr=inf"):  # torch.manual_seed's traceback, a nan loss
+        fails(["predict", "cross", str(store), "--out", str(tmp_path / "new"), *small, "--set", bad], bad.split("=")[0])
     (out / "last.pt").write_bytes(b"not a checkpoint")
     fails(["predict", "cross", str(store), "--out", str(out), "--resume"], "last.pt", "not a loadable")
     # evaluate: a run of another store, a folder that is no cross-scorer, a predictor run
@@ -186,6 +200,27 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
     fails(["evaluate", "retrieval", str(other), "--baselines", "bm25", "--rerank", str(out)], "other settings")
     fails(["evaluate", "retrieval", str(store), "--baselines", "bm25", "--rerank", str(tmp_path)], "not a cross-scorer run")
     fails(["evaluate", "retrieval", str(store), "--baselines", "bm25", "--rerank", str(out), "--rerank-k", "0"], "--rerank-k")
+
+
+def test_a_lost_best_epoch_is_refused_and_a_damaged_store_named(tmp_path: Path) -> None:
+    import shutil
+
+    import h5py
+
+    from codejepa.embed.store import StoreError
+    from codejepa.predict.cross import _restore_best
+
+    ck = {"history": [{"val_mrr": 0.5}, {"val_mrr": 0.4}], "best_val_mrr": 0.5, "epoch": 2, "step": 0}
+    with pytest.raises(CrossError, match=r"best.pt is missing; last.pt \(epoch 2\) is intact, but the best epoch's \(1\)"):
+        _restore_best(tmp_path / "best.pt", ck)
+    assert not (tmp_path / "best.pt").exists()
+    # Non-finite states (the writer refuses them: damage) stop the run before it trains on them.
+    store = tmp_path / "nan.h5"
+    shutil.copy(_small(tmp_path / "d"), store)
+    with h5py.File(store, "r+") as f:
+        f["targets/states"][3] = np.inf
+    with pytest.raises(StoreError, match=r"damaged store: record \d+ \(\w+\) has non-finite targets states"):
+        train_cross(store, tmp_path / "x", CrossConfig(**{**FAST, "hard_pool": 6, "negatives": 3, "batch_size": 8}))
 
 
 @pytest.mark.timeout(240)
