@@ -263,7 +263,7 @@ def _reusable(prev: dict[str, Any] | None, entry: dict[str, Any], out: Path) -> 
     )
 
 
-def _damage(prev: dict[str, Any], out: Path) -> str | None:
+def output_damage(prev: dict[str, Any], out: Path) -> str | None:
     """Why a finished repo's files cannot be reused (None when intact).
 
     Files are written atomically, so damage comes from outside (a truncated copy, a full
@@ -471,7 +471,7 @@ class _Build:
                 self.obs.on_repo_done(entry)
         for source, entry in todo:
             prev = self.previous.get(source.name)
-            why = _damage(prev, self.out) if _reusable(prev, entry, self.out) else None
+            why = output_damage(prev, self.out) if _reusable(prev, entry, self.out) else None
             if why:
                 self.say(f"note: {source.spec}: finished output is damaged, rebuilding it ({why})")
                 del self.previous[source.name]

@@ -103,7 +103,19 @@ def _missing_files(manifest: dict[str, Any], corpus: Path) -> dict[str, list[str
     return missing
 
 
-def _summary(manifest: dict[str, Any], missing: dict[str, list[str]] | None = None) -> None:
+def _damaged(manifest: dict[str, Any], corpus: Path, missing: dict[str, list[str]]) -> dict[str, str]:
+    """repo name → why a built repository's files (there, not missing) do not read back as the
+    records the build wrote: a truncated or edited file would otherwise pass as "ok"."""
+    from codejepa.corpus.build import output_damage
+
+    return {r["name"]: why for r in manifest["repos"]
+            if r.get("status") == "ok" and r["name"] not in missing
+            and all(isinstance(r.get(k), str) for k in ("records_file", "index_file"))
+            and (why := output_damage(r, corpus))}
+
+
+def _summary(manifest: dict[str, Any], missing: dict[str, list[str]] | None = None,
+             damaged: dict[str, str] | None = None) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -121,6 +133,8 @@ def _summary(manifest: dict[str, Any], missing: dict[str, list[str]] | None = No
         status = r["status"] + (" (resumed)" if r.get("resumed") else "")
         if missing and r["name"] in missing:
             status = "[red]files missing[/red]"
+        if damaged and r["name"] in damaged:
+            status = "[red]files damaged[/red]"
         table.add_row(
             escape(r["name"]), (r.get("split") or "-") + (" (pinned)" if r.get("train_only") else ""), status, f"{r['files']:,}", f"{r['functions']:,}",
             f"{r.get('test_functions', 0):,}", str(len(r.get("skipped", []))),
@@ -220,12 +234,18 @@ def info(corpus: Path = typer.Argument(..., help="A corpus folder.")) -> None:
         typer.echo(f"error: {error_line(e)}", err=True)
         raise typer.Exit(1) from None
     missing = _missing_files(manifest, corpus)
-    _summary(manifest, missing)
+    damaged = _damaged(manifest, corpus, missing)
+    _summary(manifest, missing, damaged)
     if missing:
         files = ", ".join(f for gone in missing.values() for f in gone)
         which = "1 built repository has lost its" if len(missing) == 1 else f"{len(missing)} built repositories have lost their"
         typer.echo(f"error: {which} files ({files}); "
                    f"{REBUILD} (the same sources and --out: it rebuilds only those)", err=True)
+    if damaged:
+        which = "1 built repository's files do" if len(damaged) == 1 else f"{len(damaged)} built repositories' files do"
+        typer.echo(f"error: {which} not read back as built (first: {next(iter(damaged.values()))}); "
+                   f"{REBUILD} (the same sources and --out: it rebuilds only those)", err=True)
+    if missing or damaged:
         raise typer.Exit(1)
 
 

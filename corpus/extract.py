@@ -108,6 +108,9 @@ def parse_bytes(data: bytes) -> tree_sitter.Tree:
     return _tools()[0].parse(data)
 
 
+_CODING_LINE = re.compile(rb"^[ \t\f]*#.*?coding[:=]")  # PEP 263's pattern
+
+
 def detect_encoding(data: bytes) -> str:
     """The file's source encoding as CPython decides it (BOM, PEP 263 line, else UTF-8).
 
@@ -118,6 +121,13 @@ def detect_encoding(data: bytes) -> str:
     try:
         enc, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
     except SyntaxError as e:
+        # tokenize says "invalid or missing encoding declaration" for a first line that is not
+        # UTF-8 even without any declaration: then the file's bytes are what is wrong.
+        if not any(_CODING_LINE.match(line) for line in data.splitlines()[:2]):
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as u:
+                raise FileSkip(f"does not decode as its default encoding utf-8 (byte {u.start})") from None
         raise FileSkip(f"bad encoding declaration: {e.msg if hasattr(e, 'msg') else e}") from None
     try:
         data.decode(enc)

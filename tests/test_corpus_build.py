@@ -385,6 +385,16 @@ def test_cli_build_and_exit_codes(fixture_repo: tuple[Path, str], tmp_path: Path
         assert r.exit_code == 1 and "files missing" in r.output and entry[key] in r.output, r.output
         r = run_cli("build", "--repos-file", str(repos_file), "--out", str(out), "--workers", "2", "--seed", "0")
         assert r.exit_code == 0 and run_cli("info", str(out)).exit_code == 0, r.output
+    # A records file cut short (a bad copy) reads as valid JSON Lines: info re-reads it against the
+    # count the build recorded, as a resumed build does, instead of calling the repository "ok".
+    records = out / entry["records_file"]
+    lines = records.read_text().splitlines(keepends=True)
+    records.write_text("".join(lines[: len(lines) // 2]))
+    r = run_cli("info", str(out))
+    assert r.exit_code == 1 and "files damaged" in r.output and "not read back as built" in r.output, r.output
+    assert f"{len(lines) // 2} records, the build wrote {len(lines)}" in r.output
+    r = run_cli("build", "--repos-file", str(repos_file), "--out", str(out), "--workers", "2", "--seed", "0")
+    assert r.exit_code == 0 and run_cli("info", str(out)).exit_code == 0, r.output
 
     # Nothing could be built: non-zero, one line per bad source.
     r = run_cli("build", "ext::sh -c id", "/no/such/repo", "--out", str(tmp_path / "bad"))

@@ -183,8 +183,11 @@ def test_latin1_with_coding_line_decodes_and_maps_offsets_back() -> None:
 def test_undeclared_latin1_and_bad_coding_lines_are_reported_not_guessed() -> None:
     res = extract(LATIN1_UNDECLARED)
     assert res.records == [] and "does not decode" in res.skipped and "utf-8" in res.skipped
+    # the same bytes on the first line: tokenize calls it a bad declaration, but there is none
+    res = extract(b"NAME = 'caf\xe9'\ndef f():\n    return NAME\n")
+    assert res.skipped == "does not decode as its default encoding utf-8 (byte 11)"
     res = extract(b"# coding: no-such-codec\ndef f(): pass\n")
-    assert res.records == [] and "encoding" in res.skipped
+    assert res.records == [] and "bad encoding declaration" in res.skipped
     # A declared encoding the bytes do not satisfy is reported too.
     res = extract(b"# coding: ascii\ndef f():\n    return '\xc3\xa9'\n")
     assert res.records == [] and "declared" in res.skipped
