@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.codejepa-installed
 DEMO_DIR ?= $(HOME)/.cache/codejepa/demo
+# Passed in the environment, not pasted into the recipe: a folder name with spaces or shell
+# characters stays one name.
+export DEMO_DIR
 
 .PHONY: test demo install clean
 
@@ -21,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	DEMO_DIR=$(DEMO_DIR) PATH=$(abspath $(VENV))/bin:$$PATH bash bench/demo.sh
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash bench/demo.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache

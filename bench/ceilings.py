@@ -33,6 +33,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write every figure here")
     args = ap.parse_args()
     t0 = time.perf_counter()
+    if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir()):
+        # checked now, not after minutes of computing
+        sys.exit(f"ceilings: --json {args.json}: {'a folder' if args.json.is_dir() else 'its folder does not exist'}")
     try:
         fractions = [float(f) for f in args.fractions.split(",")]
         with open_store(args.store) as store:

@@ -87,9 +87,14 @@ def main() -> None:
 
     exe = shutil.which("codejepa") or str(Path(sys.executable).with_name("codejepa"))
     out: Path = args.out.expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     stages = set(args.stages.split(","))
     requested = sorted(stages)
+    presets = [m for m in args.models.split(",") if m]
+    check_request(stages, presets, args.folds)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"pipeline: --out {out}: {e.strerror or e}")
     tag = f"L{args.layer if args.layer is not None else 'mid'}-{args.targets}"
     if args.extra_train:
         tag = f"plus-{tag}"
@@ -121,7 +126,6 @@ def main() -> None:
     if "probe" in stages:
         run([exe, "embed", "probe", str(store)], timings, "probe_s")
 
-    presets = [m for m in args.models.split(",") if m]
     if args.folds:
         cross_validate(args, exe, out, corpus, store, tag, presets, stages, timings)
         stages -= {"train", "cross", "evaluate", "ceilings"}
@@ -145,6 +149,8 @@ def main() -> None:
             for r in runs:
                 if (r / "best.pt").is_file():
                     cmd += ["--run", str(r)]
+                else:
+                    print(f"pipeline: {r} has no best.pt (not trained: add the train stage): left out", file=sys.stderr)
             run(cmd, timings, f"evaluate_{pool}_s")
 
     if "ceilings" in stages:  # oracle ceilings and ridge's learning curve (bench/ceilings.py)
@@ -160,10 +166,35 @@ def main() -> None:
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
     path = out / f"timings-{tag}.json"
-    history = json.loads(path.read_text()) if path.is_file() else []
+    try:
+        history = json.loads(path.read_text()) if path.is_file() else []
+        if not isinstance(history, list):
+            raise ValueError("not a list")
+    except (OSError, ValueError) as e:  # the stages' outputs are kept; the damaged record is set aside
+        kept = path.with_name(path.name + ".damaged")
+        path.replace(kept)
+        print(f"pipeline: {path}: unreadable ({e}); moved to {kept.name}, a new record started", file=sys.stderr)
+        history = []
     history.append(record)
     path.write_text(json.dumps(history, indent=2) + "\n")
     print(json.dumps(record, indent=2))
+
+
+STAGES = ("corpus", "embed", "probe", "train", "cross", "evaluate", "ceilings")
+
+
+def check_request(stages: set[str], presets: list[str], folds: int) -> None:
+    """Refuse, before hours of work, what a later stage would refuse or silently skip."""
+    from codejepa.predict.config import PRESETS
+
+    unknown = sorted(stages - set(STAGES))
+    if unknown:
+        sys.exit(f"pipeline: --stages: unknown stage(s) {', '.join(unknown)}; the stages are {', '.join(STAGES)}")
+    bad = [m for m in presets if m not in PRESETS]
+    if bad:
+        sys.exit(f"pipeline: --models: unknown preset(s) {', '.join(bad)}; the presets are {', '.join(PRESETS)}")
+    if folds and folds < 3:  # as `corpus folds` requires, which runs only after the corpus and the store
+        sys.exit(f"pipeline: --folds {folds}: 0 (the corpus's own split) or at least 3")
 
 
 def _finished(run_dir: Path) -> bool:

@@ -6,7 +6,9 @@ Each stage's ``cli.py`` only parses arguments and calls library functions; heavy
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from typing import Any
 
 import typer
@@ -39,8 +41,27 @@ def stop_on_term() -> None:
     signal.signal(signal.SIGTERM, interrupt)
 
 
+# The commands that share one job between torchrun's ranks; any other would run once per rank
+# over the same files (two evaluations writing one --out, two merges racing for one lock).
+DISTRIBUTED = {("embed", "run"), ("embed", "probe"), ("predict", "train"), ("predict", "cross")}
+
+
+def one_process_only(argv: list[str], env: dict[str, str]) -> str | None:
+    """Why a command line cannot run under torchrun's several ranks, or None."""
+    world = env.get("WORLD_SIZE", "").strip()
+    words = [a for a in argv if not a.startswith("-")][:2]
+    if not world.isdigit() or int(world) <= 1 or len(words) < 2 or tuple(words) in DISTRIBUTED:
+        return None
+    return (f"`codejepa {' '.join(words)}` runs in one process, not once per torchrun rank (WORLD_SIZE={world}); "
+            "start it without torchrun")
+
+
 def main() -> None:
     stop_on_term()
+    why = one_process_only(sys.argv[1:], dict(os.environ))
+    if why is not None:
+        print(f"error: {why}", file=sys.stderr)
+        raise SystemExit(1)
     app()
 
 

@@ -94,6 +94,10 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
             text = f"{os.environ['RANK']}/{os.environ['WORLD_SIZE']}"
         else:
             return None
+    elif os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+        # every rank would write the one shard named, and all but one would be refused its lock
+        raise EmbedError(f"--shard {text}: under torchrun each rank takes its shard from RANK/WORLD_SIZE; "
+                         "leave --shard out, or run without torchrun")
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:

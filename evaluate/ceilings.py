@@ -168,6 +168,8 @@ def ceilings(store: Any, *, split: str = "test", fractions: Sequence[float] = (0
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad:
         raise EvaluateError(f"train fractions must be in (0, 1], not {bad[0]}")
+    if seeds < 1:  # no draw: every learning-curve figure would be the mean of nothing
+        raise EvaluateError(f"seeds (draws per train fraction) must be ≥ 1, not {seeds}")
     views = store.pooled_views(["signature", "signature_last", "body"])
     bodies = views["body"]
     x = np.concatenate([views["signature"], views["signature_last"]], axis=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -167,6 +168,8 @@ def compare_cmd(
         return
     for line in comparison_lines({"comparisons": [c]}):
         _out_console().print(line, markup=False, highlight=False, soft_wrap=True)
+    if c.get("note"):
+        print(c["note"], file=sys.stderr)
 
 
 @app.command("folds")

@@ -267,18 +267,21 @@ def compare_saved(out_dir: str | Path, a: str, b: str, *, n_boot: int = 2000, se
             raise EvaluateError(f"no saved result {k!r}; available: {', '.join(sorted(ranks))}")
     comps = paired_bootstrap(ranks[a], ranks[b], cl, metrics=metrics, n_boot=n_boot, seed=seed)
     out: dict[str, Any] = {"a": a, "b": b, "results": [c.to_json() for c in comps]}
-    cis = _saved_cis(out_dir)
+    cis, why = _saved_cis(out_dir)
     if a in cis and b in cis:
         out["cis_overlap"] = cis_overlap(cis[a], cis[b], metrics)
+    elif why:
+        out["note"] = why
     return out
 
 
-def _saved_cis(out_dir: str | Path) -> dict[str, dict[str, MetricCI]]:
-    """Each saved row's own intervals as the evaluation reported them (none where
-    ``retrieval.json`` is missing or damaged: the paired figures need only the ranks)."""
+def _saved_cis(out_dir: str | Path) -> tuple[dict[str, dict[str, MetricCI]], str | None]:
+    """Each saved row's own intervals as the evaluation reported them, and why there are none
+    where ``retrieval.json`` is missing or damaged (the paired figures need only the ranks)."""
     try:
         rows = load_result(out_dir).get("rows") or []
         return {f"{r['method']}@{r['space']}": {m: MetricCI(v["value"], v["ci_low"], v["ci_high"])
-                                                for m, v in r["metrics"].items()} for r in rows}
-    except (EvaluateError, KeyError, TypeError, AttributeError):
-        return {}
+                                                for m, v in r["metrics"].items()} for r in rows}, None
+    except (EvaluateError, KeyError, TypeError, AttributeError) as e:
+        what = str(e) if isinstance(e, EvaluateError) else f"{Path(out_dir) / JSON_FILE}: damaged ({type(e).__name__})"
+        return {}, f"note: whether the rows' own CIs overlap is not said: {what}"

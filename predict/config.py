@@ -20,6 +20,7 @@ from codejepa.core import CodejepaError, read_json_object
 
 # Seeds feed torch.manual_seed (an unsigned 64-bit number) after arithmetic: kept well inside it.
 SEED_LIMIT = 2**32
+CROSS_KIND = "cross"  # a cross-scorer run's config.json names its kind so (codejepa.predict.cross)
 
 
 class ConfigError(CodejepaError):
@@ -214,6 +215,8 @@ class PredictConfig:
             (t.batch_groups in ("none", "file", "repo"), f"train.batch_groups must be none, file or repo, not {t.batch_groups!r}"),
             (t.group_size >= 1, "train.group_size must be positive"),
             (t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps must be ≥ 0 (0: at epoch ends only)"),
+            (self.data.workers >= 0 and self.data.prefetch >= 0 and self.data.cache_gb >= 0,
+             "data.workers, data.prefetch and data.cache_gb must be ≥ 0"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -411,7 +414,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     from what it recorded."""
     p = Path(path)
     if p.suffix == ".json" and p.exists():
-        return _flatten(read_json_object(p, "config file", ConfigError, "give a TOML file or a run's config.json"))
+        return _flatten(_not_a_cross_run(read_json_object(p, "config file", ConfigError,
+                                                          "give a TOML file or a run's config.json"), p))
     try:
         with open(p, "rb") as f:
             return _flatten(tomllib.load(f))
@@ -431,9 +435,16 @@ def from_dict(d: dict[str, Any]) -> PredictConfig:
 RESUME_REFUSED = "the run cannot be resumed, start a new --out"
 
 
+def _not_a_cross_run(d: dict[str, Any], path: Path) -> dict[str, Any]:
+    if d.get("kind") == CROSS_KIND:  # else "unknown config key 'kind'", which names no way out
+        raise ConfigError(f"{path}: a cross-scorer run's config; `codejepa predict cross` trains and resumes those")
+    return d
+
+
 def read_run_config(path: str | Path) -> PredictConfig:
     """A run's ``config.json``; a damaged or foreign one is refused in one line."""
-    return from_dict(read_json_object(Path(path), "run config", ConfigError, RESUME_REFUSED))
+    d = read_json_object(Path(path), "run config", ConfigError, RESUME_REFUSED)
+    return from_dict(_not_a_cross_run(d, Path(path)))
 
 
 def resolve_config(

@@ -58,12 +58,12 @@ import torch.nn.functional as F
 from codejepa.core import CodejepaError, atomic_write_json, exclusive, printable, read_json_object
 from codejepa.embed.store import Store, open_store, use_split_file
 from codejepa.predict.batching import BatchingError, corpus_columns
-from codejepa.predict.config import SEED_LIMIT
+from codejepa.predict.config import CROSS_KIND, SEED_LIMIT
 from codejepa.predict.normalize import _Moments
 from codejepa.predict.ridge import RidgePath, fit_ridge
-from codejepa.predict.train import _dist_env, _lost_rank, code_version, resolve_device, save_checkpoint
+from codejepa.predict.train import _dist_env, _lost_rank, _lost_rank_advice, code_version, resolve_device, save_checkpoint
 
-KIND = "cross"
+KIND = CROSS_KIND
 Event = Callable[[dict[str, Any]], None]
 
 
@@ -443,8 +443,7 @@ def train_cross(store_path: str | Path, out: str | Path, cfg: CrossConfig | None
                       None if splits is None else Path(splits))
     except RuntimeError as e:
         if world > 1 and _lost_rank(e):
-            raise CrossError("another rank stopped or lost its connection; the last checkpoint is kept: "
-                             "run the same torchrun command with --resume") from None
+            raise CrossError(f"another rank stopped or lost its connection; {_lost_rank_advice(Path(out))}") from None
         raise
     finally:
         if own_group and dist.is_initialized():

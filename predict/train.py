@@ -417,8 +417,8 @@ def train(
     except RuntimeError as e:
         if world > 1 and _lost_rank(e):  # not a 50-line gloo/NCCL traceback on every survivor
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise TrainingError(f"another rank stopped or lost its connection ({first}); the last checkpoint is "
-                                "kept: run the same torchrun command with --resume") from None
+            raise TrainingError(f"another rank stopped or lost its connection ({first}); "
+                                f"{_lost_rank_advice(Path(out_dir))}") from None
         raise
     finally:
         if own_group and dist.is_initialized():
@@ -431,6 +431,15 @@ def _lost_rank(e: RuntimeError) -> bool:
         return True
     text = str(e).lower()
     return any(w in text for w in ("gloo", "nccl", "connection reset", "connection closed", "broken pipe"))
+
+
+def _lost_rank_advice(out: Path) -> str:
+    # A check only rank 0 makes (a file in the way of --out, a held lock) stops it before any
+    # checkpoint: then --resume has nothing to continue, and rank 0's own line says why.
+    if (out / "last.pt").is_file():
+        return ("the last checkpoint is kept; unless rank 0's own line names another cause, run the same torchrun "
+                "command with --resume")
+    return "no checkpoint was written: rank 0's message says why; run the command again once that is fixed"
 
 
 def _barrier(world: int) -> None:

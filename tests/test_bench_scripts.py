@@ -22,6 +22,58 @@ def test_a_missing_shared_folder_is_one_clear_line(script: str, tmp_path: Path) 
     assert not (tmp_path / "out" / "repos").exists()
 
 
+@pytest.mark.parametrize("args, said", [
+    (["--stages", "embd"], "--stages: unknown stage(s) embd"),  # a typo ran nothing and exited 0
+    (["--stages", "evaluate", "--models", "transformer-residul"], "--models: unknown preset(s) transformer-residul"),
+    (["--folds", "2"], "--folds 2: 0 (the corpus's own split) or at least 3"),  # refused only after hours before
+    (["--out", "afile"], "--out afile:"),  # a file in the way: a FileExistsError traceback before
+])
+def test_the_pipeline_refuses_a_bad_request_before_any_stage(args: list[str], said: str, tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    r = subprocess.run([sys.executable, str(ROOT / "bench/pipeline.py"), "--shared", str(tmp_path / "nowhere"),
+                        *(["--out", str(tmp_path / "out")] if "--out" not in args else []), *args],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and lines[0].startswith(f"pipeline: {said}"), r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_ceilings_refuses_no_draws_and_an_unwritable_json_before_computing(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _evaluate_fixtures import make_dataset
+
+    store = make_dataset(tmp_path / "d", repos={"train": 4, "val": 1, "test": 1}, per_repo=8).store_path
+    for args, said in ((["--seeds", "0"], "seeds (draws per train fraction) must be ≥ 1, not 0"),
+                       (["--json", str(tmp_path)], "a folder"),
+                       (["--json", str(tmp_path / "no" / "c.json")], "its folder does not exist")):
+        r = subprocess.run([sys.executable, str(ROOT / "bench/ceilings.py"), str(store), *args],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode != 0 and "Traceback" not in r.stderr and said in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_damaged_timings_record_is_set_aside_not_a_traceback_after_the_stages(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _evaluate_fixtures import make_dataset
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(make_dataset(tmp_path / "d", repos={"train": 4, "val": 1, "test": 1}, per_repo=8).store_path,
+                out / "store-Lmid-in-context.h5")
+    (out / "timings-Lmid-in-context.json").write_text("{broken")
+    r = subprocess.run([sys.executable, str(ROOT / "bench/pipeline.py"), "--out", str(out), "--stages", "ceilings"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "timings-Lmid-in-context.json: unreadable" in r.stderr
+    assert (out / "timings-Lmid-in-context.json.damaged").read_text() == "{broken"
+    [record] = json.loads((out / "timings-Lmid-in-context.json").read_text())
+    assert record["stages"] == ["ceilings"] and record["timings_s"]["ceilings_s"] > 0
+    assert (out / "ceilings-Lmid-in-context.json").is_file()
+
+
 def test_a_make_repos_that_cannot_run_is_one_clear_line(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -195,11 +247,11 @@ def test_the_pipelines_cross_stage_trains_the_scorer_once_and_reranks_both_evalu
     calls.unlink()
     folds = out / "folds"
     folds.mkdir()
-    for k in range(2):
+    for k in range(3):
         (folds / f"fold-{k}.json").write_text("{}")
-    assert pipeline("--folds", "2").returncode == 0
+    assert pipeline("--folds", "3").returncode == 0
     lines = calls.read_text().splitlines()
-    for k in range(2):
+    for k in range(3):
         kc = folds / f"k{k}" / "Lmid-in-context-cross"
         assert f"predict cross {store} --out {kc} --splits {folds / f'fold-{k}.json'}" in lines
         ev = next(ln for ln in lines if ln.startswith("evaluate retrieval") and f"fold-{k}.json" in ln)

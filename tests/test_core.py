@@ -247,3 +247,26 @@ def test_positive_int_refuses_what_a_bench_cannot_measure() -> None:
     for bad in ("0", "-5", "x"):
         with pytest.raises(argparse.ArgumentTypeError):
             core.positive_int(bad)
+
+
+def test_commands_without_ranks_are_refused_under_torchrun(tmp_path: Path) -> None:
+    """Under torchrun every rank runs the command line: an evaluation would write one --out twice
+    at once, a merge race for its lock. Only the commands that share a job between ranks run."""
+    import subprocess
+
+    from codejepa.cli import one_process_only
+
+    torchrun = {"WORLD_SIZE": "2", "RANK": "1"}
+    for argv in (["embed", "run", "c", "--out", "s.h5"], ["predict", "train", "s.h5"], ["predict", "cross", "s.h5"],
+                 ["embed", "probe", "s.h5"], ["--help"], ["evaluate", "--help"]):
+        assert one_process_only(argv, torchrun) is None, argv
+    for argv in (["evaluate", "retrieval", "s.h5"], ["embed", "merge", "a.h5", "--out", "s.h5"], ["corpus", "build", "x"]):
+        assert one_process_only(argv, {}) is None and one_process_only(argv, {"WORLD_SIZE": "1"}) is None
+        assert f"`codejepa {argv[0]} {argv[1]}` runs in one process" in one_process_only(argv, torchrun)
+    exe = Path(sys.executable).with_name("codejepa")
+    r = subprocess.run([str(exe), "evaluate", "retrieval", str(tmp_path / "s.h5"), "--out", str(tmp_path / "e")],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, **torchrun})
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: `codejepa evaluate retrieval` runs in one process, not once per torchrun rank (WORLD_SIZE=2); "
+        "start it without torchrun"], r.stderr
+    assert not (tmp_path / "e").exists()

@@ -83,6 +83,8 @@ def test_sharding_is_deterministic_and_balanced(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert parse_shard(None) == (1, 3)
+    with pytest.raises(EmbedError, match="under torchrun each rank takes its shard"):
+        parse_shard("0/3")  # every rank would write shard 0
     for bad in ("4/4", "x", "1/0", "-1/2"):
         with pytest.raises(EmbedError):
             parse_shard(bad)

@@ -47,7 +47,12 @@ def test_cli_retrieval_and_compare(ds, tmp_path: Path) -> None:
     assert {row["method"] for row in plain["rows"]} == {"prototype", "ridge", "bm25"}
     r = runner.invoke(app, ["evaluate", "compare", str(out), "ridge@whitened", "bm25@-", "--n-boot", "200"])
     assert r.exit_code == 0, r.output
-    assert "ridge@whitened vs bm25@-: rank@1" in r.output and "p = " in r.output
+    assert "ridge@whitened vs bm25@-: rank@1" in r.output and "p = " in r.output and "their own CIs" in r.output
+    # the paired test needs only the ranks; a damaged retrieval.json drops the CIs' clause, and says so
+    (out / "retrieval.json").write_text('{"rows": [{"method": "ridge"}]}')
+    r = runner.invoke(app, ["evaluate", "compare", str(out), "ridge@whitened", "bm25@-", "--n-boot", "200"])
+    assert r.exit_code == 0 and "p = " in r.stdout and "their own CIs" not in r.stdout, r.output
+    assert "note: whether the rows' own CIs overlap is not said" in r.stderr and "retrieval.json: damaged" in r.stderr
     r = runner.invoke(app, ["evaluate", "retrieval", str(ds.store_path), "--pool", "50", "--space", "raw",
                             "--baselines", "oracle,random", "--no-plots", "--n-boot", "50"])
     assert r.exit_code == 0, r.output

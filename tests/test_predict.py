@@ -508,7 +508,8 @@ def test_bad_inputs_give_one_clear_error(store_path: Path, tmp_path: Path) -> No
         train(tmp_path / "missing.h5", cfg, tmp_path / "r3", device="cpu")
     with pytest.raises(PredictorError, match="not a predict run"):
         load_predictor(tmp_path)
-    for key, value in (("train.seed", 2**40), ("optim.lr", float("inf"))):  # torch.manual_seed's traceback, a nan loss
+    # torch.manual_seed's traceback, a nan loss, a DataLoader's own error mid-run
+    for key, value in (("train.seed", 2**40), ("optim.lr", float("inf")), ("data.workers", -1)):
         with pytest.raises(ConfigError, match=key):
             resolve_config("mlp", overrides={key: value})
     stopped = tmp_path / "stopped"  # a run stopped before its first checkpoint: starting again loses nothing
@@ -516,6 +517,16 @@ def test_bad_inputs_give_one_clear_error(store_path: Path, tmp_path: Path) -> No
     (stopped / "run.json").write_text((run / "run.json").read_text())
     with pytest.raises(TrainingError, match="holds no checkpoint yet: delete it to start again"):
         train(store_path, cfg, stopped, device="cpu")
+
+
+def test_a_lost_rank_advises_resume_only_where_a_checkpoint_is(tmp_path: Path) -> None:
+    """A check only rank 0 makes (a file in the way of --out) stops it before any checkpoint: the
+    other ranks' "run with --resume" would then send the user to a run that does not exist."""
+    from codejepa.predict.train import _lost_rank_advice
+
+    assert "no checkpoint was written: rank 0's message says why" in _lost_rank_advice(tmp_path)
+    (tmp_path / "last.pt").write_bytes(b"")
+    assert "the last checkpoint is kept" in _lost_rank_advice(tmp_path) and "--resume" in _lost_rank_advice(tmp_path)
 
 
 @pytest.mark.parametrize("split", ["train", "val"])

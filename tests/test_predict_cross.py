@@ -180,6 +180,10 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
     fails(["predict", "cross", str(store), "--out", str(out), *small], "--resume")
+    # the predictor's trainer, on a cross-scorer run or its config: not "unknown config key 'kind'"
+    fails(["predict", "train", str(store), "--out", str(out), "--resume"], "a cross-scorer run's config")
+    fails(["predict", "train", str(store), "--model", "mlp", "--config", str(out / "config.json"),
+           "--out", str(tmp_path / "p")], "a cross-scorer run's config")
     fails(["predict", "cross", str(store), "--out", str(out), "--resume", "--set", "width=8"], "width may not change")
     # A lost best.pt whose epoch is last.pt's own is rewritten from it; the run does not end
     # "done" without one (an earlier best epoch's loss: test_a_lost_best_epoch_is_refused_...).
