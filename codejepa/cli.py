@@ -13,6 +13,7 @@ from typing import Any
 
 import typer
 
+from codejepa.core import torchrun_ranks
 from codejepa.corpus.cli import app as corpus_app
 from codejepa.embed.cli import app as embed_app
 from codejepa.evaluate.cli import app as evaluate_app
@@ -48,9 +49,9 @@ DISTRIBUTED = {("embed", "run"), ("embed", "probe"), ("predict", "train"), ("pre
 
 def one_process_only(argv: list[str], env: dict[str, str]) -> str | None:
     """Why a command line cannot run under torchrun's several ranks, or None."""
-    world = env.get("WORLD_SIZE", "").strip()
+    world = torchrun_ranks(env)
     words = [a for a in argv if not a.startswith("-")][:2]
-    if not world.isdigit() or int(world) <= 1 or len(words) < 2 or tuple(words) in DISTRIBUTED:
+    if world == 1 or len(words) < 2 or tuple(words) in DISTRIBUTED:
         return None
     return (f"`codejepa {' '.join(words)}` runs in one process, not once per torchrun rank (WORLD_SIZE={world}); "
             "start it without torchrun")

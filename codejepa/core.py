@@ -10,7 +10,7 @@ import os
 import platform
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +173,13 @@ def _umask() -> int:
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def torchrun_ranks(env: Mapping[str, str] | None = None) -> int:
+    """How many ranks torchrun started this process among (its ``WORLD_SIZE``; 1 outside it or
+    for a value that is no count: the commands that use the ranks check it strictly)."""
+    world = (os.environ if env is None else env).get("WORLD_SIZE", "").strip()
+    return int(world) if world.isdigit() and int(world) > 1 else 1
 
 
 def positive_int(text: str) -> int:

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from codejepa.core import CodejepaError, code_version, library_versions
+from codejepa.core import CodejepaError, code_version, library_versions, torchrun_ranks
 from codejepa.corpus.records import SPLITS, FunctionRecord, corpus_fingerprint, load_records, read_manifest
 from codejepa.embed.store import FLOAT16_MAX, PendingRecord, StoreError, StoreMeta, StoreWriter, read_meta
 from codejepa.embed.template import TEMPLATE_VERSION, SegmentTokenizer, Skipped, Tokenized
@@ -94,7 +94,7 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
             text = f"{os.environ['RANK']}/{os.environ['WORLD_SIZE']}"
         else:
             return None
-    elif os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+    elif torchrun_ranks() > 1:
         # every rank would write the one shard named, and all but one would be refused its lock
         raise EmbedError(f"--shard {text}: under torchrun each rank takes its shard from RANK/WORLD_SIZE; "
                          "leave --shard out, or run without torchrun")

@@ -257,6 +257,8 @@ def test_commands_without_ranks_are_refused_under_torchrun(tmp_path: Path) -> No
     from codejepa.cli import one_process_only
 
     torchrun = {"WORLD_SIZE": "2", "RANK": "1"}
+    assert [core.torchrun_ranks(e) for e in ({}, {"WORLD_SIZE": "1"}, {"WORLD_SIZE": "0"}, {"WORLD_SIZE": "x"},
+                                             {"WORLD_SIZE": " 4 "})] == [1, 1, 1, 1, 4]
     for argv in (["embed", "run", "c", "--out", "s.h5"], ["predict", "train", "s.h5"], ["predict", "cross", "s.h5"],
                  ["embed", "probe", "s.h5"], ["--help"], ["evaluate", "--help"]):
         assert one_process_only(argv, torchrun) is None, argv
