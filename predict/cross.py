@@ -61,7 +61,8 @@ from codejepa.predict.batching import BatchingError, corpus_columns
 from codejepa.predict.config import CROSS_KIND, SEED_LIMIT
 from codejepa.predict.normalize import _Moments
 from codejepa.predict.ridge import RidgePath, fit_ridge
-from codejepa.predict.train import _dist_env, _lost_rank, _lost_rank_advice, code_version, resolve_device, save_checkpoint
+from codejepa.predict.train import (_dist_env, _leave_group, _lost_rank, _lost_rank_advice, _release_frames, code_version,
+                                    resolve_device, save_checkpoint)
 
 KIND = CROSS_KIND
 Event = Callable[[dict[str, Any]], None]
@@ -441,13 +442,14 @@ def train_cross(store_path: str | Path, out: str | Path, cfg: CrossConfig | None
     try:
         return _train(Path(store_path), Path(out), cfg, resume, overrides or [], dev, corpus, emit, rank, world,
                       None if splits is None else Path(splits))
-    except RuntimeError as e:
-        if world > 1 and _lost_rank(e):
+    except BaseException as e:
+        if own_group:
+            _release_frames(e)
+        if world > 1 and isinstance(e, RuntimeError) and _lost_rank(e):
             raise CrossError(f"another rank stopped or lost its connection; {_lost_rank_advice(Path(out))}") from None
         raise
     finally:
-        if own_group and dist.is_initialized():
-            dist.destroy_process_group()
+        _leave_group(own_group)
 
 
 def _agree(error: BaseException | None, rank: int, world: int) -> None:

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import io
 import json
 import math
 import os
 import re
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -414,15 +416,41 @@ def train(
     try:
         return _train(Path(store_path), config, Path(out_dir), resume, dev, rank, world, emit,
                       None if splits is None else Path(splits), None if probe is None else Path(probe))
-    except RuntimeError as e:
-        if world > 1 and _lost_rank(e):  # not a 50-line gloo/NCCL traceback on every survivor
+    except BaseException as e:
+        if own_group:
+            _release_frames(e)
+        if world > 1 and isinstance(e, RuntimeError) and _lost_rank(e):  # not a 50-line gloo/NCCL traceback on every survivor
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             raise TrainingError(f"another rank stopped or lost its connection ({first}); "
                                 f"{_lost_rank_advice(Path(out_dir))}") from None
         raise
     finally:
-        if own_group and dist.is_initialized():
-            dist.destroy_process_group()
+        _leave_group(own_group)
+
+
+def _release_frames(e: BaseException) -> None:
+    """Free what the frames of ``e``'s traceback hold, the DDP wrapper above all, while the
+    process group still exists.
+
+    The wrapper holds the group too. Freed after ``destroy_process_group`` (with the exception, at
+    the end of the caller's ``except``), it is the group's last holder and destroys it with the GIL
+    held. Gloo's worker thread may then still be freeing the collective that just finished, which
+    needs the GIL: the rank hangs at exit (here 7 of 10 runs of six kills right after a step). Torch
+    releases the GIL when the group itself is destroyed, so the wrapper must go first."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    gc.collect()  # the wrapper's hooks may hold it in a cycle
+
+
+def _leave_group(own: bool) -> None:
+    """Destroy the process group this call started (``own``), after freeing what only the
+    garbage collector would (see :func:`_release_frames`)."""
+    if own and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def _lost_rank(e: RuntimeError) -> bool:
@@ -567,6 +595,8 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
             opt.load_state_dict(ckpt["optimizer"])
             torch.set_rng_state(ckpt["torch_rng"].cpu())
             pos = _Position.of(ckpt)
+            if not main:  # the checkpoint's loss so far is every rank's: rank 0 carries it on alone
+                pos.loss_sum, pos.loss_steps = 0.0, 0
             if main:
                 _trim_log(paths["log"], pos, changes)
                 if changes:
@@ -627,6 +657,9 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                 if lex_train is not None and lex_ref is not None:
                     lex = (lex_train.z(batches[i], batches[i]).to(dev), lex_ref)  # the global batch's
                 view = probe.rows(b["index"], dev) if probe is not None else None
+                # Dropout's masks: a function of the step and the rank, so ranks draw their own and a
+                # resume draws what the uninterrupted run drew, whatever else used the generator.
+                torch.manual_seed(cfg.train.seed * 1_000_003 + pos.global_step * world + rank)
                 stepped = _step(net, model, opt, to_device(b, dev), cfg, lr, reveal, lex, world, amp, view)
                 if stepped is None:
                     raise _diverged(paths, cfg, pos, epoch, lr, ckpt_at, main, start_mrr)
@@ -638,20 +671,21 @@ def _train(store_path: Path, config: PredictConfig | None, out: Path, resume: bo
                 emit({"event": "step", "epoch": epoch + 1, "epochs": cfg.train.epochs, "step": pos.step,
                       "steps": steps_per_epoch, "global_step": pos.global_step, "loss": loss_v, "lr": lr, **parts})
                 every = cfg.train.checkpoint_every_steps
-                if every and pos.global_step % every == 0 and pos.step < steps_per_epoch and main:
-                    save_checkpoint(paths["last"], _ckpt(model, opt, cfg, store, pos))
-                    ckpt_at = f"epoch {epoch} + {pos.step} steps"
+                if every and pos.global_step % every == 0 and pos.step < steps_per_epoch:
+                    # every rank takes part: the checkpoint holds the epoch's loss over all ranks
+                    epoch_loss = _epoch_loss(pos, world)
+                    if main:
+                        save_checkpoint(paths["last"], _ckpt(model, opt, cfg, store, pos, epoch_loss))
+                        ckpt_at = f"epoch {epoch} + {pos.step} steps"
             epoch_s = time.perf_counter() - t_epoch
             wait_s += loader.wait_s
             step_s += epoch_s
             # ---- epoch end: mean train loss over ranks, validation and checkpoints on rank 0 ----
-            tl = torch.tensor([pos.loss_sum, float(pos.loss_steps)], dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(tl)
+            loss_sum, loss_steps = _epoch_loss(pos, world)
             pos.epoch, pos.step, pos.loss_sum, pos.loss_steps = epoch + 1, 0, 0.0, 0
             if main:
                 entry = _end_epoch(model, opt, cfg, store, val_tab, lex_val, probe, pos, paths, dev,
-                                   train_loss=float(tl[0] / max(1.0, float(tl[1]))),
+                                   train_loss=loss_sum / max(1, loss_steps),
                                    lr=lr_at(pos.global_step, total_steps, cfg),
                                    data_wait_share=loader.wait_s / max(1e-9, epoch_s))
                 ckpt_at = f"after epoch {pos.epoch}"
@@ -955,13 +989,23 @@ def _end_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: PredictC
     return entry
 
 
+def _epoch_loss(pos: _Position, world: int) -> tuple[float, int]:
+    """The epoch's train loss sum and step count so far, over every rank (a collective under DDP)."""
+    tl = torch.tensor([pos.loss_sum, float(pos.loss_steps)], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(tl)
+    return float(tl[0]), int(tl[1])
+
+
 def _without_optimizer(ckpt: dict[str, Any]) -> dict[str, Any]:
     """best.pt: what last.pt holds but the optimizer state (nothing resumes from best.pt)."""
     return {k: v for k, v in ckpt.items() if k != "optimizer"}
 
 
 def _ckpt(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: PredictConfig, store: Store,
-          pos: _Position) -> dict[str, Any]:
+          pos: _Position, epoch_loss: tuple[float, int] | None = None) -> dict[str, Any]:
+    """last.pt's contents; ``epoch_loss``: the epoch's loss sum and steps over all ranks (default: this rank's)."""
+    loss_sum, loss_steps = epoch_loss if epoch_loss is not None else (pos.loss_sum, pos.loss_steps)
     return {
         "format": CKPT_FORMAT, "format_version": CKPT_VERSION, "kind": cfg.model.kind,
         "hidden_size": store.meta.hidden_size, "config": cfg.to_dict(),
@@ -969,7 +1013,7 @@ def _ckpt(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: PredictConfig
         "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
         "epoch": pos.epoch, "step_in_epoch": pos.step, "global_step": pos.global_step,
-        "epoch_loss_sum": pos.loss_sum, "epoch_loss_steps": pos.loss_steps,
+        "epoch_loss_sum": loss_sum, "epoch_loss_steps": loss_steps,
         "best_mrr": pos.best_mrr, "best_epoch": pos.best_epoch, "history": [dict(h) for h in pos.history],
     }
 

@@ -72,24 +72,33 @@ def make_token_store(root: Path, *, d: int = 16, repos: dict[str, int] | None = 
 def cross_ddp_worker(rank: int, world: int, jobs: list) -> None:
     """One DDP rank (torch.multiprocessing.spawn) of ``train_cross``, env as torchrun sets it.
     Each training step's pair count goes to ``OUT.pairs-RANK``; a job that fails writes its
-    one-line message to ``OUT.error-RANK`` instead."""
+    one-line message to ``OUT.error-RANK`` instead. A fifth item ``kill_at`` stops every rank in
+    its training step of that number, which then writes ``OUT.ddp-alive-RANK``: how many DDP
+    wrappers outlived the group, the stop in hand."""
+    import gc
     import json
     import os
 
     import torch
+    from torch.nn.parallel import DistributedDataParallel
 
     from codejepa.predict.cross import CrossError, CrossScorer, train_cross
 
+    class Killed(Exception):
+        pass
+
     torch.set_num_threads(1)
     forward = CrossScorer.forward
-    for store, cfg, out, port in jobs:
+    for store, cfg, out, port, *kill in jobs:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                           WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
         pairs: list[int] = []
 
-        def counted(self, q, *rest, _pairs=pairs):  # type: ignore[no-untyped-def]
+        def counted(self, q, *rest, _pairs=pairs, _kill=kill[0] if kill else 0):  # type: ignore[no-untyped-def]
             if self.training:
                 _pairs.append(int(q.shape[0]))
+                if len(_pairs) == _kill:
+                    raise Killed
             return forward(self, q, *rest)
 
         CrossScorer.forward = counted
@@ -97,6 +106,9 @@ def cross_ddp_worker(rank: int, world: int, jobs: list) -> None:
             train_cross(store, out, cfg, device="cpu")
         except CrossError as e:
             Path(f"{out}.error-{rank}").write_text(str(e))
+        except Killed:
+            alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+            Path(f"{out}.ddp-alive-{rank}").write_text(str(alive))
         finally:
             CrossScorer.forward = forward
         Path(f"{out}.pairs-{rank}").write_text(json.dumps(pairs))

@@ -137,18 +137,33 @@ def free_ports(n: int) -> list[int]:
 
 def ddp_worker(rank: int, world: int, jobs: list) -> None:
     """Entry point of one DDP rank (torch.multiprocessing.spawn): env as torchrun sets it.
-    Each job gets its own port: a fresh rendezvous, never a stale store of the previous one."""
+    Each job gets its own port: a fresh rendezvous, never a stale store of the previous one.
+    A job is ``(store, cfg, out, port)``, or with two more items ``kill_at, resume``: every rank
+    stops when it reports that global step (0: never), and ``resume`` continues ``out``. A killed
+    rank writes ``out/ddp-alive-RANK``: how many DDP wrappers outlived the group, the stop in hand."""
+    import gc
     import os
 
     import torch
+    from torch.nn.parallel import DistributedDataParallel
 
     from codejepa.predict.train import train
 
     torch.set_num_threads(1)
-    for store, cfg, out, port in jobs:
+    for store, cfg, out, port, *rest in jobs:
+        kill_at, resume = rest if rest else (0, False)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                           WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-        train(store, cfg, out, device="cpu")
+
+        def kill(e: dict, at: int = kill_at) -> None:
+            if at and e["event"] == "step" and e["global_step"] == at:
+                raise Killed
+
+        try:
+            train(store, None if resume else cfg, out, resume=resume, device="cpu", on_event=kill)
+        except Killed:
+            alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+            (Path(out) / f"ddp-alive-{rank}").write_text(str(alive))
 
 
 def chance_mrr(n: int) -> float:

@@ -235,12 +235,15 @@ def test_two_gloo_ranks_train_the_weights_of_one_process(tmp_path: Path, monkeyp
         monkeypatch.delenv(k, raising=False)
     store = _small(tmp_path)
     cfg = CrossConfig(**{**FAST, "hard_pool": 6, "negatives": 3, "batch_size": 8}, epochs=2, checkpoint_every_steps=4)
-    ports = free_ports(3)
+    ports = free_ports(4)
     odd = CrossConfig(**{**FAST, "hard_pool": 6, "negatives": 3, "batch_size": 7}, epochs=1)
     wide = CrossConfig(**{**FAST, "hard_pool": 500, "negatives": 3, "batch_size": 8}, epochs=1)
     jobs = [(str(store), cfg, str(tmp_path / "ddp"), ports[0]), (str(store), odd, str(tmp_path / "odd"), ports[1]),
-            (str(store), wide, str(tmp_path / "wide"), ports[2])]
+            (str(store), wide, str(tmp_path / "wide"), ports[2]), (str(store), cfg, str(tmp_path / "cut"), ports[3], 3)]
     mp.spawn(cross_ddp_worker, args=(2, jobs), nprocs=2, join=True)
+    # stopped mid-step, each rank frees its DDP wrapper before the group: freed after it, the
+    # wrapper could destroy the group with the GIL held while gloo's thread waited for it (a hang)
+    assert [(tmp_path / f"cut.ddp-alive-{r}").read_text() for r in (0, 1)] == ["0", "0"]
     rec = train_cross(store, tmp_path / "one", cfg)
     one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
     two = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
