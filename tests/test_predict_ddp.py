@@ -80,7 +80,8 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path, monkeypatch: pytest.Mo
 def test_two_gloo_ranks_killed_mid_epoch_resume_to_the_same_run_and_log(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Each rank sums the train loss of its own rows; a mid-epoch checkpoint must hold both ranks'
-    sums, or the resumed epoch logs rank 0's share twice (the weights would still agree)."""
+    sums, or the resumed epoch logs rank 0's share twice (the weights would still agree). And a
+    stopped rank must let go of its DDP wrapper before the process group (below)."""
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     store = make_store(tmp_path / "s.h5", n_repos=6, per_repo=32, n_val_repos=1, n_test_repos=1)  # 128 train
