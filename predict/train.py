@@ -436,18 +436,18 @@ def _release_frames(e: BaseException) -> None:
     the end of the caller's ``except``), it is the group's last holder and destroys it with the GIL
     held. Gloo's worker thread may then still be freeing the collective that just finished, which
     needs the GIL: the rank hangs at exit (here 7 of 10 runs of six kills right after a step). Torch
-    releases the GIL when the group itself is destroyed, so the wrapper must go first."""
+    releases the GIL when the group itself is destroyed, so the wrapper must go first: here, or
+    in :func:`_leave_group`'s collection when a cycle holds it."""
     seen: set[int] = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         traceback.clear_frames(e.__traceback__)
         e = e.__cause__ or e.__context__  # type: ignore[assignment]
-    gc.collect()  # the wrapper's hooks may hold it in a cycle
 
 
 def _leave_group(own: bool) -> None:
-    """Destroy the process group this call started (``own``), after freeing what only the
-    garbage collector would (see :func:`_release_frames`)."""
+    """Destroy the process group this call started (``own``), after the garbage collector has
+    freed a DDP wrapper that a reference cycle still held (see :func:`_release_frames`)."""
     if own and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
